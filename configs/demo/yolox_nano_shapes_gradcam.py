@@ -1,0 +1,128 @@
+# The demo: a YOLOX-nano trained from scratch on the built-in shapes dataset
+# (`python -m mmdet_cam_hook.shapes --out data/shapes`), on CPU, in a few minutes, with
+# YOLOXGradCAMHook logging per-detection CAMs of fixed validation images at every validation.
+#
+# Run it with `python -m mmdet_cam_hook.demo` (generates the data, trains, prints where the
+# results are). Changes from stock YOLOX-nano, all for a short CPU run on 256 px images:
+# - 3 classes, 256 px, batch 16, 2 data workers, no pretrained weights;
+# - no Mosaic (4 small images into one and a strong affine are too hard to learn in a few
+#   epochs); a mild RandomAffine instead, which YOLOXModeSwitchHook still turns off for the
+#   last epochs, as in YOLOX;
+# - a short schedule: 1 warm-up epoch, cosine, constant LR for the last `num_last_epochs`.
+#   `python -m mmdet_cam_hook.demo --epochs N` rescales these numbers for other lengths.
+_base_ = 'mmdet::yolox/yolox_nano_8xb8-300e_coco.py'
+
+custom_imports = dict(imports=['mmdet_cam_hook'], allow_failed_imports=False)
+
+img_scale = (256, 256)  # width, height
+classes = ('square', 'circle', 'triangle')
+metainfo = dict(classes=classes, palette=[(220, 20, 60), (0, 120, 255), (0, 170, 0)])
+data_root = 'data/shapes/'
+dataset_type = 'CocoDataset'
+
+max_epochs = 12
+num_last_epochs = 2
+val_interval = 3
+base_lr = 0.01
+
+model = dict(
+    data_preprocessor=dict(batch_augments=[
+        dict(type='BatchSyncRandomResize', random_size_range=(224, 288), size_divisor=32,
+             interval=10)
+    ]),
+    bbox_head=dict(num_classes=len(classes)),
+)
+
+train_pipeline = [
+    dict(type='RandomAffine', max_rotate_degree=0.0, max_shear_degree=0.0,
+         scaling_ratio_range=(0.7, 1.3), max_translate_ratio=0.1),
+    dict(type='YOLOXHSVRandomAug'),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='Resize', scale=img_scale, keep_ratio=True),
+    dict(type='Pad', pad_to_square=True, pad_val=dict(img=(114.0, 114.0, 114.0))),
+    dict(type='FilterAnnotations', min_gt_bbox_wh=(1, 1), keep_empty=False),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile', backend_args=None),
+    dict(type='Resize', scale=img_scale, keep_ratio=True),
+    dict(type='Pad', pad_to_square=True, pad_val=dict(img=(114.0, 114.0, 114.0))),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='PackDetInputs',
+         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+
+train_dataloader = dict(
+    batch_size=16,
+    num_workers=2,
+    persistent_workers=True,
+    dataset=dict(
+        # MultiImageMixDataset stays: YOLOXModeSwitchHook switches its augmentations off.
+        type='MultiImageMixDataset',
+        dataset=dict(
+            type=dataset_type,
+            data_root=data_root,
+            metainfo=metainfo,
+            ann_file='annotations/train.json',
+            data_prefix=dict(img='train/'),
+            filter_cfg=dict(filter_empty_gt=False, min_size=8)),
+        pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=16,
+    num_workers=1,
+    persistent_workers=True,
+    dataset=dict(
+        type=dataset_type,
+        data_root=data_root,
+        metainfo=metainfo,
+        ann_file='annotations/val.json',
+        data_prefix=dict(img='val/'),
+        pipeline=test_pipeline))
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + 'annotations/val.json')
+test_evaluator = val_evaluator
+
+train_cfg = dict(max_epochs=max_epochs, val_interval=val_interval)
+optim_wrapper = dict(optimizer=dict(lr=base_lr))
+param_scheduler = [
+    dict(type='mmdet.QuadraticWarmupLR', by_epoch=True, begin=0, end=1,
+         convert_to_iter_based=True),
+    dict(type='CosineAnnealingLR', eta_min=base_lr * 0.05, begin=1,
+         T_max=max_epochs - num_last_epochs - 1, end=max_epochs - num_last_epochs,
+         by_epoch=True, convert_to_iter_based=True),
+    dict(type='ConstantLR', by_epoch=True, factor=1, begin=max_epochs - num_last_epochs,
+         end=max_epochs),
+]
+
+default_hooks = dict(
+    logger=dict(interval=10),
+    checkpoint=dict(interval=val_interval, max_keep_ckpts=1),
+)
+
+# Keep YOLOX's own hooks (mode switch, SyncNorm, EMA): a plain `custom_hooks = [...]` would
+# replace the inherited list and silently drop them. Only the mode switch is adapted to the
+# short schedule.
+custom_hooks = [
+    *[dict(hook, num_last_epochs=num_last_epochs) if hook['type'] == 'YOLOXModeSwitchHook'
+      else hook for hook in _base_.custom_hooks],
+    dict(
+        type='YOLOXGradCAMHook',
+        # Fixed images of the validation split, given by index: their ground-truth boxes are
+        # known, so the pointing game is logged next to the maps.
+        probe_images=[0, 1, 2, 3, 4, 5],
+        interval=1,
+        # Grad-CAM averages the gradient over the map (class-specific, may light up another
+        # object of the same class); HiResCAM keeps it element-wise (stays on the instance).
+        methods=['gradcam', 'hirescam'],
+        score_thr=0.3,
+        topk=4),
+]
+
+# No name: the runner names it after the run, so two runs in one process do not share one.
+visualizer = dict(
+    _delete_=True,
+    type='DetLocalVisualizer',
+    vis_backends=[dict(type='LocalVisBackend'), dict(type='TensorboardVisBackend')])
+
+randomness = dict(seed=0)
+auto_scale_lr = dict(enable=False)

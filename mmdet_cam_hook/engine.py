@@ -1,0 +1,400 @@
+"""The CAM engine: per-detection maps for a YOLOX detector, mapped back onto the original image.
+
+One forward pass per image serves every detection and every method. Gradients come from
+``torch.autograd.grad`` on activations only, so the model's parameters never receive ``.grad``;
+the model's ``training`` flags, grad mode and forward hooks are restored after every call, also
+one that raised.
+"""
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from pytorch_grad_cam.utils.image import scale_cam_image
+from torch import nn
+
+from .cam_math import CAMMath
+from .geometry import Letterbox
+from .layers import neck_level, neck_output_layers, resolve_layers
+from .methods import METHODS, check_methods
+from .yolox import (Detections, LocalHeadGradient, build_pipeline, decode, detection_scores,
+                    preprocess, test_pipeline_cfg)
+
+ImageLike = Union[str, os.PathLike, np.ndarray]
+
+# Detections whose maps are computed together; bounds memory at K x C x h x w per layer.
+_CHUNK = 16
+
+
+@dataclass
+class CAMResult:
+    """Per-detection CAMs of one image for one method (K detections, sorted by score).
+
+    Attributes:
+        bboxes (np.ndarray): (K, 4) float32 x1y1x2y2 in original-image pixels.
+        labels (np.ndarray): (K,) int64 class indices.
+        scores (np.ndarray): (K,) float32 ``sigmoid(cls) * sigmoid(obj)``.
+        levels (np.ndarray): (K,) int64 FPN level of each detection (0 = stride 8).
+        cams (np.ndarray): (K, H, W) float32 in [0, 1], one map per detection, original size.
+        combined (np.ndarray): (H, W) float32 in [0, 1], the pixel-wise maximum of ``cams``.
+        method (str): The CAM method.
+        layers (list[list[str]]): The target layers used for each detection.
+        image (np.ndarray): (H, W, 3) uint8 BGR, the original image.
+        input_cams (np.ndarray): (K, H_in, W_in) the maps on the network-input grid, before the
+            letterbox is undone (the grid on which they equal grad-cam's own output).
+        letterbox (Letterbox): Where the image sits inside the network input.
+    """
+
+    bboxes: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    levels: np.ndarray
+    cams: np.ndarray
+    combined: np.ndarray
+    method: str
+    layers: List[List[str]]
+    image: np.ndarray = field(repr=False)
+    input_cams: np.ndarray = field(repr=False)
+    letterbox: Letterbox = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @property
+    def ori_shape(self) -> Tuple[int, int]:
+        return self.image.shape[:2]
+
+
+def load_image(image: ImageLike) -> np.ndarray:
+    """Read or check an image: a path (read as the test pipeline's ``LoadImageFromFile`` does,
+    colour BGR) or an HxWx3 uint8 BGR array. A 2-D array is taken as grayscale and an HxWx4 one as
+    BGRA, both converted to BGR.
+
+    Raises:
+        FileNotFoundError: If a path does not exist.
+        ValueError: If a file cannot be decoded, or an array is not an 8-bit image.
+        TypeError: If ``image`` is neither a path nor an array.
+    """
+    import cv2
+    import mmcv
+
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f'image {str(path)!r} does not exist')
+        img = mmcv.imfrombytes(path.read_bytes(), flag='color', channel_order='bgr')
+        if img is None:
+            raise ValueError(f'image {str(path)!r} could not be decoded; expected a file that '
+                             'OpenCV reads (jpg, png, bmp, tiff, webp, ...)')
+        return img
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f'`image` must be a path or an HxWx3 uint8 BGR numpy array, '
+                        f'got {type(image).__name__}')
+    if image.dtype != np.uint8:
+        raise ValueError(f'`image` must be an 8-bit (uint8) BGR array, got dtype {image.dtype}; '
+                         'for 16-bit data use (img >> 8).astype(np.uint8)')
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f'`image` must be HxWx3 (BGR), HxW (gray) or HxWx4 (BGRA), '
+                         f'got shape {image.shape}')
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f'`image` is empty: shape {image.shape}')
+    return np.ascontiguousarray(image)
+
+
+def _check_score_thr(score_thr: float) -> float:
+    if isinstance(score_thr, bool) or not isinstance(score_thr, (int, float)) \
+            or not 0.0 <= score_thr <= 1.0:
+        raise ValueError(f'`score_thr` must be a number in [0, 1], got {score_thr!r}')
+    return float(score_thr)
+
+
+def _check_topk(topk: Optional[int]) -> Optional[int]:
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+        raise ValueError(f'`topk` must be None or a positive int, got {topk!r}')
+    return topk
+
+
+@contextlib.contextmanager
+def read_only(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode, fp32, for the duration; restore every module's ``training``
+    flag afterwards, also after an exception. Grad mode is restored by the caller's own
+    ``torch.enable_grad`` / ``no_grad`` blocks."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.autocast(device_type=device.type, enabled=False):
+            yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+class CAMEngine:
+    """Computes per-detection CAMs of a YOLOX detector.
+
+    Args:
+        model (nn.Module): An mmdet YOLOX (any size), unwrapped, with ``.cfg`` (as
+            ``mmdet.apis.init_detector`` sets it) unless ``test_pipeline`` is given.
+        target_layers (Sequence[str] | str | None): ``named_modules()`` paths
+            (``neck.out_convs.2`` or ``neck.out_convs[-1]``); maps of several layers are averaged.
+            None (default) is level-aware: each detection is explained on the neck output of its
+            own FPN level. Defaults to None.
+        score_thr (float): Keep detections scoring at least this. Defaults to 0.3.
+        topk (int, optional): Keep at most this many detections (highest scores). Defaults to
+            None (all).
+        test_pipeline (Sequence[dict], optional): Test pipeline to use instead of the one in
+            ``model.cfg``. Defaults to None.
+
+    Raises:
+        ValueError: On an unknown layer (with close matches), a bad ``score_thr`` or ``topk``, or a
+            model without a test pipeline.
+    """
+
+    def __init__(self,
+                 model: nn.Module,
+                 target_layers: Union[None, str, Sequence[str]] = None,
+                 score_thr: float = 0.3,
+                 topk: Optional[int] = None,
+                 test_pipeline: Optional[Sequence[dict]] = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f'`model` must be an mmdet YOLOX nn.Module, got {type(model).__name__}')
+        self.model = model
+        self.score_thr = _check_score_thr(score_thr)
+        self.topk = _check_topk(topk)
+        self.level_layers = neck_output_layers(model) if target_layers is None else None
+        self.layers = resolve_layers(model, self.level_layers or target_layers)
+        self.level_aware = target_layers is None
+        if test_pipeline is None:
+            if getattr(model, 'cfg', None) is None:
+                raise ValueError('`model` has no `.cfg` to take the test pipeline from; build it '
+                                 'with mmdet.apis.init_detector or pass `test_pipeline`')
+            test_pipeline = test_pipeline_cfg(model.cfg)
+        self.pipeline = build_pipeline(test_pipeline)
+        self.local_grad = LocalHeadGradient(model.bbox_head)
+        neck_outs = getattr(getattr(model, 'neck', None), 'out_convs', [])
+        self._neck_level = {id(m): i for i, m in enumerate(neck_outs)}
+        self.math = CAMMath()
+
+    @property
+    def layer_names(self) -> List[str]:
+        return [name for name, _ in self.layers]
+
+    def explain(self,
+                image: ImageLike,
+                methods: Union[str, Sequence[str]] = ('gradcam', ),
+                renormalize: bool = False) -> Dict[str, CAMResult]:
+        """Per-detection CAMs of one image for one or more methods, from one forward pass.
+
+        Args:
+            image (str | PathLike | np.ndarray): A path or an HxWx3 uint8 BGR array.
+            methods (str | Sequence[str]): Keys of :data:`METHODS`. Defaults to ('gradcam',).
+            renormalize (bool): Min-max each map inside its own box and zero it outside (the
+                seed tool's ``--renormalize``). Defaults to False.
+
+        Returns:
+            dict[str, CAMResult]: One result per method.
+        """
+        methods = check_methods(methods)
+        img = load_image(image)
+        model = self.model
+        with read_only(model):
+            inputs, metainfo = preprocess(model, self.pipeline, img)
+            letterbox = Letterbox.from_metainfo(metainfo)
+            need_grad = any(METHODS[m].uses_gradients for m in methods)
+            plan = self._plan(need_grad)
+            acts: Dict[str, torch.Tensor] = {}
+            with self._capture(acts), torch.set_grad_enabled(plan['general'] != []):
+                if plan['general']:
+                    inputs = inputs.detach().requires_grad_(True)
+                outs = model.bbox_head(model.extract_feat(inputs))
+            with torch.no_grad():
+                dets = decode(model.bbox_head, outs, metainfo, self.score_thr)
+            if self.topk is not None:
+                dets = dets.select(slice(0, self.topk))
+            input_maps, used = self._maps(methods, dets, outs, acts, plan,
+                                          tuple(inputs.shape[-2:]))
+            del outs, acts
+        return {
+            m: self._result(m, img, dets, input_maps[m], used, letterbox, renormalize)
+            for m in methods
+        }
+
+    # ----------------------------------------------------------------------------------------
+    def _plan(self, need_grad: bool) -> dict:
+        """Which layers get their gradient from the local-window shortcut (neck outputs) and
+        which need the graph of a full forward pass."""
+        fast, general = [], []
+        for name, module in self.layers:
+            if id(module) in self._neck_level and self.local_grad.available:
+                fast.append(name)
+            elif need_grad:
+                general.append(name)
+        return dict(fast=fast, general=general)
+
+    @contextlib.contextmanager
+    def _capture(self, acts: Dict[str, torch.Tensor]) -> Iterator[None]:
+        handles = []
+
+        def make_hook(name):
+
+            def hook(module, args, output):
+                if not isinstance(output, torch.Tensor):
+                    raise ValueError(
+                        f'target layer {name!r} outputs a {type(output).__name__}, not a tensor; '
+                        'choose one of its submodules (e.g. neck.out_convs.0 instead of neck)')
+                acts[name] = output
+
+            return hook
+
+        try:
+            for name, module in self.layers:
+                handles.append(module.register_forward_hook(make_hook(name)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _layers_for(self, level: int) -> List[str]:
+        if self.level_aware:
+            return [self.level_layers[level]]
+        return self.layer_names
+
+    def _maps(self, methods, dets: Detections, outs, acts, plan,
+              input_hw) -> Tuple[Dict[str, np.ndarray], List[List[str]]]:
+        num = len(dets)
+        maps = {m: np.zeros((num, *input_hw), np.float32) for m in methods}
+        used = [self._layers_for(int(lv)) for lv in dets.levels.tolist()]
+        if num == 0:
+            return maps, used
+        modules = dict(self.layers)
+        groups = sorted(set(dets.levels.tolist())) if self.level_aware else [None]
+        no_path: Dict[str, List[int]] = {}
+        for level in groups:
+            idx_all = torch.arange(num) if level is None else \
+                (dets.levels == level).nonzero()[:, 0].cpu()
+            names = self._layers_for(level) if level is not None else self.layer_names
+            for start in range(0, len(idx_all), _CHUNK):
+                idx = idx_all[start:start + _CHUNK]
+                sub = dets.select(idx.to(dets.levels.device))
+                grads = self._grads(names, sub, outs, acts, plan, modules, no_path) \
+                    if any(METHODS[m].uses_gradients for m in methods) else {}
+                for m in methods:
+                    per_layer = [
+                        self.math.layer_maps(m, acts[n],
+                                             grads[n] if METHODS[m].uses_gradients else None,
+                                             input_hw, len(sub)) for n in names
+                    ]
+                    maps[m][idx.numpy()] = self.math.aggregate(m, per_layer)
+        if no_path and any(METHODS[m].uses_gradients for m in methods):
+            self._warn_no_path(no_path, dets)
+        return maps, used
+
+    def _grads(self, names, sub: Detections, outs, acts, plan, modules, no_path):
+        grads = {}
+        scores = None
+        for name in names:
+            act = acts[name]
+            if name in plan['fast']:
+                level = self._neck_level[id(modules[name])]
+                grad = torch.zeros((len(sub), *act.shape[1:]), dtype=act.dtype, device=act.device)
+                on_level = (sub.levels == level).nonzero()[:, 0]
+                if len(on_level):
+                    grad[on_level] = self.local_grad(act, level, sub.select(on_level))
+                off = (sub.levels != level).nonzero()[:, 0].tolist()
+                if off:
+                    no_path.setdefault(name, []).extend(
+                        int(sub.levels[i]) for i in off)
+                grads[name] = grad
+            elif name in plan['general']:
+                if scores is None:
+                    scores = detection_scores(outs, sub)
+                rows = []
+                for k, score in enumerate(scores):
+                    (g, ) = torch.autograd.grad(score, [act], retain_graph=True,
+                                                allow_unused=True)
+                    if g is None:
+                        no_path.setdefault(name, []).append(int(sub.levels[k]))
+                        g = torch.zeros_like(act)
+                    rows.append(g)
+                grads[name] = torch.cat(rows)
+        return grads
+
+    def _warn_no_path(self, no_path: Dict[str, List[int]], dets: Detections) -> None:
+        strides = self.model.bbox_head.prior_generator.strides
+        for name, levels in no_path.items():
+            own = neck_level(self.model, name)
+            feeds = f' (it feeds only level {own})' if own is not None else ''
+            for level in sorted(set(levels)):
+                warnings.warn(
+                    f'target layer {name!r} has no gradient path to {levels.count(level)} '
+                    f'detection(s) on FPN level {level} (stride {strides[level][0]}){feeds}: '
+                    f'their maps from this layer are blank. Use \'neck.out_convs.{level}\' for '
+                    'them, or target_layers=None to explain each detection on its own level.',
+                    UserWarning, stacklevel=4)
+
+    def _result(self, method: str, img: np.ndarray, dets: Detections, input_maps: np.ndarray,
+                used: List[List[str]], letterbox: Letterbox, renormalize: bool) -> CAMResult:
+        cams = np.clip(letterbox.to_original(input_maps), 0.0, 1.0)
+        bboxes = dets.bboxes.detach().cpu().numpy().astype(np.float32)
+        if renormalize:
+            cams = renormalize_in_boxes(cams, bboxes)
+        combined = cams.max(0) if len(cams) else np.zeros(img.shape[:2], np.float32)
+        return CAMResult(
+            bboxes=bboxes,
+            labels=dets.labels.cpu().numpy().astype(np.int64),
+            scores=dets.scores.detach().cpu().numpy().astype(np.float32),
+            levels=dets.levels.cpu().numpy().astype(np.int64),
+            cams=cams,
+            combined=combined.astype(np.float32),
+            method=method,
+            layers=used,
+            image=img,
+            input_cams=input_maps,
+            letterbox=letterbox)
+
+
+def renormalize_in_boxes(cams: np.ndarray, bboxes: np.ndarray) -> np.ndarray:
+    """Min-max each map inside its own box and zero it outside (grad-cam's
+    ``renormalize_cam_in_bounding_boxes``, applied per detection)."""
+    out = np.zeros_like(cams)
+    h, w = cams.shape[1:]
+    for k, (cam, box) in enumerate(zip(cams, bboxes)):
+        x1, y1 = max(int(np.floor(box[0])), 0), max(int(np.floor(box[1])), 0)
+        x2, y2 = min(int(np.ceil(box[2])), w), min(int(np.ceil(box[3])), h)
+        if x2 > x1 and y2 > y1:
+            out[k, y1:y2, x1:x2] = scale_cam_image(cam[None, y1:y2, x1:x2].copy())[0]
+    return out
+
+
+def compute_cams(model: nn.Module,
+                 image: ImageLike,
+                 *,
+                 method: str = 'gradcam',
+                 target_layers: Union[None, str, Sequence[str]] = None,
+                 score_thr: float = 0.3,
+                 topk: Optional[int] = None,
+                 renormalize: bool = False) -> CAMResult:
+    """Per-detection CAMs of one image (see :class:`CAMEngine` for the arguments).
+
+    Example:
+        >>> from mmdet.apis import init_detector
+        >>> model = init_detector('yolox_s_8xb8-300e_coco.py', 'yolox_s.pth', device='cpu')
+        >>> res = compute_cams(model, 'demo.jpg', method='hirescam', topk=5)
+        >>> res.cams.shape  # (K, H, W), one map per detection
+
+    Returns:
+        CAMResult: Detections and their maps, on the original image.
+    """
+    engine = CAMEngine(model, target_layers=target_layers, score_thr=score_thr, topk=topk)
+    return engine.explain(image, methods=[method], renormalize=renormalize)[method]

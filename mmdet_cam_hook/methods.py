@@ -1,0 +1,118 @@
+"""The one table of CAM methods.
+
+The hook, the command-line tool (``choices=``) and the tests all read :data:`METHODS`. The maths of
+each method is pytorch-grad-cam's own class: this package only supplies what that library lacks
+(per-detection targets, batching over detections, the letterbox geometry).
+"""
+from dataclasses import dataclass
+from typing import Iterable, List, Sequence, Union
+
+from pytorch_grad_cam import (EigenCAM, EigenGradCAM, GradCAM, GradCAMPlusPlus, HiResCAM,
+                              LayerCAM, XGradCAM)
+from pytorch_grad_cam.base_cam import BaseCAM
+
+
+@dataclass(frozen=True)
+class CAMMethod:
+    """One CAM method.
+
+    Args:
+        name (str): The name users type (``--method``, ``methods=``).
+        cam_class (type): The pytorch-grad-cam class whose weight maths is used.
+        uses_gradients (bool): Whether the method needs gradients of the detection score.
+        spatial (bool): Whether the gradient keeps its location (element-wise methods), which
+            keeps a map on the instance rather than on every object of the same class.
+        summary (str): One line with the paper and the formula.
+    """
+
+    name: str
+    cam_class: type
+    uses_gradients: bool
+    spatial: bool
+    summary: str
+
+
+METHODS = {
+    m.name: m
+    for m in (
+        CAMMethod('gradcam', GradCAM, True, False,
+                  'Grad-CAM (Selvaraju et al., ICCV 2017): ReLU(sum_c mean_xy(dS/dA_c) * A_c).'),
+        CAMMethod('gradcam++', GradCAMPlusPlus, True, False,
+                  'Grad-CAM++ (Chattopadhyay et al., WACV 2018): channel weights '
+                  'sum_xy alpha_xy * ReLU(dS/dA) with second/third-order alpha (eq. 19).'),
+        CAMMethod('xgradcam', XGradCAM, True, False,
+                  'XGrad-CAM (Fu et al., BMVC 2020): weights sum_xy (A * dS/dA) / sum_xy A.'),
+        CAMMethod('eigencam', EigenCAM, False, False,
+                  'Eigen-CAM (Muhammad & Yeasin, IJCNN 2020): projection of the activations on '
+                  'their first principal component; gradient-free, so the same for every '
+                  'detection on a layer.'),
+        CAMMethod('layercam', LayerCAM, True, True,
+                  'LayerCAM (Jiang et al., TIP 2021): ReLU(sum_c ReLU(dS/dA_c) * A_c), '
+                  'element-wise.'),
+        CAMMethod('hirescam', HiResCAM, True, True,
+                  'HiResCAM (Draelos & Carin, 2020): ReLU(sum_c dS/dA_c * A_c), element-wise; '
+                  'provably shows the locations the score used.'),
+        CAMMethod('eigengradcam', EigenGradCAM, True, True,
+                  'Eigen-Grad-CAM: first principal component of dS/dA * A.'),
+    )
+}
+
+
+def check_method(method: str, arg: str = 'method') -> str:
+    """Return ``method`` if it is a known CAM method, else raise.
+
+    Args:
+        method (str): The method name.
+        arg (str): The argument name to quote in the error. Defaults to 'method'.
+
+    Returns:
+        str: ``method``.
+
+    Raises:
+        TypeError: If ``method`` is not a string.
+        ValueError: If ``method`` is not in :data:`METHODS`.
+    """
+    if not isinstance(method, str):
+        raise TypeError(f'`{arg}` must be a str, one of {sorted(METHODS)}, '
+                        f'got {method!r} ({type(method).__name__})')
+    if method not in METHODS:
+        raise ValueError(f'`{arg}` must be one of {sorted(METHODS)}, got {method!r}')
+    return method
+
+
+def check_methods(methods: Union[str, Iterable[str]], arg: str = 'methods') -> List[str]:
+    """Validate one method name or a non-empty sequence of them (duplicates removed).
+
+    Args:
+        methods (str | Iterable[str]): Method name(s).
+        arg (str): The argument name to quote in errors. Defaults to 'methods'.
+
+    Returns:
+        list[str]: The validated names, in the given order.
+
+    Raises:
+        TypeError: If ``methods`` is neither a str nor an iterable of str.
+        ValueError: If it is empty or names an unknown method.
+    """
+    if isinstance(methods, str):
+        return [check_method(methods, arg)]
+    if not isinstance(methods, (Sequence, set, frozenset, tuple)):
+        raise TypeError(f'`{arg}` must be a method name or a list of them, one of '
+                        f'{sorted(METHODS)}, got {methods!r}')
+    names = [check_method(m, arg) for m in methods]
+    if not names:
+        raise ValueError(f'`{arg}` must name at least one of {sorted(METHODS)}, got {methods!r}')
+    return list(dict.fromkeys(names))
+
+
+def new_cam_object(method: str) -> BaseCAM:
+    """Return an instance of the method's grad-cam class whose maths can be called directly.
+
+    grad-cam's classes attach their hooks at construction. They are attached here to a private
+    one-parameter module, never to the detector, so the detector is never hooked by grad-cam.
+    """
+    import torch
+
+    holder = torch.nn.Module()
+    holder.anchor = torch.nn.Linear(1, 1)
+    return METHODS[check_method(method)].cam_class(model=holder, target_layers=[holder.anchor])

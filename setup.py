@@ -1,0 +1,37 @@
+"""Packaging for mmdet-cam-hook. Exact versions of the stack live in
+requirements/constraints.txt; here are only the ranges the code needs."""
+import os.path as osp
+
+from setuptools import find_packages, setup
+
+
+def _version():
+    scope = {}
+    with open(osp.join(osp.dirname(__file__), 'mmdet_cam_hook', 'version.py')) as f:
+        exec(f.read(), scope)
+    return scope['__version__']
+
+
+setup(
+    name='mmdet-cam-hook',
+    version=_version(),
+    description='Per-detection class-activation maps for MMDetection YOLOX, '
+    'as an MMEngine hook and a command-line tool',
+    long_description=open(osp.join(osp.dirname(__file__), 'README.md')).read()
+    if osp.exists(osp.join(osp.dirname(__file__), 'README.md')) else '',
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    python_requires='>=3.10',
+    packages=find_packages(include=['mmdet_cam_hook', 'mmdet_cam_hook.*']),
+    install_requires=[
+        'torch>=2.0',
+        'numpy<2',
+        'opencv-python',
+        'mmengine>=0.10,<0.11',
+        'mmcv>=2.0,<2.2',
+        'mmdet>=3.3,<3.4',
+        'grad-cam==1.5.7',
+    ],
+    extras_require={'tensorboard': ['tensorboard']},
+    entry_points={'console_scripts': ['mmdet-cam=mmdet_cam_hook.cli:main']},
+)

@@ -1,0 +1,256 @@
+"""The CAM engine: exactness against pytorch-grad-cam, geometry, bad input, model state."""
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from mmdet_cam_hook import METHODS, CAMEngine, compute_cams
+from mmdet_cam_hook.geometry import Letterbox
+from mmdet_cam_hook.reference import reference_input_cams
+from mmdet_cam_hook.yolox import decode, preprocess
+
+ALL_METHODS = sorted(METHODS)
+
+
+def _reference(model, engine, image, res):
+    """grad-cam's own class, one call per detection, with the model state restored after."""
+    inputs, _ = preprocess(model, engine.pipeline, image)
+    # the prior (level, y, x) behind each detection, from the engine's own decoding
+    with torch.no_grad():
+        outs = model.bbox_head(model.extract_feat(inputs))
+        dets = decode(model.bbox_head, outs, _meta(model, engine, image), engine.score_thr)
+    dets = dets.select(slice(0, len(res)))
+    np.testing.assert_allclose(dets.scores.numpy(), res.scores, rtol=1e-6)
+    try:
+        return reference_input_cams(model, inputs, res.method, res.layers, dets.levels.tolist(),
+                                    dets.labels.tolist(), dets.ys.tolist(), dets.xs.tolist())
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
+def _meta(model, engine, image):
+    return preprocess(model, engine.pipeline, image)[1]
+
+
+@pytest.mark.parametrize('size', ['nano', 's'])
+def test_maps_equal_grad_cam_per_detection(make_yolox, make_image, size):
+    """Every method, level-aware default: the engine's K maps from one forward pass equal
+    grad-cam's class run once per detection (network-input grid, atol 1e-4)."""
+    model = make_yolox(size, input_size=128)
+    image = make_image(96, 160, seed=1)
+    engine = CAMEngine(model, score_thr=0.05, topk=6)
+    results = engine.explain(image, methods=ALL_METHODS)
+    levels = set()
+    for method, res in results.items():
+        assert len(res) == 6
+        levels |= set(res.levels.tolist())
+        ref = _reference(model, engine, image, res)
+        np.testing.assert_allclose(res.input_cams, ref, atol=1e-4, err_msg=method)
+    assert model.training is False
+
+
+@pytest.mark.parametrize('layers', [['backbone.stage4'], ['backbone.stage4', 'neck.reduce_layers[0]']])
+def test_named_shared_layers_equal_grad_cam(make_yolox, make_image, layers):
+    """Layers shared by all levels take the full-backward path; still equal to grad-cam."""
+    model = make_yolox('nano', input_size=128)
+    image = make_image(128, 96, seed=2)
+    engine = CAMEngine(model, target_layers=layers, score_thr=0.05, topk=3)
+    for method in ('gradcam', 'gradcam++', 'hirescam'):
+        res = engine.explain(image, methods=method)[method]
+        assert res.layers[0] == [engine.layer_names[i] for i in range(len(layers))]
+        np.testing.assert_allclose(res.input_cams, _reference(model, engine, image, res),
+                                   atol=1e-4, err_msg=method)
+
+
+def test_detections_equal_model_predict(make_yolox, make_image):
+    """Decoding with the prior index carried through NMS gives exactly mmdet's predictions."""
+    model = make_yolox('nano', input_size=128)
+    model.test_cfg.score_thr = 0.2
+    image = make_image(100, 140, seed=3)
+    engine = CAMEngine(model, score_thr=0.2)
+    res = engine.explain(image, methods='eigencam')['eigencam']
+    inputs, meta = preprocess(model, engine.pipeline, image)
+    from mmdet.structures import DetDataSample
+    with torch.no_grad():
+        pred = model.predict(inputs, [DetDataSample(metainfo=meta)])[0].pred_instances
+    order = pred.scores.argsort(descending=True, stable=True)
+    assert len(res) == len(pred) > 0
+    np.testing.assert_allclose(res.bboxes, pred.bboxes[order].numpy(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(res.scores, pred.scores[order].numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(res.labels, pred.labels[order].numpy())
+
+
+def test_gradcam_golden_values():
+    """Grad-CAM on hand-set activations and gradients (2 channels, 2x2), computed by hand:
+    weights = mean of each gradient channel = [0.5, -0.25];
+    cam = ReLU(0.5 * A0 - 0.25 * A1) = ReLU([[0.5-0.5, 1-0], [0-0.25, 2-1]]) = [[0, 1], [0, 1]]
+    (before min-max: [[0, 1], [-0.25->0, 1]]), then scaled to [0, 1] and resized to 2x2."""
+    from mmdet_cam_hook.cam_math import CAMMath
+
+    acts = torch.tensor([[[[1., 2.], [0., 4.]], [[2., 0.], [1., 4.]]]])
+    grads = torch.tensor([[[[1., 0.], [0., 1.]], [[-1., 0.], [0., 0.]]]])
+    cam = CAMMath().layer_maps('gradcam', acts, grads, (2, 2), 1)
+    np.testing.assert_allclose(cam[0], [[0., 1.], [0., 1.]], atol=1e-6)
+    # HiResCAM keeps the location: sum_c G*A = [[1-2, 0], [0, 4]] -> ReLU -> [[0,0],[0,4]] -> [0,1]
+    cam = CAMMath().layer_maps('hirescam', acts, grads, (2, 2), 1)
+    np.testing.assert_allclose(cam[0], [[0., 0.], [0., 1.]], atol=1e-6)
+    # XGrad-CAM: w_c = sum(G*A)/sum(A): c0 = (1+4)/7, c1 = -2/7 -> 5/7*A0 - 2/7*A1
+    # = [[1/7, 10/7], [-2/7, 12/7]] -> ReLU -> min-max over [0, 12/7] -> [[1/12, 10/12], [0, 1]]
+    cam = CAMMath().layer_maps('xgradcam', acts, grads, (2, 2), 1)
+    np.testing.assert_allclose(cam[0], [[1 / 12, 10 / 12], [0., 1.]], atol=1e-5)
+
+
+def test_level_aware_default_explains_every_level(make_yolox, make_image):
+    model = make_yolox('nano', input_size=128)
+    image = make_image(128, 128, seed=4)
+    res = compute_cams(model, image, method='gradcam', score_thr=0.0)
+    levels = set(res.levels.tolist())
+    assert levels == {0, 1, 2}, levels
+    for level in levels:
+        on_level = res.cams[res.levels == level]
+        assert (on_level.reshape(len(on_level), -1).max(1) > 0.5).all()
+    for lv, names in zip(res.levels, res.layers):
+        assert names == [f'neck.out_convs.{lv}']
+    assert res.combined.shape == image.shape[:2]
+    np.testing.assert_allclose(res.combined, res.cams.max(0))
+
+
+def test_fixed_stride32_layer_warns_for_stride8_detection(make_yolox, make_image):
+    model = make_yolox('nano', input_size=128)
+    image = make_image(128, 128, seed=4)
+    with pytest.warns(UserWarning, match=r"neck\.out_convs\.2.*level 0 \(stride 8\).*"
+                      r"neck\.out_convs\.0"):
+        res = compute_cams(model, image, target_layers=['neck.out_convs[-1]'], score_thr=0.0)
+    blank = res.cams[res.levels == 0]
+    assert len(blank) and blank.max() == 0
+    assert res.cams[res.levels == 2].max() > 0.5
+
+
+def test_geometry_peak_lands_on_original_pixel():
+    """A map peaking at the network-input location of original pixel (x0, y0) of a non-square
+    image comes back peaking at (x0, y0), within one network-input pixel."""
+    ori_h, ori_w, size = 300, 500, 128
+    scale = min(size / ori_h, size / ori_w)
+    new_w, new_h = int(ori_w * scale + 0.5), int(ori_h * scale + 0.5)
+    box = Letterbox((ori_h, ori_w), (size, size), (new_w / ori_w, new_h / ori_h))
+    assert box.resized_shape == (new_h, new_w) == (77, 128)
+    tol = 1.0 / scale  # one network-input pixel, in original pixels
+    for x0, y0 in [(37, 250), (400, 20), (250, 150), (499, 299)]:
+        xi, yi = box.point_to_input(x0 + 0.5, y0 + 0.5)
+        yy, xx = np.mgrid[0:size, 0:size] + 0.5
+        m = np.exp(-((xx - xi)**2 + (yy - yi)**2) / 2.0)[None].astype(np.float32)
+        m[0, new_h:] = 1.0  # the padding must be cropped, not stretched onto the image
+        back = box.to_original(m)[0]
+        back[back >= 0.999] = 0  # ignore what bleeds in from the cropped padding edge
+        py, px = np.unravel_index(np.argmax(back), back.shape)
+        assert abs(px - x0) <= tol and abs(py - y0) <= tol, (x0, y0, px, py)
+
+
+@pytest.mark.parametrize('bad, exc, match', [
+    (dict(method='gradcm'), ValueError, r"`method` must be one of \[.*'gradcam'.*\], got 'gradcm'"),
+    (dict(target_layers=['neck.out_conv.2']), ValueError, r"close matches: \['neck\.out_convs\.2'"),
+    (dict(target_layers=['neck.out_convs[7]']), ValueError, 'unknown target layer'),
+    (dict(target_layers=[]), ValueError, 'at least one layer'),
+    (dict(score_thr=1.5), ValueError, r'`score_thr` must be a number in \[0, 1\], got 1.5'),
+    (dict(topk=0), ValueError, '`topk` must be None or a positive int, got 0'),
+])
+def test_bad_arguments(make_yolox, make_image, bad, exc, match):
+    model = make_yolox('nano', input_size=64)
+    with pytest.raises(exc, match=match):
+        compute_cams(model, make_image(), **bad)
+
+
+def test_tuple_output_layer_is_a_clear_error(make_yolox, make_image):
+    model = make_yolox('nano', input_size=64)
+    with pytest.raises(ValueError, match="'neck' outputs a tuple"):
+        compute_cams(model, make_image(), target_layers='neck')
+
+
+def test_bad_images(make_yolox, tmp_path):
+    model = make_yolox('nano', input_size=64)
+    engine = CAMEngine(model, score_thr=0.0, topk=2)
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        engine.explain(tmp_path / 'missing.jpg')
+    (tmp_path / 'broken.jpg').write_bytes(b'not an image')
+    with pytest.raises(ValueError, match='could not be decoded'):
+        engine.explain(tmp_path / 'broken.jpg')
+    with pytest.raises(ValueError, match='uint8.*uint16'):
+        engine.explain(np.zeros((32, 32, 3), np.uint16))
+    with pytest.raises(ValueError, match=r'got shape \(32, 32, 2\)'):
+        engine.explain(np.zeros((32, 32, 2), np.uint8))
+    with pytest.raises(TypeError, match='path or an HxWx3'):
+        engine.explain([[0]])
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 255, (40, 50), dtype=np.uint8)
+    bgra = rng.integers(0, 255, (40, 50, 4), dtype=np.uint8)
+    # files are read as the model's pipeline reads them: colour, 8-bit
+    cv2.imwrite(str(tmp_path / 'gray.png'), gray)
+    cv2.imwrite(str(tmp_path / 'rgba.png'), bgra)
+    cv2.imwrite(str(tmp_path / 'deep.png'), (gray.astype(np.uint16) * 257))
+    for image in (gray, bgra, tmp_path / 'gray.png', tmp_path / 'rgba.png',
+                  tmp_path / 'deep.png'):
+        res = engine.explain(image)['gradcam']
+        assert res.image.shape == (40, 50, 3) and res.cams.shape[1:] == (40, 50)
+    res = engine.explain(np.full((1, 1, 3), 200, np.uint8))['gradcam']
+    assert res.cams.shape[1:] == (1, 1) and res.combined.shape == (1, 1)
+
+
+def test_no_detections_is_an_empty_result(make_yolox, make_image):
+    model = make_yolox('nano', input_size=64, confident=False)
+    res = compute_cams(model, make_image(), score_thr=0.3)
+    assert len(res) == 0
+    assert res.cams.shape == (0, 96, 160) and res.bboxes.shape == (0, 4)
+    assert res.combined.shape == (96, 160) and res.combined.max() == 0
+
+
+def test_renormalize_within_boxes(make_yolox, make_image):
+    model = make_yolox('nano', input_size=128)
+    res = compute_cams(model, make_image(), score_thr=0.05, topk=4, renormalize=True)
+    for cam, (x1, y1, x2, y2) in zip(res.cams, res.bboxes):
+        outside = cam.copy()
+        outside[max(int(np.floor(y1)), 0):int(np.ceil(y2)),
+                max(int(np.floor(x1)), 0):int(np.ceil(x2))] = 0
+        assert outside.max() == 0
+        assert cam.max() == pytest.approx(1.0, abs=1e-5) or cam.max() == 0
+
+
+def _state(model):
+    return ([m.training for m in model.modules()],
+            [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+            sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+                for m in model.modules()), torch.is_grad_enabled())
+
+
+@pytest.mark.parametrize('fail', [False, True])
+@pytest.mark.parametrize('layers', [None, ['backbone.stage4']])
+def test_model_state_is_restored(make_yolox, make_image, fail, layers, monkeypatch):
+    model = make_yolox('nano', input_size=64)
+    model.train()
+    model.backbone.stem.eval()  # a mixed state must come back exactly
+    first = next(model.parameters())
+    first.grad = torch.ones_like(first)
+    engine = CAMEngine(model, target_layers=layers, score_thr=0.0, topk=3)
+    with torch.no_grad():
+        before = _state(model)
+    if fail:
+        import mmdet_cam_hook.engine as engine_mod
+
+        def boom(*args, **kwargs):
+            raise RuntimeError('boom')
+
+        monkeypatch.setattr(engine_mod, 'decode', boom)
+        with torch.no_grad(), pytest.raises(RuntimeError, match='boom'):
+            engine.explain(make_image(), methods=['gradcam', 'eigencam'])
+    else:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter('error')
+            engine.explain(make_image(), methods=['gradcam', 'eigencam'])
+    with torch.no_grad():
+        after = _state(model)
+    assert after[0] == before[0]
+    assert after[2] == before[2]
+    assert after[3] == before[3]
+    for b, a in zip(before[1], after[1]):
+        assert (a is None and b is None) or torch.equal(a, b)
