@@ -20,9 +20,16 @@ from torch import nn
 from .cam_math import CAMMath
 from .geometry import Letterbox
 from .layers import neck_level, neck_output_layers, resolve_layers
-from .methods import METHODS, check_methods
-from .yolox import (Detections, LocalHeadGradient, build_pipeline, decode, detection_scores,
-                    preprocess, test_pipeline_cfg)
+from .methods import METHODS, check_method, check_methods
+from .yolox import (
+    Detections,
+    LocalHeadGradient,
+    build_pipeline,
+    decode,
+    detection_scores,
+    preprocess,
+    test_pipeline_cfg,
+)
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
 
@@ -222,8 +229,9 @@ class CAMEngine:
                 dets = decode(model.bbox_head, outs, metainfo, self.score_thr)
             if self.topk is not None:
                 dets = dets.select(slice(0, self.topk))
-            input_maps, used = self._maps(methods, dets, outs, acts, plan,
-                                          tuple(inputs.shape[-2:]))
+            with torch.enable_grad():
+                input_maps, used = self._maps(methods, dets, outs, acts, plan,
+                                              tuple(inputs.shape[-2:]))
             del outs, acts
         return {
             m: self._result(m, img, dets, input_maps[m], used, letterbox, renormalize)
@@ -396,5 +404,6 @@ def compute_cams(model: nn.Module,
     Returns:
         CAMResult: Detections and their maps, on the original image.
     """
+    check_method(method)
     engine = CAMEngine(model, target_layers=target_layers, score_thr=score_thr, topk=topk)
     return engine.explain(image, methods=[method], renormalize=renormalize)[method]

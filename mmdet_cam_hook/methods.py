@@ -7,8 +7,15 @@ each method is pytorch-grad-cam's own class: this package only supplies what tha
 from dataclasses import dataclass
 from typing import Iterable, List, Sequence, Union
 
-from pytorch_grad_cam import (EigenCAM, EigenGradCAM, GradCAM, GradCAMPlusPlus, HiResCAM,
-                              LayerCAM, XGradCAM)
+from pytorch_grad_cam import (
+    EigenCAM,
+    EigenGradCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    XGradCAM,
+)
 from pytorch_grad_cam.base_cam import BaseCAM
 
 

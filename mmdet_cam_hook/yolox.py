@@ -156,9 +156,10 @@ class LocalHeadGradient:
             for block in branch:
                 for conv in block.modules():
                     if isinstance(conv, nn.modules.conv._ConvNd):
-                        k, d, p, s = conv.kernel_size[0], conv.dilation[0], conv.padding, conv.stride
-                        if (conv.kernel_size[0] != conv.kernel_size[-1] or set(s) != {1}
-                                or p != tuple((k - 1) // 2 * dd for dd in conv.dilation)
+                        k, d = conv.kernel_size[0], conv.dilation[0]
+                        if (k != conv.kernel_size[-1] or set(conv.stride) != {1}
+                                or conv.padding != tuple((k - 1) // 2 * dd
+                                                         for dd in conv.dilation)
                                 or conv.padding_mode != 'zeros'):
                             return None
                         radius += (k - 1) // 2 * d

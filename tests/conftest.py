@@ -1,16 +1,24 @@
 """Shared fixtures: random-init YOLOX models from mmdet's own configs, at small input sizes."""
+import os
+
 import numpy as np
 import pytest
 import torch
+from mmengine.config import Config
 
 SIZES = ('nano', 'tiny', 's', 'm', 'l', 'x')
 
 
+def mmdet_config(name: str) -> str:
+    """Path of one of mmdet's own configs as shipped in its wheel (``mmdet/.mim/configs``)."""
+    import mmdet
+
+    return os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs', name)
+
+
 def yolox_config(size: str = 'nano', input_size: int = 128, num_classes: int = 3):
     """mmdet's own YOLOX config with the test pipeline at ``input_size`` and no pre-NMS filter."""
-    from mmengine.config import Config
-
-    cfg = Config.fromfile(f'mmdet::yolox/yolox_{size}_8xb8-300e_coco.py')
+    cfg = Config.fromfile(mmdet_config(f'yolox/yolox_{size}_8xb8-300e_coco.py'))
     cfg.model.bbox_head.num_classes = num_classes
     cfg.model.test_cfg.score_thr = 0.0
     for key in ('test_dataloader', 'val_dataloader'):
@@ -27,8 +35,8 @@ def build_yolox(size: str = 'nano', input_size: int = 128, num_classes: int = 3,
     With ``confident=True`` the cls/obj biases are raised so that a random model scores priors
     around 0.1-0.9 (a stock random init scores ~1e-4 everywhere and detects nothing).
     """
-    from mmengine.registry import DefaultScope
     from mmdet.registry import MODELS
+    from mmengine.registry import DefaultScope
 
     cfg = yolox_config(size, input_size, num_classes)
     torch.manual_seed(seed)

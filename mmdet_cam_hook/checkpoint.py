@@ -1,0 +1,349 @@
+"""Safe loading of MMEngine / MMDetection checkpoints.
+
+``torch.load(..., weights_only=True)`` only rebuilds tensors, containers and an allow-list of
+classes, so a checkpoint cannot run code while it is read. MMEngine training checkpoints hold a
+few more objects than tensors (the message hub's :class:`~mmengine.logging.HistoryBuffer`, numpy
+arrays and scalars of logged metrics); :func:`safe_globals` allows exactly those. A file that
+needs anything else is refused with :class:`UnsafeCheckpointError`, which names the offending
+globals and the opt-in (``trusted=True``, ``--trust-checkpoint`` on the command line) for a file
+whose source the user trusts. ``weights_only`` is never turned off otherwise.
+
+A checkpoint is a local path or an ``http(s)://`` URL; a URL is downloaded once into
+``torch.hub.get_dir()/checkpoints`` (so ``TORCH_HOME`` moves it), and an unreachable one is a
+:class:`CheckpointError` that says to download the file elsewhere.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+#: Seconds to wait for a checkpoint server before giving up.
+DOWNLOAD_TIMEOUT = 30
+
+_TRUST_HINT = ('pass trusted=True (command line: --trust-checkpoint) only if you trust the '
+               "file's source: loading it then runs whatever code it names")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be fetched, read or matched to the model."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint needs globals outside the allow-list to be unpickled.
+
+    Attributes:
+        filename (str): The checkpoint.
+        unsafe_globals (list[str]): The globals it names that are not allowed.
+    """
+
+    def __init__(self, filename: str, unsafe_globals: list[str]) -> None:
+        self.filename = filename
+        self.unsafe_globals = unsafe_globals
+        names = ', '.join(unsafe_globals) if unsafe_globals else 'an unrecognised global'
+        super().__init__(
+            f'refusing to load checkpoint {filename!r}: it needs {names}, which a safe '
+            '(weights_only) load does not allow; an MMEngine checkpoint needs only tensors, '
+            f'numpy values and HistoryBuffer. To load it anyway, {_TRUST_HINT}')
+
+
+def _history_buffer():
+    from mmengine.logging import HistoryBuffer
+
+    return HistoryBuffer
+
+
+def _restricted_getattr(obj: Any, name: str) -> Any:
+    """Stands in for ``builtins.getattr`` while unpickling.
+
+    A pickled :class:`~mmengine.logging.HistoryBuffer` holds its statistics methods as
+    ``getattr(HistoryBuffer, 'mean')``; that, and nothing else, is allowed.
+    """
+    history_buffer = _history_buffer()
+    if obj is history_buffer and isinstance(name, str) and not name.startswith('_') \
+            and callable(getattr(history_buffer, name, None)):
+        return getattr(history_buffer, name)
+    raise pickle.UnpicklingError(
+        f'checkpoint calls getattr({obj!r}, {name!r}); only public HistoryBuffer methods are '
+        f'allowed. To load it anyway, {_TRUST_HINT}')
+
+
+def safe_globals() -> list:
+    """The allow-list for ``torch.serialization.safe_globals``.
+
+    Entries are the classes and functions themselves, or ``(object, 'pickled.name')`` pairs for
+    names that differ between library versions (numpy 2 pickles ``numpy._core``) and for
+    ``builtins.getattr``, which maps to :func:`_restricted_getattr`.
+
+    Returns:
+        list: Objects and ``(object, name)`` pairs.
+    """
+    reconstruct = np.core.multiarray._reconstruct
+    scalar = np.core.multiarray.scalar
+    entries: list = [
+        _history_buffer(),
+        np.ndarray,
+        np.dtype,
+        reconstruct,
+        scalar,
+        (reconstruct, 'numpy._core.multiarray._reconstruct'),
+        (scalar, 'numpy._core.multiarray.scalar'),
+        (_restricted_getattr, 'builtins.getattr'),
+    ]
+    dtypes = getattr(np, 'dtypes', None)
+    if dtypes is not None:
+        entries += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith('DType')]
+    return entries
+
+
+def is_url(filename: PathLike) -> bool:
+    """Whether ``filename`` is an ``http://`` or ``https://`` URL."""
+    return isinstance(filename, str) and re.match(r'https?://', filename) is not None
+
+
+def download(url: str, timeout: float = DOWNLOAD_TIMEOUT) -> Path:
+    """Download ``url`` into ``torch.hub.get_dir()/checkpoints``, or return the cached file.
+
+    Args:
+        url (str): An ``http(s)://`` URL.
+        timeout (float): Seconds to wait for the server. Defaults to :data:`DOWNLOAD_TIMEOUT`.
+
+    Returns:
+        Path: The local file.
+
+    Raises:
+        CheckpointError: If the server cannot be reached or the transfer fails.
+    """
+    name = os.path.basename(urllib.parse.urlparse(url).path) or 'checkpoint.pth'
+    folder = Path(torch.hub.get_dir()) / 'checkpoints'
+    target = folder / name
+    if target.is_file():
+        logger.info('using cached download %s', target)
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    logger.info('downloading %s to %s', url, target)
+    tmp = tempfile.NamedTemporaryFile(dir=folder, prefix=f'.{name}.', delete=False)
+    try:
+        with tmp, urllib.request.urlopen(url, timeout=timeout) as response:
+            shutil.copyfileobj(response, tmp)
+        os.replace(tmp.name, target)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, 'reason', None) or exc
+        raise CheckpointError(
+            f'could not download checkpoint {url!r}: {reason}. If this machine has no internet '
+            'access, download the file elsewhere and pass its local path') from exc
+    finally:
+        if os.path.exists(tmp.name):
+            os.unlink(tmp.name)
+    return target
+
+
+def _reason(exc: BaseException) -> str:
+    """The informative part of a ``torch.load`` error (torch prefixes weights-only failures with
+    a long generic paragraph)."""
+    text = str(exc)
+    if 'WeightsUnpickler error:' in text:
+        text = text.split('WeightsUnpickler error:', 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__ + ' (empty or truncated file)'
+
+
+def _unsafe_globals(path: str, exc: Exception) -> list[str]:
+    names: list[str] = []
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (RuntimeError, ValueError, OSError, pickle.UnpicklingError):
+        pass  # not a zip checkpoint: fall back to the unpickler's message
+    if not names:
+        names = re.findall(r'GLOBAL (\S+) was not an allowed', str(exc))
+    call = re.search(r'checkpoint calls (getattr\(.*?\));', str(exc))
+    if not names and call:
+        names = [f'builtins.getattr, as {call.group(1)}']
+    return sorted(set(names))
+
+
+def load_checkpoint(filename: PathLike,
+                    map_location: Union[str, torch.device] = 'cpu',
+                    trusted: bool = False) -> dict:
+    """Read a checkpoint without running code from it (unless ``trusted``).
+
+    Args:
+        filename (str | PathLike): A local file or an ``http(s)://`` URL.
+        map_location (str | torch.device): Where tensors go. Defaults to 'cpu'.
+        trusted (bool): Unpickle anything the file names (``weights_only=False``). Only for
+            files from a source you trust. Defaults to False.
+
+    Returns:
+        dict: The checkpoint (a full MMEngine checkpoint or a bare state dict).
+
+    Raises:
+        FileNotFoundError: If a local file does not exist.
+        UnsafeCheckpointError: If the file needs globals outside :func:`safe_globals`.
+        CheckpointError: If a URL cannot be fetched or the file is not a torch checkpoint.
+    """
+    if is_url(filename):
+        path = str(download(filename))
+    else:
+        if isinstance(filename, str) and re.match(r'[a-z][a-z0-9+.-]*://', filename):
+            raise CheckpointError(f'checkpoint {filename!r}: only local paths and http(s):// '
+                                  'URLs are supported')
+        path = os.fspath(filename)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'checkpoint {path!r} does not exist')
+    try:
+        if trusted:
+            logger.warning('loading %s with weights_only=False (trusted): it may run code', path)
+            checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        else:
+            with torch.serialization.safe_globals(safe_globals()):
+                checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trusted:
+            names = _unsafe_globals(path, exc)
+            if names:
+                raise UnsafeCheckpointError(path, names) from exc
+        raise CheckpointError(f'checkpoint {path!r} is not a readable torch checkpoint: '
+                              f'{_reason(exc)}') from exc
+    except (RuntimeError, EOFError) as exc:
+        raise CheckpointError(f'checkpoint {path!r} is not a readable torch checkpoint: '
+                              f'{_reason(exc)}') from exc
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'checkpoint {path!r} holds a {type(checkpoint).__name__}, '
+                              'expected a dict (an MMEngine checkpoint or a state dict)')
+    return checkpoint
+
+
+def _state_dict(checkpoint: dict) -> dict:
+    state = checkpoint.get('state_dict', checkpoint)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"the checkpoint's `state_dict` is a {type(state).__name__}, "
+                              'expected a dict of tensors')
+    return {re.sub(r'^module\.', '', k): v for k, v in state.items()
+            if isinstance(v, torch.Tensor)}
+
+
+def load_weights(model: nn.Module, checkpoint: dict, filename: str = 'checkpoint') -> None:
+    """Copy a checkpoint's weights into ``model``.
+
+    Takes ``checkpoint['state_dict']`` (or the dict itself if it is a bare state dict) and strips
+    DDP's ``module.`` prefix. Every model parameter and buffer must be present with the same
+    shape: a partial load would explain a half-random network. Extra keys (e.g. MMDetection 2.x
+    EMA buffers) are logged and ignored.
+
+    Args:
+        model (nn.Module): The detector built from the config.
+        checkpoint (dict): As returned by :func:`load_checkpoint`.
+        filename (str): Name to quote in errors. Defaults to 'checkpoint'.
+
+    Raises:
+        CheckpointError: If keys are missing or shapes differ (with examples of each).
+    """
+    state = _state_dict(checkpoint)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    mismatched = [f'{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}'
+                  for k, v in own.items() if k in state and state[k].shape != v.shape]
+    unexpected = [k for k in state if k not in own]
+    if missing or mismatched:
+        parts = []
+        if mismatched:
+            parts.append(f'{len(mismatched)} shape mismatch(es), e.g. {mismatched[:3]}')
+        if missing:
+            parts.append(f'{len(missing)} missing key(s), e.g. {missing[:3]}')
+        raise CheckpointError(
+            f'{filename!r} does not fit the model built from the config: {"; ".join(parts)}. '
+            'Use the config the checkpoint was trained with (e.g. the same model size and '
+            'num_classes)')
+    if unexpected:
+        logger.info('ignoring %d checkpoint key(s) the model does not have, e.g. %s',
+                    len(unexpected), unexpected[:3])
+    model.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+def _dataset_meta(checkpoint: Optional[dict], cfg, num_classes: Optional[int]) -> dict:
+    meta = (checkpoint or {}).get('meta') or {}
+    if isinstance(meta.get('dataset_meta'), dict):
+        return {k.lower(): v for k, v in meta['dataset_meta'].items()}
+    if 'CLASSES' in meta:  # MMDetection 2.x checkpoints
+        return {'classes': meta['CLASSES']}
+    for key in ('test_dataloader', 'val_dataloader'):
+        metainfo = ((cfg.get(key) or {}).get('dataset') or {}).get('metainfo')
+        if metainfo and metainfo.get('classes'):
+            return dict(metainfo)
+    from mmdet.evaluation import get_classes
+
+    coco = tuple(get_classes('coco'))
+    if num_classes in (None, len(coco)):
+        return {'classes': coco}
+    return {'classes': tuple(str(i) for i in range(num_classes))}
+
+
+def init_model(config, checkpoint: Optional[PathLike] = None, device: str = 'cpu',
+               trusted: bool = False) -> nn.Module:
+    """Build a detector from its config and load a checkpoint safely.
+
+    Like ``mmdet.apis.init_detector`` (which builds the model), but the weights come from
+    :func:`load_checkpoint` and :func:`load_weights`. ``model.dataset_meta`` is the checkpoint's
+    (``meta.dataset_meta``, or MMDetection 2.x ``meta.CLASSES``), else the config's dataset
+    ``metainfo``, else COCO's class names when the head has 80 classes, else ``'0', '1', ...``.
+
+    Args:
+        config (str | PathLike | mmengine.Config): The model config.
+        checkpoint (str | PathLike, optional): Local file or http(s) URL. Defaults to None
+            (random weights).
+        device (str): Device to put the model on. Defaults to 'cpu'.
+        trusted (bool): See :func:`load_checkpoint`. Defaults to False.
+
+    Returns:
+        nn.Module: The detector in eval mode, with ``.cfg`` and ``.dataset_meta``.
+
+    Raises:
+        FileNotFoundError: If the config or checkpoint file does not exist.
+        CheckpointError: See :func:`load_checkpoint` and :func:`load_weights`.
+    """
+    from mmdet.apis import init_detector
+    from mmengine.config import Config
+
+    if not isinstance(config, Config):
+        if not os.path.isfile(config):
+            raise FileNotFoundError(f'config {os.fspath(config)!r} does not exist')
+        config = Config.fromfile(config)
+    ckpt = None
+    if checkpoint is not None:
+        ckpt = load_checkpoint(checkpoint, map_location='cpu', trusted=trusted)
+    with warnings.catch_warnings(record=True) as caught:
+        # init_detector warns that it falls back to COCO names without a checkpoint (the names
+        # are set below) and that the config has no palette (not used here); it also sets a
+        # global 'once' filter, which this block undoes.
+        model = init_detector(copy.deepcopy(config), None, device='cpu')
+    for w in caught:
+        if not re.match('checkpoint is None|palette does not exist', str(w.message)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if ckpt is not None:
+        load_weights(model, ckpt, os.fspath(checkpoint))
+    num_classes = getattr(getattr(model, 'bbox_head', None), 'num_classes', None)
+    model.dataset_meta = _dataset_meta(ckpt, config, num_classes)
+    classes = model.dataset_meta.get('classes')
+    if num_classes is not None and classes is not None and len(classes) != num_classes:
+        logger.warning('the model has %d classes but its class names list %d; labels may be '
+                       'misnamed', num_classes, len(classes))
+    return model.to(device).eval()

@@ -1,0 +1,485 @@
+"""``mmdet-cam``: per-detection CAMs of a YOLOX checkpoint for an image, a folder or a glob.
+
+The arguments are the seed tool's (``config checkpoint img``, ``--out-dir``, ``--method``,
+``--target-layers``, ``--score-thr``, ``--topk``, ``--device``, ``--renormalize``,
+``--save-all``) with its defaults, plus ``--list-layers``, ``--save-raw`` and
+``--trust-checkpoint``. ``tools/analysis_tools/demo_yolox_gradcam.py`` calls :func:`main`.
+
+Outputs, for each image ``{stem}.*`` with at least one detection (``k`` is the detection's index
+in score order, starting at 0)::
+
+    {stem}_gradcam.jpg           all detections' maps (pixel-wise max) with boxes and labels;
+                                 named as in the seed tool whatever --method is
+    {stem}_det{k}_{method}.jpg   detection k's own map with its box
+    --save-all:  {stem}_original.jpg, {stem}_detection.jpg (boxes only) and
+                 {stem}_panel.jpg (everything in one labelled image)
+    --save-raw:  {stem}_{method}.npz (bboxes, labels, scores, levels, cams, combined, ...)
+
+User errors (bad arguments, missing files, unsafe checkpoint, unknown layer, no detections, no
+CUDA, CUDA out of memory, grad-cam not installed) print one line on stderr and exit with 1
+(argparse's own errors with 2). Existing files in the output folder are overwritten, nothing
+else in it is touched.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+PROG = 'mmdet-cam'
+#: File extensions taken from a folder given as ``img``.
+IMAGE_EXTENSIONS = ('.bmp', '.jpeg', '.jpg', '.png', '.tif', '.tiff', '.webp')
+#: Input size for ``--list-layers`` when the test pipeline has no ``Resize`` with a ``scale``.
+FALLBACK_INPUT_SIZE = (640, 640)
+
+
+class UserError(Exception):
+    """A problem with the command line or its inputs, reported in one line (exit code 1)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+def _score(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float('nan')
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f'must be a number in [0, 1], got {text!r}')
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be an integer >= 1, got {text!r}')
+    return value
+
+
+def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
+    """The argument parser.
+
+    Args:
+        methods (Sequence[str]): The ``--method`` choices (the keys of ``METHODS``).
+
+    Returns:
+        argparse.ArgumentParser: The parser.
+    """
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        usage=f'{PROG} [options] config checkpoint img\n       {PROG} config [checkpoint] '
+        '--list-layers',
+        description='Per-detection class-activation maps (Grad-CAM and friends) for an '
+        'MMDetection YOLOX checkpoint. Each detection is explained by its own score '
+        'sigmoid(cls) * sigmoid(obj); by default on the neck output of its own FPN level.',
+        epilog='Outputs per image: {stem}_gradcam.jpg (all maps, whatever --method), '
+        '{stem}_det{k}_{method}.jpg per detection (k = 0, 1, ... by score); --save-all adds '
+        '{stem}_original.jpg, {stem}_detection.jpg and {stem}_panel.jpg; --save-raw adds '
+        '{stem}_{method}.npz. Grad-CAM averages gradients over the whole map, so it may also '
+        'light up other objects of the same class; hirescam and layercam stay on the instance.')
+    parser.add_argument('config', help='Path to model config file')
+    parser.add_argument('checkpoint', nargs='?',
+                        help='Path or http(s) URL to checkpoint file (required unless '
+                        '--list-layers)')
+    parser.add_argument('img', nargs='?',
+                        help='Path to input image, a folder of images or a quoted glob such as '
+                        '"data/*.jpg" (required unless --list-layers)')
+    parser.add_argument('--out-dir', default='outputs/gradcam',
+                        help='Output directory for visualizations (created if missing; existing '
+                        'files of the same name are overwritten). Defaults to %(default)s')
+    parser.add_argument('--method', default='gradcam', choices=list(methods),
+                        help='CAM method. Defaults to %(default)s')
+    parser.add_argument('--target-layers', nargs='+', default=None, metavar='LAYER',
+                        help='Target layer names (space-separated), as named_modules() paths '
+                        'such as neck.out_convs.2 or neck.out_convs[-1]; maps of several layers '
+                        'are averaged. Defaults to each detection\'s own neck output '
+                        '(neck.out_convs.0/1/2 for stride 8/16/32). See --list-layers')
+    parser.add_argument('--score-thr', type=_score, default=0.3,
+                        help='Detection score threshold. Defaults to %(default)s')
+    parser.add_argument('--topk', type=_positive_int, default=None,
+                        help='Only show CAM for top-k detections. Defaults to all')
+    parser.add_argument('--device', default=None,
+                        help='Device for inference (cuda:0, cpu). Defaults to cuda:0 when CUDA '
+                        'is available, else cpu')
+    parser.add_argument('--renormalize', action='store_true',
+                        help='Renormalize CAM within bounding boxes (and zero it outside)')
+    parser.add_argument('--save-all', action='store_true',
+                        help='Save all intermediate results (original, detections, panel)')
+    parser.add_argument('--save-raw', action='store_true',
+                        help='Also save detections and per-detection maps to '
+                        '{stem}_{method}.npz')
+    parser.add_argument('--list-layers', action='store_true',
+                        help='Print the layer names with output shape and stride at the '
+                        "config's test input size, then exit")
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='Load a checkpoint that needs more than tensors and the allow-listed '
+                        'MMEngine objects (weights_only=False). Unpickling it can run arbitrary '
+                        'code: only for files from a source you trust')
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+def resolve_device(device: Optional[str]) -> str:
+    """``cuda:0`` if CUDA is available and ``device`` is None, else the checked ``device``.
+
+    Raises:
+        UserError: If ``device`` is not ``cpu``/``cuda[:N]`` or names a missing CUDA device.
+    """
+    import torch
+
+    if device is None:
+        return 'cuda:0' if torch.cuda.is_available() else 'cpu'
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ('cpu', 'cuda'):
+        raise UserError(f"--device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if dev.type == 'cpu':
+        return 'cpu'
+    if not torch.cuda.is_available():
+        raise UserError(f'--device {device!r}: CUDA is not available on this machine (torch '
+                        f'{torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu')
+    index = dev.index or 0
+    if index >= torch.cuda.device_count():
+        raise UserError(f'--device {device!r}: this machine has {torch.cuda.device_count()} CUDA '
+                        f'device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}')
+    return f'cuda:{index}'
+
+
+def collect_images(img: str) -> list[Path]:
+    """The images named by ``img``: a file, a folder (its images, not recursive) or a glob.
+
+    Returns:
+        list[Path]: Sorted paths.
+
+    Raises:
+        UserError: If nothing matches, or two inputs share a file stem (their outputs would
+            overwrite each other).
+    """
+    path = Path(img)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        paths = sorted(p for p in path.iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not paths:
+            raise UserError(f'folder {img!r} has no images (extensions: '
+                            f'{", ".join(IMAGE_EXTENSIONS)})')
+    elif any(c in img for c in '*?['):
+        paths = sorted(Path(p) for p in glob.glob(img, recursive=True) if os.path.isfile(p))
+        if not paths:
+            raise UserError(f'no files match {img!r}')
+    else:
+        raise UserError(f'image {img!r} does not exist')
+    seen: dict[str, Path] = {}
+    for p in paths:
+        if p.stem in seen:
+            raise UserError(f'{seen[p.stem]} and {p} share the name {p.stem!r}: their outputs '
+                            'would overwrite each other; process them separately')
+        seen[p.stem] = p
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# --list-layers
+def _input_size(pipeline_cfg: Sequence[dict]) -> tuple[int, int]:
+    """(height, width) of the test pipeline's ``Resize`` scale (mmcv scales are (w, h))."""
+    for t in pipeline_cfg:
+        scale = t.get('scale') if 'Resize' in str(t.get('type')) else None
+        if isinstance(scale, int):
+            return scale, scale
+        if isinstance(scale, (tuple, list)) and len(scale) == 2:
+            return int(scale[1]), int(scale[0])
+    return FALLBACK_INPUT_SIZE
+
+
+def _describe(output) -> tuple[str, Optional[tuple]]:
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return 'x'.join(map(str, output.shape)), tuple(output.shape)
+    if isinstance(output, (tuple, list)) and output:
+        parts = [_describe(o)[0] for o in output]
+        return '(' + ', '.join(parts) + ')', None
+    return type(output).__name__, None
+
+
+def layer_table(model) -> str:
+    """One line per module that runs in a forward pass at the config's test input size: name,
+    type, output shape and stride (input height / output height).
+
+    The dummy forward runs without gradients; its forward hooks are removed afterwards, and the
+    model's ``training`` flags restored.
+    """
+    import torch
+
+    from mmdet_cam_hook.engine import read_only
+    from mmdet_cam_hook.yolox import build_pipeline, preprocess, test_pipeline_cfg
+
+    pipeline_cfg = test_pipeline_cfg(model.cfg)
+    height, width = _input_size(pipeline_cfg)
+    image = np.full((height, width, 3), 114, np.uint8)
+    rows: dict[str, tuple[str, str, str]] = {}
+    handles = []
+
+    def make_hook(name):
+
+        def hook(module, args, output):
+            text, shape = _describe(output)
+            stride = '-'
+            if shape is not None and len(shape) == 4 and shape[2] > 0:
+                ratio = inputs.shape[2] / shape[2]
+                stride = str(int(ratio)) if ratio == int(ratio) else f'{ratio:.2f}'
+            rows.setdefault(name, (type(module).__name__, text, stride))
+
+        return hook
+
+    with read_only(model), torch.no_grad():
+        inputs, _ = preprocess(model, build_pipeline(pipeline_cfg), image)
+        try:
+            for name, module in model.named_modules():
+                if name:
+                    handles.append(module.register_forward_hook(make_hook(name)))
+            model(inputs, mode='tensor')
+        finally:
+            for handle in handles:
+                handle.remove()
+    header = ('layer', 'type', 'output shape', 'stride')
+    widths = [max(len(header[0]), *(len(n) for n in rows))]
+    widths += [max(len(header[i]), *(len(r[i - 1]) for r in rows.values())) for i in (1, 2)]
+    lines = [f'# input {"x".join(map(str, inputs.shape))} (test pipeline at {height}x{width}); '
+             'layers in the order their outputs are computed']
+    fmt = f'{{:<{widths[0]}}}  {{:<{widths[1]}}}  {{:<{widths[2]}}}  {{}}'
+    lines.append(fmt.format(*header))
+    lines += [fmt.format(name, *row) for name, row in rows.items()]
+    return '\n'.join(lines) + '\n'
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+def _write(path: Path, image: np.ndarray) -> Path:
+    import cv2
+
+    if not cv2.imwrite(str(path), image):
+        raise UserError(f'could not write {path}')
+    return path
+
+
+def save_outputs(result, stem: str, out_dir: Path, class_names, save_all: bool,
+                 save_raw: bool, source: Path) -> list[Path]:
+    """Write the images (and ``.npz``) of one result; see the module docstring for names.
+
+    Returns:
+        list[Path]: The files written.
+    """
+    from mmdet_cam_hook.render import draw_detections, overlay_cam, render_panel
+
+    image, method = result.image, result.method
+    boxes, labels, scores = result.bboxes, result.labels, result.scores
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f'cannot create --out-dir {str(out_dir)!r}: {exc}') from exc
+    written = [_write(out_dir / f'{stem}_gradcam.jpg',
+                      draw_detections(overlay_cam(image, result.combined), boxes, labels, scores,
+                                      class_names))]
+    for k in range(len(result)):
+        written.append(_write(out_dir / f'{stem}_det{k}_{method}.jpg',
+                              draw_detections(overlay_cam(image, result.cams[k]), boxes[k:k + 1],
+                                              labels[k:k + 1], scores[k:k + 1], class_names)))
+    if save_all:
+        written.append(_write(out_dir / f'{stem}_original.jpg', image))
+        written.append(_write(out_dir / f'{stem}_detection.jpg',
+                              draw_detections(image, boxes, labels, scores, class_names)))
+        written.append(_write(out_dir / f'{stem}_panel.jpg',
+                              render_panel(result, class_names=class_names)))
+    if save_raw:
+        path = out_dir / f'{stem}_{method}.npz'
+        np.savez_compressed(
+            path, bboxes=boxes, labels=labels, scores=scores, levels=result.levels,
+            cams=result.cams, combined=result.combined, method=np.array(method),
+            layers=np.array([','.join(names) for names in result.layers], dtype=str),
+            class_names=np.array([] if class_names is None else [str(c) for c in class_names],
+                                 dtype=str),
+            image=np.array(str(source)))
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+def _load_methods() -> dict:
+    try:
+        from mmdet_cam_hook.methods import METHODS
+    except ImportError as exc:
+        if (exc.name or '').split('.')[0] == 'pytorch_grad_cam':
+            raise UserError('grad-cam is not installed (no module pytorch_grad_cam): '
+                            'pip install grad-cam==1.5.7') from exc
+        raise
+    return METHODS
+
+
+def _explain(engine, image, args, source: Path):
+    import torch
+
+    try:
+        return engine.explain(image, methods=[args.method],
+                              renormalize=args.renormalize)[args.method]
+    except torch.OutOfMemoryError as exc:
+        raise UserError(f'CUDA out of memory on {args.device} while processing {source}; try '
+                        '--device cpu (or fewer detections with --topk)') from exc
+    except ValueError as exc:  # e.g. a target layer whose output is not a tensor
+        raise UserError(str(exc)) from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the tool on parsed arguments.
+
+    Returns:
+        int: Exit code (0 when at least one image had a detection and every image could be
+        read).
+
+    Raises:
+        UserError: On a user error (see the module docstring).
+    """
+    from mmdet_cam_hook.checkpoint import CheckpointError, init_model
+
+    args.device = resolve_device(args.device)
+    images = [] if args.list_layers else collect_images(args.img)
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f'--out-dir {args.out_dir!r} exists and is not a folder')
+    try:
+        model = init_model(args.config, args.checkpoint, device=args.device,
+                           trusted=args.trust_checkpoint)
+    except (CheckpointError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from exc
+    if args.list_layers:
+        sys.stdout.write(layer_table(model))
+        return 0
+
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from mmdet_cam_hook import CAMEngine
+    from mmdet_cam_hook.engine import load_image
+
+    try:
+        engine = CAMEngine(model, target_layers=args.target_layers, score_thr=args.score_thr,
+                           topk=args.topk)
+    except (ValueError, TypeError) as exc:
+        raise UserError(str(exc)) from exc
+    class_names = (getattr(model, 'dataset_meta', None) or {}).get('classes')
+    unreadable, empty, written = [], [], []
+    with logging_redirect_tqdm(loggers=[logging.getLogger('mmdet_cam_hook')]):
+        for path in tqdm(images, unit='img', file=sys.stderr, disable=len(images) < 2,
+                         dynamic_ncols=True):
+            try:
+                image = load_image(path)
+            except (OSError, ValueError) as exc:
+                if len(images) == 1:
+                    raise UserError(str(exc)) from exc
+                logger.error('skipping %s: %s', path, exc)
+                unreadable.append(path)
+                continue
+            result = _explain(engine, image, args, path)
+            if len(result) == 0:
+                empty.append(path)
+                if len(images) > 1:
+                    logger.warning('%s: no detections with score >= %g', path, args.score_thr)
+                continue
+            written += save_outputs(result, path.stem, out_dir, class_names, args.save_all,
+                                    args.save_raw, path)
+    done = len(images) - len(unreadable) - len(empty)
+    if done == 0 and empty:
+        where = repr(str(images[0])) if len(images) == 1 else f'any of the {len(images)} images'
+        raise UserError(f'no detections with score >= {args.score_thr:g} in {where}; try a '
+                        f'lower --score-thr, e.g. --score-thr {min(0.1, args.score_thr / 3):.2g}')
+    logger.info('%s: %d file(s) for %d image(s) in %s', args.method, len(written), done, out_dir)
+    if unreadable:
+        logger.error('%d of %d images could not be read', len(unreadable), len(images))
+        return 1
+    return 0
+
+
+class _Formatter(logging.Formatter):
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = record.levelname.lower()
+        return f'{PROG}: {level}: {record.getMessage()}' if record.levelno >= logging.WARNING \
+            else f'{PROG}: {record.getMessage()}'
+
+
+@contextmanager
+def _console() -> Iterator[None]:
+    """Log this package's records (and Python warnings) to stderr, one line each, for the
+    duration of the call; restored afterwards."""
+    pkg = logging.getLogger('mmdet_cam_hook')
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    old_level, old_propagate = pkg.level, pkg.propagate
+    pkg.addHandler(handler)
+    pkg.setLevel(logging.INFO)
+    pkg.propagate = False
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        logger.warning('%s', message)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            # Deprecation notices from torch / mmcv / mmdet internals are not for the user.
+            for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+                warnings.filterwarnings('ignore', category=category)
+            warnings.filterwarnings('ignore', message='torch.meshgrid')
+            yield
+    finally:
+        pkg.removeHandler(handler)
+        pkg.setLevel(old_level)
+        pkg.propagate = old_propagate
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``mmdet-cam`` and ``tools/analysis_tools/demo_yolox_gradcam.py``.
+
+    Args:
+        argv (Sequence[str], optional): Arguments without the program name. Defaults to None
+            (``sys.argv[1:]``).
+
+    Returns:
+        int: Exit code: 0 on success, 1 on a user error, 2 on a command-line syntax error.
+    """
+    with _console():
+        try:
+            methods = _load_methods()
+            parser = build_parser(list(methods))
+            args = parser.parse_args(argv)
+            if not args.list_layers and (args.checkpoint is None or args.img is None):
+                missing = [n for n in ('checkpoint', 'img') if getattr(args, n) is None]
+                parser.error(f'the following arguments are required: {", ".join(missing)}')
+            return run(args)
+        except UserError as exc:
+            logger.error('%s', exc)
+            return 1
+        except KeyboardInterrupt:
+            logger.error('interrupted')
+            return 130
+
+
+if __name__ == '__main__':
+    sys.exit(main())

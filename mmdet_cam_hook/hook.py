@@ -1,0 +1,436 @@
+"""``YOLOXGradCAMHook``: per-detection CAMs of a fixed probe set at every validation.
+
+MMEngine glue only: the maps come from :class:`~mmdet_cam_hook.CAMEngine`, the panels from
+:func:`~mmdet_cam_hook.render.render_panel` and the numbers from :mod:`mmdet_cam_hook.metrics`.
+Add it to a stock mmdet YOLOX config without dropping YOLOX's own hooks::
+
+    custom_imports = dict(imports=['mmdet_cam_hook'], allow_failed_imports=False)
+    custom_hooks = [*_base_.custom_hooks, dict(type='YOLOXGradCAMHook', probe_images=4)]
+"""
+import contextlib
+import dataclasses
+import os
+import os.path as osp
+import random
+import re
+import time
+import traceback
+from typing import Dict, Iterator, List, Optional, Sequence, Union
+
+import cv2
+import numpy as np
+import torch
+from mmdet.registry import HOOKS
+from mmengine.dist import is_main_process
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.runner import BaseLoop, EpochBasedTrainLoop
+from mmengine.visualization import MLflowVisBackend
+from torch import nn
+
+from .engine import CAMEngine, CAMResult, _check_score_thr, _check_topk, renormalize_in_boxes
+from .layers import neck_output_layers, resolve_layers
+from .methods import check_methods
+from .metrics import energy_in_box, pointing_game
+from .render import render_panel
+from .yolox import test_pipeline_cfg
+
+#: File extensions taken from a probe folder (what OpenCV reads).
+IMAGE_EXTENSIONS = ('.bmp', '.jpeg', '.jpg', '.png', '.tif', '.tiff', '.webp')
+
+ProbeSpec = Union[int, str, os.PathLike, Sequence[Union[str, os.PathLike]], Sequence[int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Probe:
+    """One probe image; ground truth only when it comes from the evaluation dataset."""
+
+    name: str
+    path: str
+    gt_bboxes: Optional[np.ndarray] = None
+    gt_labels: Optional[np.ndarray] = None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _safe_name(text: str) -> str:
+    """A name fragment that works as a TensorBoard tag, a LocalVisBackend file name, an MLflow
+    artifact/metric name and a W&B key: no ``/``, no ``+`` (``gradcam++`` -> ``gradcampp``)."""
+    return re.sub(r'[^A-Za-z0-9_.-]', '_', text.replace('+', 'p'))
+
+
+@HOOKS.register_module()
+class YOLOXGradCAMHook(Hook):
+    """Log per-detection CAMs of fixed probe images after every validation (and test).
+
+    For each probe image and CAM method it logs one panel through ``runner.visualizer``, so
+    every configured backend receives it: the original, the detections (with ground-truth boxes
+    for dataset probes), the combined CAM overlay and one overlay per detection, labelled with
+    class names and scores. The same probe images are used at every validation, so the maps can
+    be compared epoch after epoch. It also logs, per method, the mean share of each detection's
+    map inside its own box (``cam_val/<method>_energy_in_box``) and, for probes from the dataset
+    (ground truth known), the pointing-game hit rate (``cam_val/<method>_pointing_game``). Both
+    are computed on the maps before ``renormalize``.
+
+    Image names are ``cam_{val|test}_{method}_{probe}``: no ``/`` (LocalVisBackend writes nothing
+    for it), ``+`` spelled ``p``. MLflow stores a name as an artifact file, ignores ``step`` and
+    needs an extension, so MLflow backends get ``{name}_{step}.png``. The step is the epoch for
+    epoch-based training (as LoggerHook logs validation metrics), the iteration for
+    iteration-based training, and 0 in a stand-alone ``val``/``test`` run.
+
+    When and where it runs:
+
+    - In ``after_val_epoch`` and ``after_test_epoch``, with priority 48, below the 49 of
+      YOLOX's ``EMAHook``: EMAHook swaps the EMA weights in at ``before_val_epoch`` and back out
+      at ``after_val_epoch``, so a hook running before it in ``after_val_epoch`` explains the
+      EMA weights that were just evaluated (and that the checkpoint stores). At NORMAL (50) it
+      would explain the raw training weights instead.
+    - On the main process only, on the unwrapped model, without collectives, so other ranks never
+      wait for it. The engine runs the model in eval mode and fp32 (autocast disabled),
+      gradients are enabled explicitly, gradients are taken with respect to activations only (no
+      parameter ``.grad``), and the ``training`` flags, forward hooks and the torch, numpy and
+      ``random`` RNG states are as before afterwards: training is bit-identical with and without
+      the hook.
+    - An error at run time is logged as a warning with its traceback and training continues,
+      unless ``strict=True``. Bad arguments fail when the hook is built, and a target layer the
+      model lacks or a dataset index out of range fails in ``before_run`` (on every rank), before
+      the first training iteration.
+
+    Args:
+        probe_images (int | str | PathLike | Sequence[str] | Sequence[int]): The probe set:
+            an int ``n`` picks ``n`` images spread evenly over the evaluation dataset; a list of
+            ints picks those dataset indices; a folder takes its images (sorted by name); a path
+            or list of paths takes those images. Dataset probes carry their ground-truth boxes,
+            which enables the pointing game. Indices refer to the dataset of the loop that ran
+            (``val_dataloader`` during training, ``test_dataloader`` in ``tools/test.py``).
+            Paths must exist when the hook is built. Defaults to 4.
+        interval (int): Run after every ``interval``-th validation, and always after the last
+            validation of training. Defaults to 1.
+        methods (str | Sequence[str]): CAM method(s), keys of
+            :data:`~mmdet_cam_hook.METHODS`. ``gradcam`` averages the gradient over the map into
+            one weight per channel, so it can light up other objects of the same class; the
+            element-wise ``hirescam`` and ``layercam`` stay on the instance. All methods share one
+            forward pass per image. Defaults to 'gradcam'.
+        target_layers (str | Sequence[str], optional): ``named_modules()`` paths such as
+            ``'neck.out_convs.0'`` (stride 8) or ``'neck.out_convs[-1]'`` (stride 32); maps of
+            several layers are averaged. None explains each detection on the neck output of its
+            own FPN level. Defaults to None.
+        score_thr (float): Explain detections scoring at least this, in [0, 1]. Defaults to 0.3.
+        topk (int, optional): Explain at most this many detections per image (highest scores
+            first); bounds the time per validation. None explains all. Defaults to 10.
+        renormalize (bool): Show each map min-max scaled inside its own box and zeroed outside.
+            Defaults to False.
+        max_detection_tiles (int): Per-detection overlays drawn in each panel (highest scores
+            first); 0 draws only the original, the detections and the combined map. Defaults
+            to 4.
+        max_image_size (int, optional): Longer side, in pixels, a logged panel is downscaled to.
+            None keeps the full size. Defaults to 1600.
+        strict (bool): Raise run-time errors instead of logging a warning and continuing.
+            Defaults to False.
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If an argument has a bad value, a probe path does not exist, a probe folder
+            holds no image, or a method is unknown.
+        FileNotFoundError: If a probe image or folder does not exist.
+    """
+
+    priority = 48
+
+    def __init__(self,
+                 probe_images: ProbeSpec = 4,
+                 interval: int = 1,
+                 methods: Union[str, Sequence[str]] = 'gradcam',
+                 target_layers: Union[None, str, Sequence[str]] = None,
+                 score_thr: float = 0.3,
+                 topk: Optional[int] = 10,
+                 renormalize: bool = False,
+                 max_detection_tiles: int = 4,
+                 max_image_size: Optional[int] = 1600,
+                 strict: bool = False) -> None:
+        self.probe_spec = self._check_probe_images(probe_images)
+        self.interval = self._check_int('interval', interval, low=1)
+        self.methods = check_methods(methods, arg='methods')
+        self.target_layers = self._check_target_layers(target_layers)
+        self.score_thr = _check_score_thr(score_thr)
+        self.topk = _check_topk(topk)
+        self.renormalize = self._check_bool('renormalize', renormalize)
+        self.max_detection_tiles = self._check_int('max_detection_tiles', max_detection_tiles,
+                                                   low=0)
+        self.max_image_size = None if max_image_size is None else self._check_int(
+            'max_image_size', max_image_size, low=1, none_ok=True)
+        self.strict = self._check_bool('strict', strict)
+
+        self._engine: Optional[CAMEngine] = None
+        self._pipeline: Optional[list] = None
+        self._probes: Dict[str, List[_Probe]] = {}
+        self._val_rounds = 0
+
+    # ------------------------------------------------------------------------ argument checks
+    @staticmethod
+    def _check_int(arg: str, value, low: int, none_ok: bool = False) -> int:
+        if not _is_int(value) or value < low:
+            kind = 'a positive int' if low == 1 else f'an int >= {low}'
+            kind = f'None or {kind}' if none_ok else kind
+            raise (ValueError if _is_int(value) else TypeError)(
+                f'`{arg}` must be {kind}, got {value!r}')
+        return int(value)
+
+    @staticmethod
+    def _check_bool(arg: str, value) -> bool:
+        if not isinstance(value, bool):
+            raise TypeError(f'`{arg}` must be True or False, got {value!r}')
+        return value
+
+    @staticmethod
+    def _check_target_layers(target_layers):
+        if target_layers is None:
+            return None
+        names = [target_layers] if isinstance(target_layers, str) else target_layers
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise TypeError('`target_layers` must be None, a layer name or a list of them '
+                            f'(e.g. ["neck.out_convs.0"]), got {target_layers!r}')
+        if not names:
+            raise ValueError('`target_layers` must name at least one layer, or be None for the '
+                             'level-aware default, got []')
+        return list(names)
+
+    @classmethod
+    def _check_probe_images(cls, probe_images: ProbeSpec) -> Union[int, List[int], List[str]]:
+        """An int count, a list of dataset indices or a list of existing image paths."""
+        hint = ('a count, a list of dataset indices, an image folder, or a list of image paths')
+        if _is_int(probe_images):
+            return cls._check_int('probe_images', probe_images, low=1)
+        if isinstance(probe_images, (str, os.PathLike)):
+            path = os.fspath(probe_images)
+            if osp.isdir(path):
+                files = sorted(
+                    osp.join(path, f) for f in os.listdir(path)
+                    if f.lower().endswith(IMAGE_EXTENSIONS) and osp.isfile(osp.join(path, f)))
+                if not files:
+                    raise ValueError(f'`probe_images` folder {path!r} holds no image '
+                                     f'(extensions {list(IMAGE_EXTENSIONS)})')
+                return [osp.abspath(f) for f in files]
+            probe_images = [path]
+        if not isinstance(probe_images, (list, tuple)) or not probe_images:
+            raise (ValueError if isinstance(probe_images, (list, tuple)) else TypeError)(
+                f'`probe_images` must be {hint}, got {probe_images!r}')
+        if all(_is_int(i) for i in probe_images):
+            bad = [i for i in probe_images if i < 0]
+            if bad:
+                raise ValueError(f'`probe_images` indices must be >= 0, got {bad}')
+            return list(dict.fromkeys(int(i) for i in probe_images))
+        if not all(isinstance(p, (str, os.PathLike)) for p in probe_images):
+            raise TypeError(f'`probe_images` must be {hint} (not a mix), got {probe_images!r}')
+        paths = [os.fspath(p) for p in probe_images]
+        missing = [p for p in paths if not osp.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f'`probe_images`: no such image file(s): {missing}')
+        return [osp.abspath(p) for p in paths]
+
+    # ------------------------------------------------------------------------ stages
+    def before_run(self, runner) -> None:
+        """Check the target layers, the test pipeline and dataset indices against the real
+        model and data, on every rank, so that a mistake stops the job before training."""
+        model = self._unwrap(runner.model)
+        if self.target_layers is None:
+            neck_output_layers(model)
+        else:
+            resolve_layers(model, self.target_layers, arg='target_layers')
+        self._pipeline = self._test_pipeline(runner, model)
+        for mode in ('val', 'test'):
+            loop = getattr(runner, f'_{mode}_loop', None)
+            if isinstance(loop, BaseLoop):
+                self._probes[mode] = self._resolve_probes(loop.dataloader.dataset, mode)
+
+    def after_val_epoch(self, runner, metrics: Optional[Dict[str, float]] = None) -> None:
+        """Explain the probe set after every ``interval``-th validation and the last one."""
+        self._val_rounds += 1
+        if self._val_rounds % self.interval == 0 or self._is_final_validation(runner):
+            self._run_safely(runner, 'val')
+
+    def after_test_epoch(self, runner, metrics: Optional[Dict[str, float]] = None) -> None:
+        """Explain the probe set after a test run (``tools/test.py``)."""
+        self._run_safely(runner, 'test')
+
+    # ------------------------------------------------------------------------ helpers
+    @staticmethod
+    def _unwrap(model: nn.Module) -> nn.Module:
+        return model.module if is_model_wrapper(model) else model
+
+    @staticmethod
+    def _test_pipeline(runner, model: nn.Module) -> Optional[list]:
+        """The runner config's test pipeline (test, else val dataloader); None lets the engine
+        take it from ``model.cfg``."""
+        try:
+            return test_pipeline_cfg(runner.cfg)
+        except ValueError as exc:
+            if getattr(model, 'cfg', None) is not None:
+                return None
+            raise ValueError('YOLOXGradCAMHook needs the test pipeline: build the runner from a '
+                             'config with `test_dataloader` or `val_dataloader` '
+                             '(Runner.from_cfg), or set `model.cfg`') from exc
+
+    @staticmethod
+    def _is_final_validation(runner) -> bool:
+        """Last validation of training, or a validation outside training."""
+        loop = runner._train_loop  # reading runner.epoch would build a train loop in val runs
+        if not isinstance(loop, BaseLoop):
+            return True
+        if isinstance(loop, EpochBasedTrainLoop):
+            return runner.epoch >= runner.max_epochs
+        return runner.iter >= runner.max_iters
+
+    @staticmethod
+    def _step(runner) -> int:
+        loop = runner._train_loop  # dict or None in val/test-only runs: do not build it
+        if not isinstance(loop, BaseLoop):
+            return 0
+        return runner.epoch if isinstance(loop, EpochBasedTrainLoop) else runner.iter
+
+    def _resolve_probes(self, dataset, mode: str) -> List[_Probe]:
+        """Turn the probe spec into images; dataset indices get their ground truth."""
+        if isinstance(self.probe_spec, list) and self.probe_spec \
+                and isinstance(self.probe_spec[0], str):
+            return [
+                _Probe(_safe_name(f'{i:02d}_{osp.splitext(osp.basename(p))[0]}'), p)
+                for i, p in enumerate(self.probe_spec)
+            ]
+        size = len(dataset)
+        if isinstance(self.probe_spec, int):
+            count = min(self.probe_spec, size)
+            indices = sorted({int(i) for i in np.linspace(0, size - 1, count).round()})
+        else:
+            indices = self.probe_spec
+            bad = [i for i in indices if i >= size]
+            if bad:
+                raise ValueError(f'`probe_images` indices {bad} are out of range for the {mode} '
+                                 f'dataset of {size} images')
+        probes = []
+        for idx in indices:
+            info = dataset.get_data_info(idx)
+            instances = [i for i in info.get('instances', []) if not i.get('ignore_flag', 0)]
+            bboxes = np.array([i['bbox'] for i in instances], np.float32).reshape(-1, 4)
+            labels = np.array([i['bbox_label'] for i in instances], np.int64)
+            stem = osp.splitext(osp.basename(info['img_path']))[0]
+            probes.append(_Probe(_safe_name(f'{idx:02d}_{stem}'), info['img_path'], bboxes,
+                                 labels))
+        return probes
+
+    def _run_safely(self, runner, mode: str) -> None:
+        """Main process only; a failure is a warning (with traceback) unless ``strict``."""
+        if not is_main_process():
+            return
+        try:
+            self._explain_probes(runner, mode)
+        except Exception:  # noqa: BLE001 - an optional visualisation must not stop training
+            if self.strict:
+                raise
+            runner.logger.warning(
+                f'YOLOXGradCAMHook failed after {mode} and logged nothing this time; training '
+                'continues (set strict=True to raise instead):\n' + traceback.format_exc())
+
+    def _get_engine(self, runner) -> CAMEngine:
+        if self._engine is None:
+            model = self._unwrap(runner.model)
+            pipeline = self._pipeline if self._pipeline is not None else \
+                self._test_pipeline(runner, model)
+            self._engine = CAMEngine(model, target_layers=self.target_layers,
+                                     score_thr=self.score_thr, topk=self.topk,
+                                     test_pipeline=pipeline)
+        return self._engine
+
+    def _get_probes(self, runner, mode: str) -> List[_Probe]:
+        if mode not in self._probes:
+            loop = runner.val_loop if mode == 'val' else runner.test_loop
+            self._probes[mode] = self._resolve_probes(loop.dataloader.dataset, mode)
+        return self._probes[mode]
+
+    @staticmethod
+    def _class_names(runner, mode: str) -> Optional[Sequence[str]]:
+        model = YOLOXGradCAMHook._unwrap(runner.model)
+        for meta in (getattr(model, 'dataset_meta', None),
+                     getattr(getattr(runner, f'{mode}_dataloader').dataset, 'metainfo', None),
+                     getattr(runner.visualizer, 'dataset_meta', None)):
+            if meta and meta.get('classes'):
+                return list(meta['classes'])
+        return None
+
+    def _explain_probes(self, runner, mode: str) -> None:
+        start = time.perf_counter()
+        engine = self._get_engine(runner)
+        probes = self._get_probes(runner, mode)
+        class_names = self._class_names(runner, mode)
+        step = self._step(runner)
+        energies: Dict[str, List[float]] = {m: [] for m in self.methods}
+        points = {m: [0, 0] for m in self.methods}
+        device = next(engine.model.parameters()).device
+        with torch.enable_grad(), _preserved_rng(device):
+            for probe in probes:
+                results = engine.explain(probe.path, methods=self.methods, renormalize=False)
+                for method, result in results.items():
+                    energies[method].extend(energy_in_box(result.cams, result.bboxes).tolist())
+                    if probe.gt_bboxes is not None:
+                        hits, total = pointing_game(result.cams, result.bboxes, result.labels,
+                                                    probe.gt_bboxes, probe.gt_labels)
+                        points[method][0] += hits
+                        points[method][1] += total
+                    panel = render_panel(
+                        _renormalized(result) if self.renormalize else result,
+                        class_names=class_names,
+                        max_detections=self.max_detection_tiles,
+                        max_size=self.max_image_size,
+                        gt_bboxes=probe.gt_bboxes)
+                    self._add_image(runner.visualizer,
+                                    f'cam_{mode}_{_safe_name(method)}_{probe.name}',
+                                    cv2.cvtColor(panel, cv2.COLOR_BGR2RGB), step)
+        scalars = {}
+        for method in self.methods:
+            tag = f'cam_{mode}/{_safe_name(method)}'
+            if energies[method]:
+                scalars[f'{tag}_energy_in_box'] = float(np.mean(energies[method]))
+            if points[method][1]:
+                scalars[f'{tag}_pointing_game'] = points[method][0] / points[method][1]
+        if scalars:
+            runner.visualizer.add_scalars(scalars, step=step)
+        summary = ', '.join(f'{k.split("/")[1]}={v:.3f}' for k, v in scalars.items())
+        runner.logger.info(
+            f'YOLOXGradCAMHook: {len(probes)} probe image(s) x {len(self.methods)} method(s) '
+            f'logged at step {step} in {time.perf_counter() - start:.1f} s'
+            + (f'; {summary}' if summary else ''))
+
+    @staticmethod
+    def _add_image(visualizer, name: str, image: np.ndarray, step: int) -> None:
+        """``visualizer.add_image``, except that MLflow backends, which use the name as the
+        artifact file name and ignore ``step``, get ``{name}_{step}.png``."""
+        backends = getattr(visualizer, '_vis_backends', {})
+        if not any(isinstance(b, MLflowVisBackend) for b in backends.values()):
+            visualizer.add_image(name, image, step=step)
+            return
+        for backend in backends.values():
+            backend_name = f'{name}_{step}.png' if isinstance(backend, MLflowVisBackend) else name
+            backend.add_image(backend_name, image, step=step)
+
+
+def _renormalized(result: CAMResult) -> CAMResult:
+    """``result`` with each map min-max scaled inside its own box and zeroed outside."""
+    if not len(result):
+        return result
+    cams = renormalize_in_boxes(result.cams, result.bboxes)
+    return dataclasses.replace(result, cams=cams, combined=cams.max(0))
+
+
+@contextlib.contextmanager
+def _preserved_rng(device: torch.device) -> Iterator[None]:
+    """Restore the python, numpy and torch (CPU and the model's CUDA device) RNG states, so that
+    the data augmentation of the following training epochs is unchanged."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [device] if device.type == 'cuda' else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)

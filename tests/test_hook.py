@@ -1,0 +1,441 @@
+"""YOLOXGradCAMHook on real MMEngine runners: a tiny YOLOX-nano trained for a few iterations on
+a generated COCO-format dataset (96 px shapes), CPU only.
+
+Run directly (``python tests/test_hook.py WORK_DIR DATA_ROOT``) under ``torchrun`` it is the
+worker of the 2-process DDP test.
+"""
+import copy
+import json
+import os
+import random
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.hooks import Hook
+from mmengine.hub import get_config
+from mmengine.model import is_model_wrapper
+from mmengine.runner import Runner
+
+from mmdet_cam_hook.hook import YOLOXGradCAMHook
+from mmdet_cam_hook.shapes import generate_shapes
+
+SIZE = 96  # network input and longest image side
+METHODS = ['gradcam', 'hirescam']
+DDP_TIMEOUT = 300
+
+
+# --------------------------------------------------------------------------- set-up helpers
+
+
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory):
+    """8 training and 4 validation images (some non-square) in COCO format."""
+    return generate_shapes(tmp_path_factory.mktemp('data') / 'shapes', num_train=8, num_val=4,
+                           image_size=SIZE, seed=0)
+
+
+@lru_cache(maxsize=None)
+def _nano_cfg() -> Config:
+    return get_config('mmdet::yolox/yolox_nano_8xb8-300e_coco.py')
+
+
+def _dataset(data, split: str, pipeline: list) -> dict:
+    return dict(type='CocoDataset', data_root=str(data.root), ann_file=str(data.ann_file(split)),
+                data_prefix=dict(img=str(data.img_dir(split)) + os.sep),
+                metainfo=dict(classes=data.classes), filter_cfg=dict(filter_empty_gt=False),
+                test_mode=split == 'val', pipeline=pipeline)
+
+
+def tiny_cfg(data, work_dir, *, hooks=(), backends=('LocalVisBackend', ), max_epochs=2,
+             max_iters=None, name='run') -> Config:
+    """mmdet's YOLOX-nano config (with its mode-switch, SyncNorm and EMA hooks) shrunk to a
+    96 px input, 3 classes, batches of 4 and a validation after every epoch (or every 2
+    iterations with ``max_iters``). The training pipeline flips at random, so anything that
+    consumed the global numpy RNG would change the trained weights."""
+    cfg = copy.deepcopy(_nano_cfg())
+    cfg.work_dir = str(work_dir)
+    cfg.experiment_name = name
+    cfg.model.bbox_head.num_classes = len(data.classes)
+    cfg.model.data_preprocessor.batch_augments = None
+    pad = dict(type='Pad', pad_to_square=True, pad_val=dict(img=(114.0, 114.0, 114.0)))
+    test_pipeline = [
+        dict(type='LoadImageFromFile'),
+        dict(type='Resize', scale=(SIZE, SIZE), keep_ratio=True), pad,
+        dict(type='LoadAnnotations', with_bbox=True),
+        dict(type='PackDetInputs',
+             meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))
+    ]
+    train_set = dict(
+        type='MultiImageMixDataset',  # as in YOLOX: YOLOXModeSwitchHook calls into it
+        dataset=_dataset(data, 'train', [dict(type='LoadImageFromFile'),
+                                         dict(type='LoadAnnotations', with_bbox=True)]),
+        pipeline=[dict(type='RandomFlip', prob=0.5),
+                  dict(type='Resize', scale=(SIZE, SIZE), keep_ratio=True), pad,
+                  dict(type='PackDetInputs')])
+    cfg.train_dataloader = dict(batch_size=4, num_workers=0, persistent_workers=False,
+                                sampler=dict(type='DefaultSampler', shuffle=True),
+                                dataset=train_set)
+    cfg.val_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
+                              drop_last=False, sampler=dict(type='DefaultSampler', shuffle=False),
+                              dataset=_dataset(data, 'val', test_pipeline))
+    cfg.test_dataloader = cfg.val_dataloader
+    cfg.val_evaluator = dict(type='CocoMetric', ann_file=str(data.ann_file('val')), metric='bbox')
+    cfg.test_evaluator = cfg.val_evaluator
+    if max_iters is None:
+        cfg.train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs, val_interval=1)
+    else:
+        cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=2)
+        cfg.log_processor = dict(by_epoch=False)
+    cfg.param_scheduler = None
+    cfg.default_hooks.logger = dict(type='LoggerHook', interval=1)
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1000, save_last=False)
+    cfg.custom_hooks = [*cfg.custom_hooks, *hooks]
+    cfg.visualizer = dict(type='DetLocalVisualizer',
+                          vis_backends=[dict(type=b) for b in backends])
+    cfg.randomness = dict(seed=0)
+    return cfg
+
+
+def cam_hook(**kwargs) -> dict:
+    """The hook's config with settings that make a random-init model explain something."""
+    return dict(dict(type='YOLOXGradCAMHook', probe_images=2, methods=METHODS, score_thr=0.0,
+                     topk=3), **kwargs)
+
+
+def log_dir(runner) -> Path:
+    return Path(runner.log_dir)
+
+
+def unwrap(model):
+    return model.module if is_model_wrapper(model) else model
+
+
+def hooks_of(runner, cls):
+    return [h for h in runner.hooks if isinstance(h, cls)]
+
+
+# --------------------------------------------------------------------------- TensorBoard, local
+
+
+def test_tensorboard_and_local_backends(shapes, tmp_path):
+    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook()],
+                   backends=('LocalVisBackend', 'TensorboardVisBackend'))
+    runner = Runner.from_cfg(cfg)
+    (hook, ) = hooks_of(runner, YOLOXGradCAMHook)
+    order = [type(h).__name__ for h in runner.hooks]
+    # Before EMAHook (49) in after_val_epoch: it explains the EMA weights that were evaluated.
+    assert order.index('YOLOXGradCAMHook') < order.index('EMAHook')
+    runner.train()
+    runner.test()
+
+    probes = hook._probes['val']
+    assert len(probes) == 2 and all(p.gt_bboxes is not None for p in probes)
+    names = {f'cam_val_{m}_{p.name}' for m in METHODS for p in probes}
+    assert all('/' not in n and '+' not in n for n in names)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir(runner) / 'vis_data'),
+                              size_guidance={'images': 0, 'scalars': 0})
+    events.Reload()
+    tags = events.Tags()
+    assert names <= set(tags['images'])
+    for name in names:
+        images = events.Images(name)
+        assert [e.step for e in images] == [1, 2]  # one per validation, step = epoch
+        decoded = cv2.imdecode(np.frombuffer(images[-1].encoded_image_string, np.uint8),
+                               cv2.IMREAD_COLOR)
+        assert decoded.shape[:2] == (images[-1].height, images[-1].width)
+    for method in METHODS:
+        scalars = events.Scalars(f'cam_val/{method}_energy_in_box')
+        assert [s.step for s in scalars] == [1, 2]
+        assert all(0.0 <= s.value <= 1.0 for s in scalars)
+    # runner.test() after training: its own names, at the last epoch
+    for name in {f'cam_test_{m}_{p.name}' for m in METHODS for p in hook._probes['test']}:
+        assert [e.step for e in events.Images(name)] == [2]
+
+    vis_image = log_dir(runner) / 'vis_data' / 'vis_image'
+    for name in names:
+        for step in (1, 2):
+            png = cv2.imread(str(vis_image / f'{name}_{step}.png'))
+            assert png is not None and png.shape[0] > SIZE and png.shape[1] > 3 * SIZE
+    scalars = [json.loads(line) for line in
+               (log_dir(runner) / 'vis_data' / 'scalars.json').read_text().splitlines()]
+    logged = {k for row in scalars for k in row}
+    assert {f'cam_val/{m}_energy_in_box' for m in METHODS} <= logged
+
+
+def _saturated_hues(image: np.ndarray) -> np.ndarray:
+    hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
+    return hsv[..., 0][(hsv[..., 1] > 80) & (hsv[..., 2] > 60)]
+
+
+def test_local_png_shows_a_heat_map(shapes, tmp_path):
+    """A grey probe image has no colour of its own, so colour in its panel is the JET map (and
+    the green boxes): blue for low values and red/yellow for the peaks must both be there."""
+    grey = tmp_path / 'grey.png'
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(grey), rng.integers(100, 156, (72, SIZE, 3), np.uint8).mean(
+        axis=2, keepdims=True).repeat(3, axis=2).astype(np.uint8))
+    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(probe_images=[str(grey)],
+                                                     methods='hirescam')], max_epochs=1)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    png = cv2.imread(str(log_dir(runner) / 'vis_data' / 'vis_image' /
+                         'cam_val_hirescam_00_grey_1.png'))
+    assert png is not None
+    hues = _saturated_hues(png)
+    assert hues.size > 0.2 * png.shape[0] * png.shape[1]
+    blue = ((hues >= 100) & (hues <= 130)).mean()
+    warm = ((hues <= 35) | (hues >= 170)).mean()
+    assert blue > 0.05 and warm > 0.01, (blue, warm)
+
+
+# --------------------------------------------------------------------------- never alters training
+
+
+class StateSpy(Hook):
+    """Records the model's and the process's state in after_val_epoch."""
+
+    def __init__(self, priority, make_train=False):
+        self.priority = priority
+        self.make_train = make_train
+        self.states = []
+
+    def after_val_epoch(self, runner, metrics=None):
+        model = unwrap(runner.model)
+        if self.make_train:
+            model.train()  # the engine must switch to eval itself and restore this
+        self.states.append(dict(
+            training=[m.training for m in model.modules()],
+            hooks=sum(
+                len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+                + len(m._backward_pre_hooks) for m in model.modules()),
+            grads=[None if p.grad is None else p.grad.clone() for p in model.parameters()],
+            grad_enabled=torch.is_grad_enabled(),
+            torch_rng=torch.get_rng_state(),
+            numpy_rng=np.random.get_state(),
+            python_rng=random.getstate(),
+            params=[p.detach().clone() for p in model.parameters()],
+        ))
+
+
+def _assert_same_state(before, after):
+    assert before['training'] == after['training']
+    assert before['hooks'] == after['hooks']
+    assert before['grad_enabled'] == after['grad_enabled']
+    assert all(a is None and b is None or torch.equal(a, b)
+               for a, b in zip(before['grads'], after['grads']))
+    assert torch.equal(before['torch_rng'], after['torch_rng'])
+    assert before['python_rng'] == after['python_rng']
+    b_np, a_np = before['numpy_rng'], after['numpy_rng']
+    assert b_np[0] == a_np[0] and np.array_equal(b_np[1], a_np[1]) and b_np[2:] == a_np[2:]
+    assert all(torch.equal(a, b) for a, b in zip(before['params'], after['params']))
+
+
+def _final_weights(runner):
+    (ema, ) = [h for h in runner.hooks if type(h).__name__ == 'EMAHook']
+    return {**unwrap(runner.model).state_dict(),
+            **{f'ema.{k}': v for k, v in ema.ema_model.state_dict().items()}}
+
+
+def test_training_is_bit_identical_and_state_is_restored(shapes, tmp_path):
+    runs = {}
+    spies = (StateSpy(priority=47, make_train=True), StateSpy(priority=48))
+    for with_hook in (False, True):
+        cfg = tiny_cfg(shapes, tmp_path / str(with_hook), hooks=[cam_hook()] if with_hook else [],
+                       name=f'run{with_hook}')
+        runner = Runner.from_cfg(cfg)
+        if with_hook:
+            for spy in spies:  # instances, registered after the CAM hook (same priority: later)
+                runner.register_hook(spy)
+        runner.train()
+        runs[with_hook] = _final_weights(runner)
+        if with_hook:
+            (hook, ) = hooks_of(runner, YOLOXGradCAMHook)
+            assert hook._engine is not None  # it did run
+            pngs = list((log_dir(runner) / 'vis_data' / 'vis_image').glob('cam_val_*.png'))
+            assert len(pngs) == 2 * len(METHODS) * 2  # probes x methods x validations
+
+    assert runs[False].keys() == runs[True].keys()
+    for key, value in runs[False].items():
+        assert torch.equal(value, runs[True][key]), key
+
+    before, after = spies
+    assert len(before.states) == len(after.states) == 2
+    for b, a in zip(before.states, after.states):
+        _assert_same_state(b, a)
+        assert all(a['training']) and all(g is None for g in a['grads'])
+
+
+# --------------------------------------------------------------------------- steps, interval
+
+
+def test_iteration_based_steps_and_interval(shapes, tmp_path):
+    """Validations at iterations 2, 4, 6; interval=2 draws the 2nd and the last one."""
+    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(interval=2, methods='gradcam',
+                                                     probe_images=[3])], max_iters=6)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    pngs = sorted(p.name for p in (log_dir(runner) / 'vis_data' / 'vis_image').glob('cam_*'))
+    (probe, ) = hooks_of(runner, YOLOXGradCAMHook)[0]._probes['val']
+    assert pngs == [f'cam_val_gradcam_{probe.name}_{step}.png' for step in (4, 6)]
+
+
+def test_test_only_run_uses_step_0_and_builds_no_train_loop(shapes, tmp_path):
+    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(methods='gradcam', probe_images=1)])
+    runner = Runner.from_cfg(cfg)
+    runner.test()
+    assert isinstance(runner._train_loop, dict)  # the step guard did not build it
+    pngs = [p.name for p in (log_dir(runner) / 'vis_data' / 'vis_image').glob('cam_*')]
+    assert len(pngs) == 1 and pngs[0].startswith('cam_test_gradcam_') and \
+        pngs[0].endswith('_0.png')
+
+
+# --------------------------------------------------------------------------- fail-soft, strict
+
+
+def _log_text(runner) -> str:
+    return (log_dir(runner) / f'{runner.timestamp}.log').read_text()
+
+
+def test_runtime_error_warns_and_training_finishes(shapes, tmp_path):
+    probe = tmp_path / 'probe.png'
+    cv2.imwrite(str(probe), np.full((SIZE, SIZE, 3), 128, np.uint8))
+    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(probe_images=str(probe))])
+    runner = Runner.from_cfg(cfg)  # the path is checked here ...
+    probe.unlink()  # ... and is gone at the first validation
+    runner.train()
+    assert runner.epoch == 2
+    log = _log_text(runner)
+    assert log.count('YOLOXGradCAMHook failed after val') == 2
+    assert 'Traceback' in log and 'FileNotFoundError' in log
+
+
+def test_strict_raises_runtime_error(shapes, tmp_path):
+    probe = tmp_path / 'probe.png'
+    cv2.imwrite(str(probe), np.full((SIZE, SIZE, 3), 128, np.uint8))
+    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(probe_images=str(probe), strict=True)])
+    runner = Runner.from_cfg(cfg)
+    probe.unlink()
+    with pytest.raises(FileNotFoundError, match='probe.png'):
+        runner.train()
+    assert runner.epoch == 1  # raised at the first validation
+
+
+# --------------------------------------------------------------------------- argument validation
+
+
+@pytest.mark.parametrize('kwargs, error, match', [
+    (dict(interval=0), ValueError, r'`interval` must be a positive int, got 0'),
+    (dict(interval=1.5), TypeError, r'`interval` must be a positive int, got 1.5'),
+    (dict(interval=True), TypeError, r'`interval` must be a positive int, got True'),
+    (dict(methods='gradcm'), ValueError, r"`methods` must be one of \[.*'gradcam'.*\], "
+     r"got 'gradcm'"),
+    (dict(methods=[]), ValueError, r'`methods` must name at least one'),
+    (dict(methods=['gradcam', 3]), TypeError, r'`methods` must be a str'),
+    (dict(target_layers=[]), ValueError, r'`target_layers` must name at least one layer'),
+    (dict(target_layers=3), TypeError, r'`target_layers` must be None, a layer name'),
+    (dict(score_thr=1.5), ValueError, r'`score_thr` must be a number in \[0, 1\], got 1.5'),
+    (dict(topk=0), ValueError, r'`topk` must be None or a positive int, got 0'),
+    (dict(renormalize='yes'), TypeError, r"`renormalize` must be True or False, got 'yes'"),
+    (dict(strict=1), TypeError, r'`strict` must be True or False, got 1'),
+    (dict(max_detection_tiles=-1), ValueError, r'`max_detection_tiles` must be an int >= 0'),
+    (dict(max_image_size=0), ValueError, r'`max_image_size` must be None or a positive int'),
+    (dict(probe_images=0), ValueError, r'`probe_images` must be a positive int, got 0'),
+    (dict(probe_images=[]), ValueError, r'`probe_images` must be a count, a list of'),
+    (dict(probe_images=[1, -2]), ValueError, r'`probe_images` indices must be >= 0, got \[-2\]'),
+    (dict(probe_images=[0, 'a.png']), TypeError, r'\(not a mix\)'),
+    (dict(probe_images=2.0), TypeError, r'`probe_images` must be a count'),
+    (dict(probe_images='no/such/image.png'), FileNotFoundError, r'no/such/image.png'),
+    (dict(probe_images=['no/such/image.png']), FileNotFoundError, r'no/such/image.png'),
+])
+def test_bad_arguments_fail_at_build(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        YOLOXGradCAMHook(**kwargs)
+
+
+def test_probe_folder(tmp_path):
+    with pytest.raises(ValueError, match='holds no image'):
+        YOLOXGradCAMHook(probe_images=str(tmp_path))
+    for name in ('b.jpg', 'a.PNG', 'notes.txt'):
+        (tmp_path / name).write_bytes(b'x')
+    hook = YOLOXGradCAMHook(probe_images=tmp_path)
+    assert hook.probe_spec == [str(tmp_path / 'a.PNG'), str(tmp_path / 'b.jpg')]
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(target_layers='neck.out_conv.0'), r"unknown target layer 'neck.out_conv.0'.*"
+     r"neck.out_convs.0"),
+    (dict(probe_images=[1, 4]), r'`probe_images` indices \[4\] are out of range for the val '
+     r'dataset of 4 images'),
+])
+def test_model_and_data_mistakes_fail_before_training(shapes, tmp_path, kwargs, match):
+    runner = Runner.from_cfg(tiny_cfg(shapes, tmp_path, hooks=[cam_hook(**kwargs)]))
+    with pytest.raises(ValueError, match=match):
+        runner.train()
+    assert runner.iter == 0
+
+
+def test_builds_from_registry_by_name():
+    from mmengine.registry import HOOKS, DefaultScope
+
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        hook = HOOKS.build(dict(type='YOLOXGradCAMHook', probe_images=[0, 2], methods=METHODS))
+    assert isinstance(hook, YOLOXGradCAMHook) and hook.priority == 48
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _ddp_worker(work_dir: str, data_root: str) -> None:
+    """Run under torchrun: the same tiny training on 2 gloo processes, with the hook."""
+    from mmdet_cam_hook.shapes import ShapesDataset, CLASSES
+
+    class RankReport(Hook):
+        priority = 49  # right after the CAM hook
+
+        def after_val_epoch(self, runner, metrics=None):
+            (cam, ) = hooks_of(runner, YOLOXGradCAMHook)
+            report = dict(rank=runner.rank, engine_built=cam._engine is not None,
+                          epoch=runner.epoch)
+            with open(Path(work_dir) / f'rank{runner.rank}.jsonl', 'a') as f:
+                f.write(json.dumps(report) + '\n')
+
+    data = ShapesDataset(root=Path(data_root), classes=CLASSES, params={})
+    cfg = tiny_cfg(data, work_dir, hooks=[cam_hook()])
+    cfg.launcher = 'pytorch'
+    cfg.env_cfg.dist_cfg = dict(backend='gloo')
+    runner = Runner.from_cfg(cfg)
+    runner.register_hook(RankReport())
+    runner.train()
+
+
+def test_ddp_two_processes_only_rank0_writes(shapes, tmp_path):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           __file__, str(tmp_path), str(shapes.root)]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DDP_TIMEOUT, env=env)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+
+    reports = {
+        rank: [json.loads(line) for line in (tmp_path / f'rank{rank}.jsonl').read_text().splitlines()]
+        for rank in (0, 1)
+    }
+    assert [r['epoch'] for r in reports[0]] == [r['epoch'] for r in reports[1]] == [1, 2]
+    assert all(r['engine_built'] for r in reports[0])
+    assert not any(r['engine_built'] for r in reports[1])  # rank 1 never ran the engine
+    (run_dir, ) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    pngs = list((run_dir / 'vis_data' / 'vis_image').glob('cam_val_*.png'))
+    assert len(pngs) == 2 * len(METHODS) * 2
+
+
+if __name__ == '__main__':
+    _ddp_worker(*sys.argv[1:3])

@@ -1,0 +1,117 @@
+"""CAM-quality metrics against hand-computed values."""
+import numpy as np
+import pytest
+
+from mmdet_cam_hook.metrics import energy_in_box, pointing_game
+
+
+def diagonal_cam():
+    """4x4 map with 1, 2, 3, 4 on the diagonal (total 10)."""
+    return np.diag([1.0, 2.0, 3.0, 4.0])[None]
+
+
+@pytest.mark.parametrize('box, expected', [
+    ([1, 1, 3, 3], 0.5),  # pixels (1,1)=2 and (2,2)=3
+    ([0, 0, 4, 4], 1.0),
+    ([0.6, 0.6, 2.4, 2.4], 0.2),  # only the centre (1.5, 1.5) is inside: pixel (1,1)=2
+    ([0, 0, 0.5, 0.5], 0.1),  # a centre on the edge counts: pixel (0,0)=1
+    ([2, 0, 4, 2], 0.0),  # off the diagonal
+    ([3, 3, 10, 10], 0.4),  # clipped by the image: pixel (3,3)=4
+])
+def test_energy_in_box_golden(box, expected):
+    np.testing.assert_allclose(energy_in_box(diagonal_cam(), [box]), [expected])
+
+
+def test_energy_in_box_per_detection_and_blank():
+    cams = np.concatenate([diagonal_cam(), np.zeros((1, 4, 4)), diagonal_cam()])
+    boxes = [[1, 1, 3, 3], [0, 0, 4, 4], [3, 3, 4, 4]]
+    np.testing.assert_allclose(energy_in_box(cams, boxes), [0.5, 0.0, 0.4])
+    assert energy_in_box(np.zeros((0, 5, 5)), np.zeros((0, 4))).shape == (0,)
+
+
+@pytest.mark.parametrize('cams, boxes, match', [
+    (np.ones((2, 4, 4)), [[0, 0, 1, 1]], 'same length'),
+    (np.ones((4, 4)), [[0, 0, 1, 1]], r'\(K, H, W\)'),
+    (np.ones((1, 4, 4)), [[0, 0, 1]], r'\(K, 4\)'),
+    (-np.ones((1, 4, 4)), [[0, 0, 1, 1]], 'non-negative'),
+    (np.full((1, 4, 4), np.nan), [[0, 0, 1, 1]], 'NaN'),
+])
+def test_energy_in_box_bad_input(cams, boxes, match):
+    with pytest.raises(ValueError, match=match):
+        energy_in_box(cams, boxes)
+
+
+def peak_cam(y, x, size=8):
+    cam = np.zeros((size, size))
+    cam[y, x] = 1.0
+    return cam
+
+
+def pointing_case():
+    """Three GT boxes and five detections (in score order) whose outcome is worked out by hand.
+
+    - D0 class 0 on G0 (IoU 1), peak (1, 1) inside G0: hit.
+    - D1 class 0, duplicate of D0: G0 is taken, G1 does not overlap: not counted.
+    - D2 class 0 on G1 (IoU 12/16 = 0.75), peak (0, 0) outside G1: miss.
+    - D3 class 1 on G2 (IoU 1), blank map: miss.
+    - D4 class 1 with no overlapping GT of its class: not counted.
+    """
+    gt_bboxes = [[0, 0, 4, 4], [4, 4, 8, 8], [0, 4, 4, 8]]
+    gt_labels = [0, 0, 1]
+    bboxes = [[0, 0, 4, 4], [0, 0, 4, 4], [4, 4, 8, 7], [0, 4, 4, 8], [4, 0, 8, 4]]
+    labels = [0, 0, 0, 1, 1]
+    cams = np.stack([peak_cam(1, 1), peak_cam(1, 1), peak_cam(0, 0), np.zeros((8, 8)),
+                     peak_cam(2, 6)])
+    return cams, bboxes, labels, gt_bboxes, gt_labels
+
+
+def test_pointing_game_golden():
+    assert pointing_game(*pointing_case()) == (1, 3)
+
+
+def test_pointing_game_iou_threshold():
+    # D2's IoU of 0.75 no longer matches; exactly at the threshold still does.
+    assert pointing_game(*pointing_case(), iou_thr=0.8) == (1, 2)
+    assert pointing_game(*pointing_case(), iou_thr=0.75) == (1, 3)
+
+
+def test_pointing_game_class_must_match():
+    cams, bboxes, _, gt_bboxes, gt_labels = pointing_case()
+    # All detections as class 2: no GT of that class, nothing counted.
+    assert pointing_game(cams, bboxes, [2] * 5, gt_bboxes, gt_labels) == (0, 0)
+
+
+def test_pointing_game_greedy_in_given_order():
+    # Two detections on one GT: only the first (highest score) is matched.
+    gt = [[0, 0, 4, 4]]
+    cams = np.stack([peak_cam(7, 7), peak_cam(1, 1)])
+    boxes = [[0, 0, 4, 4], [0, 0, 4, 4]]
+    assert pointing_game(cams, boxes, [0, 0], gt, [0]) == (0, 1)
+    assert pointing_game(cams[::-1], boxes, [0, 0], gt, [0]) == (1, 1)
+
+
+def test_pointing_game_peak_on_box_edge():
+    # Pixel (3, 3) has its centre (3.5, 3.5) inside [0, 3.5]; pixel (3, 4) does not.
+    gt = [[0, 0, 3.5, 3.5]]
+    assert pointing_game(peak_cam(3, 3)[None], gt, [0], gt, [0]) == (1, 1)
+    assert pointing_game(peak_cam(3, 4)[None], gt, [0], gt, [0]) == (0, 1)
+
+
+def test_pointing_game_empty_inputs():
+    assert pointing_game(np.zeros((0, 4, 4)), np.zeros((0, 4)), [], [[0, 0, 1, 1]], [0]) == (0, 0)
+    assert pointing_game(peak_cam(0, 0)[None], [[0, 0, 1, 1]], [0], np.zeros((0, 4)), []) \
+        == (0, 0)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(iou_thr=0), 'iou_thr'),
+    (dict(iou_thr=1.5), 'iou_thr'),
+    (dict(labels=[0, 0]), 'same length'),
+    (dict(gt_labels=[0]), 'same length'),
+])
+def test_pointing_game_bad_input(kwargs, match):
+    args = dict(cams=[peak_cam(0, 0)], bboxes=[[0, 0, 1, 1]], labels=[0],
+                gt_bboxes=[[0, 0, 1, 1], [1, 1, 2, 2]], gt_labels=[0, 0])
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        pointing_game(**args)
