@@ -130,10 +130,11 @@ def read(path):
 
 # ---------------------------------------------------------------------------------------------
 # Successful runs
-def test_help_lists_the_seed_options():
-    proc = subprocess.run([str(MMDET_CAM), '--help'], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    text = ' '.join(proc.stdout.split())
+def test_help_lists_the_seed_options(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(['--help'])
+    assert info.value.code == 0
+    text = ' '.join(capsys.readouterr().out.split())
     for option in ('--out-dir', '--method', '--target-layers', '--score-thr', '--topk',
                    '--device', '--renormalize', '--save-all', '--save-raw', '--list-layers',
                    '--trust-checkpoint', 'config', 'checkpoint', 'img'):
@@ -226,10 +227,11 @@ def test_glob_defaults_and_trusted_checkpoint(ws):
                                                 'b_gradcam.jpg', 'b_det0_eigencam.jpg'}
 
 
-def test_list_layers(ws):
-    proc = run(ws, 'yolox_nano_128.py', '--list-layers')
-    assert proc.returncode == 0, proc.stderr
-    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
+def test_list_layers(ws, capsys, monkeypatch):
+    monkeypatch.chdir(ws)
+    assert main(['yolox_nano_128.py', '--list-layers']) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
             if line and not line.startswith('#')}
     assert rows['layer'] == ['layer', 'type', 'output', 'shape', 'stride']
     # nano's neck has 64 channels; at 128 px input the levels are 16, 8 and 4 px.
@@ -238,46 +240,67 @@ def test_list_layers(ws):
     assert rows['neck.out_convs.2'][1:] == ['ConvModule', '1x64x4x4', '32']
     assert rows['bbox_head.multi_level_conv_obj.2'][2:] == ['1x1x4x4', '32']
     assert rows['backbone.stem'][2:] == ['1x16x64x64', '2']
-    assert 'input 1x3x128x128' in proc.stdout
+    assert 'input 1x3x128x128' in out
 
-
-def test_list_layers_in_process_with_all_positionals(ws, capsys):
-    """The form the engine's unknown-layer error suggests; the image is not read."""
-    assert main([str(ws / 'yolox_nano_128.py'), str(ws / 'yolox.pth'), 'unused.jpg',
-                 '--list-layers']) == 0
-    out = capsys.readouterr().out
-    assert 'neck.out_convs.2 ' in out and 'backbone.stage4 ' in out
+    # The form the engine's unknown-layer error suggests; the image is not read.
+    assert main(['yolox_nano_128.py', 'yolox.pth', 'unused.jpg', '--list-layers']) == 0
+    assert capsys.readouterr().out == out
 
 
 # ---------------------------------------------------------------------------------------------
-# User errors in a subprocess: one line on stderr, exit code 1, no traceback
-def test_no_detections(ws):
-    proc = run(ws, 'yolox_nano_128.py', 'yolox.pth', 'street.jpg', '--score-thr', '0.999',
-               '--out-dir', ws / 'out_none')
-    assert_user_error(proc, 'no detections', "'street.jpg'", 'lower --score-thr')
+# User errors: one line on stderr, exit code 1, no traceback. Those that need a patched
+# environment run in a subprocess, the others through main() in-process.
+def run_main(ws, capsys, *args):
+    """main() in ``ws``; returns the error line after checking exit code 1."""
+    cwd = os.getcwd()
+    os.chdir(ws)
+    try:
+        assert main([str(a) for a in args]) == 1
+    finally:
+        os.chdir(cwd)
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith('mmdet-cam: error: '), line
+    return line
+
+
+def test_no_detections(ws, capsys):
+    line = run_main(ws, capsys, 'yolox_nano_128.py', 'yolox.pth', 'street.jpg', '--score-thr',
+                    '0.999', '--out-dir', 'out_none')
+    assert 'no detections' in line and "'street.jpg'" in line and 'lower --score-thr' in line
     assert not (ws / 'out_none').exists()
 
 
-def test_unknown_layer(ws):
-    proc = run(ws, 'yolox_nano_128.py', 'yolox.pth', 'street.jpg', '--target-layers',
-               'neck.out_conv.2', '--out-dir', ws / 'out_bad_layer')
-    assert_user_error(proc, "'neck.out_conv.2'", 'neck.out_convs.2', '--list-layers')
+def test_unknown_layer(ws, capsys):
+    line = run_main(ws, capsys, 'yolox_nano_128.py', 'yolox.pth', 'street.jpg',
+                    '--target-layers', 'neck.out_conv.2')
+    assert "'neck.out_conv.2'" in line and "'neck.out_convs.2'" in line
+    assert '--list-layers' in line
 
 
-def test_unsafe_checkpoint_refused(ws):
-    proc = run(ws, 'yolox_nano_128.py', 'unsafe.pth', 'street.jpg')
-    assert_user_error(proc, 'unsafe.pth', 'datetime.date', '--trust-checkpoint')
+def test_layer_without_tensor_output(ws, capsys):
+    line = run_main(ws, capsys, 'yolox_nano_128.py', 'yolox.pth', 'street.jpg',
+                    '--target-layers', 'neck', '--out-dir', 'out_neck')
+    assert 'choose one of its submodules' in line
 
 
-def test_unreachable_url(ws):
-    proc = run(ws, 'yolox_nano_128.py', 'http://127.0.0.1:9/yolox_s.pth', 'street.jpg')
-    assert_user_error(proc, 'could not download', 'http://127.0.0.1:9/yolox_s.pth',
-                      'local path')
+def test_unsafe_checkpoint_refused(ws, capsys):
+    line = run_main(ws, capsys, 'yolox_nano_128.py', 'unsafe.pth', 'street.jpg')
+    assert 'unsafe.pth' in line and 'datetime.date' in line and '--trust-checkpoint' in line
 
 
-def test_cuda_device_without_cuda(ws):
-    proc = run(ws, 'yolox_nano_128.py', 'yolox.pth', 'street.jpg', '--device', 'cuda:0')
-    assert_user_error(proc, "'cuda:0'", 'CUDA is not available', '--device cpu')
+def test_unreachable_url(ws, capsys, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(ws / 'torch_home'))
+    line = run_main(ws, capsys, 'yolox_nano_128.py', 'http://127.0.0.1:9/yolox_s.pth',
+                    'street.jpg')
+    assert 'could not download' in line and 'http://127.0.0.1:9/yolox_s.pth' in line
+    assert 'local path' in line
+
+
+def test_cuda_device_without_cuda(ws, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    line = run_main(ws, capsys, 'yolox_nano_128.py', 'yolox.pth', 'street.jpg', '--device',
+                    'cuda:0')
+    assert "'cuda:0'" in line and 'CUDA is not available' in line and '--device cpu' in line
 
 
 def test_cuda_out_of_memory(ws):
@@ -368,10 +391,3 @@ def test_duplicate_stems(tmp_path, capsys):
         cv2.imwrite(str(tmp_path / name), shapes_image(40, 40, 0))
     assert main(['cfg.py', 'ckpt.pth', str(tmp_path)]) == 1
     assert "share the name 'x'" in error_line(capsys.readouterr().err)
-
-
-def test_layer_without_tensor_output(ws, capsys, monkeypatch):
-    monkeypatch.chdir(ws)
-    assert main(['yolox_nano_128.py', 'yolox.pth', 'street.jpg', '--target-layers', 'neck',
-                 '--out-dir', 'out_neck']) == 1
-    assert 'choose one of its submodules' in error_line(capsys.readouterr().err)

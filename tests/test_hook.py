@@ -36,8 +36,8 @@ DDP_TIMEOUT = 300
 
 @pytest.fixture(scope='module')
 def shapes(tmp_path_factory):
-    """8 training and 4 validation images (some non-square) in COCO format."""
-    return generate_shapes(tmp_path_factory.mktemp('data') / 'shapes', num_train=8, num_val=4,
+    """4 training and 2 validation images (some non-square) in COCO format."""
+    return generate_shapes(tmp_path_factory.mktemp('data') / 'shapes', num_train=4, num_val=2,
                            image_size=SIZE, seed=0)
 
 
@@ -56,8 +56,8 @@ def _dataset(data, split: str, pipeline: list) -> dict:
 def tiny_cfg(data, work_dir, *, hooks=(), backends=('LocalVisBackend', ), max_epochs=2,
              max_iters=None, name='run') -> Config:
     """mmdet's YOLOX-nano config (with its mode-switch, SyncNorm and EMA hooks) shrunk to a
-    96 px input, 3 classes, batches of 4 and a validation after every epoch (or every 2
-    iterations with ``max_iters``). The training pipeline flips at random, so anything that
+    96 px input, 3 classes, batches of 2 and a validation after every epoch (or every
+    iteration with ``max_iters``). The training pipeline flips at random, so anything that
     consumed the global numpy RNG would change the trained weights."""
     cfg = copy.deepcopy(_nano_cfg())
     cfg.work_dir = str(work_dir)
@@ -79,7 +79,7 @@ def tiny_cfg(data, work_dir, *, hooks=(), backends=('LocalVisBackend', ), max_ep
         pipeline=[dict(type='RandomFlip', prob=0.5),
                   dict(type='Resize', scale=(SIZE, SIZE), keep_ratio=True), pad,
                   dict(type='PackDetInputs')])
-    cfg.train_dataloader = dict(batch_size=4, num_workers=0, persistent_workers=False,
+    cfg.train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
                                 sampler=dict(type='DefaultSampler', shuffle=True),
                                 dataset=train_set)
     cfg.val_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
@@ -91,7 +91,7 @@ def tiny_cfg(data, work_dir, *, hooks=(), backends=('LocalVisBackend', ), max_ep
     if max_iters is None:
         cfg.train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs, val_interval=1)
     else:
-        cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=2)
+        cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=1)
         cfg.log_processor = dict(by_epoch=False)
     cfg.param_scheduler = None
     cfg.default_hooks.logger = dict(type='LoggerHook', interval=1)
@@ -121,84 +121,7 @@ def hooks_of(runner, cls):
     return [h for h in runner.hooks if isinstance(h, cls)]
 
 
-# --------------------------------------------------------------------------- TensorBoard, local
-
-
-def test_tensorboard_and_local_backends(shapes, tmp_path):
-    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook()],
-                   backends=('LocalVisBackend', 'TensorboardVisBackend'))
-    runner = Runner.from_cfg(cfg)
-    (hook, ) = hooks_of(runner, YOLOXGradCAMHook)
-    order = [type(h).__name__ for h in runner.hooks]
-    # Before EMAHook (49) in after_val_epoch: it explains the EMA weights that were evaluated.
-    assert order.index('YOLOXGradCAMHook') < order.index('EMAHook')
-    runner.train()
-    runner.test()
-
-    probes = hook._probes['val']
-    assert len(probes) == 2 and all(p.gt_bboxes is not None for p in probes)
-    names = {f'cam_val_{m}_{p.name}' for m in METHODS for p in probes}
-    assert all('/' not in n and '+' not in n for n in names)
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(log_dir(runner) / 'vis_data'),
-                              size_guidance={'images': 0, 'scalars': 0})
-    events.Reload()
-    tags = events.Tags()
-    assert names <= set(tags['images'])
-    for name in names:
-        images = events.Images(name)
-        assert [e.step for e in images] == [1, 2]  # one per validation, step = epoch
-        decoded = cv2.imdecode(np.frombuffer(images[-1].encoded_image_string, np.uint8),
-                               cv2.IMREAD_COLOR)
-        assert decoded.shape[:2] == (images[-1].height, images[-1].width)
-    for method in METHODS:
-        scalars = events.Scalars(f'cam_val/{method}_energy_in_box')
-        assert [s.step for s in scalars] == [1, 2]
-        assert all(0.0 <= s.value <= 1.0 for s in scalars)
-    # runner.test() after training: its own names, at the last epoch
-    for name in {f'cam_test_{m}_{p.name}' for m in METHODS for p in hook._probes['test']}:
-        assert [e.step for e in events.Images(name)] == [2]
-
-    vis_image = log_dir(runner) / 'vis_data' / 'vis_image'
-    for name in names:
-        for step in (1, 2):
-            png = cv2.imread(str(vis_image / f'{name}_{step}.png'))
-            assert png is not None and png.shape[0] > SIZE and png.shape[1] > 3 * SIZE
-    scalars = [json.loads(line) for line in
-               (log_dir(runner) / 'vis_data' / 'scalars.json').read_text().splitlines()]
-    logged = {k for row in scalars for k in row}
-    assert {f'cam_val/{m}_energy_in_box' for m in METHODS} <= logged
-
-
-def _saturated_hues(image: np.ndarray) -> np.ndarray:
-    hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
-    return hsv[..., 0][(hsv[..., 1] > 80) & (hsv[..., 2] > 60)]
-
-
-def test_local_png_shows_a_heat_map(shapes, tmp_path):
-    """A grey probe image has no colour of its own, so colour in its panel is the JET map (and
-    the green boxes): blue for low values and red/yellow for the peaks must both be there."""
-    grey = tmp_path / 'grey.png'
-    rng = np.random.default_rng(0)
-    cv2.imwrite(str(grey), rng.integers(100, 156, (72, SIZE, 3), np.uint8).mean(
-        axis=2, keepdims=True).repeat(3, axis=2).astype(np.uint8))
-    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(probe_images=[str(grey)],
-                                                     methods='hirescam')], max_epochs=1)
-    runner = Runner.from_cfg(cfg)
-    runner.train()
-    png = cv2.imread(str(log_dir(runner) / 'vis_data' / 'vis_image' /
-                         'cam_val_hirescam_00_grey_1.png'))
-    assert png is not None
-    hues = _saturated_hues(png)
-    assert hues.size > 0.2 * png.shape[0] * png.shape[1]
-    blue = ((hues >= 100) & (hues <= 130)).mean()
-    warm = ((hues <= 35) | (hues >= 170)).mean()
-    assert blue > 0.05 and warm > 0.01, (blue, warm)
-
-
-# --------------------------------------------------------------------------- never alters training
+# --------------------------------------------------------------------------- one training, twice
 
 
 class StateSpy(Hook):
@@ -227,66 +150,137 @@ class StateSpy(Hook):
         ))
 
 
-def _assert_same_state(before, after):
-    assert before['training'] == after['training']
-    assert before['hooks'] == after['hooks']
-    assert before['grad_enabled'] == after['grad_enabled']
-    assert all(a is None and b is None or torch.equal(a, b)
-               for a, b in zip(before['grads'], after['grads']))
-    assert torch.equal(before['torch_rng'], after['torch_rng'])
-    assert before['python_rng'] == after['python_rng']
-    b_np, a_np = before['numpy_rng'], after['numpy_rng']
-    assert b_np[0] == a_np[0] and np.array_equal(b_np[1], a_np[1]) and b_np[2:] == a_np[2:]
-    assert all(torch.equal(a, b) for a, b in zip(before['params'], after['params']))
-
-
 def _final_weights(runner):
     (ema, ) = [h for h in runner.hooks if type(h).__name__ == 'EMAHook']
-    return {**unwrap(runner.model).state_dict(),
-            **{f'ema.{k}': v for k, v in ema.ema_model.state_dict().items()}}
+    return {**{k: v.clone() for k, v in unwrap(runner.model).state_dict().items()},
+            **{f'ema.{k}': v.clone() for k, v in ema.ema_model.state_dict().items()}}
 
 
-def test_training_is_bit_identical_and_state_is_restored(shapes, tmp_path):
-    runs = {}
-    spies = (StateSpy(priority=47, make_train=True), StateSpy(priority=48))
+@pytest.fixture(scope='module')
+def runs(shapes, tmp_path_factory):
+    """The same 2-epoch training with and without CAM hooks (state spies in both), then a test
+    run on the trained runner with the hooks. Two CAM hooks: one on dataset probes (GT known),
+    one on a grey image whose only colour in the panel is the heat map."""
+    root = tmp_path_factory.mktemp('runs')
+    grey = root / 'grey.png'
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(grey), rng.integers(100, 156, (72, SIZE), np.uint8)[..., None].repeat(3, 2))
+    out = {}
     for with_hook in (False, True):
-        cfg = tiny_cfg(shapes, tmp_path / str(with_hook), hooks=[cam_hook()] if with_hook else [],
-                       name=f'run{with_hook}')
+        hooks = [cam_hook(), cam_hook(probe_images=str(grey), methods='layercam')]
+        cfg = tiny_cfg(shapes, root / f'hook{with_hook}', hooks=hooks if with_hook else [],
+                       backends=('LocalVisBackend', 'TensorboardVisBackend'),
+                       name=f'hook{with_hook}')
         runner = Runner.from_cfg(cfg)
-        if with_hook:
-            for spy in spies:  # instances, registered after the CAM hook (same priority: later)
-                runner.register_hook(spy)
+        spies = (StateSpy(priority=47, make_train=True), StateSpy(priority=48))
+        for spy in spies:  # registered after the CAM hooks: same priority 48 runs later
+            runner.register_hook(spy)
         runner.train()
-        runs[with_hook] = _final_weights(runner)
+        weights = _final_weights(runner)
         if with_hook:
-            (hook, ) = hooks_of(runner, YOLOXGradCAMHook)
-            assert hook._engine is not None  # it did run
-            pngs = list((log_dir(runner) / 'vis_data' / 'vis_image').glob('cam_val_*.png'))
-            assert len(pngs) == 2 * len(METHODS) * 2  # probes x methods x validations
+            runner.test()
+        out[with_hook] = dict(runner=runner, spies=spies, weights=weights)
+    return out
 
-    assert runs[False].keys() == runs[True].keys()
-    for key, value in runs[False].items():
-        assert torch.equal(value, runs[True][key]), key
 
-    before, after = spies
+def test_training_is_bit_identical_with_and_without_the_hook(runs):
+    without, with_hook = runs[False]['weights'], runs[True]['weights']
+    assert without.keys() == with_hook.keys()
+    for key, value in without.items():
+        assert torch.equal(value, with_hook[key]), key
+
+
+def test_state_after_the_hook_is_as_before(runs):
+    runner = runs[True]['runner']
+    assert all(h._engine is not None for h in hooks_of(runner, YOLOXGradCAMHook))  # they ran
+    before, after = runs[True]['spies']
     assert len(before.states) == len(after.states) == 2
     for b, a in zip(before.states, after.states):
-        _assert_same_state(b, a)
-        assert all(a['training']) and all(g is None for g in a['grads'])
+        assert b['training'] == a['training'] and all(a['training'])
+        assert b['hooks'] == a['hooks']
+        assert b['grad_enabled'] == a['grad_enabled']
+        assert all(g is None for g in b['grads'] + a['grads'])
+        assert torch.equal(b['torch_rng'], a['torch_rng'])
+        assert b['python_rng'] == a['python_rng']
+        b_np, a_np = b['numpy_rng'], a['numpy_rng']
+        assert b_np[0] == a_np[0] and np.array_equal(b_np[1], a_np[1]) and b_np[2:] == a_np[2:]
+        assert all(torch.equal(x, y) for x, y in zip(b['params'], a['params']))
+
+
+def test_runs_before_ema_hook_swaps_weights_back(runs):
+    order = [type(h).__name__ for h in runs[True]['runner'].hooks]
+    # In after_val_epoch, before EMAHook (49): it explains the EMA weights that were evaluated.
+    assert order.index('YOLOXGradCAMHook') < order.index('EMAHook')
+
+
+def test_tensorboard_images_and_scalars(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runner = runs[True]['runner']
+    hook = hooks_of(runner, YOLOXGradCAMHook)[0]
+    probes = hook._probes['val']
+    assert len(probes) == 2 and all(p.gt_bboxes is not None for p in probes)
+    names = {f'cam_val_{m}_{p.name}' for m in METHODS for p in probes}
+    assert all('/' not in n and '+' not in n for n in names)
+
+    events = EventAccumulator(str(log_dir(runner) / 'vis_data'),
+                              size_guidance={'images': 0, 'scalars': 0})
+    events.Reload()
+    assert names <= set(events.Tags()['images'])
+    for name in names:
+        images = events.Images(name)
+        assert [e.step for e in images] == [1, 2]  # one per validation, step = epoch
+        decoded = cv2.imdecode(np.frombuffer(images[-1].encoded_image_string, np.uint8),
+                               cv2.IMREAD_COLOR)
+        assert decoded.shape[:2] == (images[-1].height, images[-1].width)
+    # runner.test() after training: its own names, at the last epoch
+    for name in {f'cam_test_{m}_{p.name}' for m in METHODS for p in hook._probes['test']}:
+        assert [e.step for e in events.Images(name)] == [2]
+    for method in METHODS:
+        scalars = events.Scalars(f'cam_val/{method}_energy_in_box')
+        assert [s.step for s in scalars] == [1, 2]
+        assert all(0.0 <= s.value <= 1.0 for s in scalars)
+
+
+def test_local_pngs_and_scalars(runs):
+    runner = runs[True]['runner']
+    vis_data = log_dir(runner) / 'vis_data'
+    probes = hooks_of(runner, YOLOXGradCAMHook)[0]._probes['val']
+    for name in (f'cam_val_{m}_{p.name}' for m in METHODS for p in probes):
+        for step in (1, 2):
+            png = cv2.imread(str(vis_data / 'vis_image' / f'{name}_{step}.png'))
+            assert png is not None and png.shape[0] > SIZE and png.shape[1] > 3 * SIZE
+    rows = [json.loads(line) for line in (vis_data / 'scalars.json').read_text().splitlines()]
+    logged = {k for row in rows for k in row}
+    assert {f'cam_val/{m}_energy_in_box' for m in [*METHODS, 'layercam']} <= logged
+
+
+def test_local_png_shows_a_heat_map(runs):
+    """The grey probe has no colour of its own, so colour in its panel is the JET map (and the
+    green boxes): blue for low values and red/yellow for the peaks must both be there."""
+    path = log_dir(runs[True]['runner']) / 'vis_data' / 'vis_image' / 'cam_val_layercam_00_grey_2.png'
+    png = cv2.imread(str(path))
+    assert png is not None
+    hsv = cv2.cvtColor(png, cv2.COLOR_BGR2HSV)
+    hues = hsv[..., 0][(hsv[..., 1] > 80) & (hsv[..., 2] > 60)]
+    assert hues.size > 0.2 * png.shape[0] * png.shape[1]
+    blue = ((hues >= 100) & (hues <= 130)).mean()
+    warm = ((hues <= 35) | (hues >= 170)).mean()
+    assert blue > 0.05 and warm > 0.01, (blue, warm)
 
 
 # --------------------------------------------------------------------------- steps, interval
 
 
 def test_iteration_based_steps_and_interval(shapes, tmp_path):
-    """Validations at iterations 2, 4, 6; interval=2 draws the 2nd and the last one."""
-    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(interval=2, methods='gradcam',
-                                                     probe_images=[3])], max_iters=6)
+    """Validations after iterations 1 to 4; interval=3 draws the 3rd and the last one."""
+    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(interval=3, methods='gradcam',
+                                                     probe_images=[1])], max_iters=4)
     runner = Runner.from_cfg(cfg)
     runner.train()
     pngs = sorted(p.name for p in (log_dir(runner) / 'vis_data' / 'vis_image').glob('cam_*'))
     (probe, ) = hooks_of(runner, YOLOXGradCAMHook)[0]._probes['val']
-    assert pngs == [f'cam_val_gradcam_{probe.name}_{step}.png' for step in (4, 6)]
+    assert pngs == [f'cam_val_gradcam_{probe.name}_{step}.png' for step in (3, 4)]
 
 
 def test_test_only_run_uses_step_0_and_builds_no_train_loop(shapes, tmp_path):
@@ -374,8 +368,8 @@ def test_probe_folder(tmp_path):
 @pytest.mark.parametrize('kwargs, match', [
     (dict(target_layers='neck.out_conv.0'), r"unknown target layer 'neck.out_conv.0'.*"
      r"neck.out_convs.0"),
-    (dict(probe_images=[1, 4]), r'`probe_images` indices \[4\] are out of range for the val '
-     r'dataset of 4 images'),
+    (dict(probe_images=[1, 2]), r'`probe_images` indices \[2\] are out of range for the val '
+     r'dataset of 2 images'),
 ])
 def test_model_and_data_mistakes_fail_before_training(shapes, tmp_path, kwargs, match):
     runner = Runner.from_cfg(tiny_cfg(shapes, tmp_path, hooks=[cam_hook(**kwargs)]))
