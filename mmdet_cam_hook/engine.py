@@ -10,7 +10,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -221,18 +221,19 @@ class CAMEngine:
             need_grad = any(METHODS[m].uses_gradients for m in methods)
             plan = self._plan(need_grad)
             acts: Dict[str, torch.Tensor] = {}
-            with self._capture(acts), torch.set_grad_enabled(plan['general'] != []):
-                if plan['general']:
+            with self._capture(acts), torch.set_grad_enabled(bool(plan['graph'])):
+                if plan['graph']:
                     inputs = inputs.detach().requires_grad_(True)
-                outs = model.bbox_head(model.extract_feat(inputs))
+                feats = model.extract_feat(inputs)
+                outs = model.bbox_head(feats)
             with torch.no_grad():
                 dets = decode(model.bbox_head, outs, metainfo, self.score_thr)
             if self.topk is not None:
                 dets = dets.select(slice(0, self.topk))
+            fwd = _Forward(feats, outs, acts, tuple(inputs.shape[-2:]))
             with torch.enable_grad():
-                input_maps, used = self._maps(methods, dets, outs, acts, plan,
-                                              tuple(inputs.shape[-2:]))
-            del outs, acts
+                input_maps, used = self._maps(methods, dets, fwd, plan)
+            del fwd, feats, outs, acts
         return {
             m: self._result(m, img, dets, input_maps[m], used, letterbox, renormalize)
             for m in methods
@@ -240,15 +241,27 @@ class CAMEngine:
 
     # ----------------------------------------------------------------------------------------
     def _plan(self, need_grad: bool) -> dict:
-        """Which layers get their gradient from the local-window shortcut (neck outputs) and
-        which need the graph of a full forward pass."""
-        fast, general = [], []
+        """How each layer gets its per-detection gradients.
+
+        - ``local``: the neck outputs. The score's gradient there comes from the local-window
+          shortcut (:class:`LocalHeadGradient`), no backward through the head at all.
+        - ``chain``: layers upstream of the neck outputs (backbone, neck). The local gradient at
+          the detection's neck output is pulled back through the neck with one vector-Jacobian
+          product per detection, skipping the head's backward.
+        - ``score``: anything else (layers inside the head): one backward from each score.
+        """
+        plan = dict(local=[], chain=[], score=[])
         for name, module in self.layers:
             if id(module) in self._neck_level and self.local_grad.available:
-                fast.append(name)
-            elif need_grad:
-                general.append(name)
-        return dict(fast=fast, general=general)
+                plan['local'].append(name)
+            elif not need_grad:
+                continue
+            elif self.local_grad.available and name.split('.')[0] in ('backbone', 'neck'):
+                plan['chain'].append(name)
+            else:
+                plan['score'].append(name)
+        plan['graph'] = plan['chain'] + plan['score']
+        return plan
 
     @contextlib.contextmanager
     def _capture(self, acts: Dict[str, torch.Tensor]) -> Iterator[None]:
@@ -278,14 +291,14 @@ class CAMEngine:
             return [self.level_layers[level]]
         return self.layer_names
 
-    def _maps(self, methods, dets: Detections, outs, acts, plan,
-              input_hw) -> Tuple[Dict[str, np.ndarray], List[List[str]]]:
+    def _maps(self, methods, dets: Detections, fwd: '_Forward',
+              plan: dict) -> Tuple[Dict[str, np.ndarray], List[List[str]]]:
         num = len(dets)
-        maps = {m: np.zeros((num, *input_hw), np.float32) for m in methods}
+        maps = {m: np.zeros((num, *fwd.input_hw), np.float32) for m in methods}
         used = [self._layers_for(int(lv)) for lv in dets.levels.tolist()]
         if num == 0:
             return maps, used
-        modules = dict(self.layers)
+        need_grad = any(METHODS[m].uses_gradients for m in methods)
         groups = sorted(set(dets.levels.tolist())) if self.level_aware else [None]
         no_path: Dict[str, List[int]] = {}
         for level in groups:
@@ -295,50 +308,59 @@ class CAMEngine:
             for start in range(0, len(idx_all), _CHUNK):
                 idx = idx_all[start:start + _CHUNK]
                 sub = dets.select(idx.to(dets.levels.device))
-                grads = self._grads(names, sub, outs, acts, plan, modules, no_path) \
-                    if any(METHODS[m].uses_gradients for m in methods) else {}
+                grads = self._grads(names, sub, fwd, plan, no_path) if need_grad else {}
                 for m in methods:
                     per_layer = [
-                        self.math.layer_maps(m, acts[n],
+                        self.math.layer_maps(m, fwd.acts[n],
                                              grads[n] if METHODS[m].uses_gradients else None,
-                                             input_hw, len(sub)) for n in names
+                                             fwd.input_hw, len(sub)) for n in names
                     ]
                     maps[m][idx.numpy()] = self.math.aggregate(m, per_layer)
-        if no_path and any(METHODS[m].uses_gradients for m in methods):
-            self._warn_no_path(no_path, dets)
+        if no_path and need_grad:
+            self._warn_no_path(no_path)
         return maps, used
 
-    def _grads(self, names, sub: Detections, outs, acts, plan, modules, no_path):
+    def _grads(self, names: List[str], sub: Detections, fwd: '_Forward', plan: dict,
+               no_path: Dict[str, List[int]]) -> Dict[str, torch.Tensor]:
+        """Gradient of each detection's score w.r.t. each layer, (K, C, h, w) per layer."""
+        local: Dict[int, torch.Tensor] = {}
+
+        def local_at(level: int) -> torch.Tensor:
+            # d score / d neck output of ``level`` for the detections on that level
+            if level not in local:
+                on = (sub.levels == level).nonzero()[:, 0]
+                local[level] = self.local_grad(fwd.feats[level], level, sub.select(on))
+            return local[level]
+
+        levels = sub.levels.tolist()
         grads = {}
-        scores = None
         for name in names:
-            act = acts[name]
-            if name in plan['fast']:
-                level = self._neck_level[id(modules[name])]
-                grad = torch.zeros((len(sub), *act.shape[1:]), dtype=act.dtype, device=act.device)
-                on_level = (sub.levels == level).nonzero()[:, 0]
-                if len(on_level):
-                    grad[on_level] = self.local_grad(act, level, sub.select(on_level))
-                off = (sub.levels != level).nonzero()[:, 0].tolist()
-                if off:
-                    no_path.setdefault(name, []).extend(
-                        int(sub.levels[i]) for i in off)
-                grads[name] = grad
-            elif name in plan['general']:
-                if scores is None:
-                    scores = detection_scores(outs, sub)
-                rows = []
-                for k, score in enumerate(scores):
-                    (g, ) = torch.autograd.grad(score, [act], retain_graph=True,
-                                                allow_unused=True)
-                    if g is None:
-                        no_path.setdefault(name, []).append(int(sub.levels[k]))
-                        g = torch.zeros_like(act)
-                    rows.append(g)
-                grads[name] = torch.cat(rows)
+            act = fwd.acts[name]
+            rows = [None] * len(sub)
+            if name in plan['local']:
+                own = self._neck_level[id(dict(self.layers)[name])]
+                on = [k for k, lv in enumerate(levels) if lv == own]
+                for k, g in zip(on, local_at(own) if on else []):
+                    rows[k] = g[None]
+            elif name in plan['chain']:
+                seen: Dict[int, int] = {}
+                for k, lv in enumerate(levels):
+                    v = local_at(lv)[seen.setdefault(lv, 0)][None]
+                    seen[lv] += 1
+                    rows[k] = torch.autograd.grad(fwd.feats[lv], [act], grad_outputs=v,
+                                                  retain_graph=True, allow_unused=True)[0]
+            else:
+                for k, score in enumerate(detection_scores(fwd.outs, sub)):
+                    rows[k] = torch.autograd.grad(score, [act], retain_graph=True,
+                                                  allow_unused=True)[0]
+            for k, row in enumerate(rows):
+                if row is None:
+                    no_path.setdefault(name, []).append(levels[k])
+                    rows[k] = torch.zeros_like(act)
+            grads[name] = torch.cat(rows)
         return grads
 
-    def _warn_no_path(self, no_path: Dict[str, List[int]], dets: Detections) -> None:
+    def _warn_no_path(self, no_path: Dict[str, List[int]]) -> None:
         strides = self.model.bbox_head.prior_generator.strides
         for name, levels in no_path.items():
             own = neck_level(self.model, name)
@@ -370,6 +392,15 @@ class CAMEngine:
             image=img,
             input_cams=input_maps,
             letterbox=letterbox)
+
+
+class _Forward(NamedTuple):
+    """What one forward pass leaves for the gradient work."""
+
+    feats: Tuple[torch.Tensor, ...]  # neck outputs, one per level
+    outs: Tuple[List[torch.Tensor], ...]  # head outputs (cls, bbox, obj)
+    acts: Dict[str, torch.Tensor]  # target-layer outputs
+    input_hw: Tuple[int, int]
 
 
 def renormalize_in_boxes(cams: np.ndarray, bboxes: np.ndarray) -> np.ndarray:
