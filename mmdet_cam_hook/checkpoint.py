@@ -307,7 +307,8 @@ def init_model(config, checkpoint: Optional[PathLike] = None, device: str = 'cpu
     ``metainfo``, else COCO's class names when the head has 80 classes, else ``'0', '1', ...``.
 
     Args:
-        config (str | PathLike | mmengine.Config): The model config.
+        config (str | PathLike | mmengine.Config): The model config: a file, a package path
+            such as ``mmdet::yolox/yolox_s_8xb8-300e_coco.py``, or a loaded config.
         checkpoint (str | PathLike, optional): Local file or http(s) URL. Defaults to None
             (random weights).
         device (str): Device to put the model on. Defaults to 'cpu'.
@@ -318,15 +319,24 @@ def init_model(config, checkpoint: Optional[PathLike] = None, device: str = 'cpu
 
     Raises:
         FileNotFoundError: If the config or checkpoint file does not exist.
+        ValueError: If the config file cannot be parsed.
         CheckpointError: See :func:`load_checkpoint` and :func:`load_weights`.
     """
     from mmdet.apis import init_detector
     from mmengine.config import Config
 
     if not isinstance(config, Config):
-        if not os.path.isfile(config):
-            raise FileNotFoundError(f'config {os.fspath(config)!r} does not exist')
-        config = Config.fromfile(config)
+        name = os.fspath(config)
+        if '::' not in name and not os.path.isfile(name):  # 'mmdet::yolox/...' is a package path
+            raise FileNotFoundError(f'config {name!r} does not exist')
+        try:
+            config = Config.fromfile(name)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f'config {name!r}: {exc}') from exc
+        except (SyntaxError, NameError, KeyError, AttributeError, TypeError, ValueError,
+                ImportError) as exc:
+            raise ValueError(f'config {name!r} could not be read: {type(exc).__name__}: '
+                             f'{exc}') from exc
     ckpt = None
     if checkpoint is not None:
         ckpt = load_checkpoint(checkpoint, map_location='cpu', trusted=trusted)

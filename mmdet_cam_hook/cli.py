@@ -90,7 +90,8 @@ def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
         '{stem}_original.jpg, {stem}_detection.jpg and {stem}_panel.jpg; --save-raw adds '
         '{stem}_{method}.npz. Grad-CAM averages gradients over the whole map, so it may also '
         'light up other objects of the same class; hirescam and layercam stay on the instance.')
-    parser.add_argument('config', help='Path to model config file')
+    parser.add_argument('config', help='Path to model config file (or a package path such as '
+                        'mmdet::yolox/yolox_s_8xb8-300e_coco.py)')
     parser.add_argument('checkpoint', nargs='?',
                         help='Path or http(s) URL to checkpoint file (required unless '
                         '--list-layers)')
@@ -367,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = init_model(args.config, args.checkpoint, device=args.device,
                            trusted=args.trust_checkpoint)
-    except (CheckpointError, FileNotFoundError) as exc:
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from exc
     if args.list_layers:
         sys.stdout.write(layer_table(model))
@@ -408,8 +409,9 @@ def run(args: argparse.Namespace) -> int:
     done = len(images) - len(unreadable) - len(empty)
     if done == 0 and empty:
         where = repr(str(images[0])) if len(images) == 1 else f'any of the {len(images)} images'
-        raise UserError(f'no detections with score >= {args.score_thr:g} in {where}; try a '
-                        f'lower --score-thr, e.g. --score-thr {min(0.1, args.score_thr / 3):.2g}')
+        hint = (f'; try a lower --score-thr, e.g. --score-thr {min(0.1, args.score_thr / 3):.2g}'
+                if args.score_thr > 0 else '')
+        raise UserError(f'no detections with score >= {args.score_thr:g} in {where}{hint}')
     logger.info('%s: %d file(s) for %d image(s) in %s', args.method, len(written), done, out_dir)
     if unreadable:
         logger.error('%d of %d images could not be read', len(unreadable), len(images))

@@ -185,7 +185,7 @@ def run_demo(work_dir: str | os.PathLike = 'work_dirs/demo',
              data_root: str | os.PathLike = 'data/shapes', num_train: int = 400,
              num_val: int = 100, seed: int = 0, epochs: int | None = None,
              val_interval: int | None = None, config: str | os.PathLike = DEFAULT_CONFIG,
-             cfg_options: dict | None = None) -> DemoResult:
+             cfg_options: dict | None = None, threads: int | None = None) -> DemoResult:
     """Generate the data if needed, train the demo config on the CPU and collect the results.
 
     Args:
@@ -199,6 +199,9 @@ def run_demo(work_dir: str | os.PathLike = 'work_dirs/demo',
         val_interval: Validate every this many epochs. Defaults to None (the config's).
         config: The config file. Defaults to :data:`DEFAULT_CONFIG`.
         cfg_options: Config overrides merged last. Defaults to None.
+        threads: Torch CPU threads for the training, restored afterwards. On a machine busy
+            with other work, 1 can be several times faster than the default (one per core),
+            whose threads then wait for each other. Defaults to None (torch's default).
 
     Returns:
         DemoResult: Where the results are and the numbers of every validation.
@@ -209,16 +212,24 @@ def run_demo(work_dir: str | os.PathLike = 'work_dirs/demo',
         TypeError: If a count is not an int.
         ValueError: If a count is out of range.
     """
+    import torch
     from mmengine.runner import Runner
 
+    _check_positive('threads', threads)
     data = ensure_shapes(data_root, num_train=num_train, num_val=num_val, seed=seed)
     cfg = demo_config(data, work_dir, config=config, epochs=epochs, val_interval=val_interval,
                       cfg_options=cfg_options)
     cfg.launcher = 'none'
     runner = Runner.from_cfg(cfg)
-    start = time.perf_counter()
-    runner.train()
-    seconds = time.perf_counter() - start
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        start = time.perf_counter()
+        runner.train()
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(old_threads)
 
     log_dir = Path(runner.log_dir)
     vis_dir = log_dir / 'vis_data'
@@ -325,6 +336,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="training epochs; rescales the LR schedule (default: the config's)")
     parser.add_argument('--val-interval', type=_positive_int, default=None,
                         help="validate every N epochs (default: the config's)")
+    parser.add_argument('--threads', type=_positive_int, default=None,
+                        help='torch CPU threads (default: one per core); 1 is faster when '
+                        'other programs keep the cores busy')
     parser.add_argument('--config', default=str(DEFAULT_CONFIG),
                         help='demo config (default: configs/demo/yolox_nano_shapes_gradcam.py)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
@@ -338,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run_demo(work_dir=args.work_dir, data_root=args.data_root,
                       num_train=args.num_train, num_val=args.num_val, seed=args.seed,
                       epochs=args.epochs, val_interval=args.val_interval, config=args.config,
-                      cfg_options=args.cfg_options)
+                      cfg_options=args.cfg_options, threads=args.threads)
     print(summary(result))
     return 0
 

@@ -323,14 +323,16 @@ class YOLOXGradCAMHook(Hook):
         """Main process only; a failure is a warning (with traceback) unless ``strict``."""
         if not is_main_process():
             return
+        step = self._step(runner)
         try:
-            self._explain_probes(runner, mode)
+            self._explain_probes(runner, mode, step)
         except Exception:  # noqa: BLE001 - an optional visualisation must not stop training
             if self.strict:
                 raise
+            # The step keeps the message unique: MMLogger drops repeated warnings.
             runner.logger.warning(
-                f'YOLOXGradCAMHook failed after {mode} and logged nothing this time; training '
-                'continues (set strict=True to raise instead):\n' + traceback.format_exc())
+                f'YOLOXGradCAMHook failed after {mode} at step {step} and logged nothing for it; '
+                'training continues (strict=True raises instead):\n' + traceback.format_exc())
 
     def _get_engine(self, runner) -> CAMEngine:
         if self._engine is None:
@@ -358,12 +360,11 @@ class YOLOXGradCAMHook(Hook):
                 return list(meta['classes'])
         return None
 
-    def _explain_probes(self, runner, mode: str) -> None:
+    def _explain_probes(self, runner, mode: str, step: int) -> None:
         start = time.perf_counter()
         engine = self._get_engine(runner)
         probes = self._get_probes(runner, mode)
         class_names = self._class_names(runner, mode)
-        step = self._step(runner)
         energies: Dict[str, List[float]] = {m: [] for m in self.methods}
         points = {m: [0, 0] for m in self.methods}
         device = next(engine.model.parameters()).device

@@ -7,6 +7,8 @@ boxes that is the slice ``cam[y1:y2, x1:x2]``.
 """
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 
@@ -104,7 +106,7 @@ def pointing_game(cams, bboxes, labels, gt_bboxes, gt_labels,
         ValueError: If the shapes disagree, a map has negative or NaN values, or ``iou_thr`` is
             outside ``(0, 1]``.
     """
-    if isinstance(iou_thr, bool) or not isinstance(iou_thr, (int, float)) \
+    if isinstance(iou_thr, bool) or not isinstance(iou_thr, numbers.Real) \
             or not 0 < iou_thr <= 1:
         raise ValueError(f'`iou_thr` must be a number in (0, 1], got {iou_thr!r}')
     cams = _check_cams(cams)

@@ -9,6 +9,7 @@ Boxes are ``x1, y1, x2, y2`` in pixels: pixel column ``x`` covers ``[x, x + 1)``
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence
 
 import cv2
@@ -76,7 +77,7 @@ def overlay_cam(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.nd
         raise TypeError(f'`cam` must be a numpy array, got {type(cam).__name__}')
     if cam.shape != image.shape[:2]:
         raise ValueError(f'`cam` must have the image size {image.shape[:2]}, got {cam.shape}')
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
         raise ValueError(f'`alpha` must be a number in [0, 1], got {alpha!r}')
     cam = np.clip(np.nan_to_num(cam.astype(np.float32), nan=0.0), 0.0, 1.0)
     heat = cv2.applyColorMap(np.round(cam * 255).astype(np.uint8), cv2.COLORMAP_JET)
@@ -237,11 +238,11 @@ def render_panel(result,
         ValueError: If ``max_detections`` or ``max_size`` is invalid, or the result's arrays
             disagree in shape.
     """
-    if isinstance(max_detections, bool) or not isinstance(max_detections, int) \
+    if isinstance(max_detections, bool) or not isinstance(max_detections, numbers.Integral) \
             or max_detections < 0:
         raise ValueError(f'`max_detections` must be an int >= 0, got {max_detections!r}')
-    if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int)
-                                 or max_size < 1):
+    if max_size is not None and (isinstance(max_size, bool)
+                                 or not isinstance(max_size, numbers.Integral) or max_size < 1):
         raise ValueError(f'`max_size` must be None or an int >= 1, got {max_size!r}')
     image = result.image
     _check_image(image, 'result.image')
@@ -276,7 +277,7 @@ def render_panel(result,
         _captioned(dets, det_caption),
         _captioned(combined, f'{result.method}: combined'),
     ]
-    for k in range(min(max_detections, len(bboxes))):
+    for k in range(min(int(max_detections), len(bboxes))):
         tile = overlay_cam(base, grow(cams[k].astype(np.float32)))
         _draw_boxes(tile, boxes[k:k + 1], DET_COLOR, thickness)
         name = _class_name(int(result.labels[k]), class_names)
@@ -284,7 +285,7 @@ def render_panel(result,
     panel = _grid(tiles, PANEL_COLUMNS)
     if max_size is not None and max(panel.shape[:2]) > max_size:
         factor = max_size / max(panel.shape[:2])
-        panel = cv2.resize(panel, (max(1, int(panel.shape[1] * factor)),
-                                   max(1, int(panel.shape[0] * factor))),
+        panel = cv2.resize(panel, (max(1, round(panel.shape[1] * factor)),
+                                   max(1, round(panel.shape[0] * factor))),
                            interpolation=cv2.INTER_AREA)
     return panel

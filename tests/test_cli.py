@@ -94,6 +94,7 @@ def ws(tmp_path_factory):
     cv2.imwrite(str(many / 'c.bmp'), shapes_image(80, 120, 3))
     (many / 'broken.jpg').write_bytes(b'not an image')
     (many / 'notes.txt').write_text('not an image either')
+    (root / 'broken_config.py').write_text('model = dict(\n')
     from mmengine.registry import DefaultScope
     DefaultScope._instance_dict.clear()
     return root
@@ -364,6 +365,8 @@ def test_bad_options(ws, capsys, monkeypatch, args, needles):
 
 @pytest.mark.parametrize('config, checkpoint, img, needles', [
     ('missing.py', 'yolox.pth', 'street.jpg', ["config 'missing.py' does not exist"]),
+    ('broken_config.py', 'yolox.pth', 'street.jpg', ["config 'broken_config.py' could not be "
+                                                     'read: SyntaxError']),
     ('yolox_nano_128.py', 'missing.pth', 'street.jpg', ["checkpoint 'missing.pth' does not"]),
     ('yolox_nano_128.py', 'yolox.pth', 'missing.jpg', ["image 'missing.jpg' does not exist"]),
     ('yolox_nano_128.py', 'yolox.pth', 'torch_home', ["folder 'torch_home' has no images",
@@ -374,7 +377,7 @@ def test_bad_options(ws, capsys, monkeypatch, args, needles):
                                                         'missing key(s)',
                                                         'multi_level_conv_cls.2']),
     ('yolox_nano_128.py', 's3://bucket/yolox.pth', 'street.jpg', ['only local paths']),
-], ids=['config', 'checkpoint', 'image', 'empty-folder', 'glob', 'unreadable',
+], ids=['config', 'config-syntax', 'checkpoint', 'image', 'empty-folder', 'glob', 'unreadable',
         'checkpoint-mismatch', 'scheme'])
 def test_bad_inputs(ws, capsys, monkeypatch, config, checkpoint, img, needles):
     monkeypatch.chdir(ws)

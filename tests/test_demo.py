@@ -21,25 +21,6 @@ from mmdet_cam_hook.shapes import CLASSES, ensure_shapes, generate_shapes
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
-@pytest.fixture
-def clean_mmengine_globals():
-    """Drop the MMEngine singletons (visualizer, logger, message hub, scope) a runner creates."""
-    from mmengine.logging import MessageHub, MMLogger
-    from mmengine.registry import DefaultScope
-    from mmengine.visualization import Visualizer
-
-    classes = (Visualizer, MMLogger, MessageHub, DefaultScope)
-    before = {cls: set(cls._instance_dict) for cls in classes}
-    yield
-    for cls in classes:
-        for name in set(cls._instance_dict) - before[cls]:
-            instance = cls._instance_dict.pop(name)
-            if isinstance(instance, MMLogger):
-                for handler in list(instance.handlers):
-                    handler.close()
-                    instance.removeHandler(handler)
-
-
 # --------------------------------------------------------------------------- the generator
 
 
@@ -242,7 +223,7 @@ def _tensorboard_images(logdir, workdir, timeout=120):
         log.close()
 
 
-def test_demo_end_to_end_in_tensorboard(tmp_path, capsys, clean_mmengine_globals):
+def test_demo_end_to_end_in_tensorboard(tmp_path, capsys):
     work_dir = tmp_path / 'work_dirs' / 'demo'
     assert main([
         '--work-dir', str(work_dir), '--data-root', str(tmp_path / 'data' / 'shapes'),

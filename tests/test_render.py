@@ -28,6 +28,8 @@ def test_overlay_cam_golden():
     out = overlay_cam(gray(1, 3), np.array([[0.0, 0.25, 1.0]]), alpha=0.25)
     np.testing.assert_array_equal(out[0], [[92, 60, 60], [124, 92, 60], [60, 60, 92]])
     assert out.dtype == np.uint8
+    np.testing.assert_array_equal(
+        overlay_cam(gray(1, 3), np.array([[0.0, 0.25, 1.0]], np.float32), np.float32(0.25)), out)
 
 
 def test_overlay_cam_alpha_extremes_and_clipping():
@@ -168,6 +170,8 @@ def test_render_panel_no_detections_and_max_detections():
     assert one_row.shape[0] == empty.shape[0]
     none = render_panel(make_result(), max_detections=0)
     assert none.shape == empty.shape
+    np.testing.assert_array_equal(render_panel(make_result(), max_detections=np.int64(1)),
+                                  one_row)
 
 
 def test_render_panel_max_size_and_large_image():
