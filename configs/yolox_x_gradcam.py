@@ -1,6 +1,6 @@
-# YOLOX-x (mmdet's yolox_x_8xb8-300e_coco.py, 640 px test input) with YOLOXGradCAMHook:
-# per-detection CAMs of 4 fixed validation images after every validation, in TensorBoard
-# and as PNGs under <work_dir>/<timestamp>/vis_data/vis_image/.
+# YOLOX-x (mmdet's yolox_x_8xb8-300e_coco.py: 640 px test input)
+# with YOLOXGradCAMHook: per-detection CAMs of 4 fixed validation images after every
+# validation, in TensorBoard and as PNGs under <work_dir>/<timestamp>/vis_data/vis_image/.
 #   python tools/train.py configs/yolox_x_gradcam.py    (mmdet's tools/train.py)
 #   tensorboard --logdir work_dirs/yolox_x_gradcam
 _base_ = 'mmdet::yolox/yolox_x_8xb8-300e_coco.py'

@@ -9,7 +9,6 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-from pytorch_grad_cam.base_cam import BaseCAM
 
 from .methods import new_cam_object
 
@@ -18,9 +17,9 @@ class CAMMath:
     """Per-method grad-cam objects, created once and reused (they hold no model)."""
 
     def __init__(self) -> None:
-        self._objects: Dict[str, BaseCAM] = {}
+        self._objects: Dict[str, object] = {}
 
-    def _get(self, method: str) -> BaseCAM:
+    def _get(self, method: str):
         if method not in self._objects:
             self._objects[method] = new_cam_object(method)
         return self._objects[method]

@@ -14,7 +14,6 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, 
 
 import numpy as np
 import torch
-from pytorch_grad_cam.utils.image import scale_cam_image
 from torch import nn
 
 from .cam_math import CAMMath
@@ -406,6 +405,8 @@ class _Forward(NamedTuple):
 def renormalize_in_boxes(cams: np.ndarray, bboxes: np.ndarray) -> np.ndarray:
     """Min-max each map inside its own box and zero it outside (grad-cam's
     ``renormalize_cam_in_bounding_boxes``, applied per detection)."""
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
     out = np.zeros_like(cams)
     h, w = cams.shape[1:]
     for k, (cam, box) in enumerate(zip(cams, bboxes)):

@@ -30,7 +30,7 @@ from torch import nn
 
 from .engine import CAMEngine, CAMResult, _check_score_thr, _check_topk, renormalize_in_boxes
 from .layers import neck_output_layers, resolve_layers
-from .methods import check_methods
+from .methods import check_methods, require_grad_cam
 from .metrics import energy_in_box, pointing_game
 from .render import render_panel
 from .yolox import test_pipeline_cfg
@@ -100,12 +100,13 @@ class YOLOXGradCAMHook(Hook):
 
     Args:
         probe_images (int | str | PathLike | Sequence[str] | Sequence[int]): The probe set:
-            an int ``n`` picks ``n`` images spread evenly over the evaluation dataset; a list of
-            ints picks those dataset indices; a folder takes its images (sorted by name); a path
-            or list of paths takes those images. Dataset probes carry their ground-truth boxes,
-            which enables the pointing game. Indices refer to the dataset of the loop that ran
-            (``val_dataloader`` during training, ``test_dataloader`` in ``tools/test.py``).
-            Paths must exist when the hook is built. Defaults to 4.
+            an int ``n`` picks ``n`` images spread evenly over the evaluation dataset (all of
+            them if it is smaller); a list of ints picks those dataset indices; a folder takes
+            its images (sorted by name); a path or list of paths takes those images. Dataset
+            probes carry their ground-truth boxes, which enables the pointing game. Indices
+            refer to the dataset of the loop that ran (``val_dataloader`` during training,
+            ``test_dataloader`` in ``tools/test.py``). Paths must exist when the hook is built.
+            Defaults to 4.
         interval (int): Run after every ``interval``-th validation, and always after the last
             validation of training. Defaults to 1.
         methods (str | Sequence[str]): CAM method(s), keys of
@@ -132,8 +133,8 @@ class YOLOXGradCAMHook(Hook):
 
     Raises:
         TypeError: If an argument has the wrong type.
-        ValueError: If an argument has a bad value, a probe path does not exist, a probe folder
-            holds no image, or a method is unknown.
+        ValueError: If an argument has a bad value, a probe folder holds no image, or a method
+            is unknown.
         FileNotFoundError: If a probe image or folder does not exist.
     """
 
@@ -153,6 +154,7 @@ class YOLOXGradCAMHook(Hook):
         self.probe_spec = self._check_probe_images(probe_images)
         self.interval = self._check_int('interval', interval, low=1)
         self.methods = check_methods(methods, arg='methods')
+        require_grad_cam()  # fail at config time, not at the first validation
         self.target_layers = self._check_target_layers(target_layers)
         self.score_thr = _check_score_thr(score_thr)
         self.topk = _check_topk(topk)
@@ -200,7 +202,7 @@ class YOLOXGradCAMHook(Hook):
     @classmethod
     def _check_probe_images(cls, probe_images: ProbeSpec) -> Union[int, List[int], List[str]]:
         """An int count, a list of dataset indices or a list of existing image paths."""
-        hint = ('a count, a list of dataset indices, an image folder, or a list of image paths')
+        hint = 'a count, a list of dataset indices, an image folder, or a list of image paths'
         if _is_int(probe_images):
             return cls._check_int('probe_images', probe_images, low=1)
         if isinstance(probe_images, (str, os.PathLike)):
@@ -233,7 +235,13 @@ class YOLOXGradCAMHook(Hook):
     # ------------------------------------------------------------------------ stages
     def before_run(self, runner) -> None:
         """Check the target layers, the test pipeline and dataset indices against the real
-        model and data, on every rank, so that a mistake stops the job before training."""
+        model and data, on every rank, so that a mistake stops the job before training (a check
+        on rank 0 alone would leave the other ranks waiting in their first collective).
+
+        Raises:
+            ValueError: On an unknown target layer (with close matches), a model without YOLOX
+                neck outputs (default layers), no test pipeline, or a dataset index out of range.
+        """
         model = self._unwrap(runner.model)
         if self.target_layers is None:
             neck_output_layers(model)
@@ -335,13 +343,10 @@ class YOLOXGradCAMHook(Hook):
                 'training continues (strict=True raises instead):\n' + traceback.format_exc())
 
     def _get_engine(self, runner) -> CAMEngine:
-        if self._engine is None:
-            model = self._unwrap(runner.model)
-            pipeline = self._pipeline if self._pipeline is not None else \
-                self._test_pipeline(runner, model)
-            self._engine = CAMEngine(model, target_layers=self.target_layers,
+        if self._engine is None:  # built once, on the main process, at the first use
+            self._engine = CAMEngine(self._unwrap(runner.model), target_layers=self.target_layers,
                                      score_thr=self.score_thr, topk=self.topk,
-                                     test_pipeline=pipeline)
+                                     test_pipeline=self._pipeline)
         return self._engine
 
     def _get_probes(self, runner, mode: str) -> List[_Probe]:
@@ -366,41 +371,47 @@ class YOLOXGradCAMHook(Hook):
         probes = self._get_probes(runner, mode)
         class_names = self._class_names(runner, mode)
         energies: Dict[str, List[float]] = {m: [] for m in self.methods}
-        points = {m: [0, 0] for m in self.methods}
-        device = next(engine.model.parameters()).device
-        with torch.enable_grad(), _preserved_rng(device):
+        points = {m: [0, 0] for m in self.methods}  # pointing game: hits, matched detections
+        with torch.enable_grad(), _preserved_rng(next(engine.model.parameters()).device):
             for probe in probes:
-                results = engine.explain(probe.path, methods=self.methods, renormalize=False)
-                for method, result in results.items():
+                # One forward pass per image for all methods; raw maps (renormalize is for show)
+                for method, result in engine.explain(probe.path, methods=self.methods).items():
                     energies[method].extend(energy_in_box(result.cams, result.bboxes).tolist())
                     if probe.gt_bboxes is not None:
                         hits, total = pointing_game(result.cams, result.bboxes, result.labels,
                                                     probe.gt_bboxes, probe.gt_labels)
                         points[method][0] += hits
                         points[method][1] += total
-                    panel = render_panel(
-                        _renormalized(result) if self.renormalize else result,
-                        class_names=class_names,
-                        max_detections=self.max_detection_tiles,
-                        max_size=self.max_image_size,
-                        gt_bboxes=probe.gt_bboxes)
-                    self._add_image(runner.visualizer,
-                                    f'cam_{mode}_{_safe_name(method)}_{probe.name}',
-                                    cv2.cvtColor(panel, cv2.COLOR_BGR2RGB), step)
+                    self._log_panel(runner.visualizer,
+                                    f'cam_{mode}_{_safe_name(method)}_{probe.name}', result,
+                                    probe, class_names, step)
+        scalars = self._log_scalars(runner.visualizer, mode, energies, points, step)
+        summary = ''.join(f'; {k.split("/")[1]}={v:.3f}' for k, v in scalars.items())
+        runner.logger.info(
+            f'YOLOXGradCAMHook: {len(probes)} probe image(s) x {len(self.methods)} method(s) '
+            f'logged at step {step} in {time.perf_counter() - start:.1f} s{summary}')
+
+    def _log_panel(self, visualizer, name: str, result: CAMResult, probe: _Probe,
+                   class_names: Optional[Sequence[str]], step: int) -> None:
+        panel = render_panel(_renormalized(result) if self.renormalize else result,
+                             class_names=class_names, max_detections=self.max_detection_tiles,
+                             max_size=self.max_image_size, gt_bboxes=probe.gt_bboxes)
+        self._add_image(visualizer, name, cv2.cvtColor(panel, cv2.COLOR_BGR2RGB), step)
+
+    def _log_scalars(self, visualizer, mode: str, energies: Dict[str, List[float]],
+                     points: Dict[str, List[int]], step: int) -> Dict[str, float]:
+        """Per method: mean energy share in the own box; pointing-game rate when GT matched."""
         scalars = {}
         for method in self.methods:
             tag = f'cam_{mode}/{_safe_name(method)}'
             if energies[method]:
                 scalars[f'{tag}_energy_in_box'] = float(np.mean(energies[method]))
-            if points[method][1]:
-                scalars[f'{tag}_pointing_game'] = points[method][0] / points[method][1]
+            hits, total = points[method]
+            if total:
+                scalars[f'{tag}_pointing_game'] = hits / total
         if scalars:
-            runner.visualizer.add_scalars(scalars, step=step)
-        summary = ', '.join(f'{k.split("/")[1]}={v:.3f}' for k, v in scalars.items())
-        runner.logger.info(
-            f'YOLOXGradCAMHook: {len(probes)} probe image(s) x {len(self.methods)} method(s) '
-            f'logged at step {step} in {time.perf_counter() - start:.1f} s'
-            + (f'; {summary}' if summary else ''))
+            visualizer.add_scalars(scalars, step=step)
+        return scalars
 
     @staticmethod
     def _add_image(visualizer, name: str, image: np.ndarray, step: int) -> None:

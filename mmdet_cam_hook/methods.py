@@ -4,19 +4,24 @@ The hook, the command-line tool (``choices=``) and the tests all read :data:`MET
 each method is pytorch-grad-cam's own class: this package only supplies what that library lacks
 (per-detection targets, batching over detections, the letterbox geometry).
 """
+import importlib
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Iterable, List, Sequence, Union
 
-from pytorch_grad_cam import (
-    EigenCAM,
-    EigenGradCAM,
-    GradCAM,
-    GradCAMPlusPlus,
-    HiResCAM,
-    LayerCAM,
-    XGradCAM,
-)
-from pytorch_grad_cam.base_cam import BaseCAM
+
+def require_grad_cam() -> ModuleType:
+    """Import pytorch-grad-cam (only when maps are computed, so that importing this package,
+    and so registering the hook, works without it).
+
+    Raises:
+        ImportError: If grad-cam is not installed, with the command that installs it.
+    """
+    try:
+        return importlib.import_module('pytorch_grad_cam')
+    except ImportError as exc:
+        raise ImportError('grad-cam is not installed (no module pytorch_grad_cam): '
+                          'pip install grad-cam==1.5.7') from exc
 
 
 @dataclass(frozen=True)
@@ -25,7 +30,7 @@ class CAMMethod:
 
     Args:
         name (str): The name users type (``--method``, ``methods=``).
-        cam_class (type): The pytorch-grad-cam class whose weight maths is used.
+        class_name (str): The pytorch-grad-cam class whose weight maths is used.
         uses_gradients (bool): Whether the method needs gradients of the detection score.
         spatial (bool): Whether the gradient keeps its location (element-wise methods), which
             keeps a map on the instance rather than on every object of the same class.
@@ -33,33 +38,38 @@ class CAMMethod:
     """
 
     name: str
-    cam_class: type
+    class_name: str
     uses_gradients: bool
     spatial: bool
     summary: str
+
+    @property
+    def cam_class(self) -> type:
+        """The pytorch-grad-cam class (imported on first use)."""
+        return getattr(require_grad_cam(), self.class_name)
 
 
 METHODS = {
     m.name: m
     for m in (
-        CAMMethod('gradcam', GradCAM, True, False,
+        CAMMethod('gradcam', 'GradCAM', True, False,
                   'Grad-CAM (Selvaraju et al., ICCV 2017): ReLU(sum_c mean_xy(dS/dA_c) * A_c).'),
-        CAMMethod('gradcam++', GradCAMPlusPlus, True, False,
+        CAMMethod('gradcam++', 'GradCAMPlusPlus', True, False,
                   'Grad-CAM++ (Chattopadhyay et al., WACV 2018): channel weights '
                   'sum_xy alpha_xy * ReLU(dS/dA) with second/third-order alpha (eq. 19).'),
-        CAMMethod('xgradcam', XGradCAM, True, False,
+        CAMMethod('xgradcam', 'XGradCAM', True, False,
                   'XGrad-CAM (Fu et al., BMVC 2020): weights sum_xy (A * dS/dA) / sum_xy A.'),
-        CAMMethod('eigencam', EigenCAM, False, False,
+        CAMMethod('eigencam', 'EigenCAM', False, False,
                   'Eigen-CAM (Muhammad & Yeasin, IJCNN 2020): projection of the activations on '
                   'their first principal component; gradient-free, so the same for every '
                   'detection on a layer.'),
-        CAMMethod('layercam', LayerCAM, True, True,
+        CAMMethod('layercam', 'LayerCAM', True, True,
                   'LayerCAM (Jiang et al., TIP 2021): ReLU(sum_c ReLU(dS/dA_c) * A_c), '
                   'element-wise.'),
-        CAMMethod('hirescam', HiResCAM, True, True,
+        CAMMethod('hirescam', 'HiResCAM', True, True,
                   'HiResCAM (Draelos & Carin, 2020): ReLU(sum_c dS/dA_c * A_c), element-wise; '
                   'provably shows the locations the score used.'),
-        CAMMethod('eigengradcam', EigenGradCAM, True, True,
+        CAMMethod('eigengradcam', 'EigenGradCAM', True, True,
                   'Eigen-Grad-CAM: first principal component of dS/dA * A.'),
     )
 }
@@ -112,7 +122,7 @@ def check_methods(methods: Union[str, Iterable[str]], arg: str = 'methods') -> L
     return list(dict.fromkeys(names))
 
 
-def new_cam_object(method: str) -> BaseCAM:
+def new_cam_object(method: str):
     """Return an instance of the method's grad-cam class whose maths can be called directly.
 
     grad-cam's classes attach their hooks at construction. They are attached here to a private

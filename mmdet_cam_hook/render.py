@@ -93,8 +93,16 @@ def _font_scale(shape: Sequence[int]) -> float:
     return max(_MIN_FONT_SCALE, min(shape[:2]) / 640)
 
 
+def _on_canvas(bboxes: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Boxes clipped to just outside the image, so that the wild (even infinite) boxes of a
+    model early in training can still be drawn."""
+    h, w = shape[:2]
+    bboxes = np.nan_to_num(np.asarray(bboxes, np.float64), nan=0.0, posinf=1e9, neginf=-1e9)
+    return np.clip(bboxes, -1.0, [w + 1.0, h + 1.0, w + 1.0, h + 1.0])
+
+
 def _draw_boxes(image: np.ndarray, bboxes: np.ndarray, color, thickness: int) -> None:
-    for x1, y1, x2, y2 in bboxes:
+    for x1, y1, x2, y2 in _on_canvas(bboxes, image.shape):
         cv2.rectangle(image, (int(round(x1)), int(round(y1))),
                       (int(round(x2)) - 1, int(round(y2)) - 1), color, thickness,
                       cv2.LINE_8)
@@ -169,7 +177,7 @@ def draw_detections(image: np.ndarray,
     out = image.copy()
     _draw_boxes(out, bboxes, color, _line_thickness(out.shape))
     scale = _font_scale(out.shape)
-    for box, label, score in zip(bboxes, labels, scores):
+    for box, label, score in zip(_on_canvas(bboxes, out.shape), labels, scores):
         _put_label(out, _label_text(int(label), float(score), class_names), box[0], box[1],
                    color, scale)
     return out

@@ -318,8 +318,6 @@ def test_cuda_out_of_memory(ws):
     assert_user_error(proc, 'out of memory', 'street.jpg', '--device cpu')
 
 
-@pytest.mark.xfail(strict=True, reason='mmdet_cam_hook/__init__.py imports the engine, and so '
-                   'pytorch_grad_cam, before the CLI can report it missing')
 def test_grad_cam_missing(ws):
     code = ('import sys\n'
             "sys.modules['pytorch_grad_cam'] = None  # as if grad-cam were not installed\n"

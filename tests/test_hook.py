@@ -10,7 +10,8 @@ import os
 import random
 import subprocess
 import sys
-from functools import lru_cache
+import uuid
+from functools import cache
 from pathlib import Path
 
 import cv2
@@ -34,6 +35,16 @@ DDP_TIMEOUT = 300
 # --------------------------------------------------------------------------- set-up helpers
 
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """One intra-op thread: these models are tiny, and on a busy 2-core machine OpenMP's
+    spinning threads made a training step 100x slower (13 s instead of 0.04 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='module')
 def shapes(tmp_path_factory):
     """4 training and 2 validation images (some non-square) in COCO format."""
@@ -41,7 +52,7 @@ def shapes(tmp_path_factory):
                            image_size=SIZE, seed=0)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _nano_cfg() -> Config:
     return get_config('mmdet::yolox/yolox_nano_8xb8-300e_coco.py')
 
@@ -54,14 +65,15 @@ def _dataset(data, split: str, pipeline: list) -> dict:
 
 
 def tiny_cfg(data, work_dir, *, hooks=(), backends=('LocalVisBackend', ), max_epochs=2,
-             max_iters=None, name='run') -> Config:
+             max_iters=None) -> Config:
     """mmdet's YOLOX-nano config (with its mode-switch, SyncNorm and EMA hooks) shrunk to a
     96 px input, 3 classes, batches of 2 and a validation after every epoch (or every
     iteration with ``max_iters``). The training pipeline flips at random, so anything that
     consumed the global numpy RNG would change the trained weights."""
     cfg = copy.deepcopy(_nano_cfg())
     cfg.work_dir = str(work_dir)
-    cfg.experiment_name = name
+    # Unique: it names the visualizer and logger singletons, which outlive a runner.
+    cfg.experiment_name = f'tiny_{uuid.uuid4().hex[:8]}'
     cfg.model.bbox_head.num_classes = len(data.classes)
     cfg.model.data_preprocessor.batch_augments = None
     pad = dict(type='Pad', pad_to_square=True, pad_val=dict(img=(114.0, 114.0, 114.0)))
@@ -163,17 +175,17 @@ def _final_weights(runner):
 def runs(shapes, tmp_path_factory):
     """The same 2-epoch training with and without CAM hooks (state spies in both), then a test
     run on the trained runner with the hooks. Two CAM hooks: one on dataset probes (GT known),
-    one on a grey image whose only colour in the panel is the heat map."""
+    one on a grey image whose only colour in the panel is the heat map (renormalised, small)."""
     root = tmp_path_factory.mktemp('runs')
     grey = root / 'grey.png'
     rng = np.random.default_rng(0)
     cv2.imwrite(str(grey), rng.integers(100, 156, (72, SIZE), np.uint8)[..., None].repeat(3, 2))
     out = {}
     for with_hook in (False, True):
-        hooks = [cam_hook(), cam_hook(probe_images=str(grey), methods='layercam')]
+        hooks = [cam_hook(), cam_hook(probe_images=str(grey), methods='layercam',
+                                      renormalize=True, max_image_size=400)]
         cfg = tiny_cfg(shapes, root / f'hook{with_hook}', hooks=hooks if with_hook else [],
-                       backends=('LocalVisBackend', 'TensorboardVisBackend'),
-                       name=f'hook{with_hook}')
+                       backends=('LocalVisBackend', 'TensorboardVisBackend'))
         runner = Runner.from_cfg(cfg)
         spies = (StateSpy(priority=47, make_train=True), StateSpy(priority=48))
         for spy in spies:  # registered after the CAM hooks: same priority 48 runs later
@@ -261,15 +273,35 @@ def test_local_pngs_and_scalars(runs):
 def test_local_png_shows_a_heat_map(runs):
     """The grey probe has no colour of its own, so colour in its panel is the JET map (and the
     green boxes): blue for low values and red/yellow for the peaks must both be there."""
-    path = log_dir(runs[True]['runner']) / 'vis_data' / 'vis_image' / 'cam_val_layercam_00_grey_2.png'
-    png = cv2.imread(str(path))
-    assert png is not None
+    vis_image = log_dir(runs[True]['runner']) / 'vis_data' / 'vis_image'
+    png = cv2.imread(str(vis_image / 'cam_val_layercam_00_grey_2.png'))
+    assert png is not None and max(png.shape[:2]) == 400  # max_image_size
     hsv = cv2.cvtColor(png, cv2.COLOR_BGR2HSV)
     hues = hsv[..., 0][(hsv[..., 1] > 80) & (hsv[..., 2] > 60)]
     assert hues.size > 0.2 * png.shape[0] * png.shape[1]
     blue = ((hues >= 100) & (hues <= 130)).mean()
     warm = ((hues <= 35) | (hues >= 170)).mean()
     assert blue > 0.05 and warm > 0.01, (blue, warm)
+
+
+def test_mlflow_backend_gets_an_extension_and_the_step(tmp_path):
+    """MLflow stores the name as the artifact file name (an extension is required) and
+    ignores ``step``. mlflow is not installed here, so its backend records its calls."""
+    from mmengine.visualization import MLflowVisBackend, Visualizer
+
+    class RecordingMLflow(MLflowVisBackend):
+        calls = []
+
+        def add_image(self, name, image, step=0):
+            self.calls.append((name, step))
+
+    visualizer = Visualizer(name='mlflow_names', vis_backends=[dict(type='LocalVisBackend')],
+                            save_dir=str(tmp_path))
+    visualizer._vis_backends['MLflowVisBackend'] = RecordingMLflow(save_dir=str(tmp_path))
+    YOLOXGradCAMHook._add_image(visualizer, 'cam_val_gradcam_00_a', np.zeros((8, 8, 3), np.uint8),
+                                step=3)
+    assert RecordingMLflow.calls == [('cam_val_gradcam_00_a_3.png', 3)]
+    assert (tmp_path / 'vis_data' / 'vis_image' / 'cam_val_gradcam_00_a_3.png').is_file()
 
 
 # --------------------------------------------------------------------------- steps, interval
@@ -294,6 +326,47 @@ def test_test_only_run_uses_step_0_and_builds_no_train_loop(shapes, tmp_path):
     pngs = [p.name for p in (log_dir(runner) / 'vis_data' / 'vis_image').glob('cam_*')]
     assert len(pngs) == 1 and pngs[0].startswith('cam_test_gradcam_') and \
         pngs[0].endswith('_0.png')
+
+
+def test_val_only_run_logs_pointing_game_against_dataset_gt(shapes, tmp_path):
+    """A stand-alone ``runner.val()`` (step 0, drawn whatever the interval) on a val set whose
+    ground truth of probe 0 is set to the boxes the model will detect: every detection is
+    matched, and the logged hit rate is the pointing game of the engine's own maps."""
+    from mmdet_cam_hook import CAMEngine
+    from mmdet_cam_hook.metrics import pointing_game
+    from mmdet_cam_hook.yolox import test_pipeline_cfg
+
+    coco = json.loads(shapes.ann_file('val').read_text())
+    ann_file = tmp_path / 'val.json'
+    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(probe_images=[0], interval=5)])
+    cfg.val_dataloader.dataset.ann_file = str(ann_file)
+    cfg.val_evaluator.ann_file = str(ann_file)
+    runner = Runner.from_cfg(cfg)
+
+    image = coco['images'][0]
+    engine = CAMEngine(unwrap(runner.model), score_thr=0.0, topk=3,
+                       test_pipeline=test_pipeline_cfg(runner.cfg))
+    results = engine.explain(shapes.img_dir('val') / image['file_name'], methods=METHODS)
+    dets = results[METHODS[0]]
+    cat_ids = sorted(c['id'] for c in coco['categories'])
+    coco['annotations'] = [a for a in coco['annotations'] if a['image_id'] != image['id']] + [
+        dict(id=10_000 + k, image_id=image['id'], category_id=cat_ids[int(label)], iscrowd=0,
+             bbox=[float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+             area=float((x2 - x1) * (y2 - y1)))
+        for k, ((x1, y1, x2, y2), label) in enumerate(zip(dets.bboxes, dets.labels))
+    ]
+    ann_file.write_text(json.dumps(coco))
+
+    runner.val()
+    rows = [json.loads(line) for line in
+            (log_dir(runner) / 'vis_data' / 'scalars.json').read_text().splitlines()]
+    (row, ) = [r for r in rows if any(k.startswith('cam_val/') for k in r)]
+    assert row['step'] == 0
+    for method in METHODS:
+        res = results[method]
+        hits, total = pointing_game(res.cams, res.bboxes, res.labels, res.bboxes, res.labels)
+        assert total == len(res) == 3
+        assert row[f'cam_val/{method}_pointing_game'] == pytest.approx(hits / total)
 
 
 # --------------------------------------------------------------------------- fail-soft, strict
@@ -395,7 +468,7 @@ def test_builds_from_registry_by_name():
 
 def _ddp_worker(work_dir: str, data_root: str) -> None:
     """Run under torchrun: the same tiny training on 2 gloo processes, with the hook."""
-    from mmdet_cam_hook.shapes import ShapesDataset, CLASSES
+    from mmdet_cam_hook.shapes import CLASSES, ShapesDataset
 
     class RankReport(Hook):
         priority = 49  # right after the CAM hook
@@ -430,7 +503,7 @@ def test_ddp_two_processes_only_rank0_writes(shapes, tmp_path):
     assert proc.returncode == 0, proc.stderr[-5000:]
 
     reports = {
-        rank: [json.loads(line) for line in (tmp_path / f'rank{rank}.jsonl').read_text().splitlines()]
+        rank: [json.loads(line) for line in (tmp_path / f'rank{rank}.jsonl').open()]
         for rank in (0, 1)
     }
     assert [r['epoch'] for r in reports[0]] == [r['epoch'] for r in reports[1]] == [1, 2]

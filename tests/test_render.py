@@ -200,3 +200,13 @@ def test_render_panel_gt_boxes():
 def test_render_panel_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         render_panel(make_result(), **kwargs)
+
+
+def test_wild_boxes_of_an_untrained_model_are_drawn():
+    """A YOLOX early in training can give infinite or huge boxes; drawing must not fail."""
+    from mmdet_cam_hook.render import draw_detections
+
+    img = np.zeros((40, 60, 3), np.uint8)
+    boxes = np.array([[-np.inf, 5, np.inf, 30], [1e12, -1e12, 2e12, 1e12], [5, 5, 20, np.nan]])
+    out = draw_detections(img, boxes, [0, 1, 0], [0.9, 0.5, 0.4], ['a', 'b'])
+    assert out.shape == img.shape and out.any()
