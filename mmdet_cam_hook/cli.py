@@ -324,15 +324,13 @@ def save_outputs(result, stem: str, out_dir: Path, class_names, save_all: bool,
 
 # ---------------------------------------------------------------------------------------------
 # Running
-def _load_methods() -> dict:
+def _require_grad_cam() -> None:
+    from mmdet_cam_hook.methods import require_grad_cam
+
     try:
-        from mmdet_cam_hook.methods import METHODS
+        require_grad_cam()
     except ImportError as exc:
-        if (exc.name or '').split('.')[0] == 'pytorch_grad_cam':
-            raise UserError('grad-cam is not installed (no module pytorch_grad_cam): '
-                            'pip install grad-cam==1.5.7') from exc
-        raise
-    return METHODS
+        raise UserError(str(exc)) from exc
 
 
 def _explain(engine, image, args, source: Path):
@@ -468,8 +466,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     with _console():
         try:
-            methods = _load_methods()
-            parser = build_parser(list(methods))
+            from mmdet_cam_hook.methods import METHODS
+
+            _require_grad_cam()
+            parser = build_parser(list(METHODS))
             args = parser.parse_args(argv)
             if not args.list_layers and (args.checkpoint is None or args.img is None):
                 missing = [n for n in ('checkpoint', 'img') if getattr(args, n) is None]
