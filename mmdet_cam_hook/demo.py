@@ -102,8 +102,11 @@ def _schedule(max_epochs: int, base_lr: float) -> tuple[list[dict], int]:
     return schedulers, num_last
 
 
-def demo_config(data: ShapesDataset, work_dir: str | os.PathLike, config: str | os.PathLike
-                = DEFAULT_CONFIG, epochs: int | None = None, val_interval: int | None = None,
+def demo_config(data: ShapesDataset,
+                work_dir: str | os.PathLike,
+                config: str | os.PathLike = DEFAULT_CONFIG,
+                epochs: int | None = None,
+                val_interval: int | None = None,
                 cfg_options: dict | None = None):
     """Load the demo config and point it at ``data`` and ``work_dir``.
 

@@ -47,7 +47,7 @@ def build_yolox(size: str = 'nano', input_size: int = 128, num_classes: int = 3,
     torch.manual_seed(seed)
     with DefaultScope.overwrite_default_scope('mmdet'):
         model = MODELS.build(cfg.model)
-    model.init_weights()
+    _quiet_init_weights(model)
     if confident:
         gen = torch.Generator().manual_seed(seed)
         for conv in (*model.bbox_head.multi_level_conv_cls, *model.bbox_head.multi_level_conv_obj):
@@ -56,6 +56,21 @@ def build_yolox(size: str = 'nano', input_size: int = 128, num_classes: int = 3,
     model.cfg = cfg
     model.dataset_meta = dict(classes=tuple(f'class{i}' for i in range(num_classes)))
     return model.eval()
+
+
+def _quiet_init_weights(model: torch.nn.Module) -> None:
+    """``init_weights`` without MMEngine's per-parameter INFO log (thousands of lines)."""
+    import logging
+
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        model.init_weights()
+    finally:
+        logger.setLevel(level)
 
 
 def synthetic_image(h: int = 96, w: int = 160, seed: int = 0) -> np.ndarray:

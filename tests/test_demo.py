@@ -225,9 +225,12 @@ def _tensorboard_images(logdir, workdir, timeout=120):
 
 def test_demo_end_to_end_in_tensorboard(tmp_path, capsys):
     work_dir = tmp_path / 'work_dirs' / 'demo'
+    # One torch thread: on a 2-core machine that is busy with anything else, two threads wait
+    # for each other and an epoch takes minutes instead of seconds.
     assert main([
         '--work-dir', str(work_dir), '--data-root', str(tmp_path / 'data' / 'shapes'),
         '--num-train', '48', '--num-val', '12', '--epochs', '2', '--val-interval', '1',
+        '--threads', '1',
     ]) == 0
     printed = capsys.readouterr().out
 

@@ -25,7 +25,7 @@ dataset_type = 'CocoDataset'
 
 max_epochs = 12
 num_last_epochs = 2
-val_interval = 3
+val_interval = 2
 base_lr = 0.02
 
 model = dict(
@@ -107,7 +107,7 @@ custom_hooks = [
         type='YOLOXGradCAMHook',
         # Fixed images of the validation split, given by index: their ground-truth boxes are
         # known, so the pointing game is logged next to the maps.
-        probe_images=[0, 1, 2, 3, 4, 5],
+        probe_images=[0, 1, 2, 3, 4, 5, 6, 7],
         interval=1,
         # Grad-CAM averages the gradient over the map (class-specific, may light up another
         # object of the same class); HiResCAM keeps it element-wise (stays on the instance).
