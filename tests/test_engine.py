@@ -265,3 +265,18 @@ def test_model_state_is_restored(make_yolox, make_image, fail, layers, monkeypat
     assert after[3] == before[3]
     for b, a in zip(before[1], after[1]):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize('size', ['tiny', 'm', 'l', 'x'])
+def test_every_yolox_size(make_yolox, make_image, size):
+    """The other sizes of mmdet's YOLOX configs (tiny, m, l, x) take the local-window shortcut
+    too, and their maps equal grad-cam's class run once per detection."""
+    model = make_yolox(size, input_size=64)
+    image = make_image(48, 80, seed=5)
+    engine = CAMEngine(model, score_thr=0.0, topk=4)
+    assert engine.local_grad.available
+    res = engine.explain(image, methods='hirescam')['hirescam']
+    assert len(res) == 4 and res.cams.shape == (4, 48, 80)
+    idx = _two_per_level(res.levels)[:2]
+    np.testing.assert_allclose(res.input_cams[idx], _reference(model, engine, image, res, idx),
+                               atol=1e-4)

@@ -3,11 +3,23 @@
 # plus this package (editable). Idempotent: when requirements/constraints.txt and setup.py
 # have not changed since the last successful run, it returns in well under a second.
 #
-# Usage: bash tools/setup_env.sh            (PYTHON=python3.11 and VENV=.venv by default)
+# Usage: bash tools/setup_env.sh     (PYTHON: a Python 3.11, found on PATH by default; VENV=.venv)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3.11}
+if [ -z "${PYTHON:-}" ]; then
+  for candidate in python3.11 python3 python; do
+    if command -v "$candidate" >/dev/null 2>&1 \
+        && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+      PYTHON=$candidate
+      break
+    fi
+  done
+fi
+if [ -z "${PYTHON:-}" ]; then
+  echo "setup_env: Python 3.11 is needed (python3.11 not found); set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
 VENV=${VENV:-.venv}
 CONSTRAINTS=requirements/constraints.txt
 STAMP="$VENV/.mmdet-cam-hook-stamp"
