@@ -117,14 +117,14 @@ def load_image(image: ImageLike) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def _check_score_thr(score_thr: float) -> float:
+def check_score_thr(score_thr: float) -> float:
     if isinstance(score_thr, bool) or not isinstance(score_thr, (int, float)) \
             or not 0.0 <= score_thr <= 1.0:
         raise ValueError(f'`score_thr` must be a number in [0, 1], got {score_thr!r}')
     return float(score_thr)
 
 
-def _check_topk(topk: Optional[int]) -> Optional[int]:
+def check_topk(topk: Optional[int]) -> Optional[int]:
     if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
         raise ValueError(f'`topk` must be None or a positive int, got {topk!r}')
     return topk
@@ -176,8 +176,8 @@ class CAMEngine:
         if not isinstance(model, nn.Module):
             raise TypeError(f'`model` must be an mmdet YOLOX nn.Module, got {type(model).__name__}')
         self.model = model
-        self.score_thr = _check_score_thr(score_thr)
-        self.topk = _check_topk(topk)
+        self.score_thr = check_score_thr(score_thr)
+        self.topk = check_topk(topk)
         self.level_layers = neck_output_layers(model) if target_layers is None else None
         self.layers = resolve_layers(model, self.level_layers or target_layers)
         self.level_aware = target_layers is None

@@ -28,7 +28,14 @@ from mmengine.runner import BaseLoop, EpochBasedTrainLoop
 from mmengine.visualization import MLflowVisBackend
 from torch import nn
 
-from .engine import CAMEngine, CAMResult, _check_score_thr, _check_topk, renormalize_in_boxes
+from .engine import (
+    CAMEngine,
+    CAMResult,
+    check_score_thr,
+    check_topk,
+    load_image,
+    renormalize_in_boxes,
+)
 from .layers import neck_output_layers, resolve_layers
 from .methods import check_methods, require_grad_cam
 from .metrics import energy_in_box, pointing_game
@@ -156,8 +163,8 @@ class YOLOXGradCAMHook(Hook):
         self.methods = check_methods(methods, arg='methods')
         require_grad_cam()  # fail at config time, not at the first validation
         self.target_layers = self._check_target_layers(target_layers)
-        self.score_thr = _check_score_thr(score_thr)
-        self.topk = _check_topk(topk)
+        self.score_thr = check_score_thr(score_thr)
+        self.topk = check_topk(topk)
         self.renormalize = self._check_bool('renormalize', renormalize)
         self.max_detection_tiles = self._check_int('max_detection_tiles', max_detection_tiles,
                                                    low=0)
@@ -168,6 +175,7 @@ class YOLOXGradCAMHook(Hook):
         self._engine: Optional[CAMEngine] = None
         self._pipeline: Optional[list] = None
         self._probes: Dict[str, List[_Probe]] = {}
+        self._images: Dict[str, np.ndarray] = {}
         self._val_rounds = 0
 
     # ------------------------------------------------------------------------ argument checks
@@ -349,6 +357,12 @@ class YOLOXGradCAMHook(Hook):
                                      test_pipeline=self._pipeline)
         return self._engine
 
+    def _image(self, probe: _Probe) -> np.ndarray:
+        """The probe's decoded image, read once: the same images come back every validation."""
+        if probe.path not in self._images:
+            self._images[probe.path] = load_image(probe.path)
+        return self._images[probe.path]
+
     def _get_probes(self, runner, mode: str) -> List[_Probe]:
         if mode not in self._probes:
             loop = runner.val_loop if mode == 'val' else runner.test_loop
@@ -375,7 +389,8 @@ class YOLOXGradCAMHook(Hook):
         with torch.enable_grad(), _preserved_rng(next(engine.model.parameters()).device):
             for probe in probes:
                 # One forward pass per image for all methods; raw maps (renormalize is for show)
-                for method, result in engine.explain(probe.path, methods=self.methods).items():
+                image = self._image(probe)
+                for method, result in engine.explain(image, methods=self.methods).items():
                     energies[method].extend(energy_in_box(result.cams, result.bboxes).tolist())
                     if probe.gt_bboxes is not None:
                         hits, total = pointing_game(result.cams, result.bboxes, result.labels,
