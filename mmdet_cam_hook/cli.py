@@ -39,8 +39,6 @@ logger = logging.getLogger(__name__)
 PROG = 'mmdet-cam'
 #: File extensions taken from a folder given as ``img``.
 IMAGE_EXTENSIONS = ('.bmp', '.jpeg', '.jpg', '.png', '.tif', '.tiff', '.webp')
-#: Input size for ``--list-layers`` when the test pipeline has no ``Resize`` with a ``scale``.
-FALLBACK_INPUT_SIZE = (640, 640)
 
 
 class UserError(Exception):
@@ -198,17 +196,6 @@ def collect_images(img: str) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------
 # --list-layers
-def _input_size(pipeline_cfg: Sequence[dict]) -> tuple[int, int]:
-    """(height, width) of the test pipeline's ``Resize`` scale (mmcv scales are (w, h))."""
-    for t in pipeline_cfg:
-        scale = t.get('scale') if 'Resize' in str(t.get('type')) else None
-        if isinstance(scale, int):
-            return scale, scale
-        if isinstance(scale, (tuple, list)) and len(scale) == 2:
-            return int(scale[1]), int(scale[0])
-    return FALLBACK_INPUT_SIZE
-
-
 def _describe(output) -> tuple[str, Optional[tuple]]:
     import torch
 
@@ -232,9 +219,8 @@ def layer_table(model) -> str:
     from mmdet_cam_hook.engine import read_only
     from mmdet_cam_hook.yolox import build_pipeline, preprocess, test_pipeline_cfg
 
-    pipeline_cfg = test_pipeline_cfg(model.cfg)
-    height, width = _input_size(pipeline_cfg)
-    image = np.full((height, width, 3), 114, np.uint8)
+    # Any square image comes out of YOLOX's letterbox pipeline at the config's input size.
+    image = np.full((32, 32, 3), 114, np.uint8)
     rows: dict[str, tuple[str, str, str]] = {}
     handles = []
 
@@ -251,7 +237,7 @@ def layer_table(model) -> str:
         return hook
 
     with read_only(model), torch.no_grad():
-        inputs, _ = preprocess(model, build_pipeline(pipeline_cfg), image)
+        inputs, _ = preprocess(model, build_pipeline(test_pipeline_cfg(model.cfg)), image)
         try:
             for name, module in model.named_modules():
                 if name:
@@ -263,7 +249,7 @@ def layer_table(model) -> str:
     header = ('layer', 'type', 'output shape', 'stride')
     widths = [max(len(header[0]), *(len(n) for n in rows))]
     widths += [max(len(header[i]), *(len(r[i - 1]) for r in rows.values())) for i in (1, 2)]
-    lines = [f'# input {"x".join(map(str, inputs.shape))} (test pipeline at {height}x{width}); '
+    lines = [f'# input {"x".join(map(str, inputs.shape))} at the test pipeline size; '
              'layers in the order their outputs are computed']
     fmt = f'{{:<{widths[0]}}}  {{:<{widths[1]}}}  {{:<{widths[2]}}}  {{}}'
     lines.append(fmt.format(*header))
