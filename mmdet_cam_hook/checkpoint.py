@@ -1,23 +1,35 @@
-"""Safe loading of MMEngine / MMDetection checkpoints.
+"""Safe loading of MMEngine / MMDetection checkpoints, for our CLI and for MMEngine itself.
 
 ``torch.load(..., weights_only=True)`` only rebuilds tensors, containers and an allow-list of
 classes, so a checkpoint cannot run code while it is read. MMEngine training checkpoints hold a
 few more objects than tensors (the message hub's :class:`~mmengine.logging.HistoryBuffer`, numpy
 arrays and scalars of logged metrics); :func:`safe_globals` allows exactly those. A file that
 needs anything else is refused with :class:`UnsafeCheckpointError`, which names the offending
-globals and the opt-in (``trusted=True``, ``--trust-checkpoint`` on the command line) for a file
-whose source the user trusts. ``weights_only`` is never turned off otherwise.
+globals and the opt-in for a file whose source the user trusts (``trusted=True``,
+``--trust-checkpoint`` on our command line, ``MMDET_CAM_TRUST_CHECKPOINT=1`` in the environment
+of any other program). ``weights_only`` is never turned off otherwise.
+
+MMEngine 0.10.7 calls ``torch.load`` without ``weights_only``, which torch >= 2.6 reads as True
+with torch's own allow-list only, so MMEngine cannot load the checkpoints it writes. Importing
+this package registers :func:`load_checkpoint` as MMEngine's loader for local files and
+``http(s)://`` URLs (``CheckpointLoader.register_scheme``, MMEngine's public extension point):
+``Runner.resume`` / ``--resume``, ``load_from``, mmdet's ``tools/test.py`` and
+``mmdet.apis.init_detector`` then all load through the same allow-list as ``mmdet-cam``.
 
 A checkpoint is a local path or an ``http(s)://`` URL; a URL is downloaded once into
-``torch.hub.get_dir()/checkpoints`` (so ``TORCH_HOME`` moves it), and an unreachable one is a
+``torch.hub.get_dir()/checkpoints/mmdet_cam_hook/<hash of the whole URL>/`` (so ``TORCH_HOME``
+moves it, and two URLs never share a cached file), and an unreachable one is a
 :class:`CheckpointError` that says to download the file elsewhere.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 import logging
 import os
 import pickle
+import pickletools
 import re
 import shutil
 import tempfile
@@ -25,6 +37,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -39,8 +52,13 @@ PathLike = Union[str, os.PathLike]
 #: Seconds to wait for a checkpoint server before giving up.
 DOWNLOAD_TIMEOUT = 30
 
-_TRUST_HINT = ('pass trusted=True (command line: --trust-checkpoint) only if you trust the '
-               "file's source: loading it then runs whatever code it names")
+#: Environment variable that lets MMEngine's loaders (``--resume``, ``load_from``,
+#: ``tools/test.py``, ``init_detector``) load checkpoints with ``weights_only=False``.
+TRUST_ENV = 'MMDET_CAM_TRUST_CHECKPOINT'
+
+_TRUST_HINT = ('pass trusted=True (command line: --trust-checkpoint; mmdet\'s tools/train.py, '
+               f'tools/test.py and other MMEngine programs: set {TRUST_ENV}=1) only if you trust '
+               "the file's source: loading it then runs whatever code it names")
 
 
 class CheckpointError(RuntimeError):
@@ -120,7 +138,8 @@ def is_url(filename: PathLike) -> bool:
 
 
 def download(url: str, timeout: float = DOWNLOAD_TIMEOUT) -> Path:
-    """Download ``url`` into ``torch.hub.get_dir()/checkpoints``, or return the cached file.
+    """Download ``url`` into ``torch.hub.get_dir()/checkpoints/mmdet_cam_hook/<url hash>/``, or
+    return the file cached there for this exact URL.
 
     Args:
         url (str): An ``http(s)://`` URL.
@@ -133,7 +152,8 @@ def download(url: str, timeout: float = DOWNLOAD_TIMEOUT) -> Path:
         CheckpointError: If the server cannot be reached or the transfer fails.
     """
     name = os.path.basename(urllib.parse.urlparse(url).path) or 'checkpoint.pth'
-    folder = Path(torch.hub.get_dir()) / 'checkpoints'
+    digest = hashlib.sha256(url.encode('utf-8')).hexdigest()[:16]
+    folder = Path(torch.hub.get_dir()) / 'checkpoints' / 'mmdet_cam_hook' / digest
     target = folder / name
     if target.is_file():
         logger.info('using cached download %s', target)
@@ -166,19 +186,90 @@ def _reason(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__ + ' (empty or truncated file)'
 
 
+_STRING_OPS = {'STRING', 'BINSTRING', 'SHORT_BINSTRING', 'UNICODE', 'BINUNICODE',
+               'SHORT_BINUNICODE', 'BINUNICODE8'}
+
+
+def _pickle_globals(stream: io.BufferedIOBase, limit: int = 8) -> list[str]:
+    """The ``module.name`` of every global the pickles at the start of ``stream`` import,
+    found by reading the opcodes (nothing is unpickled). Covers every protocol: ``GLOBAL`` and
+    ``INST`` (protocols 0-3) and ``STACK_GLOBAL`` (4-5, with its two strings possibly memoised).
+    A legacy torch file is several pickles in a row; reading stops at data that is no pickle."""
+    names: list[str] = []
+    for _ in range(limit):
+        memo: dict = {}
+        pushed: list = []
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                if op.name in ('GLOBAL', 'INST'):
+                    names.append(arg.replace(' ', '.'))
+                    pushed.append(None)
+                elif op.name == 'STACK_GLOBAL':
+                    if len(pushed) >= 2 and all(isinstance(v, str) for v in pushed[-2:]):
+                        names.append(f'{pushed[-2]}.{pushed[-1]}')
+                    pushed.append(None)
+                elif op.name in _STRING_OPS:
+                    pushed.append(arg if isinstance(arg, str) else
+                                  arg.decode('latin-1') if isinstance(arg, bytes) else None)
+                elif op.name == 'MEMOIZE':
+                    memo[len(memo)] = pushed[-1] if pushed else None
+                elif op.name in ('PUT', 'BINPUT', 'LONG_BINPUT'):
+                    memo[arg] = pushed[-1] if pushed else None
+                elif op.name in ('GET', 'BINGET', 'LONG_BINGET'):
+                    pushed.append(memo.get(arg))
+                elif op.name == 'STOP':
+                    break
+                else:
+                    pushed.append(None)
+        except (ValueError, EOFError, pickle.UnpicklingError, UnicodeDecodeError):
+            break  # the raw tensor data of a legacy file, or the end of the file
+        if not pushed:
+            break
+    return names
+
+
+def _allowed_names() -> set:
+    """``module.name`` of every global a safe load allows: ours and torch's own."""
+    allowed = set()
+    for entry in safe_globals():
+        if isinstance(entry, tuple):
+            allowed.add(entry[1])
+        else:
+            allowed.add(f'{entry.__module__}.{entry.__qualname__}')
+    try:  # torch's default weights_only allow-list (tensors, storages, OrderedDict, ...)
+        from torch._weights_only_unpickler import _get_allowed_globals
+        allowed.update(_get_allowed_globals())
+    except (ImportError, AttributeError):  # only the message would be less precise
+        allowed.update(n for n in ('collections.OrderedDict', ))
+    return allowed
+
+
 def _unsafe_globals(path: str, exc: Exception) -> list[str]:
+    """The globals ``path`` needs beyond the allow-list, for the refusal message."""
     names: list[str] = []
     try:
-        with torch.serialization.safe_globals(safe_globals()):
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except (RuntimeError, ValueError, OSError, pickle.UnpicklingError):
-        pass  # not a zip checkpoint: fall back to the unpickler's message
-    if not names:
-        names = re.findall(r'GLOBAL (\S+) was not an allowed', str(exc))
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.namelist():
+                    if member.endswith('.pkl'):
+                        names += _pickle_globals(io.BytesIO(archive.read(member)), limit=1)
+        else:
+            with open(path, 'rb') as stream:
+                names = _pickle_globals(stream)
+    except (OSError, zipfile.BadZipFile):
+        names = []
+    allowed = _allowed_names()
+    unsafe = [n for n in names if n not in allowed and not n.startswith('torch.')]
     call = re.search(r'checkpoint calls (getattr\(.*?\));', str(exc))
-    if not names and call:
-        names = [f'builtins.getattr, as {call.group(1)}']
-    return sorted(set(names))
+    if call:
+        unsafe.append(f'builtins.getattr, as {call.group(1)}')
+    if not unsafe:
+        unsafe = re.findall(r'GLOBAL (\S+) was not an allowed', str(exc))
+    return sorted(set(unsafe))
+
+
+def _trusted_by_environment() -> bool:
+    return os.environ.get(TRUST_ENV, '').strip().lower() in ('1', 'true', 'yes')
 
 
 def load_checkpoint(filename: PathLike,
@@ -197,6 +288,7 @@ def load_checkpoint(filename: PathLike,
 
     Raises:
         FileNotFoundError: If a local file does not exist.
+        IsADirectoryError: If a local path is a directory.
         UnsafeCheckpointError: If the file needs globals outside :func:`safe_globals`.
         CheckpointError: If a URL cannot be fetched or the file is not a torch checkpoint.
     """
@@ -206,7 +298,9 @@ def load_checkpoint(filename: PathLike,
         if isinstance(filename, str) and re.match(r'[a-z][a-z0-9+.-]*://', filename):
             raise CheckpointError(f'checkpoint {filename!r}: only local paths and http(s):// '
                                   'URLs are supported')
-        path = os.fspath(filename)
+        path = os.path.expanduser(os.fspath(filename))
+        if os.path.isdir(path):
+            raise IsADirectoryError(f'checkpoint {path!r} is a directory, not a checkpoint file')
         if not os.path.isfile(path):
             raise FileNotFoundError(f'checkpoint {path!r} does not exist')
     try:
@@ -230,6 +324,46 @@ def load_checkpoint(filename: PathLike,
         raise CheckpointError(f'checkpoint {path!r} holds a {type(checkpoint).__name__}, '
                               'expected a dict (an MMEngine checkpoint or a state dict)')
     return checkpoint
+
+
+def load_from_local_safe(filename: str, map_location=None) -> dict:
+    """MMEngine's loader for local files (``CheckpointLoader`` scheme ``''``): like MMEngine's
+    own ``load_from_local``, through :func:`load_checkpoint` (``weights_only`` with
+    :func:`safe_globals`; ``MMDET_CAM_TRUST_CHECKPOINT=1`` opts out)."""
+    return load_checkpoint(filename, map_location=map_location,
+                           trusted=_trusted_by_environment())
+
+
+def load_from_http_safe(filename: str, map_location=None) -> dict:
+    """MMEngine's loader for ``http(s)://`` URLs: rank 0 downloads first (as MMEngine's own
+    ``load_from_http`` does), then every rank reads the cached file through
+    :func:`load_checkpoint`."""
+    from mmengine.dist import barrier, get_dist_info
+
+    rank, world_size = get_dist_info()
+    if rank == 0:
+        download(filename)
+    if world_size > 1:
+        barrier()
+    return load_checkpoint(filename, map_location=map_location,
+                           trusted=_trusted_by_environment())
+
+
+def register_mmengine_loaders() -> None:
+    """Make MMEngine load local and ``http(s)://`` checkpoints through :func:`load_checkpoint`.
+
+    MMEngine's ``CheckpointLoader.register_scheme`` is its public extension point for this;
+    ``Runner.resume``, ``load_from``, ``init_cfg=dict(type='Pretrained', ...)``, mmdet's
+    ``tools/test.py`` and ``init_detector`` all read checkpoints through it. Called when the
+    package is imported (every config of ours imports it through ``custom_imports``); a config
+    of your own needs ``custom_imports = dict(imports=['mmdet_cam_hook'])`` or, in a script,
+    ``import mmdet_cam_hook``. Idempotent.
+    """
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local_safe, force=True)
+    CheckpointLoader.register_scheme(prefixes=('http://', 'https://'),
+                                     loader=load_from_http_safe, force=True)
 
 
 def _state_dict(checkpoint: dict) -> dict:

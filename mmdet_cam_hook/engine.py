@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -53,6 +54,8 @@ class CAMResult:
         input_cams (np.ndarray): (K, H_in, W_in) the maps on the network-input grid, before the
             letterbox is undone (the grid on which they equal grad-cam's own output).
         letterbox (Letterbox): Where the image sits inside the network input.
+        scale (float): Size of ``image`` (and ``cams``, ``combined``, ``bboxes``) relative to the
+            original image: 1.0 unless ``explain(max_size=...)`` downscaled them.
     """
 
     bboxes: np.ndarray
@@ -66,6 +69,7 @@ class CAMResult:
     image: np.ndarray = field(repr=False)
     input_cams: np.ndarray = field(repr=False)
     letterbox: Letterbox = field(repr=False)
+    scale: float = 1.0
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -82,17 +86,24 @@ def load_image(image: ImageLike) -> np.ndarray:
 
     Raises:
         FileNotFoundError: If a path does not exist.
-        ValueError: If a file cannot be decoded, or an array is not an 8-bit image.
+        IsADirectoryError: If a path is a directory.
+        ValueError: If a file cannot be decoded (also an empty file), or an array is not an
+            8-bit image.
         TypeError: If ``image`` is neither a path nor an array.
     """
-    import cv2
     import mmcv
 
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
+        if path.is_dir():
+            raise IsADirectoryError(f'image {str(path)!r} is a directory, not an image file')
         if not path.is_file():
             raise FileNotFoundError(f'image {str(path)!r} does not exist')
-        img = mmcv.imfrombytes(path.read_bytes(), flag='color', channel_order='bgr')
+        data = path.read_bytes()
+        try:
+            img = mmcv.imfrombytes(data, flag='color', channel_order='bgr') if data else None
+        except cv2.error:  # e.g. a header OpenCV recognises with no data behind it
+            img = None
         if img is None:
             raise ValueError(f'image {str(path)!r} could not be decoded; expected a file that '
                              'OpenCV reads (jpg, png, bmp, tiff, webp, ...)')
@@ -115,6 +126,13 @@ def load_image(image: ImageLike) -> np.ndarray:
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f'`image` is empty: shape {image.shape}')
     return np.ascontiguousarray(image)
+
+
+def check_max_size(max_size: Optional[int]) -> Optional[int]:
+    if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int)
+                                 or max_size < 1):
+        raise ValueError(f'`max_size` must be None or a positive int, got {max_size!r}')
+    return max_size
 
 
 def check_score_thr(score_thr: float) -> float:
@@ -199,23 +217,51 @@ class CAMEngine:
     def explain(self,
                 image: ImageLike,
                 methods: Union[str, Sequence[str]] = ('gradcam', ),
-                renormalize: bool = False) -> Dict[str, CAMResult]:
+                renormalize: bool = False,
+                max_size: Optional[int] = None) -> Dict[str, CAMResult]:
         """Per-detection CAMs of one image for one or more methods, from one forward pass.
+
+        Works inside ``torch.no_grad()`` and ``torch.inference_mode()`` blocks too: gradients
+        are enabled (and inference mode left) for the call only.
 
         Args:
             image (str | PathLike | np.ndarray): A path or an HxWx3 uint8 BGR array.
             methods (str | Sequence[str]): Keys of :data:`METHODS`. Defaults to ('gradcam',).
             renormalize (bool): Min-max each map inside its own box and zero it outside (the
                 seed tool's ``--renormalize``). Defaults to False.
+            max_size (int, optional): Longer side, in pixels, of the returned image and maps.
+                A larger image is still fed to the network whole (the detections do not
+                change), but its maps are resized straight from the network-input grid to the
+                smaller size, so a 6000x4000 image costs K maps of at most ``max_size`` pixels
+                a side instead of K full-size ones. ``bboxes`` are then in the returned image's
+                pixels and ``CAMResult.scale`` says by how much it was shrunk. None keeps the
+                original size. Defaults to None.
 
         Returns:
             dict[str, CAMResult]: One result per method.
+
+        Raises:
+            ValueError: On an unknown method, a bad ``max_size``, an image that cannot be read
+                or one the test pipeline cannot resize (e.g. 4000x2 pixels).
         """
         methods = check_methods(methods)
+        max_size = check_max_size(max_size)
         img = load_image(image)
+        with torch.inference_mode(False):
+            return self._explain(img, methods, renormalize, max_size)
+
+    def _explain(self, img: np.ndarray, methods: List[str], renormalize: bool,
+                 max_size: Optional[int]) -> Dict[str, CAMResult]:
         model = self.model
         with read_only(model):
-            inputs, metainfo = preprocess(model, self.pipeline, img)
+            try:
+                inputs, metainfo = preprocess(model, self.pipeline, img)
+            except cv2.error as exc:
+                h, w = img.shape[:2]
+                raise ValueError(
+                    f'the test pipeline could not resize the {w}x{h} (width x height) image to the '
+                    'network input: one side would shrink to 0 pixels. Crop or pad the image to '
+                    'a less extreme aspect ratio') from exc
             letterbox = Letterbox.from_metainfo(metainfo)
             need_grad = any(METHODS[m].uses_gradients for m in methods)
             plan = self._plan(need_grad)
@@ -233,8 +279,9 @@ class CAMEngine:
             with torch.enable_grad():
                 input_maps, used = self._maps(methods, dets, fwd, plan)
             del fwd, feats, outs, acts
+        scale, shown = _shrink(img, max_size)
         return {
-            m: self._result(m, img, dets, input_maps[m], used, letterbox, renormalize)
+            m: self._result(m, shown, scale, dets, input_maps[m], used, letterbox, renormalize)
             for m in methods
         }
 
@@ -372,10 +419,11 @@ class CAMEngine:
                     'them, or target_layers=None to explain each detection on its own level.',
                     UserWarning, stacklevel=4)
 
-    def _result(self, method: str, img: np.ndarray, dets: Detections, input_maps: np.ndarray,
-                used: List[List[str]], letterbox: Letterbox, renormalize: bool) -> CAMResult:
-        cams = np.clip(letterbox.to_original(input_maps), 0.0, 1.0)
-        bboxes = dets.bboxes.detach().cpu().numpy().astype(np.float32)
+    def _result(self, method: str, img: np.ndarray, scale: float, dets: Detections,
+                input_maps: np.ndarray, used: List[List[str]], letterbox: Letterbox,
+                renormalize: bool) -> CAMResult:
+        cams = np.clip(letterbox.to_original(input_maps, img.shape[:2]), 0.0, 1.0)
+        bboxes = dets.bboxes.detach().cpu().numpy().astype(np.float32) * np.float32(scale)
         if renormalize:
             cams = renormalize_in_boxes(cams, bboxes)
         combined = cams.max(0) if len(cams) else np.zeros(img.shape[:2], np.float32)
@@ -390,7 +438,19 @@ class CAMEngine:
             layers=used,
             image=img,
             input_cams=input_maps,
-            letterbox=letterbox)
+            letterbox=letterbox,
+            scale=scale)
+
+
+def _shrink(img: np.ndarray, max_size: Optional[int]) -> Tuple[float, np.ndarray]:
+    """``(scale, image)``: the image downscaled so that its longer side is at most
+    ``max_size`` (unchanged, scale 1.0, when it already is or ``max_size`` is None)."""
+    h, w = img.shape[:2]
+    if max_size is None or max(h, w) <= max_size:
+        return 1.0, img
+    scale = max_size / max(h, w)
+    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    return scale, cv2.resize(img, size, interpolation=cv2.INTER_AREA)
 
 
 class _Forward(NamedTuple):
@@ -424,8 +484,10 @@ def compute_cams(model: nn.Module,
                  target_layers: Union[None, str, Sequence[str]] = None,
                  score_thr: float = 0.3,
                  topk: Optional[int] = None,
-                 renormalize: bool = False) -> CAMResult:
-    """Per-detection CAMs of one image (see :class:`CAMEngine` for the arguments).
+                 renormalize: bool = False,
+                 max_size: Optional[int] = None) -> CAMResult:
+    """Per-detection CAMs of one image (see :class:`CAMEngine` and
+    :meth:`CAMEngine.explain` for the arguments).
 
     Example:
         >>> from mmdet.apis import init_detector
@@ -438,4 +500,5 @@ def compute_cams(model: nn.Module,
     """
     check_method(method)
     engine = CAMEngine(model, target_layers=target_layers, score_thr=score_thr, topk=topk)
-    return engine.explain(image, methods=[method], renormalize=renormalize)[method]
+    return engine.explain(image, methods=[method], renormalize=renormalize,
+                          max_size=max_size)[method]

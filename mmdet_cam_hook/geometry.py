@@ -5,7 +5,7 @@ YOLOX's test pipeline resizes with ``keep_ratio`` and pads at the bottom and rig
 network input is ``round(ori_h * sy) x round(ori_w * sx)`` at the top left.
 """
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import cv2
 import numpy as np
@@ -42,18 +42,21 @@ class Letterbox:
         return (min(int(round(h * sy)), self.input_shape[0]),
                 min(int(round(w * sx)), self.input_shape[1]))
 
-    def to_original(self, maps: np.ndarray) -> np.ndarray:
+    def to_original(self, maps: np.ndarray,
+                    out_shape: Optional[Tuple[int, int]] = None) -> np.ndarray:
         """Crop the padding off maps on the network-input grid and resize them to the original
-        image size.
+        image size (or to ``out_shape``, the original image scaled).
 
         Args:
             maps (np.ndarray): (K, H_in, W_in) float maps on the network-input grid.
+            out_shape (tuple[int, int], optional): (H, W) to resize to. Defaults to None (the
+                original size).
 
         Returns:
             np.ndarray: (K, H, W) float32 maps aligned with the original image.
         """
         h_r, w_r = self.resized_shape
-        h, w = self.ori_shape
+        h, w = self.ori_shape if out_shape is None else out_shape
         out = np.empty((len(maps), h, w), np.float32)
         for k, m in enumerate(maps):
             out[k] = cv2.resize(np.ascontiguousarray(m[:h_r, :w_r], np.float32), (w, h),

@@ -171,6 +171,34 @@ def test_unknown_class_refused_unless_trusted(tmp_path):
     assert load_checkpoint(path, trusted=True)['meta']['day'] == datetime.date(2024, 1, 2)
 
 
+class _System:
+    """Unpickling this runs ``os.system(command)`` (pickled as ``posix.system``)."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command, ))
+
+
+@pytest.mark.parametrize('zipped', [True, False])
+@pytest.mark.parametrize('protocol', range(pickle.HIGHEST_PROTOCOL + 1))
+def test_refusal_names_the_global_for_every_pickle_protocol(tmp_path, protocol, zipped):
+    """Old-format and new-format files, pickle protocols 0-5: the message names the blocked
+    global and the opt-ins, never torch's 'weights_only=False will likely succeed'."""
+    marker = tmp_path / 'pwned'
+    path = tmp_path / 'evil.pth'
+    torch.save({'state_dict': {'w': torch.ones(1)}, 'x': _System(f'touch {marker}')}, path,
+               pickle_protocol=protocol, _use_new_zipfile_serialization=zipped)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_checkpoint(path)
+    assert not marker.exists()
+    message = str(info.value)
+    assert info.value.unsafe_globals == ['posix.system'], message
+    assert '--trust-checkpoint' in message and 'MMDET_CAM_TRUST_CHECKPOINT=1' in message
+    assert 'will likely succeed' not in message
+
+
 def test_legacy_format_refusal_names_the_global(tmp_path):
     path = tmp_path / 'legacy.pth'
     torch.save({'d': datetime.date(2024, 1, 2)}, path, _use_new_zipfile_serialization=False)
@@ -229,6 +257,8 @@ def test_not_a_dict(tmp_path):
 def test_missing_file_and_unsupported_scheme(tmp_path):
     with pytest.raises(FileNotFoundError, match='nope.pth'):
         load_checkpoint(tmp_path / 'nope.pth')
+    with pytest.raises(IsADirectoryError, match='is a directory'):
+        load_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match='only local paths and http'):
         load_checkpoint('s3://bucket/yolox.pth')
 
@@ -238,16 +268,53 @@ def test_unreachable_url_is_a_clear_error(tmp_path, monkeypatch):
     # Port 9 on the loopback: refused at once, no network needed.
     with pytest.raises(CheckpointError, match='could not download.*local path'):
         load_checkpoint('http://127.0.0.1:9/ckpts/yolox_tiny.pth')
-    assert not any((tmp_path / 'hub' / 'checkpoints').iterdir()), 'no partial file left'
+    left = [p for p in (tmp_path / 'hub' / 'checkpoints').rglob('*') if p.is_file()]
+    assert not left, 'no partial file left'
 
 
-def test_url_uses_cached_download(tmp_path, monkeypatch):
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
-    cached = tmp_path / 'hub' / 'checkpoints' / 'yolox_tiny.pth'
-    cached.parent.mkdir(parents=True)
-    torch.save({'state_dict': {'w': torch.zeros(1)}}, cached)
-    ckpt = load_checkpoint('http://127.0.0.1:9/ckpts/yolox_tiny.pth')
-    assert torch.equal(ckpt['state_dict']['w'], torch.zeros(1))
+@pytest.fixture
+def http_server(tmp_path):
+    """A loopback HTTP server for ``tmp_path/www`` that counts its requests."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / 'www'
+    root.mkdir()
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ('127.0.0.1', 0), functools.partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f'http://127.0.0.1:{server.server_address[1]}', root, requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_url_cache_is_keyed_on_the_whole_url(tmp_path, monkeypatch, http_server):
+    """``.../a/model.pth`` and ``.../b/model.pth`` are different files; each is fetched once."""
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    url, root, requests = http_server
+    for folder, value in (('a', 1.0), ('b', 2.0)):
+        (root / folder).mkdir()
+        torch.save({'state_dict': {'w': torch.full((1, ), value)}}, root / folder / 'model.pth')
+    for _ in range(2):
+        a = load_checkpoint(f'{url}/a/model.pth')['state_dict']['w']
+        b = load_checkpoint(f'{url}/b/model.pth')['state_dict']['w']
+        assert a.item() == 1.0 and b.item() == 2.0
+    assert sorted(requests) == ['/a/model.pth', '/b/model.pth']
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,3 +362,117 @@ def test_init_model_from_config_and_checkpoint(tmp_path, make_yolox):
         init_model(source.cfg, path)
     with pytest.raises(FileNotFoundError, match='missing.py'):
         init_model(str(tmp_path / 'missing.py'), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# MMEngine's own loaders go through the same allow-list once the package is imported
+def test_mmengine_loads_its_own_checkpoints(runner_ckpt, tmp_path, monkeypatch):
+    from mmengine.runner.checkpoint import CheckpointLoader, _load_checkpoint
+
+    import mmdet_cam_hook  # noqa: F401 - registers the loaders
+
+    assert CheckpointLoader._get_checkpoint_loader(runner_ckpt).__module__ == \
+        'mmdet_cam_hook.checkpoint'
+    ckpt = _load_checkpoint(runner_ckpt, map_location='cpu')
+    assert {'message_hub', 'optimizer', 'state_dict'} <= set(ckpt)
+    marker = tmp_path / 'pwned'
+    evil = tmp_path / 'evil.pth'
+    torch.save({'state_dict': {}, 'x': _System(f'touch {marker}')}, evil)
+    with pytest.raises(UnsafeCheckpointError, match='posix.system'):
+        _load_checkpoint(str(evil), map_location='cpu')
+    assert not marker.exists()
+    # the explicit opt-in for programs that are not ours
+    date = tmp_path / 'date.pth'
+    torch.save({'meta': {'day': datetime.date(2024, 1, 2)}}, date)
+    monkeypatch.setenv('MMDET_CAM_TRUST_CHECKPOINT', '1')
+    assert _load_checkpoint(str(date))['meta']['day'] == datetime.date(2024, 1, 2)
+
+
+def test_init_detector_with_a_checkpoint(tmp_path, make_yolox):
+    """``mmdet.apis.init_detector(cfg, ckpt)`` with an MMEngine checkpoint holding a message
+    hub (HistoryBuffer) and numpy values, as a user's script calls it."""
+    from mmdet.apis import init_detector
+    from mmengine.logging import HistoryBuffer
+
+    import mmdet_cam_hook  # noqa: F401
+
+    model = make_yolox('nano', input_size=64)
+    path = tmp_path / 'epoch_1.pth'
+    buffer = HistoryBuffer()
+    buffer.update(np.float64(0.5))
+    torch.save({'meta': {'dataset_meta': {'classes': ('a', 'b', 'c')}, 'epoch': 1},
+                'state_dict': model.state_dict(),
+                'message_hub': {'log_scalars': {'loss': buffer}}}, path)
+    loaded = init_detector(model.cfg, str(path), device='cpu')
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert loaded.dataset_meta['classes'] == ('a', 'b', 'c')
+
+
+# ---------------------------------------------------------------------------------------------
+# mmdet's own scripts, as subprocesses: a checkpoint carrying code is refused, the code never runs
+def _tools(name: str) -> str:
+    import mmdet
+
+    return os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'tools', name)
+
+
+def _tiny_config(tmp_path) -> str:
+    """mmdet's YOLOX-nano config on 3 generated 64 px images, importing this package as our
+    configs do (``custom_imports``)."""
+    from mmengine.config import Config
+
+    from mmdet_cam_hook.shapes import generate_shapes
+    from mmdet_cam_hook.testing import mmdet_config
+
+    data = generate_shapes(tmp_path / 'shapes', num_train=2, num_val=1, image_size=64, seed=0)
+    cfg = Config.fromfile(mmdet_config('yolox/yolox_nano_8xb8-300e_coco.py'))
+    cfg.custom_imports = dict(imports=['mmdet_cam_hook'], allow_failed_imports=False)
+    cfg.model.bbox_head.num_classes = len(data.classes)
+    cfg.model.data_preprocessor.batch_augments = None
+    pipeline = [dict(type='LoadImageFromFile'),
+                dict(type='Resize', scale=(64, 64), keep_ratio=True),
+                dict(type='Pad', pad_to_square=True, pad_val=dict(img=(114.0, 114.0, 114.0))),
+                dict(type='LoadAnnotations', with_bbox=True), dict(type='PackDetInputs')]
+
+    def dataset(split):
+        return dict(type='CocoDataset', data_root=str(data.root),
+                    ann_file=str(data.ann_file(split)),
+                    data_prefix=dict(img=str(data.img_dir(split)) + os.sep),
+                    metainfo=dict(classes=data.classes), filter_cfg=dict(filter_empty_gt=False),
+                    pipeline=pipeline)
+
+    loader = dict(batch_size=1, num_workers=0, persistent_workers=False,
+                  sampler=dict(type='DefaultSampler', shuffle=False))
+    cfg.train_dataloader = dict(loader, dataset=dataset('train'))
+    cfg.val_dataloader = cfg.test_dataloader = dict(loader, dataset=dataset('val'))
+    cfg.val_evaluator = cfg.test_evaluator = dict(type='CocoMetric', metric='bbox',
+                                                  ann_file=str(data.ann_file('val')))
+    cfg.train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=1, val_interval=1)
+    cfg.param_scheduler = None
+    cfg.custom_hooks = []
+    path = tmp_path / 'tiny_yolox.py'
+    cfg.dump(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize('script', ['test.py', 'train.py --resume'])
+def test_mmdet_tools_refuse_code_in_a_checkpoint(tmp_path, script):
+    import subprocess
+    import sys
+
+    config = _tiny_config(tmp_path)
+    marker = tmp_path / 'pwned'
+    evil = tmp_path / 'evil.pth'
+    torch.save({'state_dict': {}, 'meta': {}, 'x': _System(f'touch {marker}')}, evil)
+    name, *flags = script.split()
+    cmd = [sys.executable, _tools(name), config, *(
+        [str(evil)] if name == 'test.py' else [*flags, str(evil)]),
+           '--work-dir', str(tmp_path / 'work')]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    env.pop('MMDET_CAM_TRUST_CHECKPOINT', None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert not marker.exists(), 'the code in the checkpoint ran'
+    assert 'UnsafeCheckpointError' in proc.stderr and 'posix.system' in proc.stderr
+    assert 'MMDET_CAM_TRUST_CHECKPOINT=1' in proc.stderr

@@ -206,6 +206,60 @@ def test_bad_images(make_yolox, tmp_path):
     assert res.cams.shape[1:] == (1, 1) and res.combined.shape == (1, 1)
 
 
+def test_empty_files_and_folders_are_clear_errors(make_yolox, tmp_path):
+    """A 0-byte file is 'could not be decoded' (not a raw cv2.error); a folder says so."""
+    engine = CAMEngine(make_yolox('nano', input_size=64), score_thr=0.0, topk=2)
+    (tmp_path / 'empty.jpg').write_bytes(b'')
+    with pytest.raises(ValueError, match="'.*empty.jpg' could not be decoded"):
+        engine.explain(tmp_path / 'empty.jpg')
+    with pytest.raises(IsADirectoryError, match='is a directory'):
+        engine.explain(tmp_path)
+
+
+@pytest.mark.parametrize('hw', [(1, 2000), (2, 4000), (3000, 1)])
+def test_thin_images_are_a_clear_error(make_yolox, hw):
+    engine = CAMEngine(make_yolox('nano', input_size=64), score_thr=0.0, topk=2)
+    h, w = hw
+    with pytest.raises(ValueError, match=f'{w}x{h} .*could not resize|could not resize.*{w}x{h}'):
+        engine.explain(np.full((h, w, 3), 100, np.uint8))
+
+
+def test_works_under_inference_mode_and_no_grad(make_yolox, make_image):
+    """``compute_cams`` is called from inference code: same maps inside ``inference_mode``."""
+    model = make_yolox('nano', input_size=64)
+    image = make_image(96, 160, seed=2)
+    ref = compute_cams(model, image, method='hirescam', score_thr=0.0, topk=3)
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            res = compute_cams(model, image, method='hirescam', score_thr=0.0, topk=3)
+        assert len(res) == 3
+        np.testing.assert_array_equal(res.cams, ref.cams)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+def test_max_size_bounds_the_maps_not_the_detections(make_yolox, make_image):
+    """``max_size`` shrinks the returned image and maps (boxes follow), the network still
+    sees the whole image: same detections, maps equal the full-size ones downscaled."""
+    model = make_yolox('nano', input_size=64)
+    image = cv2.resize(make_image(96, 160, seed=3), (1200, 720), interpolation=cv2.INTER_LINEAR)
+    engine = CAMEngine(model, score_thr=0.0, topk=4)
+    full = engine.explain(image, methods=['gradcam'])['gradcam']
+    small = engine.explain(image, methods=['gradcam'], max_size=300)['gradcam']
+    assert full.scale == 1.0 and small.scale == pytest.approx(0.25)
+    assert small.image.shape == (180, 300, 3) and small.cams.shape == (4, 180, 300)
+    assert small.combined.shape == (180, 300)
+    np.testing.assert_array_equal(small.scores, full.scores)
+    np.testing.assert_allclose(small.bboxes, full.bboxes * 0.25, rtol=1e-6)
+    np.testing.assert_array_equal(small.input_cams, full.input_cams)
+    down = np.stack([cv2.resize(c, (300, 180), interpolation=cv2.INTER_AREA) for c in full.cams])
+    assert np.abs(small.cams - down).mean() < 0.02
+    # an image already small enough is returned as it is
+    same = engine.explain(image, methods=['gradcam'], max_size=5000)['gradcam']
+    assert same.scale == 1.0 and same.image.shape == image.shape
+    with pytest.raises(ValueError, match='`max_size` must be None or a positive int, got 0'):
+        engine.explain(image, max_size=0)
+
+
 def test_no_detections_is_an_empty_result(make_yolox, make_image):
     model = make_yolox('nano', input_size=64, confident=False)
     res = compute_cams(model, make_image(), score_thr=0.3)
