@@ -1,4 +1,9 @@
-"""CAM-quality numbers: how much of a detection's map lies in its box, and the pointing game.
+"""Localisation numbers for per-detection maps: energy in the own box, the pointing game (peak
+and energy-based) against ground truth, the share on *other* objects, and blank maps.
+
+A blank map (all zero: the layer has no gradient path to the detection) explains nothing; it is
+counted by :func:`is_blank` and scores NaN in the energy-based numbers, so that means over many
+maps (``np.nanmean``) are not dragged towards 0 by it.
 
 Pixel convention (the same as :mod:`mmdet_cam_hook.render`): pixel ``(row y, column x)`` covers
 ``[x, x + 1) x [y, y + 1)``; it is inside a box ``x1, y1, x2, y2`` when its centre
@@ -106,37 +111,153 @@ def pointing_game(cams, bboxes, labels, gt_bboxes, gt_labels,
         ValueError: If the shapes disagree, a map has negative or NaN values, or ``iou_thr`` is
             outside ``(0, 1]``.
     """
+    cams = _check_cams(cams)
+    match = match_to_ground_truth(bboxes, labels, gt_bboxes, gt_labels, iou_thr)
+    if len(cams) != len(match):
+        raise ValueError(f'`cams`, `bboxes` and `labels` must have the same length, got '
+                         f'{len(cams)}, {len(match)} and {len(np.asarray(labels).reshape(-1))}')
+    gt_bboxes = _check_boxes(gt_bboxes, 'gt_bboxes')
+    width = cams.shape[2]
+    hits = total = 0
+    for cam, g in zip(cams, match):
+        if g < 0:
+            continue
+        total += 1
+        if cam.max() <= 0:
+            continue
+        y, x = divmod(int(np.argmax(cam)), width)
+        gx1, gy1, gx2, gy2 = gt_bboxes[g]
+        if gx1 <= x + 0.5 <= gx2 and gy1 <= y + 0.5 <= gy2:
+            hits += 1
+    return hits, total
+
+
+def is_blank(cams) -> np.ndarray:
+    """``(K,)`` bool: which maps are all zero.
+
+    Args:
+        cams (array-like): ``(K, H, W)`` non-negative maps.
+
+    Returns:
+        np.ndarray: ``(K,)`` bool.
+    """
+    cams = _check_cams(cams)
+    return cams.reshape(len(cams), -1).max(1, initial=0.0) <= 0
+
+
+def match_to_ground_truth(bboxes, labels, gt_bboxes, gt_labels,
+                          iou_thr: float = 0.5) -> np.ndarray:
+    """Match detections to ground truth, greedily in the given (score-descending) order.
+
+    Each detection takes the unmatched ground-truth box of its class with the highest IoU if
+    that IoU is at least ``iou_thr``; every ground-truth box is taken at most once.
+
+    Args:
+        bboxes (array-like): ``(K, 4)`` detection boxes ``x1, y1, x2, y2``.
+        labels (array-like): ``(K,)`` detection class indices.
+        gt_bboxes (array-like): ``(G, 4)`` ground-truth boxes.
+        gt_labels (array-like): ``(G,)`` ground-truth class indices.
+        iou_thr (float): Minimum IoU for a match, in ``(0, 1]``. Defaults to 0.5.
+
+    Returns:
+        np.ndarray: ``(K,)`` int64, the matched ground-truth index or -1.
+
+    Raises:
+        ValueError: If the shapes disagree or ``iou_thr`` is outside ``(0, 1]``.
+    """
     if isinstance(iou_thr, bool) or not isinstance(iou_thr, numbers.Real) \
             or not 0 < iou_thr <= 1:
         raise ValueError(f'`iou_thr` must be a number in (0, 1], got {iou_thr!r}')
-    cams = _check_cams(cams)
     bboxes = _check_boxes(bboxes, 'bboxes')
     gt_bboxes = _check_boxes(gt_bboxes, 'gt_bboxes')
     labels = np.asarray(labels).reshape(-1)
     gt_labels = np.asarray(gt_labels).reshape(-1)
-    if not len(cams) == len(bboxes) == len(labels):
-        raise ValueError(f'`cams`, `bboxes` and `labels` must have the same length, got '
-                         f'{len(cams)}, {len(bboxes)} and {len(labels)}')
+    if len(bboxes) != len(labels):
+        raise ValueError(f'`bboxes` and `labels` must have the same length, got {len(bboxes)} '
+                         f'and {len(labels)}')
     if len(gt_bboxes) != len(gt_labels):
         raise ValueError(f'`gt_bboxes` and `gt_labels` must have the same length, got '
                          f'{len(gt_bboxes)} and {len(gt_labels)}')
-    width = cams.shape[2]
     taken = np.zeros(len(gt_bboxes), dtype=bool)
-    hits = total = 0
-    for cam, box, label in zip(cams, bboxes, labels):
+    match = np.full(len(bboxes), -1, dtype=np.int64)
+    for k, (box, label) in enumerate(zip(bboxes, labels)):
         candidates = ~taken & (gt_labels == label)
         if not candidates.any():
             continue
         ious = np.where(candidates, _iou(box, gt_bboxes), -1.0)
         best = int(np.argmax(ious))
-        if ious[best] < iou_thr:
+        if ious[best] >= iou_thr:
+            taken[best] = True
+            match[k] = best
+    return match
+
+
+def energy_pointing_game(cams, match, gt_bboxes) -> np.ndarray:
+    """Energy-based pointing game (Wang et al., Score-CAM, CVPRW 2020): the share of each map's
+    energy inside the ground-truth box its detection matched.
+
+    ``epg_k = sum(cam_k[inside gt_box[match_k]]) / sum(cam_k)``; NaN for a detection without
+    a match (``match_k == -1``) and for a blank map.
+
+    Args:
+        cams (array-like): ``(K, H, W)`` non-negative maps.
+        match (array-like): ``(K,)`` ground-truth index per detection, -1 for none (as
+            :func:`match_to_ground_truth` returns).
+        gt_bboxes (array-like): ``(G, 4)`` ground-truth boxes in the maps' pixels.
+
+    Returns:
+        np.ndarray: ``(K,)`` float64 in ``[0, 1]`` or NaN.
+    """
+    cams, match, gt_bboxes = _check_matched(cams, match, gt_bboxes)
+    height, width = cams.shape[1:]
+    out = np.full(len(cams), np.nan)
+    for k, (cam, g) in enumerate(zip(cams, match)):
+        total = cam.sum()
+        if g >= 0 and total > 0:
+            out[k] = cam[_box_mask(gt_bboxes[g], height, width)].sum() / total
+    return out
+
+
+def off_target_share(cams, match, gt_bboxes) -> np.ndarray:
+    """Share of each map's energy on *other* ground-truth objects (after ODAM's object
+    discrimination index, Zhao et al., ICLR 2023): the energy in the union of all other
+    ground-truth boxes, outside the detection's own matched box, over the map's total energy.
+
+    An instance-level map scores near 0; a class-level map that also lights up the other
+    objects scores high. NaN for an unmatched detection and for a blank map.
+
+    Args:
+        cams (array-like): ``(K, H, W)`` non-negative maps.
+        match (array-like): ``(K,)`` ground-truth index per detection, -1 for none.
+        gt_bboxes (array-like): ``(G, 4)`` ground-truth boxes in the maps' pixels.
+
+    Returns:
+        np.ndarray: ``(K,)`` float64 in ``[0, 1]`` or NaN.
+    """
+    cams, match, gt_bboxes = _check_matched(cams, match, gt_bboxes)
+    height, width = cams.shape[1:]
+    masks = [_box_mask(b, height, width) for b in gt_bboxes]
+    out = np.full(len(cams), np.nan)
+    for k, (cam, g) in enumerate(zip(cams, match)):
+        total = cam.sum()
+        if g < 0 or total <= 0:
             continue
-        taken[best] = True
-        total += 1
-        if cam.max() <= 0:
-            continue
-        y, x = divmod(int(np.argmax(cam)), width)
-        gx1, gy1, gx2, gy2 = gt_bboxes[best]
-        if gx1 <= x + 0.5 <= gx2 and gy1 <= y + 0.5 <= gy2:
-            hits += 1
-    return hits, total
+        others = np.zeros((height, width), dtype=bool)
+        for j, mask in enumerate(masks):
+            if j != g:
+                others |= mask
+        out[k] = cam[others & ~masks[g]].sum() / total
+    return out
+
+
+def _check_matched(cams, match, gt_bboxes):
+    cams = _check_cams(cams)
+    gt_bboxes = _check_boxes(gt_bboxes, 'gt_bboxes')
+    match = np.asarray(match, dtype=np.int64).reshape(-1)
+    if len(match) != len(cams):
+        raise ValueError(f'`cams` and `match` must have the same length, got {len(cams)} and '
+                         f'{len(match)}')
+    if ((match < -1) | (match >= len(gt_bboxes))).any():
+        raise ValueError(f'`match` holds indices outside [-1, {len(gt_bboxes) - 1}]: '
+                         f'{sorted(set(match[(match < -1) | (match >= len(gt_bboxes))]))}')
+    return cams, match, gt_bboxes

@@ -2,7 +2,14 @@
 import numpy as np
 import pytest
 
-from mmdet_cam_hook.metrics import energy_in_box, pointing_game
+from mmdet_cam_hook.metrics import (
+    energy_in_box,
+    energy_pointing_game,
+    is_blank,
+    match_to_ground_truth,
+    off_target_share,
+    pointing_game,
+)
 
 
 def diagonal_cam():
@@ -115,3 +122,57 @@ def test_pointing_game_bad_input(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         pointing_game(**args)
+
+
+# ------------------------------------------------------------------ ground-truth based numbers
+def _two_objects():
+    """8x8 maps; GT 0 covers the top-left 4x4 quadrant, GT 1 the bottom-right one."""
+    gt = np.array([[0, 0, 4, 4], [4, 4, 8, 8]], np.float64)
+    instance = np.zeros((8, 8))
+    instance[1:3, 1:3] = 1.0  # all on GT 0
+    classwide = np.zeros((8, 8))
+    classwide[1:3, 1:3] = 1.0
+    classwide[5:7, 5:7] = 3.0  # 3/4 of the energy on the other object
+    background = np.zeros((8, 8))
+    background[0, 7] = 2.0  # top-right: on no object
+    return gt, np.stack([instance, classwide, background, np.zeros((8, 8))])
+
+
+def test_match_to_ground_truth_is_greedy_by_order_and_class():
+    gt = [[0, 0, 4, 4], [4, 4, 8, 8]]
+    boxes = [[0, 0, 4, 4], [0.5, 0, 4, 4], [4, 4, 8, 8], [4, 4, 8, 8]]
+    np.testing.assert_array_equal(
+        match_to_ground_truth(boxes, [0, 0, 1, 0], gt, [0, 1]), [0, -1, 1, -1])
+    with pytest.raises(ValueError, match=r'`iou_thr` must be a number in \(0, 1\], got 0'):
+        match_to_ground_truth(boxes, [0, 0, 1, 0], gt, [0, 1], iou_thr=0)
+
+
+def test_energy_pointing_game_and_off_target_share_golden():
+    gt, cams = _two_objects()
+    match = np.array([0, 0, 0, 0])
+    np.testing.assert_allclose(energy_pointing_game(cams, match, gt),
+                               [1.0, 0.25, 0.0, np.nan])
+    np.testing.assert_allclose(off_target_share(cams, match, gt), [0.0, 0.75, 0.0, np.nan])
+    # unmatched detections are NaN, never 0
+    unmatched = np.array([-1, 1, -1, -1])
+    np.testing.assert_allclose(energy_pointing_game(cams, unmatched, gt),
+                               [np.nan, 0.75, np.nan, np.nan])
+    np.testing.assert_allclose(off_target_share(cams, unmatched, gt),
+                               [np.nan, 0.25, np.nan, np.nan])
+    np.testing.assert_array_equal(is_blank(cams), [False, False, False, True])
+
+
+def test_off_target_share_does_not_count_the_overlap_with_the_own_box():
+    gt = np.array([[0, 0, 4, 4], [2, 2, 6, 6]], np.float64)
+    cam = np.zeros((1, 8, 8))
+    cam[0, 3, 3] = 1.0  # inside both boxes: it is the own object
+    cam[0, 5, 5] = 1.0  # only in the other box
+    np.testing.assert_allclose(off_target_share(cam, [0], gt), [0.5])
+
+
+def test_matched_metrics_bad_input():
+    gt, cams = _two_objects()
+    with pytest.raises(ValueError, match='same length'):
+        energy_pointing_game(cams, [0], gt)
+    with pytest.raises(ValueError, match=r'outside \[-1, 1\]: \[2\]'):
+        off_target_share(cams, [0, 2, 0, 0], gt)
