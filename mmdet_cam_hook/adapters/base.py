@@ -15,9 +15,24 @@ class through :data:`ADAPTERS` (an MMEngine ``Registry``), never from a config f
 
 Adding a head: subclass the closest adapter, set ``head_types`` and register it with
 ``@ADAPTERS.register_module()``; add one row to the tests' table of heads.
+
+Interface changes since the first commit (all backward compatible):
+- ``excluded_types``: head classes an adapter must not take although they subclass one of its
+  ``head_types`` (e.g. ``RTMDetInsHead`` under ``RTMDetHead``).
+- :func:`locate_priors`: flat prior index (mmdet's ``(level, y, x, anchor)`` order) to
+  ``levels, ys, xs, anchors``; use it in ``decode``.
+- ``level_layers`` has a default: the shortest ``named_modules()`` path whose output *is* the
+  level's feature map, found once by tracing ``features()`` on a small dummy input. Override it
+  only where no module outputs a level's map.
+- ``level_roots(level)``: the modules that belong to one level only (default: the level layer);
+  ``level_of_layer`` is now generic over them and returns None for a module shared by levels
+  (e.g. RTMDet's shared convs).
+- ``window_branches`` contract made precise (see its docstring): the engine checks the modules,
+  derives the radius and zeroes the off-map positions before every spatial convolution itself
+  (forward pre-hooks), so ``window_scores`` just runs the branches.
 """
 from dataclasses import dataclass, fields
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.registry import Registry
@@ -68,6 +83,8 @@ class DetectorAdapter:
 
     #: Names of the head classes this adapter explains (subclasses of them too).
     head_types: Tuple[str, ...] = ()
+    #: Subclasses of ``head_types`` this adapter must not take (they decode differently).
+    excluded_types: Tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -102,25 +119,61 @@ class DetectorAdapter:
     def level_layers(self) -> List[str]:
         """``named_modules()`` path of the module whose output is ``features()[l]``, per level.
 
+        Default: traced once (cached) by running :meth:`features` without gradients, in eval
+        mode, on a zero input twice the head's largest stride a side, and taking for each level
+        the shortest path of a module whose output is that very tensor (``neck.out_convs.l``
+        in YOLOX and RTMDet, ``neck.fpn_convs.l`` in FPN models).
+
         Raises:
-            ValueError: If the model has no such modules (then ``target_layers`` must be given).
+            ValueError: If no module outputs some level's map (then ``target_layers`` must be
+                given, or the adapter overrides this).
         """
-        raise NotImplementedError
+        if getattr(self, '_level_layers', None) is None:
+            self._level_layers = trace_level_layers(self.model, self.features,
+                                                    2 * max(self.strides()))
+        return list(self._level_layers)
+
+    def strides(self) -> List[int]:
+        """Stride of each level (``bbox_head.prior_generator.strides``)."""
+        return [int(s[0]) if isinstance(s, (tuple, list)) else int(s)
+                for s in self.head.prior_generator.strides]
+
+    def level_roots(self, level: int) -> List[str]:
+        """``named_modules()`` paths of modules that serve level ``level`` only: the level layer
+        and, in heads with per-level modules, those (e.g. ``bbox_head.multi_level_cls_convs.l``).
+        """
+        return [self.level_layers()[level]]
 
     def level_of_layer(self, name: str) -> Optional[int]:
-        """The level whose head alone the layer ``name`` feeds, or None if it feeds all."""
-        for level, layer in enumerate(self.level_layers()):
-            if name == layer or name.startswith(layer + '.'):
-                return level
-        return None
+        """The level whose head alone the layer ``name`` feeds, or None if it feeds several
+        (a module reachable from the roots of two levels, such as a shared conv, feeds all)."""
+        if getattr(self, '_module_levels', None) is None:
+            modules = dict(self.model.named_modules())
+            levels: Dict[int, set] = {}
+            for level in range(len(self.strides())):
+                for root in self.level_roots(level):
+                    if root in modules:
+                        for m in modules[root].modules():
+                            levels.setdefault(id(m), set()).add(level)
+            self._module_levels = levels
+        module = dict(self.model.named_modules()).get(name)
+        own = self._module_levels.get(id(module), set()) if module is not None else set()
+        return next(iter(own)) if len(own) == 1 else None
 
     # ------------------------------------------------------------------ (d) local window
     def window_branches(self, level: int) -> Optional[List[List[nn.Module]]]:
         """The head's modules between ``features()[level]`` and the score, one list per branch
         in the order they run (e.g. YOLOX: cls convs + cls predictor; reg convs + obj
-        predictor). The engine checks them (stride-1 zero-padded convolutions and per-position
-        operations only: no GroupNorm, no pooling) and derives the window radius from them.
-        None: no shortcut for this head (the engine takes the exact full route)."""
+        predictor); every module the score reads must be in one of them.
+
+        The engine (:mod:`mmdet_cam_hook.local`) checks them: only stride-1, 'same'
+        zero-padded convolutions (any dilation, any groups) and per-position modules (BatchNorm
+        in eval mode with running statistics, activations, Identity, Dropout in eval, Scale)
+        inside the containers it knows (Sequential, ConvModule, DepthwiseSeparableConvModule).
+        Anything else (GroupNorm, LayerNorm, pooling, deformable conv, BatchNorm in training
+        mode, an unknown module type) means no shortcut. The window radius is the largest sum
+        of ``(k - 1) // 2 * dilation`` over a branch. None: no shortcut for this head (the
+        engine takes the exact full route)."""
         return None
 
     def window_scores(self, level: int, windows: torch.Tensor, dets: Detections) -> torch.Tensor:
@@ -139,9 +192,11 @@ def build_adapter(model: nn.Module) -> DetectorAdapter:
     head = getattr(model, 'bbox_head', None)
     supported = supported_heads()
     if head is not None:
-        for cls in type(head).__mro__:
+        mro = [cls.__name__ for cls in type(head).__mro__]
+        for cls_name in mro:
             for adapter_cls in ADAPTERS.module_dict.values():
-                if cls.__name__ in adapter_cls.head_types:
+                if cls_name in adapter_cls.head_types and \
+                        not set(adapter_cls.excluded_types) & set(mro):
                     return adapter_cls(model)
     name = type(head).__name__ if head is not None else f'{type(model).__name__} (no bbox_head)'
     raise ValueError(f'mmdet-cam-hook has no adapter for the head {name}; supported heads: '
@@ -151,3 +206,73 @@ def build_adapter(model: nn.Module) -> DetectorAdapter:
 def supported_heads() -> List[str]:
     """Every head class name some adapter supports, sorted."""
     return sorted({t for cls in ADAPTERS.module_dict.values() for t in cls.head_types})
+
+
+def locate_priors(prior_idx: torch.Tensor, sizes: Sequence[Tuple[int, int]],
+                  num_base_priors: int = 1) -> Tuple[torch.Tensor, ...]:
+    """Split flat prior indices over all levels into ``(levels, ys, xs, anchors)``.
+
+    mmdet orders priors level by level, each level row-major over ``(y, x)`` with the
+    ``num_base_priors`` anchors of a location consecutive (``grid_priors`` and the heads'
+    ``permute(1, 2, 0).reshape(-1, C)``).
+
+    Args:
+        prior_idx (torch.Tensor): (K,) int64 flat indices.
+        sizes (Sequence[tuple[int, int]]): (h, w) of each level's grid.
+        num_base_priors (int): Anchors per location. Defaults to 1.
+
+    Returns:
+        tuple[torch.Tensor, ...]: ``levels, ys, xs, anchors``, each (K,) int64.
+    """
+    device = prior_idx.device
+    counts = torch.tensor([0] + [int(h) * int(w) * num_base_priors for h, w in sizes],
+                          device=device)
+    starts = counts.cumsum(0)
+    levels = torch.bucketize(prior_idx, starts[1:], right=True)
+    local = prior_idx - starts[levels]
+    widths = torch.tensor([int(w) for _, w in sizes], device=device)[levels]
+    cell, anchors = local // num_base_priors, local % num_base_priors
+    return levels, cell // widths, cell % widths, anchors
+
+
+def trace_level_layers(model: nn.Module, features, size: int) -> List[str]:
+    """The shortest ``named_modules()`` path whose output is each feature map ``features``
+    returns, from one forward without gradients on a (1, 3, size, size) zero input, in eval
+    mode (every module's ``training`` flag restored after).
+
+    Raises:
+        ValueError: If no module outputs some level's map.
+    """
+    param = next(model.parameters())
+    outputs: Dict[int, str] = {}
+    keep = []
+
+    def make_hook(name):
+
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor):
+                keep.append(output)
+                best = outputs.get(id(output))
+                if best is None or len(name) < len(best):
+                    outputs[id(output)] = name
+
+        return hook
+
+    flags = [(m, m.training) for m in model.modules()]
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in model.named_modules() if n]
+    try:
+        model.eval()
+        with torch.no_grad():
+            feats = features(torch.zeros((1, 3, size, size), dtype=param.dtype,
+                                         device=param.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in flags:
+            module.training = flag
+    names = [outputs.get(id(f)) for f in feats]
+    missing = [level for level, n in enumerate(names) if n is None]
+    if missing:
+        raise ValueError(f'no module of {type(model).__name__} outputs the feature map of '
+                         f'level(s) {missing}; pass `target_layers` explicitly')
+    return names
