@@ -22,7 +22,10 @@ setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     python_requires='>=3.10',
-    packages=find_packages(include=['mmdet_cam_hook', 'mmdet_cam_hook.*']),
+    # The configs ship as package data: `_base_` and `demo` hold configs, not modules, so
+    # they are listed here instead of being made importable with an `__init__.py`.
+    packages=find_packages(include=['mmdet_cam_hook', 'mmdet_cam_hook.*'])
+    + ['mmdet_cam_hook.configs._base_', 'mmdet_cam_hook.configs.demo'],
     install_requires=[
         'torch>=2.0',
         'numpy<2',

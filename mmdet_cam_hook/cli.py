@@ -17,12 +17,21 @@ in score order, starting at 0)::
 
 User errors (bad arguments, missing files, unsafe checkpoint, unknown layer, no detections, no
 CUDA, CUDA out of memory, grad-cam not installed) print one line on stderr and exit with 1
-(argparse's own errors with 2). Existing files in the output folder are overwritten, nothing
-else in it is touched.
+(argparse's own errors with 2). With several images, one that cannot be read or explained (a
+0-byte or corrupt file, a 2000x1 strip) is skipped with one line, the others are processed, and
+the exit code is 1. Ctrl-C exits with 130.
+
+Every output is written to a hidden temporary name in the output folder and renamed into place
+when complete, so an interrupted run never leaves a truncated file under a final name. Existing
+files of the same name are replaced, nothing else in the output folder is touched.
+
+``config`` may be ``mmdet_cam_hook::yolox_s_gradcam.py``: a config shipped with the package
+(:mod:`mmdet_cam_hook.configs`).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import logging
 import os
@@ -34,11 +43,11 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from .files import IMAGE_EXTENSIONS, list_images, write_atomically
+
 logger = logging.getLogger(__name__)
 
 PROG = 'mmdet-cam'
-#: File extensions taken from a folder given as ``img``.
-IMAGE_EXTENSIONS = ('.bmp', '.jpeg', '.jpg', '.png', '.tif', '.tiff', '.webp')
 
 
 class UserError(Exception):
@@ -89,7 +98,8 @@ def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
         '{stem}_{method}.npz. Grad-CAM averages gradients over the whole map, so it may also '
         'light up other objects of the same class; hirescam and layercam stay on the instance.')
     parser.add_argument('config', help='Path to model config file (or a package path such as '
-                        'mmdet::yolox/yolox_s_8xb8-300e_coco.py)')
+                        'mmdet::yolox/yolox_s_8xb8-300e_coco.py, or a config shipped with this '
+                        'package such as mmdet_cam_hook::yolox_s_gradcam.py)')
     parser.add_argument('checkpoint', nargs='?',
                         help='Path or http(s) URL to checkpoint file (required unless '
                         '--list-layers)')
@@ -174,8 +184,7 @@ def collect_images(img: str) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        paths = sorted(p for p in path.iterdir()
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        paths = list_images(path)
         if not paths:
             raise UserError(f'folder {img!r} has no images (extensions: '
                             f'{", ".join(IMAGE_EXTENSIONS)})')
@@ -257,14 +266,41 @@ def layer_table(model) -> str:
     return '\n'.join(lines) + '\n'
 
 
+def resolve_config(config: str) -> str:
+    """The config file to load: ``mmdet_cam_hook::NAME`` becomes the shipped config's path.
+
+    Raises:
+        UserError: If ``config`` is a folder, or names no shipped config.
+    """
+    from mmdet_cam_hook.configs import resolve_config as resolve
+
+    try:
+        config = str(resolve(config))
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    if os.path.isdir(config):
+        raise UserError(f'config {config!r} is a directory, not a config file')
+    return config
+
+
 # ---------------------------------------------------------------------------------------------
 # Outputs
-def _write(path: Path, image: np.ndarray) -> Path:
+def _write(path: Path, write) -> Path:
+    """``write(tmp)`` to a temporary name, renamed to ``path`` once complete."""
+    try:
+        return write_atomically(path, write)
+    except OSError as exc:
+        raise UserError(f'could not write {path}: {exc.strerror or exc}') from exc
+
+
+def _write_image(path: Path, image: np.ndarray) -> Path:
     import cv2
 
-    if not cv2.imwrite(str(path), image):
-        raise UserError(f'could not write {path}')
-    return path
+    def write(tmp: Path) -> None:
+        if not cv2.imwrite(str(tmp), image):
+            raise OSError(errno.EIO, 'OpenCV could not write the image', str(tmp))
+
+    return _write(path, write)
 
 
 def save_outputs(result, stem: str, out_dir: Path, class_names, save_all: bool,
@@ -282,29 +318,30 @@ def save_outputs(result, stem: str, out_dir: Path, class_names, save_all: bool,
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f'cannot create --out-dir {str(out_dir)!r}: {exc}') from exc
-    written = [_write(out_dir / f'{stem}_gradcam.jpg',
-                      draw_detections(overlay_cam(image, result.combined), boxes, labels, scores,
-                                      class_names))]
+    written = [_write_image(out_dir / f'{stem}_gradcam.jpg',
+                            draw_detections(overlay_cam(image, result.combined), boxes, labels,
+                                            scores, class_names))]
     for k in range(len(result)):
-        written.append(_write(out_dir / f'{stem}_det{k}_{method}.jpg',
-                              draw_detections(overlay_cam(image, result.cams[k]), boxes[k:k + 1],
-                                              labels[k:k + 1], scores[k:k + 1], class_names)))
+        written.append(_write_image(
+            out_dir / f'{stem}_det{k}_{method}.jpg',
+            draw_detections(overlay_cam(image, result.cams[k]), boxes[k:k + 1],
+                            labels[k:k + 1], scores[k:k + 1], class_names)))
     if save_all:
-        written.append(_write(out_dir / f'{stem}_original.jpg', image))
-        written.append(_write(out_dir / f'{stem}_detection.jpg',
-                              draw_detections(image, boxes, labels, scores, class_names)))
-        written.append(_write(out_dir / f'{stem}_panel.jpg',
-                              render_panel(result, class_names=class_names)))
+        written.append(_write_image(out_dir / f'{stem}_original.jpg', image))
+        written.append(_write_image(out_dir / f'{stem}_detection.jpg',
+                                    draw_detections(image, boxes, labels, scores, class_names)))
+        written.append(_write_image(out_dir / f'{stem}_panel.jpg',
+                                    render_panel(result, class_names=class_names)))
     if save_raw:
-        path = out_dir / f'{stem}_{method}.npz'
-        np.savez_compressed(
-            path, bboxes=boxes, labels=labels, scores=scores, levels=result.levels,
-            cams=result.cams, combined=result.combined, method=np.array(method),
+        arrays = dict(
+            bboxes=boxes, labels=labels, scores=scores, levels=result.levels, cams=result.cams,
+            combined=result.combined, method=np.array(method),
             layers=np.array([','.join(names) for names in result.layers], dtype=str),
             class_names=np.array([] if class_names is None else [str(c) for c in class_names],
                                  dtype=str),
             image=np.array(str(source)))
-        written.append(path)
+        written.append(_write(out_dir / f'{stem}_{method}.npz',
+                              lambda tmp: np.savez_compressed(tmp, **arrays)))
     return written
 
 
@@ -319,7 +356,23 @@ def _require_grad_cam() -> None:
         raise UserError(str(exc)) from exc
 
 
+class _ImageError(Exception):
+    """One image could not be explained (e.g. a 2000x1 strip); the message names it."""
+
+
+#: Stop a run when this many images in a row, and no image before them, failed with the same
+#: message: it is the run's problem (e.g. a target layer whose output is not a tensor), not the
+#: images'.
+_SAME_ERROR_LIMIT = 3
+
+
 def _explain(engine, image, args, source: Path):
+    """``engine.explain`` for one method.
+
+    Raises:
+        UserError: On CUDA out of memory.
+        _ImageError: If the engine refuses the image or the run's settings for it.
+    """
     import torch
 
     try:
@@ -328,8 +381,8 @@ def _explain(engine, image, args, source: Path):
     except torch.OutOfMemoryError as exc:
         raise UserError(f'CUDA out of memory on {args.device} while processing {source}; try '
                         '--device cpu (or fewer detections with --topk)') from exc
-    except ValueError as exc:  # e.g. a target layer whose output is not a tensor
-        raise UserError(str(exc)) from exc
+    except ValueError as exc:  # a 2000x1 image, a target layer whose output is not a tensor
+        raise _ImageError(f'{source}: {exc}') from exc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -345,14 +398,15 @@ def run(args: argparse.Namespace) -> int:
     from mmdet_cam_hook.checkpoint import CheckpointError, init_model
 
     args.device = resolve_device(args.device)
+    config = resolve_config(args.config)
     images = [] if args.list_layers else collect_images(args.img)
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f'--out-dir {args.out_dir!r} exists and is not a folder')
     try:
-        model = init_model(args.config, args.checkpoint, device=args.device,
+        model = init_model(config, args.checkpoint, device=args.device,
                            trusted=args.trust_checkpoint)
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (CheckpointError, OSError, ValueError) as exc:  # OSError: missing file, a folder
         raise UserError(str(exc)) from exc
     if args.list_layers:
         sys.stdout.write(layer_table(model))
@@ -370,19 +424,34 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:
         raise UserError(str(exc)) from exc
     class_names = (getattr(model, 'dataset_meta', None) or {}).get('classes')
-    unreadable, empty, written = [], [], []
+    unreadable, failed, empty, written = [], [], [], []
+    errors: list[str] = []  # the explain errors since the last image that worked
     with logging_redirect_tqdm(loggers=[logging.getLogger('mmdet_cam_hook')]):
         for path in tqdm(images, unit='img', file=sys.stderr, disable=len(images) < 2,
                          dynamic_ncols=True):
             try:
                 image = load_image(path)
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError) as exc:  # missing, 0-byte, corrupt, unsupported
                 if len(images) == 1:
                     raise UserError(str(exc)) from exc
                 logger.error('skipping %s: %s', path, exc)
                 unreadable.append(path)
                 continue
-            result = _explain(engine, image, args, path)
+            try:
+                result = _explain(engine, image, args, path)
+            except _ImageError as exc:
+                if len(images) == 1:
+                    raise UserError(str(exc)) from exc
+                cause = str(exc.__cause__)
+                if (not written and not empty and len(errors) == _SAME_ERROR_LIMIT - 1
+                        and all(e == cause for e in errors)):
+                    raise UserError(f'{cause} (the same error for the first '
+                                    f'{_SAME_ERROR_LIMIT} images; stopping)') from exc
+                logger.error('skipping %s', exc)
+                failed.append(path)
+                errors.append(cause)
+                continue
+            errors.clear()
             if len(result) == 0:
                 empty.append(path)
                 if len(images) > 1:
@@ -390,7 +459,7 @@ def run(args: argparse.Namespace) -> int:
                 continue
             written += save_outputs(result, path.stem, out_dir, class_names, args.save_all,
                                     args.save_raw, path)
-    done = len(images) - len(unreadable) - len(empty)
+    done = len(images) - len(unreadable) - len(failed) - len(empty)
     if done == 0 and empty:
         where = repr(str(images[0])) if len(images) == 1 else f'any of the {len(images)} images'
         hint = (f'; try a lower --score-thr, e.g. --score-thr {min(0.1, args.score_thr / 3):.2g}'
@@ -399,8 +468,9 @@ def run(args: argparse.Namespace) -> int:
     logger.info('%s: %d file(s) for %d image(s) in %s', args.method, len(written), done, out_dir)
     if unreadable:
         logger.error('%d of %d images could not be read', len(unreadable), len(images))
-        return 1
-    return 0
+    if failed:
+        logger.error('%d of %d images could not be explained', len(failed), len(images))
+    return 1 if unreadable or failed else 0
 
 
 class _Formatter(logging.Formatter):

@@ -1,7 +1,8 @@
 """The demo in one command: train a YOLOX-nano on the built-in shapes and watch its CAMs.
 
 ``python -m mmdet_cam_hook.demo`` generates the shapes dataset if needed
-(:mod:`mmdet_cam_hook.shapes`), trains ``configs/demo/yolox_nano_shapes_gradcam.py`` on the CPU
+(:mod:`mmdet_cam_hook.shapes`), trains the shipped config
+``mmdet_cam_hook::demo/yolox_nano_shapes_gradcam.py`` (``configs/demo/`` in a checkout) on the CPU
 into ``work_dirs/demo/<timestamp>/`` with :class:`~mmdet_cam_hook.hook.YOLOXGradCAMHook` logging
 per-detection CAMs of fixed validation images at every validation, and prints where the panels
 and TensorBoard event files are, the ``tensorboard --logdir ...`` line to view them, and the bbox
@@ -21,15 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from .configs import config_path, resolve_config
 from .shapes import ShapesDataset, ensure_shapes
 
 __all__ = [
     'DEFAULT_CONFIG', 'DemoResult', 'demo_config', 'main', 'read_scalars', 'run_demo', 'summary'
 ]
 
-#: The demo config in a source checkout (``pip install -e .``).
-DEFAULT_CONFIG = (Path(__file__).resolve().parent.parent / 'configs' / 'demo'
-                  / 'yolox_nano_shapes_gradcam.py')
+#: The demo config, shipped inside the package (``mmdet_cam_hook/configs/demo/``).
+DEFAULT_CONFIG = Path(config_path('demo/yolox_nano_shapes_gradcam.py'))
 
 _MAP50_KEY = 'coco/bbox_mAP_50'
 _WRAPPER_DATASETS = ('MultiImageMixDataset', 'ClassBalancedDataset', 'RepeatDataset')
@@ -113,7 +114,8 @@ def demo_config(data: ShapesDataset,
     Args:
         data: The generated dataset (:func:`~mmdet_cam_hook.shapes.ensure_shapes`).
         work_dir: The runner's work_dir; the run writes into ``<work_dir>/<timestamp>``.
-        config: The config file. Defaults to :data:`DEFAULT_CONFIG`.
+        config: The config file, or ``mmdet_cam_hook::NAME`` for a shipped one. Defaults to
+            :data:`DEFAULT_CONFIG`.
         epochs: Number of training epochs; the LR schedule and YOLOX's mode switch are rescaled
             to it. Defaults to None (the config's).
         val_interval: Validate every this many epochs (and always after the last one). Defaults
@@ -125,19 +127,20 @@ def demo_config(data: ShapesDataset,
 
     Raises:
         FileNotFoundError: If ``config`` does not exist.
+        IsADirectoryError: If ``config`` is a directory.
         TypeError: If ``epochs`` or ``val_interval`` is not an int.
-        ValueError: If ``epochs`` or ``val_interval`` is below 1.
+        ValueError: If ``epochs`` or ``val_interval`` is below 1, or ``config`` names no
+            shipped config.
     """
     from mmengine.config import Config
 
     _check_positive('epochs', epochs)
     _check_positive('val_interval', val_interval)
-    config = Path(config)
+    config = Path(resolve_config(os.fspath(config)))
+    if config.is_dir():
+        raise IsADirectoryError(f'demo config {str(config)!r} is a directory, not a config file')
     if not config.is_file():
-        raise FileNotFoundError(
-            f'demo config {str(config)!r} not found; in an installed (non-editable) copy of '
-            'mmdet-cam-hook pass --config pointing at configs/demo/yolox_nano_shapes_gradcam.py '
-            'of the source tree')
+        raise FileNotFoundError(f'demo config {str(config)!r} does not exist')
     cfg = Config.fromfile(str(config))
     cfg.work_dir = str(work_dir)
 
@@ -200,7 +203,8 @@ def run_demo(work_dir: str | os.PathLike = 'work_dirs/demo',
         seed: Seed of the dataset generator. Defaults to 0.
         epochs: Training epochs. Defaults to None (the config's).
         val_interval: Validate every this many epochs. Defaults to None (the config's).
-        config: The config file. Defaults to :data:`DEFAULT_CONFIG`.
+        config: The config file, or ``mmdet_cam_hook::NAME``. Defaults to
+            :data:`DEFAULT_CONFIG`.
         cfg_options: Config overrides merged last. Defaults to None.
         threads: Torch CPU threads for the training, restored afterwards. On a machine busy
             with other work, 1 can be several times faster than the default (one per core),
@@ -342,8 +346,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--threads', type=_positive_int, default=None,
                         help='torch CPU threads (default: one per core); 1 is faster when '
                         'other programs keep the cores busy')
-    parser.add_argument('--config', default=str(DEFAULT_CONFIG),
-                        help='demo config (default: configs/demo/yolox_nano_shapes_gradcam.py)')
+    parser.add_argument('--config', default='mmdet_cam_hook::demo/yolox_nano_shapes_gradcam.py',
+                        help='demo config: a file, or mmdet_cam_hook::NAME for one shipped with '
+                        'the package (default: %(default)s)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
                         help='config overrides, key=value, as in mmdet tools')
     return parser.parse_args(argv)

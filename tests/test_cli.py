@@ -94,6 +94,15 @@ def ws(tmp_path_factory):
     cv2.imwrite(str(many / 'c.bmp'), shapes_image(80, 120, 3))
     (many / 'broken.jpg').write_bytes(b'not an image')
     (many / 'notes.txt').write_text('not an image either')
+    # Unreadable and unusable images between good ones (sorted: a, b, c, d, e).
+    mixed = root / 'mixed'
+    mixed.mkdir()
+    cv2.imwrite(str(mixed / 'a.jpg'), shapes_image(96, 160, 1))
+    (mixed / 'b_empty.jpg').write_bytes(b'')
+    cv2.imwrite(str(mixed / 'c_strip.png'), np.full((1, 2000, 3), 200, np.uint8))
+    cv2.imwrite(str(mixed / 'd.png'), shapes_image(128, 100, 2))
+    cv2.imwrite(str(mixed / 'e_strip.png'), np.full((2, 4000, 3), 200, np.uint8))
+    cv2.imwrite(str(root / 'strip.png'), np.full((1, 2000, 3), 200, np.uint8))
     (root / 'broken_config.py').write_text('model = dict(\n')
     from mmengine.registry import DefaultScope
     DefaultScope._instance_dict.clear()
@@ -248,6 +257,94 @@ def test_list_layers(ws, capsys, monkeypatch):
     assert capsys.readouterr().out == out
 
 
+def test_folder_with_unreadable_and_thin_images(ws, capsys, monkeypatch):
+    """A 0-byte file and 2000x1 / 4000x2 strips do not stop the run: each is skipped with one
+    line naming it, the good images are processed, and the exit code says some failed."""
+    monkeypatch.chdir(ws)
+    out = ws / 'out_mixed'
+    assert main(['yolox_nano_128.py', 'yolox.pth', 'mixed', '--out-dir', str(out), '--topk',
+                 '1', '--device', 'cpu']) == 1
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err and 'cv2.error' not in err, err
+    skipped = [line for line in err.splitlines() if 'skipping' in line]
+    assert len(skipped) == 3, err
+    assert 'b_empty.jpg' in skipped[0] and 'could not be decoded' in skipped[0]
+    assert 'c_strip.png' in skipped[1] and '2000x1' in skipped[1]
+    assert 'e_strip.png' in skipped[2] and '4000x2' in skipped[2]
+    assert '1 of 5 images could not be read' in err
+    assert '2 of 5 images could not be explained' in err
+    assert {p.name for p in out.iterdir()} == {'a_gradcam.jpg', 'a_det0_gradcam.jpg',
+                                                'd_gradcam.jpg', 'd_det0_gradcam.jpg'}
+
+
+#: Run in a subprocess: the Nth output write is cut short by a real SIGINT, as Ctrl-C does.
+INTERRUPT_AT_NTH_WRITE = """
+import os, signal, sys
+import cv2
+import numpy as np
+
+calls = []
+
+
+def interrupting(write):
+    def wrapper(path, *args, **kwargs):
+        result = write(path, *args, **kwargs)
+        calls.append(path)
+        if len(calls) == int(os.environ['INTERRUPT_AT']):
+            path = str(path) if str(path).endswith(('.jpg', '.npz')) else f'{path}.npz'
+            with open(path, 'r+b') as f:  # the write is half done ...
+                f.truncate(os.path.getsize(path) // 2)
+            signal.raise_signal(signal.SIGINT)  # ... when Ctrl-C comes
+        return result
+    return wrapper
+
+
+cv2.imwrite = interrupting(cv2.imwrite)
+np.savez_compressed = interrupting(np.savez_compressed)
+from mmdet_cam_hook.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize('interrupt_at, missing', [(10, 'b_det1_gradcam.jpg'),
+                                                   (14, 'b_gradcam.npz')],
+                         ids=['jpg', 'npz'])
+def test_interrupt_leaves_no_truncated_output(ws, interrupt_at, missing):
+    """Per image: combined map, 2 detections, original, detections, panel, npz = 7 writes;
+    the 10th and 14th are the second image's detection 1 and its npz."""
+    out = ws / f'out_interrupt_{interrupt_at}'
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', INTERRUPT_AT=str(interrupt_at))
+    proc = subprocess.run(
+        [sys.executable, '-c', INTERRUPT_AT_NTH_WRITE, 'yolox_nano_128.py', 'yolox.pth', 'many',
+         '--out-dir', str(out), '--topk', '2', '--save-all', '--save-raw', '--device', 'cpu'],
+        cwd=ws, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 130, proc.stderr
+    assert 'interrupted' in proc.stderr and 'Traceback' not in proc.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if n.startswith('.')], 'temporary files left behind'
+    assert missing not in names
+    assert len(names) == interrupt_at - 1, names
+    for name in names:  # every file under its final name is complete
+        if name.endswith('.npz'):
+            with np.load(out / name) as raw:
+                assert all(raw[key] is not None for key in raw.files)
+        else:
+            data = (out / name).read_bytes()
+            assert data.endswith(b'\xff\xd9'), f'{name} is truncated'  # JPEG end marker
+            assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is not None
+
+
+def test_packaged_config(capsys, monkeypatch, tmp_path):
+    """`mmdet_cam_hook::NAME` is a config shipped with the package, from any directory."""
+    monkeypatch.chdir(tmp_path)
+    assert main(['mmdet_cam_hook::yolox_nano_gradcam.py', '--list-layers']) == 0
+    assert 'neck.out_convs.2' in capsys.readouterr().out
+    assert main(['mmdet_cam_hook::yolox_q_gradcam.py', '--list-layers']) == 1
+    line = error_line(capsys.readouterr().err)
+    assert "no config 'mmdet_cam_hook::yolox_q_gradcam.py'" in line
+    assert "'yolox_s_gradcam.py'" in line
+
+
 # ---------------------------------------------------------------------------------------------
 # User errors: one line on stderr, exit code 1, no traceback. Those that need a patched
 # environment run in a subprocess, the others through main() in-process.
@@ -375,8 +472,11 @@ def test_bad_options(ws, capsys, monkeypatch, args, needles):
                                                         'missing key(s)',
                                                         'multi_level_conv_cls.2']),
     ('yolox_nano_128.py', 's3://bucket/yolox.pth', 'street.jpg', ['only local paths']),
+    ('yolox_nano_128.py', 'yolox.pth', 'strip.png', ['strip.png', '2000x1']),
+    ('yolox_nano_128.py', 'many', 'street.jpg', ["checkpoint 'many' is a directory"]),
+    ('many', 'yolox.pth', 'street.jpg', ["config 'many' is a directory"]),
 ], ids=['config', 'config-syntax', 'checkpoint', 'image', 'empty-folder', 'glob', 'unreadable',
-        'checkpoint-mismatch', 'scheme'])
+        'checkpoint-mismatch', 'scheme', 'thin-image', 'checkpoint-folder', 'config-folder'])
 def test_bad_inputs(ws, capsys, monkeypatch, config, checkpoint, img, needles):
     monkeypatch.chdir(ws)
     (ws / 'torch_home').mkdir(exist_ok=True)
