@@ -7,6 +7,7 @@ Add it to a stock mmdet YOLOX config without dropping YOLOX's own hooks::
     custom_imports = dict(imports=['mmdet_cam_hook'], allow_failed_imports=False)
     custom_hooks = [*_base_.custom_hooks, dict(type='YOLOXGradCAMHook', probe_images=4)]
 """
+import bisect
 import contextlib
 import dataclasses
 import os
@@ -15,7 +16,7 @@ import random
 import re
 import time
 import traceback
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -24,8 +25,8 @@ from mmdet.registry import HOOKS
 from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
-from mmengine.runner import BaseLoop, EpochBasedTrainLoop
-from mmengine.visualization import MLflowVisBackend
+from mmengine.runner import BaseLoop, EpochBasedTrainLoop, IterBasedTrainLoop
+from mmengine.visualization import LocalVisBackend, MLflowVisBackend
 from torch import nn
 
 from .engine import (
@@ -46,6 +47,51 @@ from .yolox import test_pipeline_cfg
 IMAGE_EXTENSIONS = ('.bmp', '.jpeg', '.jpg', '.png', '.tif', '.tiff', '.webp')
 
 ProbeSpec = Union[int, str, os.PathLike, Sequence[Union[str, os.PathLike]], Sequence[int]]
+
+#: Hooks that mmdet's own configs of a detector family (keyed by the detector's class name)
+#: register in ``custom_hooks``. A user config that sets ``custom_hooks = [...]`` replaces the
+#: inherited list and silently trains without them.
+FAMILY_HOOKS: Dict[str, Tuple[str, ...]] = {
+    'YOLOX': ('YOLOXModeSwitchHook', 'EMAHook'),
+    'RTMDet': ('PipelineSwitchHook', 'EMAHook'),
+}
+
+
+def count_validations(done: int, last: int, val_begin: int, milestones: Sequence[int],
+                      intervals: Sequence[int]) -> int:
+    """How many validations an MMEngine train loop has run once ``done`` epochs (or
+    iterations) are complete, counted from the start of training.
+
+    It replays the rule of ``EpochBasedTrainLoop.run`` and ``IterBasedTrainLoop.run``: after
+    step ``c`` (1-based) the loop validates if ``c >= val_begin`` and ``c % interval == 0`` or
+    ``c == last``, where ``_decide_current_val_interval`` sets ``interval`` to
+    ``intervals[bisect(milestones, c + 1) - 1]`` (``milestones`` starts with 0, as the loop's
+    ``dynamic_milestones``; ``dynamic_intervals`` in a config adds the later ones). Each
+    interval's stretch of steps is counted in closed form, so the cost does not grow with the
+    length of training.
+
+    Args:
+        done (int): Completed epochs (or iterations), the loop's ``epoch`` (or ``iter``).
+        last (int): ``max_epochs`` (or ``max_iters``).
+        val_begin (int): The loop's ``val_begin``.
+        milestones (Sequence[int]): The loop's ``dynamic_milestones``, ascending, first 0.
+        intervals (Sequence[int]): The loop's ``dynamic_intervals``, one per milestone.
+
+    Returns:
+        int: The number of validations at steps ``1..done``.
+    """
+    first = max(int(val_begin), 1)
+    ends = [m - 2 for m in milestones[1:]] + [done]
+    count = 0
+    for start, end, interval in zip(milestones, ends, intervals):
+        # step c uses this interval while start <= c + 1 < next milestone
+        lo, hi = max(first, start - 1), min(done, end)
+        if lo <= hi:
+            count += hi // interval - (lo - 1) // interval
+    final_interval = intervals[bisect.bisect(milestones, last + 1) - 1]
+    if first <= last <= done and last % final_interval:
+        count += 1  # the last step always validates
+    return count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +146,25 @@ class YOLOXGradCAMHook(Hook):
       parameter ``.grad``), and the ``training`` flags, forward hooks and the torch, numpy and
       ``random`` RNG states are as before afterwards: training is bit-identical with and without
       the hook.
-    - An error at run time is logged as a warning with its traceback and training continues,
-      unless ``strict=True``. Bad arguments fail when the hook is built, and a target layer the
-      model lacks or a dataset index out of range fails in ``before_run`` (on every rank), before
-      the first training iteration.
+    - Bad arguments fail when the hook is built. In ``before_run`` (on every rank, before the
+      first training iteration) a target layer the model lacks, a dataset index out of range
+      and a probe image that cannot be decoded (empty, corrupt) fail with an error naming them,
+      and a YOLOX or RTMDet run that lacks its family's own hooks (``YOLOXModeSwitchHook`` /
+      ``PipelineSwitchHook``, ``EMAHook``; the usual cause is a config that replaced
+      ``custom_hooks`` instead of extending it) is warned about.
+    - At run time nothing stops training unless ``strict=True``: a probe that fails costs only
+      its own panels (one warning with the traceback, naming it), and each visualizer backend
+      receives every item on its own, so one failing backend (an unwritable ``vis_image``
+      folder, whose missing PNG is detected) costs only its own copy; the first loss per backend
+      is a warning naming the backend, what it lost and which backends kept it, and the summary
+      line of every run counts the items each backend received.
+    - ``interval`` counts validations from the start of training, replayed from the train
+      loop's state (epoch or iteration, ``val_begin``, ``val_interval``, ``dynamic_intervals``;
+      see :func:`count_validations`), so a run resumed with ``--resume`` draws at the same steps
+      as an uninterrupted one.
+    - Memory: each probe image is decoded once and kept; the maps and panels of one probe are
+      computed at most ``max_image_size`` pixels a side (``CAMEngine.explain(max_size=...)``) and
+      dropped once logged.
 
     Args:
         probe_images (int | str | PathLike | Sequence[str] | Sequence[int]): The probe set:
@@ -114,8 +175,9 @@ class YOLOXGradCAMHook(Hook):
             refer to the dataset of the loop that ran (``val_dataloader`` during training,
             ``test_dataloader`` in ``tools/test.py``). Paths must exist when the hook is built.
             Defaults to 4.
-        interval (int): Run after every ``interval``-th validation, and always after the last
-            validation of training. Defaults to 1.
+        interval (int): Run after every ``interval``-th validation counted from the start of
+            training (also across a resume), and always after the last validation of training
+            and in a stand-alone ``val``/``test`` run. Defaults to 1.
         methods (str | Sequence[str]): CAM method(s), keys of
             :data:`~mmdet_cam_hook.METHODS`. ``gradcam`` averages the gradient over the map into
             one weight per channel, so it can light up other objects of the same class; the
@@ -133,10 +195,12 @@ class YOLOXGradCAMHook(Hook):
         max_detection_tiles (int): Per-detection overlays drawn in each panel (highest scores
             first); 0 draws only the original, the detections and the combined map. Defaults
             to 4.
-        max_image_size (int, optional): Longer side, in pixels, a logged panel is downscaled to.
-            None keeps the full size. Defaults to 1600.
-        strict (bool): Raise run-time errors instead of logging a warning and continuing.
-            Defaults to False.
+        max_image_size (int, optional): Longer side, in pixels, of a logged panel and of the
+            maps computed for it: a 6000x4000 probe is explained at this size (the detector
+            still sees the whole image), so one probe's maps are K float32 maps of at most
+            ``max_image_size`` pixels a side. None keeps the full size. Defaults to 1600.
+        strict (bool): Raise run-time errors (a failing probe or backend) instead of logging a
+            warning and continuing. Defaults to False.
 
     Raises:
         TypeError: If an argument has the wrong type.
@@ -176,7 +240,8 @@ class YOLOXGradCAMHook(Hook):
         self._pipeline: Optional[list] = None
         self._probes: Dict[str, List[_Probe]] = {}
         self._images: Dict[str, np.ndarray] = {}
-        self._val_rounds = 0
+        self._val_rounds = 0  # validations seen, for loops whose schedule is not replayable
+        self._lost_warned: set = set()  # backends whose lost panels were reported
 
     # ------------------------------------------------------------------------ argument checks
     @staticmethod
@@ -242,15 +307,19 @@ class YOLOXGradCAMHook(Hook):
 
     # ------------------------------------------------------------------------ stages
     def before_run(self, runner) -> None:
-        """Check the target layers, the test pipeline and dataset indices against the real
-        model and data, on every rank, so that a mistake stops the job before training (a check
-        on rank 0 alone would leave the other ranks waiting in their first collective).
+        """Check the run against the real model and data, on every rank, so that a mistake
+        stops the job before training (a check on rank 0 alone would leave the other ranks
+        waiting in their first collective): target layers, test pipeline, dataset indices, and
+        every probe image decoded (the main process keeps the decoded images). Warns when the
+        detector family's own hooks are missing from the runner.
 
         Raises:
             ValueError: On an unknown target layer (with close matches), a model without YOLOX
-                neck outputs (default layers), no test pipeline, or a dataset index out of range.
+                neck outputs (default layers), no test pipeline, a dataset index out of range, or
+                a probe image that cannot be read or decoded.
         """
         model = self._unwrap(runner.model)
+        self._warn_missing_family_hooks(runner, model)
         if self.target_layers is None:
             neck_output_layers(model)
         else:
@@ -260,11 +329,23 @@ class YOLOXGradCAMHook(Hook):
             loop = getattr(runner, f'_{mode}_loop', None)
             if isinstance(loop, BaseLoop):
                 self._probes[mode] = self._resolve_probes(loop.dataloader.dataset, mode)
+        probes = [p for mode_probes in self._probes.values() for p in mode_probes]
+        if self._given_paths():  # decoded even when no val/test loop is built yet
+            probes += self._resolve_probes(None, 'val')
+        self._decode(probes, keep=is_main_process())
 
     def after_val_epoch(self, runner, metrics: Optional[Dict[str, float]] = None) -> None:
-        """Explain the probe set after every ``interval``-th validation and the last one."""
+        """Explain the probe set after every ``interval``-th validation and the last one.
+
+        Validations are counted from the start of training, replayed from the train loop's
+        state (see :func:`count_validations`), so a resumed run draws at the same steps as an
+        uninterrupted one.
+        """
         self._val_rounds += 1
-        if self._val_rounds % self.interval == 0 or self._is_final_validation(runner):
+        ordinal = self._validation_ordinal(runner)
+        if ordinal is None:
+            ordinal = self._val_rounds
+        if ordinal % self.interval == 0 or self._is_final_validation(runner):
             self._run_safely(runner, 'val')
 
     def after_test_epoch(self, runner, metrics: Optional[Dict[str, float]] = None) -> None:
@@ -306,10 +387,63 @@ class YOLOXGradCAMHook(Hook):
             return 0
         return runner.epoch if isinstance(loop, EpochBasedTrainLoop) else runner.iter
 
+    @staticmethod
+    def _validation_ordinal(runner) -> Optional[int]:
+        """The 1-based number of the current validation since the start of training, from
+        the train loop's state (epoch or iteration, ``val_begin``, dynamic intervals); None
+        without a built ``EpochBasedTrainLoop`` or ``IterBasedTrainLoop``."""
+        loop = runner._train_loop  # a dict or None in val/test-only runs: do not build it
+        if isinstance(loop, EpochBasedTrainLoop):
+            done, last = loop.epoch, loop.max_epochs
+        elif isinstance(loop, IterBasedTrainLoop):
+            done, last = loop.iter, loop.max_iters
+        else:
+            return None
+        return count_validations(done, last, loop.val_begin, loop.dynamic_milestones,
+                                 loop.dynamic_intervals)
+
+    @staticmethod
+    def _warn_missing_family_hooks(runner, model: nn.Module) -> None:
+        """Warn when the runner lacks hooks that mmdet's configs of this detector family
+        register (see :data:`FAMILY_HOOKS`): the usual cause is a config that replaced
+        ``custom_hooks`` instead of extending it."""
+        family = next((c.__name__ for c in type(model).__mro__ if c.__name__ in FAMILY_HOOKS),
+                      None)
+        if family is None:
+            return
+        registered = {c.__name__ for h in runner.hooks for c in type(h).__mro__}
+        missing = [h for h in FAMILY_HOOKS[family] if h not in registered]
+        if missing:
+            runner.logger.warning(
+                f'YOLOXGradCAMHook: this {family} model runs without {", ".join(missing)}, '
+                f"which mmdet's {family} configs register in `custom_hooks`; a config that sets "
+                "`custom_hooks = [dict(type='YOLOXGradCAMHook', ...)]` replaces the inherited "
+                'list. Keep them: `custom_hooks = [*_base_.custom_hooks, '
+                "dict(type='YOLOXGradCAMHook', ...)]`.")
+
+    def _decode(self, probes: Sequence[_Probe], keep: bool) -> None:
+        """Decode every probe image now, so that an unreadable one fails when the runner is
+        built; with ``keep`` the decoded images are cached (each one once)."""
+        for probe in probes:
+            if probe.path in self._images:
+                continue
+            try:
+                image = load_image(probe.path)
+            except (OSError, ValueError) as exc:
+                raise ValueError(
+                    f'`probe_images`: probe {probe.name!r} cannot be used: {exc}. Replace or '
+                    'remove it; a probe must be an image file that OpenCV decodes (jpg, png, '
+                    'bmp, tiff, webp, ...)') from exc
+            if keep:
+                self._images[probe.path] = image
+
+    def _given_paths(self) -> bool:
+        """Whether the probes are image paths (not drawn from a dataset)."""
+        return isinstance(self.probe_spec, list) and isinstance(self.probe_spec[0], str)
+
     def _resolve_probes(self, dataset, mode: str) -> List[_Probe]:
         """Turn the probe spec into images; dataset indices get their ground truth."""
-        if isinstance(self.probe_spec, list) and self.probe_spec \
-                and isinstance(self.probe_spec[0], str):
+        if self._given_paths():
             return [
                 _Probe(_safe_name(f'{i:02d}_{osp.splitext(osp.basename(p))[0]}'), p)
                 for i, p in enumerate(self.probe_spec)
@@ -358,7 +492,8 @@ class YOLOXGradCAMHook(Hook):
         return self._engine
 
     def _image(self, probe: _Probe) -> np.ndarray:
-        """The probe's decoded image, read once: the same images come back every validation."""
+        """The probe's decoded image, read once (normally in ``before_run``) and cached: the
+        same images come back every validation."""
         if probe.path not in self._images:
             self._images[probe.path] = load_image(probe.path)
         return self._images[probe.path]
@@ -386,35 +521,65 @@ class YOLOXGradCAMHook(Hook):
         class_names = self._class_names(runner, mode)
         energies: Dict[str, List[float]] = {m: [] for m in self.methods}
         points = {m: [0, 0] for m in self.methods}  # pointing game: hits, matched detections
+        log = _Delivery(runner.visualizer, strict=self.strict)
+        failed = []
         with torch.enable_grad(), _preserved_rng(next(engine.model.parameters()).device):
             for probe in probes:
-                # One forward pass per image for all methods; raw maps (renormalize is for show)
-                image = self._image(probe)
-                for method, result in engine.explain(image, methods=self.methods).items():
-                    energies[method].extend(energy_in_box(result.cams, result.bboxes).tolist())
-                    if probe.gt_bboxes is not None:
-                        hits, total = pointing_game(result.cams, result.bboxes, result.labels,
-                                                    probe.gt_bboxes, probe.gt_labels)
-                        points[method][0] += hits
-                        points[method][1] += total
-                    self._log_panel(runner.visualizer,
-                                    f'cam_{mode}_{_safe_name(method)}_{probe.name}', result,
-                                    probe, class_names, step)
-        scalars = self._log_scalars(runner.visualizer, mode, energies, points, step)
-        summary = ''.join(f'; {k.split("/")[1]}={v:.3f}' for k, v in scalars.items())
-        runner.logger.info(
-            f'YOLOXGradCAMHook: {len(probes)} probe image(s) x {len(self.methods)} method(s) '
-            f'logged at step {step} in {time.perf_counter() - start:.1f} s{summary}')
+                try:
+                    numbers = self._explain_probe(engine, probe, mode, step, class_names, log)
+                except Exception:  # noqa: BLE001 - one probe must not cost the others' panels
+                    if self.strict:
+                        raise
+                    failed.append(probe.name)
+                    runner.logger.warning(
+                        f'YOLOXGradCAMHook: probe {probe.name!r} ({probe.path}) failed after '
+                        f'{mode} at step {step}; the other probes are still logged (strict=True '
+                        'raises instead):\n' + traceback.format_exc())
+                    continue
+                for method, (energy, hits, total) in numbers.items():
+                    energies[method].extend(energy)
+                    points[method][0] += hits
+                    points[method][1] += total
+        scalars = self._scalars(mode, energies, points)
+        if scalars:
+            log.add_scalars(scalars, step)
+        self._report(runner, mode, step, len(probes) - len(failed), len(probes), log,
+                     time.perf_counter() - start, scalars)
 
-    def _log_panel(self, visualizer, name: str, result: CAMResult, probe: _Probe,
-                   class_names: Optional[Sequence[str]], step: int) -> None:
-        panel = render_panel(_renormalized(result) if self.renormalize else result,
-                             class_names=class_names, max_detections=self.max_detection_tiles,
-                             max_size=self.max_image_size, gt_bboxes=probe.gt_bboxes)
-        self._add_image(visualizer, name, cv2.cvtColor(panel, cv2.COLOR_BGR2RGB), step)
+    def _explain_probe(self, engine: CAMEngine, probe: _Probe, mode: str, step: int,
+                       class_names: Optional[Sequence[str]],
+                       log: '_Delivery') -> Dict[str, Tuple[List[float], int, int]]:
+        """Explain one probe (one forward pass for all methods) and log its panels.
 
-    def _log_scalars(self, visualizer, mode: str, energies: Dict[str, List[float]],
-                     points: Dict[str, List[int]], step: int) -> Dict[str, float]:
+        The maps come back at most ``max_image_size`` pixels a side, so ground-truth boxes are
+        scaled by ``result.scale`` for the pointing game and the drawing. The numbers use the
+        raw maps (``renormalize`` is for show).
+
+        Returns:
+            dict[str, tuple]: Per method, the energy shares in the boxes and the pointing-game
+            hits and matched detections.
+        """
+        numbers = {}
+        results = engine.explain(self._image(probe), methods=self.methods,
+                                 max_size=self.max_image_size)
+        for method, result in results.items():
+            gt_bboxes = None if probe.gt_bboxes is None else \
+                probe.gt_bboxes * np.float32(result.scale)
+            energy = energy_in_box(result.cams, result.bboxes).tolist()
+            hits = total = 0
+            if gt_bboxes is not None:
+                hits, total = pointing_game(result.cams, result.bboxes, result.labels, gt_bboxes,
+                                            probe.gt_labels)
+            numbers[method] = (energy, hits, total)
+            panel = render_panel(_renormalized(result) if self.renormalize else result,
+                                 class_names=class_names, max_detections=self.max_detection_tiles,
+                                 max_size=self.max_image_size, gt_bboxes=gt_bboxes)
+            log.add_image(f'cam_{mode}_{_safe_name(method)}_{probe.name}',
+                          cv2.cvtColor(panel, cv2.COLOR_BGR2RGB), step)
+        return numbers
+
+    def _scalars(self, mode: str, energies: Dict[str, List[float]],
+                 points: Dict[str, List[int]]) -> Dict[str, float]:
         """Per method: mean energy share in the own box; pointing-game rate when GT matched."""
         scalars = {}
         for method in self.methods:
@@ -424,21 +589,96 @@ class YOLOXGradCAMHook(Hook):
             hits, total = points[method]
             if total:
                 scalars[f'{tag}_pointing_game'] = hits / total
-        if scalars:
-            visualizer.add_scalars(scalars, step=step)
         return scalars
 
+    def _report(self, runner, mode: str, step: int, explained: int, probes: int,
+                log: '_Delivery', seconds: float, scalars: Dict[str, float]) -> None:
+        """One info line; a warning the first time a backend loses panels or scalars."""
+        for backend, losses in log.lost.items():
+            if backend not in self._lost_warned:
+                self._lost_warned.add(backend)
+                kept = [b for b in log.sent if b not in log.lost]
+                runner.logger.warning(
+                    f'YOLOXGradCAMHook: {backend} lost {len(losses)} item(s) at step {step} '
+                    f'(first: {losses[0]}); kept by: {", ".join(kept) or "no backend"}. '
+                    'Training continues; later losses are counted in the summary line.')
+        delivered = ', '.join(
+            f'{b} {n - len(log.lost.get(b, []))}/{n}' + (' LOST' if b in log.lost else '')
+            for b, n in log.sent.items())
+        summary = ''.join(f'; {k.split("/")[1]}={v:.3f}' for k, v in scalars.items())
+        runner.logger.info(
+            f'YOLOXGradCAMHook: explained {explained}/{probes} probe image(s) x '
+            f'{len(self.methods)} method(s) after {mode} at step {step} in {seconds:.1f} s; '
+            f'items delivered per backend: {delivered or "none"}{summary}')
+
+
+class _Delivery:
+    """Sends images and scalars to each of a visualizer's backends on its own, so that one
+    failing backend costs only its own copy, and records what each one lost.
+
+    MLflow uses an image's name as the artifact file name, needs an extension and ignores
+    ``step``, so MLflow backends get ``{name}_{step}.png``. ``LocalVisBackend`` silently writes
+    nothing when ``cv2.imwrite`` fails (unwritable folder, full disk), so its file is checked.
+
+    Args:
+        visualizer (Visualizer): The runner's visualizer.
+        strict (bool): Raise a backend's error instead of recording it. Defaults to False.
+
+    Attributes:
+        sent (dict[str, int]): Items sent, per backend name.
+        lost (dict[str, list[str]]): What each backend lost, with the reason.
+    """
+
+    def __init__(self, visualizer, strict: bool = False) -> None:
+        self.strict = strict
+        self.backends = dict(getattr(visualizer, '_vis_backends', {}))
+        self.sent: Dict[str, int] = {name: 0 for name in self.backends}
+        self.lost: Dict[str, List[str]] = {}
+
+    def add_image(self, name: str, image: np.ndarray, step: int) -> None:
+        for key, backend in self.backends.items():
+            if isinstance(backend, MLflowVisBackend):
+                self._send(key, name, lambda b=backend: b.add_image(f'{name}_{step}.png', image,
+                                                                    step=step))
+            elif isinstance(backend, LocalVisBackend):
+                self._send(key, name, lambda b=backend: self._local_image(b, name, image, step))
+            else:
+                self._send(key, name, lambda b=backend: b.add_image(name, image, step=step))
+
+    def add_scalars(self, scalars: Dict[str, float], step: int) -> None:
+        for key, backend in self.backends.items():
+            self._send(key, 'scalars ' + ', '.join(scalars),
+                       lambda b=backend: b.add_scalars(scalars, step=step))
+
+    def _send(self, key: str, what: str, call) -> None:
+        self.sent[key] += 1
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 - a backend's failure must not stop training
+            if self.strict:
+                raise
+            self.lost.setdefault(key, []).append(f'{what}: {type(exc).__name__}: {exc}')
+
     @staticmethod
-    def _add_image(visualizer, name: str, image: np.ndarray, step: int) -> None:
-        """``visualizer.add_image``, except that MLflow backends, which use the name as the
-        artifact file name and ignore ``step``, get ``{name}_{step}.png``."""
-        backends = getattr(visualizer, '_vis_backends', {})
-        if not any(isinstance(b, MLflowVisBackend) for b in backends.values()):
-            visualizer.add_image(name, image, step=step)
-            return
-        for backend in backends.values():
-            backend_name = f'{name}_{step}.png' if isinstance(backend, MLflowVisBackend) else name
-            backend.add_image(backend_name, image, step=step)
+    def _local_image(backend: LocalVisBackend, name: str, image: np.ndarray, step: int) -> None:
+        """``backend.add_image``, then check that the PNG was (re)written."""
+        folder = backend.experiment._img_save_dir  # `experiment` initialises the backend
+        path = osp.join(folder, f'{name}_{step}.png')
+        before = _file_stamp(path)
+        backend.add_image(name, image, step=step)
+        after = _file_stamp(path)
+        if after is None or after == before:
+            raise OSError(f'{path} was not written; check that {folder} is writable and the '
+                          'disk has space')
+
+
+def _file_stamp(path: str) -> Optional[Tuple[int, int, int]]:
+    """``(inode, size, mtime_ns)`` of a regular file, None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns) if osp.isfile(path) else None
 
 
 def _renormalized(result: CAMResult) -> CAMResult:

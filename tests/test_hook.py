@@ -4,15 +4,20 @@ a generated COCO-format dataset (96 px shapes), CPU only.
 Run directly (``python tests/test_hook.py WORK_DIR DATA_ROOT``) under ``torchrun`` it is the
 worker of the 2-process DDP test.
 """
+import contextlib
 import copy
 import json
 import os
 import random
+import re
+import shutil
 import subprocess
 import sys
+import tracemalloc
 import uuid
 from functools import cache
 from pathlib import Path
+from typing import List
 
 import cv2
 import numpy as np
@@ -284,24 +289,13 @@ def test_local_png_shows_a_heat_map(runs):
     assert blue > 0.05 and warm > 0.01, (blue, warm)
 
 
-def test_mlflow_backend_gets_an_extension_and_the_step(tmp_path):
-    """MLflow stores the name as the artifact file name (an extension is required) and
-    ignores ``step``. mlflow is not installed here, so its backend records its calls."""
-    from mmengine.visualization import MLflowVisBackend, Visualizer
-
-    class RecordingMLflow(MLflowVisBackend):
-        calls = []
-
-        def add_image(self, name, image, step=0):
-            self.calls.append((name, step))
-
-    visualizer = Visualizer(name='mlflow_names', vis_backends=[dict(type='LocalVisBackend')],
-                            save_dir=str(tmp_path))
-    visualizer._vis_backends['MLflowVisBackend'] = RecordingMLflow(save_dir=str(tmp_path))
-    YOLOXGradCAMHook._add_image(visualizer, 'cam_val_gradcam_00_a', np.zeros((8, 8, 3), np.uint8),
-                                step=3)
-    assert RecordingMLflow.calls == [('cam_val_gradcam_00_a_3.png', 3)]
-    assert (tmp_path / 'vis_data' / 'vis_image' / 'cam_val_gradcam_00_a_3.png').is_file()
+def test_summary_line_counts_what_each_backend_received(runs):
+    log = _log_text(runs[True]['runner'])
+    # 2 probes x 2 methods + the scalars, per validation, for the first hook
+    assert log.count('explained 2/2 probe image(s) x 2 method(s) after val at step') == 2
+    assert 'LocalVisBackend 5/5, TensorboardVisBackend 5/5' in log
+    assert 'LOST' not in log and 'VisBackend lost' not in log
+    assert 'runs without' not in log  # the base config's hooks are all there
 
 
 # --------------------------------------------------------------------------- steps, interval
@@ -376,29 +370,269 @@ def _log_text(runner) -> str:
     return (log_dir(runner) / f'{runner.timestamp}.log').read_text()
 
 
-def test_runtime_error_warns_and_training_finishes(shapes, tmp_path):
-    probe = tmp_path / 'probe.png'
-    cv2.imwrite(str(probe), np.full((SIZE, SIZE, 3), 128, np.uint8))
-    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(probe_images=str(probe))])
-    runner = Runner.from_cfg(cfg)  # the path is checked here ...
-    probe.unlink()  # ... and is gone at the first validation
+def _thin_and_good_probes(folder: Path) -> List[str]:
+    """A 400x1 image (it decodes, so it passes the build-time check, but the test pipeline
+    cannot shrink it to the 96 px input: the engine raises at run time) and a good one."""
+    thin, good = folder / 'a_thin.png', folder / 'b_good.png'
+    cv2.imwrite(str(thin), np.full((1, 400, 3), 128, np.uint8))
+    cv2.imwrite(str(good), np.full((SIZE, SIZE, 3), 128, np.uint8))
+    return [str(thin), str(good)]
+
+
+def test_failing_probe_costs_only_its_own_panels(shapes, tmp_path):
+    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(probe_images=_thin_and_good_probes(
+        tmp_path), methods='gradcam')])
+    runner = Runner.from_cfg(cfg)
     runner.train()
     assert runner.epoch == 2
+    pngs = sorted(p.name for p in (log_dir(runner) / 'vis_data' / 'vis_image').glob('cam_*'))
+    assert pngs == ['cam_val_gradcam_01_b_good_1.png', 'cam_val_gradcam_01_b_good_2.png']
     log = _log_text(runner)
-    assert 'YOLOXGradCAMHook failed after val at step 1' in log
-    assert 'YOLOXGradCAMHook failed after val at step 2' in log
-    assert 'Traceback' in log and 'FileNotFoundError' in log
+    for step in (1, 2):
+        assert (f"YOLOXGradCAMHook: probe '00_a_thin' ({tmp_path / 'a_thin.png'}) failed after "
+                f'val at step {step}; the other probes are still logged') in log
+        assert f'explained 1/2 probe image(s) x 1 method(s) after val at step {step}' in log
+    assert 'Traceback' in log and 'ValueError' in log and '400' in log
 
 
 def test_strict_raises_runtime_error(shapes, tmp_path):
-    probe = tmp_path / 'probe.png'
-    cv2.imwrite(str(probe), np.full((SIZE, SIZE, 3), 128, np.uint8))
-    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(probe_images=str(probe), strict=True)])
+    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(probe_images=_thin_and_good_probes(
+        tmp_path), strict=True)])
     runner = Runner.from_cfg(cfg)
-    probe.unlink()
-    with pytest.raises(FileNotFoundError, match='probe.png'):
+    with pytest.raises(ValueError, match='400'):
         runner.train()
     assert runner.epoch == 1  # raised at the first validation
+
+
+@contextlib.contextmanager
+def _unwritable(folder: Path):
+    """Make ``folder`` unwritable for this process: immutable (``chattr +i``) for root, whom
+    permission bits do not stop; read-only permissions otherwise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        if shutil.which('chattr') is None:
+            pytest.skip('running as root without chattr: cannot make a folder unwritable')
+        subprocess.run(['chattr', '+i', str(folder)], check=True, capture_output=True)
+        undo = ['chattr', '-i', str(folder)]
+    else:
+        folder.chmod(0o555)
+        undo = ['chmod', '755', str(folder)]
+    try:
+        try:
+            (folder / 'write_test').write_bytes(b'')
+        except OSError:
+            pass
+        else:
+            pytest.skip(f'{folder} stays writable on this file system')
+        yield
+    finally:
+        subprocess.run(undo, check=True)
+
+
+def test_lost_local_panels_are_reported_once_and_training_continues(shapes, tmp_path):
+    """LocalVisBackend's ``cv2.imwrite`` fails silently in an unwritable folder: TensorBoard
+    keeps its copy, training finishes, and the hook says once what LocalVisBackend lost."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(probe_images=[1], methods='gradcam')],
+                   backends=('LocalVisBackend', 'TensorboardVisBackend'))
+    runner = Runner.from_cfg(cfg)
+    vis_image = log_dir(runner) / 'vis_data' / 'vis_image'
+    with _unwritable(vis_image):
+        runner.train()
+    assert runner.epoch == 2
+    assert list(vis_image.iterdir()) == []
+    (probe, ) = hooks_of(runner, YOLOXGradCAMHook)[0]._probes['val']
+    events = EventAccumulator(str(log_dir(runner) / 'vis_data'), size_guidance={'images': 0})
+    events.Reload()
+    assert [e.step for e in events.Images(f'cam_val_gradcam_{probe.name}')] == [1, 2]
+
+    log = _log_text(runner)
+    assert log.count('YOLOXGradCAMHook: LocalVisBackend lost') == 1  # once, at step 1
+    (warning, ) = [line for line in log.splitlines() if 'LocalVisBackend lost' in line]
+    assert 'lost 1 item(s) at step 1' in warning
+    assert f'cam_val_gradcam_{probe.name}_1.png was not written' in warning
+    assert 'kept by: TensorboardVisBackend' in warning
+    # every summary line says what was lost; none claims the local copy
+    for step in (1, 2):
+        assert (f'after val at step {step} in' in log)
+    assert log.count('LocalVisBackend 1/2 LOST, TensorboardVisBackend 2/2') == 2
+
+
+def test_failing_backend_costs_only_its_own_copy(shapes, tmp_path):
+    """A backend that raises (here LocalVisBackend, whose image folder is a file) loses its
+    copy; the others get theirs and training finishes."""
+    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(probe_images=[1], methods='gradcam')],
+                   backends=('LocalVisBackend', 'TensorboardVisBackend'), max_epochs=1)
+    runner = Runner.from_cfg(cfg)
+    (log_dir(runner) / 'vis_data' / 'vis_image').write_text('not a folder')
+    runner.train()
+    assert runner.epoch == 1
+    log = _log_text(runner)
+    assert 'YOLOXGradCAMHook: LocalVisBackend lost 1 item(s) at step 1' in log
+    assert 'FileExistsError' in log
+    assert 'LocalVisBackend 1/2 LOST, TensorboardVisBackend 2/2' in log
+    assert list((log_dir(runner) / 'vis_data').glob('events.out.tfevents.*'))
+
+
+@pytest.mark.parametrize('content', [b'', b'\x89PNG\r\n\x1a\n' + b'\x00' * 64, b'not an image'],
+                         ids=['empty', 'truncated-png', 'garbage'])
+def test_unreadable_probe_fails_before_training(shapes, tmp_path, content):
+    good, bad = tmp_path / 'good.png', tmp_path / 'bad.png'
+    cv2.imwrite(str(good), np.full((SIZE, SIZE, 3), 128, np.uint8))
+    bad.write_bytes(content)
+    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(probe_images=[str(good), str(bad)])])
+    runner = Runner.from_cfg(cfg)
+    with pytest.raises(ValueError, match=r"`probe_images`: probe '01_bad' cannot be used: "
+                       r"image '.*bad\.png' could not be decoded"):
+        runner.train()
+    assert runner.iter == 0
+
+
+def test_probe_removed_after_build_fails_before_training(shapes, tmp_path):
+    probe = tmp_path / 'probe.png'
+    cv2.imwrite(str(probe), np.full((SIZE, SIZE, 3), 128, np.uint8))
+    runner = Runner.from_cfg(tiny_cfg(shapes, tmp_path, hooks=[cam_hook(probe_images=str(probe))]))
+    probe.unlink()
+    with pytest.raises(ValueError, match=r"probe '00_probe' cannot be used: .*does not exist"):
+        runner.train()
+    assert runner.iter == 0
+
+
+def test_unreadable_dataset_probe_fails_before_training(shapes, tmp_path):
+    """Dataset probes are decoded in before_run too: the error names the dataset's file."""
+    data = generate_shapes(tmp_path / 'shapes', num_train=4, num_val=2, image_size=SIZE, seed=0)
+    coco = json.loads(data.ann_file('val').read_text())
+    broken = data.img_dir('val') / coco['images'][1]['file_name']
+    broken.write_bytes(b'')
+    runner = Runner.from_cfg(tiny_cfg(data, tmp_path, hooks=[cam_hook(probe_images=[1])]))
+    with pytest.raises(ValueError, match=re.escape(str(broken))):
+        runner.train()
+    assert runner.iter == 0
+
+
+def _rtmdet_model(num_classes: int) -> dict:
+    model = copy.deepcopy(get_config('mmdet::rtmdet/rtmdet_tiny_8xb32-300e_coco.py').model)
+    model.backbone.init_cfg = None  # no download
+    model.bbox_head.num_classes = num_classes
+    return model
+
+
+@pytest.mark.parametrize('family, missing', [
+    ('YOLOX', 'YOLOXModeSwitchHook, EMAHook'),
+    ('RTMDet', 'PipelineSwitchHook, EMAHook'),
+])
+def test_replaced_custom_hooks_warn_with_the_fix(shapes, tmp_path, family, missing):
+    """``custom_hooks = [dict(type='YOLOXGradCAMHook')]`` drops the family's own hooks: the
+    warning, when the runner starts, names them and the fix."""
+    cfg = tiny_cfg(shapes, tmp_path)
+    if family == 'RTMDet':
+        cfg.model = _rtmdet_model(len(shapes.classes))
+    cfg.custom_hooks = [cam_hook(probe_images=[0], methods='gradcam')]
+    runner = Runner.from_cfg(cfg)
+    runner.val()
+    log = _log_text(runner)
+    assert f'this {family} model runs without {missing}' in log
+    assert "Keep them: `custom_hooks = [*_base_.custom_hooks, dict(type='YOLOXGradCAMHook', " \
+        "...)]`" in log
+
+
+def test_large_probe_is_explained_at_max_image_size(shapes, tmp_path):
+    """A 3000x2000 probe: the panel and the maps stay within ``max_image_size``. numpy's
+    allocations are traced (tracemalloc), so a full-size float map (24 MB) would show."""
+    from mmdet_cam_hook import CAMEngine
+    from mmdet_cam_hook.yolox import test_pipeline_cfg
+
+    scene = cv2.imread(str(next(iter(sorted(shapes.img_dir('val').iterdir())))))
+    big = tmp_path / 'big.png'
+    cv2.imwrite(str(big), cv2.resize(scene, (3000, 2000), interpolation=cv2.INTER_NEAREST))
+    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(probe_images=str(big), max_image_size=300)])
+    runner = Runner.from_cfg(cfg)
+    runner.val()  # decodes the probe in before_run, then logs its panels at step 0
+    pngs = sorted((log_dir(runner) / 'vis_data' / 'vis_image').glob('cam_val_*_0.png'))
+    assert len(pngs) == len(METHODS)
+    assert all(max(cv2.imread(str(p)).shape[:2]) <= 300 for p in pngs)
+
+    hook = hooks_of(runner, YOLOXGradCAMHook)[0]
+    assert list(hook._images) == [str(big)]  # decoded once, kept once
+    full_map = 3000 * 2000 * 4
+    tracemalloc.start()
+    try:
+        hook.after_val_epoch(runner)  # the image is cached: only the maps and panels count
+        _, bounded = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        engine = CAMEngine(unwrap(runner.model), score_thr=0.0, topk=3,
+                           test_pipeline=test_pipeline_cfg(runner.cfg))
+        results = engine.explain(hook._images[str(big)], methods=METHODS)  # full size
+        _, unbounded = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(results[METHODS[0]]) == 3
+    assert unbounded > 3 * full_map  # the tracer sees full-size maps ...
+    assert bounded < full_map, bounded  # ... and the hook made none
+
+
+def _toy_runner(work_dir, train_cfg: dict, spy: Hook) -> Runner:
+    """A real MMEngine runner on a one-parameter model and 1-sample loaders: fast loops."""
+    from mmengine.evaluator import BaseMetric, Evaluator
+    from mmengine.model import BaseModel
+    from torch.utils.data import DataLoader, default_collate
+
+    class Toy(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, inputs, data_samples=None, mode='tensor'):
+            if mode == 'loss':
+                return dict(loss=((self.w - inputs) ** 2).mean())
+            return [dict(w=float(self.w))] * len(inputs)
+
+    class Count(BaseMetric):
+        def process(self, data_batch, data_samples):
+            self.results.extend(data_samples)
+
+        def compute_metrics(self, results):
+            return dict(n=len(results))
+
+    def loader(size):
+        return DataLoader([dict(inputs=torch.ones(1))] * size, batch_size=1,
+                          collate_fn=default_collate)
+
+    # iteration-based: enough samples for the whole run (MMEngine sleeps 2 s at each restart)
+    train_size = train_cfg.get('max_iters', 1)
+    return Runner(model=Toy(), work_dir=str(work_dir), experiment_name=uuid.uuid4().hex,
+                  train_dataloader=loader(train_size), val_dataloader=loader(1),
+                  val_evaluator=Evaluator(Count()),
+                  train_cfg=train_cfg, val_cfg=dict(),
+                  optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
+                  default_hooks=dict(checkpoint=None), custom_hooks=[spy])
+
+
+@pytest.mark.parametrize('train_cfg', [
+    dict(by_epoch=True, max_epochs=14, val_begin=2, val_interval=3,
+         dynamic_intervals=[(7, 2), (11, 1)]),
+    dict(by_epoch=False, max_iters=14, val_begin=2, val_interval=3,
+         dynamic_intervals=[(7, 2), (11, 1)]),
+    dict(by_epoch=True, max_epochs=7, val_interval=3),  # the last epoch is off the interval
+    dict(by_epoch=False, max_iters=10, val_begin=3, val_interval=2, dynamic_intervals=[(9, 5)]),
+], ids=['epoch-dynamic', 'iter-dynamic', 'epoch-last', 'iter-begin'])
+def test_validation_ordinal_replays_the_train_loop(tmp_path, train_cfg):
+    """At every validation MMEngine's own loop runs, the ordinal derived from the loop's state
+    is the number of validations run so far: the loop's rule is replayed exactly."""
+
+    class Spy(Hook):
+        def __init__(self):
+            self.seen = []
+
+        def after_val_epoch(self, runner, metrics=None):
+            self.seen.append(
+                (YOLOXGradCAMHook._step(runner), YOLOXGradCAMHook._validation_ordinal(runner)))
+
+    spy = Spy()
+    _toy_runner(tmp_path, train_cfg, spy).train()
+    assert len(spy.seen) >= 3
+    assert [n for _, n in spy.seen] == list(range(1, len(spy.seen) + 1)), spy.seen
 
 
 # --------------------------------------------------------------------------- argument validation
