@@ -277,6 +277,22 @@ def test_folder_with_unreadable_and_thin_images(ws, capsys, monkeypatch):
                                                 'd_gradcam.jpg', 'd_det0_gradcam.jpg'}
 
 
+def test_folder_stops_on_the_runs_own_error(ws, capsys, monkeypatch):
+    """An error that is not the image's (a layer whose output is not a tensor) stops the run
+    after the same message for 3 images in a row, instead of one line per image."""
+    monkeypatch.chdir(ws)
+    assert main(['yolox_nano_128.py', 'yolox.pth', 'many', '--target-layers', 'neck',
+                 '--out-dir', 'out_stop']) == 1
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err
+    lines = [line for line in err.splitlines() if 'error:' in line]
+    assert ['a.jpg' in lines[0], 'b.png' in lines[1], 'broken.jpg' in lines[2]] == [True] * 3
+    assert len(lines) == 4 and 'c.bmp' not in lines[3], err
+    assert 'choose one of its submodules' in lines[3]
+    assert '(the same error for the first 3 images; stopping)' in lines[3]
+    assert not (ws / 'out_stop').exists()
+
+
 #: Run in a subprocess: the Nth output write is cut short by a real SIGINT, as Ctrl-C does.
 INTERRUPT_AT_NTH_WRITE = """
 import os, signal, sys
