@@ -389,8 +389,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the tool on parsed arguments.
 
     Returns:
-        int: Exit code (0 when at least one image had a detection and every image could be
-        read).
+        int: Exit code: 0 when at least one image had a detection and every image could be
+        read and explained, else 1.
 
     Raises:
         UserError: On a user error (see the module docstring).
@@ -461,7 +461,7 @@ def run(args: argparse.Namespace) -> int:
                                     args.save_raw, path)
     done = len(images) - len(unreadable) - len(failed) - len(empty)
     if done == 0 and empty:
-        where = repr(str(images[0])) if len(images) == 1 else f'any of the {len(images)} images'
+        where = repr(str(images[0])) if len(images) == 1 else f'any of the {len(empty)} images'
         hint = (f'; try a lower --score-thr, e.g. --score-thr {min(0.1, args.score_thr / 3):.2g}'
                 if args.score_thr > 0 else '')
         raise UserError(f'no detections with score >= {args.score_thr:g} in {where}{hint}')
