@@ -154,6 +154,13 @@ def demo_config(data: ShapesDataset,
         dataset['metainfo'] = dict(dataset.get('metainfo') or {}, classes=data.classes)
     for evaluator in ('val_evaluator', 'test_evaluator'):
         cfg[evaluator]['ann_file'] = str(data.ann_file('val').resolve())
+    # Probe images given by validation index: only those the (maybe smaller) val split has.
+    num_val = data.params.get('num_val')
+    for hook in cfg.custom_hooks:
+        probes = hook.get('probe_images')
+        if (hook['type'] == 'YOLOXGradCAMHook' and num_val and isinstance(probes, list)
+                and all(isinstance(i, int) for i in probes)):
+            hook['probe_images'] = [i for i in probes if i < num_val] or [0]
 
     if epochs is not None:
         cfg.train_cfg.max_epochs = epochs

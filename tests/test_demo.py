@@ -158,6 +158,14 @@ def test_demo_schedule_is_rescaled(tmp_path, epochs):
     assert tuple(train_set.metainfo['classes']) == CLASSES
 
 
+def test_demo_probes_fit_a_small_val_split(tmp_path):
+    data = ensure_shapes(tmp_path / 'shapes', num_train=2, num_val=3)
+    cfg = demo_config(data, tmp_path / 'work', config='mmdet_cam_hook::demo/'
+                      'yolox_nano_shapes_gradcam.py')
+    (hook, ) = [h for h in cfg.custom_hooks if h['type'] == 'YOLOXGradCAMHook']
+    assert hook['probe_images'] == [0, 1, 2]  # the config's 0..7, cut to the 3 val images
+
+
 def test_demo_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         parse_args(['--epochs', '0'])
