@@ -1,9 +1,22 @@
-"""The CAM engine: per-detection maps for a YOLOX detector, mapped back onto the original image.
+"""The CAM engine: per-detection maps for any supported detector, on the original image.
 
-One forward pass per image serves every detection and every method. Gradients come from
-``torch.autograd.grad`` on activations only, so the model's parameters never receive ``.grad``;
-the model's ``training`` flags, grad mode and forward hooks are restored after every call, also
-one that raised.
+One forward pass per image serves every detection and every method. Everything about the
+detector comes from its adapter (:mod:`mmdet_cam_hook.adapters`): decoding with the prior of
+each kept box, the score of one detection, the level feature maps, the local window. Gradients
+come from ``torch.autograd.grad`` on activations only, so the model's parameters never receive
+``.grad``; the model's ``training`` flags, grad mode and forward hooks are restored after every
+call, also one that raised.
+
+Each target layer is resolved once, at construction, into a :class:`TargetLayer` with its
+route (how its K per-detection gradients are computed):
+
+- ``local``: the layer *is* a level's feature map and the head's window there is exact: the
+  window shortcut (:class:`~mmdet_cam_hook.local.LocalGradient`), no backward through the head.
+- ``chain``: the layer is upstream of the level maps (backbone, neck) and every level has an
+  exact window: the local gradient is pulled back with one batched vector-Jacobian product per
+  level.
+- ``exact``: anything else (layers inside the head, heads without an exact window such as the
+  GroupNorm heads): per-detection gradients of the scores through the full graph, batched.
 """
 import contextlib
 import os
@@ -17,19 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .adapters import Detections, DetectorAdapter, build_adapter
 from .cam_math import CAMMath
 from .geometry import Letterbox
-from .layers import neck_level, neck_output_layers, resolve_layers
+from .layers import resolve_layers
+from .local import LocalGradient
 from .methods import METHODS, check_method, check_methods
-from .yolox import (
-    Detections,
-    LocalHeadGradient,
-    build_pipeline,
-    decode,
-    detection_scores,
-    preprocess,
-    test_pipeline_cfg,
-)
+from .pipeline import build_pipeline, preprocess, test_pipeline_cfg
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
 
@@ -44,8 +51,9 @@ class CAMResult:
     Attributes:
         bboxes (np.ndarray): (K, 4) float32 x1y1x2y2 in original-image pixels.
         labels (np.ndarray): (K,) int64 class indices.
-        scores (np.ndarray): (K,) float32 ``sigmoid(cls) * sigmoid(obj)``.
-        levels (np.ndarray): (K,) int64 FPN level of each detection (0 = stride 8).
+        scores (np.ndarray): (K,) float32, the scores ``model.predict`` reports (the head's own
+            formula, e.g. ``sigmoid(cls) * sigmoid(obj)`` for YOLOX).
+        levels (np.ndarray): (K,) int64 FPN level of each detection (0 = the finest).
         cams (np.ndarray): (K, H, W) float32 in [0, 1], one map per detection, original size.
         combined (np.ndarray): (H, W) float32 in [0, 1], the pixel-wise maximum of ``cams``.
         method (str): The CAM method.
@@ -164,16 +172,38 @@ def read_only(model: nn.Module) -> Iterator[None]:
             module.training = flag
 
 
+#: How a target layer gets its per-detection gradients (see the module docstring).
+ROUTES = ('local', 'chain', 'exact')
+
+
+@dataclass(frozen=True)
+class TargetLayer:
+    """A target layer resolved once, with its gradient route.
+
+    Attributes:
+        name (str): ``named_modules()`` path.
+        module (nn.Module): The module whose output is explained.
+        route (str): One of :data:`ROUTES`.
+        level (int | None): The only level whose scores the layer reads (for ``local``: the
+            level whose feature map it is); None if it feeds every level.
+    """
+
+    name: str
+    module: nn.Module = field(repr=False)
+    route: str
+    level: Optional[int]
+
+
 class CAMEngine:
-    """Computes per-detection CAMs of a YOLOX detector.
+    """Computes per-detection CAMs of a one-stage detector (see :func:`supported_heads`).
 
     Args:
-        model (nn.Module): An mmdet YOLOX (any size), unwrapped, with ``.cfg`` (as
-            ``mmdet.apis.init_detector`` sets it) unless ``test_pipeline`` is given.
+        model (nn.Module): An mmdet detector with a supported ``bbox_head``, unwrapped, with
+            ``.cfg`` (as ``mmdet.apis.init_detector`` sets it) unless ``test_pipeline`` is given.
         target_layers (Sequence[str] | str | None): ``named_modules()`` paths
             (``neck.out_convs.2`` or ``neck.out_convs[-1]``); maps of several layers are averaged.
-            None (default) is level-aware: each detection is explained on the neck output of its
-            own FPN level. Defaults to None.
+            None (default) is level-aware: each detection is explained on the feature map of its
+            own FPN level (the adapter's ``level_layers``). Defaults to None.
         score_thr (float): Keep detections scoring at least this. Defaults to 0.3.
         topk (int, optional): Keep at most this many detections (highest scores). Defaults to
             None (all).
@@ -181,8 +211,9 @@ class CAMEngine:
             ``model.cfg``. Defaults to None.
 
     Raises:
-        ValueError: On an unknown layer (with close matches), a bad ``score_thr`` or ``topk``, or a
-            model without a test pipeline.
+        ValueError: On a head no adapter supports (naming it and the supported heads), an
+            unknown layer (with close matches), a bad ``score_thr`` or ``topk``, or a model
+            without a test pipeline.
     """
 
     def __init__(self,
@@ -192,27 +223,52 @@ class CAMEngine:
                  topk: Optional[int] = None,
                  test_pipeline: Optional[Sequence[dict]] = None) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f'`model` must be an mmdet YOLOX nn.Module, got {type(model).__name__}')
+            raise TypeError(f'`model` must be an mmdet detector nn.Module, '
+                            f'got {type(model).__name__}')
         self.model = model
         self.score_thr = check_score_thr(score_thr)
         self.topk = check_topk(topk)
-        self.level_layers = neck_output_layers(model) if target_layers is None else None
-        self.layers = resolve_layers(model, self.level_layers or target_layers)
+        self.adapter: DetectorAdapter = build_adapter(model)
         self.level_aware = target_layers is None
+        self.local_grad = LocalGradient(self.adapter)
+        if self.level_aware:
+            level_names = self.adapter.level_layers()
+        else:
+            level_names = self._level_layers_if_any()
+        resolved = resolve_layers(model, level_names if self.level_aware else target_layers)
+        head_modules = {id(m) for m in self.adapter.head.modules()}
+        self.layers = [self._resolve(name, module, level_names, head_modules)
+                       for name, module in resolved]
         if test_pipeline is None:
             if getattr(model, 'cfg', None) is None:
                 raise ValueError('`model` has no `.cfg` to take the test pipeline from; build it '
                                  'with mmdet.apis.init_detector or pass `test_pipeline`')
             test_pipeline = test_pipeline_cfg(model.cfg)
         self.pipeline = build_pipeline(test_pipeline)
-        self.local_grad = LocalHeadGradient(model.bbox_head)
-        neck_outs = getattr(getattr(model, 'neck', None), 'out_convs', [])
-        self._neck_level = {id(m): i for i, m in enumerate(neck_outs)}
         self.math = CAMMath()
+        self._batched = {'chain': True, 'exact': True}
+
+    def _level_layers_if_any(self) -> List[str]:
+        """The level maps' layers, or [] when no module outputs them (no ``local`` route)."""
+        try:
+            return self.adapter.level_layers()
+        except ValueError:
+            return []
+
+    def _resolve(self, name: str, module: nn.Module, level_names: List[str],
+                 head_modules: set) -> TargetLayer:
+        if name in level_names:
+            level = level_names.index(name)
+            exact = self.local_grad.radii.get(level) is not None
+            return TargetLayer(name, module, 'local' if exact else 'exact', level)
+        level = self.adapter.level_of_layer(name)
+        if id(module) not in head_modules and self.local_grad.available:
+            return TargetLayer(name, module, 'chain', level)
+        return TargetLayer(name, module, 'exact', level)
 
     @property
     def layer_names(self) -> List[str]:
-        return [name for name, _ in self.layers]
+        return [layer.name for layer in self.layers]
 
     def explain(self,
                 image: ImageLike,
@@ -252,7 +308,7 @@ class CAMEngine:
 
     def _explain(self, img: np.ndarray, methods: List[str], renormalize: bool,
                  max_size: Optional[int]) -> Dict[str, CAMResult]:
-        model = self.model
+        model, adapter = self.model, self.adapter
         with read_only(model):
             try:
                 inputs, metainfo = preprocess(model, self.pipeline, img)
@@ -264,20 +320,25 @@ class CAMEngine:
                     'a less extreme aspect ratio') from exc
             letterbox = Letterbox.from_metainfo(metainfo)
             need_grad = any(METHODS[m].uses_gradients for m in methods)
-            plan = self._plan(need_grad)
+            graph = need_grad and any(layer.route != 'local' for layer in self.layers)
             acts: Dict[str, torch.Tensor] = {}
-            with self._capture(acts), torch.set_grad_enabled(bool(plan['graph'])):
-                if plan['graph']:
+            with self._capture(acts), torch.set_grad_enabled(graph):
+                if graph:
                     inputs = inputs.detach().requires_grad_(True)
-                feats = model.extract_feat(inputs)
-                outs = model.bbox_head(feats)
+                feats = adapter.features(inputs)
+                outs = adapter.head_outputs(feats)
+            missing = [layer.name for layer in self.layers if layer.name not in acts]
+            if missing:
+                raise ValueError(f'target layer(s) {missing} did not run in the forward pass of '
+                                 'the backbone, neck and head; choose layers that do '
+                                 '(`mmdet-cam CONFIG CKPT IMG --list-layers` lists them)')
             with torch.no_grad():
-                dets = decode(model.bbox_head, outs, metainfo, self.score_thr)
+                dets = adapter.decode(outs, metainfo, self.score_thr)
             if self.topk is not None:
                 dets = dets.select(slice(0, self.topk))
-            fwd = _Forward(feats, outs, acts, tuple(inputs.shape[-2:]))
+            fwd = _Forward(tuple(feats), outs, acts, tuple(inputs.shape[-2:]))
             with torch.enable_grad():
-                input_maps, used = self._maps(methods, dets, fwd, plan)
+                input_maps, used = self._maps(methods, dets, fwd, need_grad)
             del fwd, feats, outs, acts
         scale, shown = _shrink(img, max_size)
         return {
@@ -286,29 +347,6 @@ class CAMEngine:
         }
 
     # ----------------------------------------------------------------------------------------
-    def _plan(self, need_grad: bool) -> dict:
-        """How each layer gets its per-detection gradients.
-
-        - ``local``: the neck outputs. The score's gradient there comes from the local-window
-          shortcut (:class:`LocalHeadGradient`), no backward through the head at all.
-        - ``chain``: layers upstream of the neck outputs (backbone, neck). The local gradient at
-          the detection's neck output is pulled back through the neck with one vector-Jacobian
-          product per detection, skipping the head's backward.
-        - ``score``: anything else (layers inside the head): one backward from each score.
-        """
-        plan = dict(local=[], chain=[], score=[])
-        for name, module in self.layers:
-            if id(module) in self._neck_level and self.local_grad.available:
-                plan['local'].append(name)
-            elif not need_grad:
-                continue
-            elif self.local_grad.available and name.split('.')[0] in ('backbone', 'neck'):
-                plan['chain'].append(name)
-            else:
-                plan['score'].append(name)
-        plan['graph'] = plan['chain'] + plan['score']
-        return plan
-
     @contextlib.contextmanager
     def _capture(self, acts: Dict[str, torch.Tensor]) -> Iterator[None]:
         handles = []
@@ -325,98 +363,168 @@ class CAMEngine:
             return hook
 
         try:
-            for name, module in self.layers:
-                handles.append(module.register_forward_hook(make_hook(name)))
+            for layer in self.layers:
+                handles.append(layer.module.register_forward_hook(make_hook(layer.name)))
             yield
         finally:
             for handle in handles:
                 handle.remove()
 
-    def _layers_for(self, level: int) -> List[str]:
-        if self.level_aware:
-            return [self.level_layers[level]]
-        return self.layer_names
+    def _layers_for(self, level: Optional[int]) -> List[TargetLayer]:
+        if self.level_aware and level is not None:
+            return [self.layers[level]]
+        return self.layers
 
     def _maps(self, methods, dets: Detections, fwd: '_Forward',
-              plan: dict) -> Tuple[Dict[str, np.ndarray], List[List[str]]]:
+              need_grad: bool) -> Tuple[Dict[str, np.ndarray], List[List[str]]]:
         num = len(dets)
         maps = {m: np.zeros((num, *fwd.input_hw), np.float32) for m in methods}
-        used = [self._layers_for(int(lv)) for lv in dets.levels.tolist()]
+        used = [[layer.name for layer in self._layers_for(int(lv))]
+                for lv in dets.levels.tolist()]
         if num == 0:
             return maps, used
-        need_grad = any(METHODS[m].uses_gradients for m in methods)
         groups = sorted(set(dets.levels.tolist())) if self.level_aware else [None]
         no_path: Dict[str, List[int]] = {}
         for level in groups:
             idx_all = torch.arange(num) if level is None else \
                 (dets.levels == level).nonzero()[:, 0].cpu()
-            names = self._layers_for(level) if level is not None else self.layer_names
+            layers = self._layers_for(level)
             for start in range(0, len(idx_all), _CHUNK):
                 idx = idx_all[start:start + _CHUNK]
                 sub = dets.select(idx.to(dets.levels.device))
-                grads = self._grads(names, sub, fwd, plan, no_path) if need_grad else {}
+                grads = self._grads(layers, sub, fwd, no_path) if need_grad else {}
                 for m in methods:
                     per_layer = [
-                        self.math.layer_maps(m, fwd.acts[n],
-                                             grads[n] if METHODS[m].uses_gradients else None,
-                                             fwd.input_hw, len(sub)) for n in names
+                        self.math.layer_maps(m, fwd.acts[layer.name],
+                                             grads[layer.name] if METHODS[m].uses_gradients
+                                             else None, fwd.input_hw, len(sub))
+                        for layer in layers
                     ]
                     maps[m][idx.numpy()] = self.math.aggregate(m, per_layer)
         if no_path and need_grad:
             self._warn_no_path(no_path)
         return maps, used
 
-    def _grads(self, names: List[str], sub: Detections, fwd: '_Forward', plan: dict,
+    def _grads(self, layers: List[TargetLayer], sub: Detections, fwd: '_Forward',
                no_path: Dict[str, List[int]]) -> Dict[str, torch.Tensor]:
         """Gradient of each detection's score w.r.t. each layer, (K, C, h, w) per layer."""
-        local: Dict[int, torch.Tensor] = {}
+        cache: Dict[int, torch.Tensor] = {}
 
         def local_at(level: int) -> torch.Tensor:
-            # d score / d neck output of ``level`` for the detections on that level
-            if level not in local:
+            # d score / d feature map of ``level``, for ``sub``'s detections on that level
+            if level not in cache:
                 on = (sub.levels == level).nonzero()[:, 0]
-                local[level] = self.local_grad(fwd.feats[level], level, sub.select(on))
-            return local[level]
+                cache[level] = self.local_grad(fwd.feats[level], level, sub.select(on))
+            return cache[level]
 
         levels = sub.levels.tolist()
+        rows: Dict[str, List[Optional[torch.Tensor]]] = {
+            layer.name: [None] * len(sub) for layer in layers}
+        by_route = {r: [layer for layer in layers if layer.route == r] for r in ROUTES}
+        for layer in by_route['local']:
+            self._local_route(layer, levels, local_at, rows[layer.name])
+        if by_route['chain']:
+            self._chain_route(by_route['chain'], levels, local_at, fwd, rows)
+        if by_route['exact']:
+            self._exact_route(by_route['exact'], sub, fwd, rows)
         grads = {}
-        for name in names:
-            act = fwd.acts[name]
-            rows = [None] * len(sub)
-            if name in plan['local']:
-                own = self._neck_level[id(dict(self.layers)[name])]
-                on = [k for k, lv in enumerate(levels) if lv == own]
-                for k, g in zip(on, local_at(own) if on else []):
-                    rows[k] = g[None]
-            elif name in plan['chain']:
-                seen: Dict[int, int] = {}
-                for k, lv in enumerate(levels):
-                    v = local_at(lv)[seen.setdefault(lv, 0)][None]
-                    seen[lv] += 1
-                    rows[k] = torch.autograd.grad(fwd.feats[lv], [act], grad_outputs=v,
-                                                  retain_graph=True, allow_unused=True)[0]
-            else:
-                for k, score in enumerate(detection_scores(fwd.outs, sub)):
-                    rows[k] = torch.autograd.grad(score, [act], retain_graph=True,
-                                                  allow_unused=True)[0]
-            for k, row in enumerate(rows):
+        for layer in layers:
+            act = fwd.acts[layer.name]
+            out = rows[layer.name]
+            for k, row in enumerate(out):
                 if row is None:
-                    no_path.setdefault(name, []).append(levels[k])
-                    rows[k] = torch.zeros_like(act)
-            grads[name] = torch.cat(rows)
+                    no_path.setdefault(layer.name, []).append(levels[k])
+                    out[k] = act.new_zeros(act.shape[1:])
+            grads[layer.name] = torch.stack(out)
         return grads
 
+    @staticmethod
+    def _local_route(layer: TargetLayer, levels: List[int], local_at, out: list) -> None:
+        """The layer is the feature map of ``layer.level``: the window gradient itself; other
+        levels' detections have no path to it."""
+        on = [k for k, lv in enumerate(levels) if lv == layer.level]
+        for k, g in zip(on, local_at(layer.level) if on else []):
+            out[k] = g
+
+    def _chain_route(self, layers: List[TargetLayer], levels: List[int], local_at,
+                     fwd: '_Forward', rows: Dict[str, list]) -> None:
+        """Pull the local gradient at each level's map back to the layers: one batched
+        vector-Jacobian product per level (no backward through the head)."""
+        acts = [fwd.acts[layer.name] for layer in layers]
+        for level in sorted(set(levels)):
+            on = [k for k, lv in enumerate(levels) if lv == level]
+            wanted = [i for i, layer in enumerate(layers) if layer.level in (None, level)]
+            if not wanted:
+                continue
+            v = local_at(level)[:, None]  # (K_l, 1, C, h, w): one cotangent per detection
+            grads = self._vjp('chain', [fwd.feats[level]], [acts[i] for i in wanted], [v])
+            for i, g in zip(wanted, grads):
+                if g is not None:
+                    for j, k in enumerate(on):
+                        rows[layers[i].name][k] = g[j, 0]
+
+    def _exact_route(self, layers: List[TargetLayer], sub: Detections, fwd: '_Forward',
+                     rows: Dict[str, list]) -> None:
+        """Gradients of the scores through the full graph, one batched backward for the
+        detections a layer can influence (a per-level layer only its own level's)."""
+        levels = sub.levels.tolist()
+        groups: Dict[Optional[int], List[TargetLayer]] = {}
+        for layer in layers:
+            groups.setdefault(layer.level, []).append(layer)
+        for level, group in groups.items():
+            on = [k for k, lv in enumerate(levels) if level is None or lv == level]
+            if not on:
+                continue
+            scores = self.adapter.scores(fwd.outs, sub.select(torch.tensor(on)))
+            eye = torch.eye(len(on), dtype=scores.dtype, device=scores.device)
+            grads = self._vjp('exact', [scores], [fwd.acts[layer.name] for layer in group],
+                              [eye])
+            for layer, g in zip(group, grads):
+                if g is not None:
+                    for j, k in enumerate(on):
+                        rows[layer.name][k] = g[j, 0]
+
+    def _vjp(self, route: str, outputs: List[torch.Tensor], inputs: List[torch.Tensor],
+             cotangents: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+        """Vector-Jacobian products for a batch of cotangents (leading dim K): batched with
+        ``is_grads_batched`` (vmap over the backward) or, if vmap cannot handle an op of this
+        model, one ``autograd.grad`` per row (remembered per route).
+
+        Returns:
+            list[torch.Tensor | None]: Per input, (K, *input.shape), or None if the outputs do
+            not depend on it.
+        """
+        if self._batched[route]:
+            try:
+                return list(torch.autograd.grad(outputs, inputs, grad_outputs=cotangents,
+                                                retain_graph=True, allow_unused=True,
+                                                is_grads_batched=True))
+            except RuntimeError as exc:
+                if 'vmap' not in str(exc) and 'batch' not in str(exc).lower():
+                    raise
+                self._batched[route] = False
+        per_row = [
+            torch.autograd.grad(outputs, inputs, grad_outputs=[c[k] for c in cotangents],
+                                retain_graph=True, allow_unused=True)
+            for k in range(len(cotangents[0]))
+        ]
+        return [None if per_row[0][i] is None else torch.stack([r[i] for r in per_row])
+                for i in range(len(inputs))]
+
     def _warn_no_path(self, no_path: Dict[str, List[int]]) -> None:
-        strides = self.model.bbox_head.prior_generator.strides
+        strides = self.adapter.strides()
+        level_names = self._level_layers_if_any()
         for name, levels in no_path.items():
-            own = neck_level(self.model, name)
+            own = self.adapter.level_of_layer(name)
             feeds = f' (it feeds only level {own})' if own is not None else ''
             for level in sorted(set(levels)):
+                use = (f'Use {level_names[level]!r} for them, or target_layers=None'
+                       if level < len(level_names) else 'Use target_layers=None')
                 warnings.warn(
                     f'target layer {name!r} has no gradient path to {levels.count(level)} '
-                    f'detection(s) on FPN level {level} (stride {strides[level][0]}){feeds}: '
-                    f'their maps from this layer are blank. Use \'neck.out_convs.{level}\' for '
-                    'them, or target_layers=None to explain each detection on its own level.',
+                    f'detection(s) on FPN level {level} (stride {strides[level]}){feeds}: '
+                    f'their maps from this layer are blank. {use} to explain each detection '
+                    'on its own level.',
                     UserWarning, stacklevel=4)
 
     def _result(self, method: str, img: np.ndarray, scale: float, dets: Detections,
@@ -456,8 +564,8 @@ def _shrink(img: np.ndarray, max_size: Optional[int]) -> Tuple[float, np.ndarray
 class _Forward(NamedTuple):
     """What one forward pass leaves for the gradient work."""
 
-    feats: Tuple[torch.Tensor, ...]  # neck outputs, one per level
-    outs: Tuple[List[torch.Tensor], ...]  # head outputs (cls, bbox, obj)
+    feats: Tuple[torch.Tensor, ...]  # level feature maps (the adapter's ``features``)
+    outs: tuple  # head outputs (the adapter's ``head_outputs``)
     acts: Dict[str, torch.Tensor]  # target-layer outputs
     input_hw: Tuple[int, int]
 

@@ -1,9 +1,8 @@
 """Target layers: names as ``named_modules()`` paths, resolved without ``eval``.
 
 ``neck.out_convs.2`` and ``neck.out_convs[2]`` / ``neck.out_convs[-1]`` all name a module; a name
-that does not exist raises a ``ValueError`` listing close matches. YOLOX's neck outputs
-``neck.out_convs.{l}`` feed only the head of level ``l`` (stride 8, 16, 32 for l = 0, 1, 2), which
-is why the default is level-aware: each detection is explained on the neck output of its level.
+that does not exist raises a ``ValueError`` listing close matches. Which layer is which level's
+feature map is the adapter's business (:meth:`DetectorAdapter.level_layers`).
 """
 import difflib
 import re
@@ -91,22 +90,15 @@ def resolve_layers(model: nn.Module,
 
 
 def neck_output_layers(model: nn.Module) -> List[str]:
-    """Names of the neck outputs, one per FPN level (stride 8, 16, 32 for YOLOX).
+    """Names of the modules whose outputs are the level feature maps, one per FPN level (the
+    level-aware default; ``neck.out_convs.l`` in YOLOX and RTMDet).
+
+    Kept for callers of the first API; it is ``build_adapter(model).level_layers()``.
 
     Raises:
-        ValueError: If the neck has no ``out_convs`` (not a YOLOXPAFPN), so the level-aware default
-            cannot be used.
+        ValueError: If no adapter supports the model's head (naming it and the supported
+            heads), or no module outputs some level's map (then pass ``target_layers``).
     """
-    out_convs = getattr(getattr(model, 'neck', None), 'out_convs', None)
-    if not isinstance(out_convs, nn.ModuleList):
-        raise ValueError('the level-aware default (`target_layers=None`) needs a YOLOXPAFPN neck '
-                         'with `neck.out_convs`; this model has none, so pass `target_layers` '
-                         'explicitly')
-    return [f'neck.out_convs.{i}' for i in range(len(out_convs))]
+    from .adapters import build_adapter
 
-
-def neck_level(model: nn.Module, name: str) -> Optional[int]:
-    """The FPN level whose head alone a layer feeds, for ``neck.out_convs.{l}`` and its
-    submodules and for ``bbox_head.multi_level_*.{l}``; None for layers shared by all levels."""
-    m = re.fullmatch(r'(?:neck\.out_convs|bbox_head\.multi_level_\w+)\.(\d+)(?:\..*)?', name)
-    return int(m.group(1)) if m else None
+    return build_adapter(model).level_layers()

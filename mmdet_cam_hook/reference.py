@@ -2,7 +2,9 @@
 
 This is what the seed tool and mmyolo's Box AM effectively do (one forward and one full backward
 per detection). The engine must give the same maps; tests check that, and the benchmarks measure
-how much faster the engine is. Not used by the hook or the CLI.
+how much faster the engine is. Generic over heads: the model is wrapped so that grad-cam sees
+the head's raw outputs, and the target is the adapter's own score of one detection. Not used by
+the hook or the CLI.
 """
 from typing import List
 
@@ -10,47 +12,56 @@ import numpy as np
 import torch
 from torch import nn
 
+from .adapters import Detections, DetectorAdapter, build_adapter
 from .layers import resolve_layers
 from .methods import METHODS
 
 
-class YOLOXOutputs(nn.Module):
-    """Wraps a YOLOX so that grad-cam can call it: input tensor -> per-image list of the raw
-    (cls, obj) logit maps of every level."""
+class HeadOutputs(nn.Module):
+    """Wraps a detector so that grad-cam can call it: input tensor -> a one-element list (one
+    image) holding the head's raw outputs."""
 
-    def __init__(self, detector: nn.Module) -> None:
+    def __init__(self, adapter: DetectorAdapter) -> None:
         super().__init__()
-        self.detector = detector
+        self.detector = adapter.model
+        self.adapter = adapter
 
     def forward(self, inputs: torch.Tensor):
-        cls_scores, _, objectnesses = self.detector.bbox_head(self.detector.extract_feat(inputs))
-        return [[(c[i], o[i]) for c, o in zip(cls_scores, objectnesses)]
-                for i in range(inputs.shape[0])]
+        if inputs.shape[0] != 1:
+            raise ValueError(f'the reference explains one image at a time, got {inputs.shape[0]}')
+        return [self.adapter.head_outputs(self.adapter.features(inputs))]
 
 
 class DetectionScoreTarget:
-    """grad-cam target: ``sigmoid(cls[label]) * sigmoid(obj)`` at one prior (level, y, x)."""
+    """grad-cam target: the adapter's score of one detection (its prior, label and anchor)."""
 
-    def __init__(self, level: int, label: int, y: int, x: int) -> None:
-        self.level, self.label, self.y, self.x = level, label, y, x
+    def __init__(self, adapter: DetectorAdapter, det: Detections) -> None:
+        self.adapter, self.det = adapter, det
 
-    def __call__(self, per_level) -> torch.Tensor:
-        cls, obj = per_level[self.level]
-        return cls[self.label, self.y, self.x].sigmoid() * obj[0, self.y, self.x].sigmoid()
+    def __call__(self, outs) -> torch.Tensor:
+        return self.adapter.scores(outs, self.det)[0]
 
 
 def reference_input_cams(model: nn.Module, inputs: torch.Tensor, method: str,
-                         layers_per_det: List[List[str]], levels, labels, ys, xs) -> np.ndarray:
+                         layers_per_det: List[List[str]], dets: Detections) -> np.ndarray:
     """One grad-cam call per detection; maps on the network-input grid, (K, H_in, W_in).
 
     The caller owns the model's state (grad-cam puts it in eval mode and leaves ``.grad`` on its
     parameters); the tests and benchmarks restore it.
+
+    Args:
+        model (nn.Module): The detector.
+        inputs (torch.Tensor): (1, 3, H_in, W_in) preprocessed input.
+        method (str): A key of :data:`METHODS`.
+        layers_per_det (list[list[str]]): The target layers of each detection.
+        dets (Detections): The detections (the engine's decoding).
     """
-    wrapper = YOLOXOutputs(model)
+    adapter = build_adapter(model)
+    wrapper = HeadOutputs(adapter)
     out = []
-    for names, level, label, y, x in zip(layers_per_det, levels, labels, ys, xs):
+    for k, names in enumerate(layers_per_det):
         modules = [m for _, m in resolve_layers(model, names)]
+        det = dets.select(slice(k, k + 1))
         with METHODS[method].cam_class(model=wrapper, target_layers=modules) as cam:
-            out.append(cam(inputs, [DetectionScoreTarget(int(level), int(label), int(y),
-                                                         int(x))])[0])
+            out.append(cam(inputs, [DetectionScoreTarget(adapter, det)])[0])
     return np.stack(out) if out else np.zeros((0, *inputs.shape[-2:]), np.float32)

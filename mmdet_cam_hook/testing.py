@@ -1,9 +1,11 @@
-"""Helpers for tests and benchmarks: randomly initialised YOLOX models from mmdet's own configs.
+"""Helpers for tests and benchmarks: randomly initialised detectors from mmdet's own configs.
 
 No weights can be downloaded here, so tests and benchmarks run on random-init models at small
-input sizes. Not imported by the package itself.
+input sizes, with the head perturbed deterministically so that scores do not tie and boxes are
+not degenerate. Not imported by the package itself.
 """
 import os
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -56,6 +58,126 @@ def build_yolox(size: str = 'nano', input_size: int = 128, num_classes: int = 3,
     model.cfg = cfg
     model.dataset_meta = dict(classes=tuple(f'class{i}' for i in range(num_classes)))
     return model.eval()
+
+
+def detector_config(config: str, input_size: int = 128, num_classes: int = 3) -> Config:
+    """One of mmdet's own configs (a path under ``mmdet/.mim/configs``, e.g.
+    ``'rtmdet/rtmdet_tiny_8xb32-300e_coco.py'``) made for offline tests: ``num_classes``
+    classes, no pre-NMS score filter, the test pipeline's ``Resize`` (and a fixed-size ``Pad``)
+    at ``input_size``, and no ``Pretrained`` initialisation (nothing is downloaded)."""
+    cfg = Config.fromfile(mmdet_config(config))
+    cfg.model.bbox_head.num_classes = num_classes
+    cfg.model.test_cfg.score_thr = 0.0
+    _drop_pretrained(cfg.model)
+    for key in ('test_dataloader', 'val_dataloader'):
+        for t in cfg[key].dataset.pipeline:
+            if t.type == 'Resize':
+                t.scale = (input_size, input_size)
+            elif t.type == 'Pad' and t.get('size') is not None:
+                t.size = (input_size, input_size)
+    return cfg
+
+
+def _drop_pretrained(node) -> None:
+    if isinstance(node, dict):
+        init_cfg = node.get('init_cfg')
+        if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
+            node.pop('init_cfg')
+        for value in node.values():
+            _drop_pretrained(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            _drop_pretrained(value)
+
+
+def perturb_head(model: torch.nn.Module, seed: int = 0, noise: float = 0.0,
+                 weights: Optional[Dict[str, float]] = None,
+                 biases: Optional[Dict[str, Tuple[float, float]]] = None) -> None:
+    """Deterministic changes to ``model.bbox_head``'s parameters, in ``named_parameters`` order.
+
+    Args:
+        model (nn.Module): The detector.
+        seed (int): Seed of the generator. Defaults to 0.
+        noise (float): Std of Gaussian noise added to every head parameter. Defaults to 0.
+        weights (dict[str, float], optional): ``{name part: std}``: conv weights whose name
+            contains the part get Gaussian noise of that std added (e.g. the predictors, so
+            that scores and boxes vary from prior to prior). Defaults to None.
+        biases (dict[str, tuple[float, float]], optional): ``{name part: (mean, std)}``:
+            biases whose name contains the part are set to Gaussian values (e.g. raise the cls
+            bias so that scores are 0.1-0.9; give RTMDet's regression a positive distance so
+            that its boxes have a size). Defaults to None.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.bbox_head.named_parameters():
+            if noise:
+                param.add_(torch.randn(param.shape, generator=gen) * noise)
+            for part, std in (weights or {}).items():
+                if part in name and name.endswith('weight'):
+                    param.add_(torch.randn(param.shape, generator=gen) * std)
+            for part, (mean, std) in (biases or {}).items():
+                if part in name and name.endswith('bias'):
+                    param.copy_(torch.randn(param.shape, generator=gen) * std + mean)
+
+
+def build_detector(config: str, input_size: int = 128, num_classes: int = 3, seed: int = 0,
+                   perturb: Optional[dict] = None) -> torch.nn.Module:
+    """A random-init detector from mmdet's ``config`` (see :func:`detector_config`), with
+    ``.cfg`` and ``dataset_meta``, in eval mode, its head changed by
+    ``perturb_head(model, seed, **perturb)``.
+
+    ``perturb`` may also hold ``calibrate=True``: before the head is perturbed, every
+    BatchNorm's running statistics are set from synthetic images (:func:`calibrate_bn`), so
+    that features do not vanish through a deep random-init backbone (RTMDet's do: its neck
+    outputs are ~1e-8 and every prior of a level then scores the same)."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import DefaultScope
+
+    cfg = detector_config(config, input_size, num_classes)
+    torch.manual_seed(seed)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(cfg.model)
+    _quiet_init_weights(model)
+    model.cfg = cfg
+    perturb = dict(perturb or {})
+    if perturb.pop('calibrate', False):
+        calibrate_bn(model, seed)
+    if perturb:
+        perturb_head(model, seed, **perturb)
+    model.dataset_meta = dict(classes=tuple(f'class{i}' for i in range(num_classes)))
+    return model.eval()
+
+
+def calibrate_bn(model: torch.nn.Module, seed: int = 0, num_images: int = 2) -> None:
+    """Set every BatchNorm's running statistics to the statistics of its input on
+    ``num_images`` synthetic images (one eval-mode forward, each BatchNorm set just before it
+    runs, so that later layers see already-calibrated earlier ones), so that a random-init
+    network's features keep unit scale. ``training`` flags are restored."""
+    from .pipeline import build_pipeline, preprocess, test_pipeline_cfg
+
+    pipeline = build_pipeline(test_pipeline_cfg(model.cfg))
+
+    def pre_hook(bn, args):
+        x = args[0].transpose(0, 1).reshape(args[0].shape[1], -1)
+        bn.running_mean.copy_(x.mean(1))
+        bn.running_var.copy_(x.var(1, unbiased=False))
+
+    flags = [(m, m.training) for m in model.modules()]
+    handles = [m.register_forward_pre_hook(pre_hook) for m in model.modules()
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+               and m.running_mean is not None]
+    try:
+        model.eval()
+        inputs = torch.cat([
+            preprocess(model, pipeline, synthetic_image(96, 160, seed=seed + i))[0]
+            for i in range(num_images)])
+        with torch.no_grad():
+            model.bbox_head(model.extract_feat(inputs))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in flags:
+            module.training = flag
 
 
 def _quiet_init_weights(model: torch.nn.Module) -> None:

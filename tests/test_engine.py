@@ -8,8 +8,8 @@ import torch
 
 from mmdet_cam_hook import METHODS, CAMEngine, compute_cams
 from mmdet_cam_hook.geometry import Letterbox
+from mmdet_cam_hook.pipeline import preprocess
 from mmdet_cam_hook.reference import reference_input_cams
-from mmdet_cam_hook.yolox import decode, preprocess
 
 ALL_METHODS = sorted(METHODS)
 
@@ -19,17 +19,17 @@ def _reference(model, engine, image, res, idx=None):
     model state restored after."""
     inputs, meta = preprocess(model, engine.pipeline, image)
     # the prior (level, y, x) behind each detection, from the engine's own decoding
+    adapter = engine.adapter
     with torch.no_grad():
-        outs = model.bbox_head(model.extract_feat(inputs))
-        dets = decode(model.bbox_head, outs, meta, engine.score_thr)
+        dets = adapter.decode(adapter.head_outputs(adapter.features(inputs)), meta,
+                              engine.score_thr)
     dets = dets.select(slice(0, len(res)))
     np.testing.assert_allclose(dets.scores.numpy(), res.scores, rtol=1e-6)
     idx = list(range(len(res))) if idx is None else list(idx)
     dets = dets.select(torch.tensor(idx, dtype=torch.long))
     try:
         return reference_input_cams(model, inputs, res.method, [res.layers[i] for i in idx],
-                                    dets.levels.tolist(), dets.labels.tolist(),
-                                    dets.ys.tolist(), dets.xs.tolist())
+                                    dets)
     finally:
         model.zero_grad(set_to_none=True)
 
@@ -299,12 +299,10 @@ def test_model_state_is_restored(make_yolox, make_image, fail, layers, monkeypat
     with torch.no_grad():
         before = _state(model)
     if fail:
-        import mmdet_cam_hook.engine as engine_mod
-
         def boom(*args, **kwargs):
             raise RuntimeError('boom')
 
-        monkeypatch.setattr(engine_mod, 'decode', boom)
+        monkeypatch.setattr(engine.adapter, 'decode', boom)
         with torch.no_grad(), pytest.raises(RuntimeError, match='boom'):
             engine.explain(make_image(), methods=['gradcam', 'eigencam'])
     else:

@@ -1,5 +1,5 @@
 """One adapter per detector family (see :mod:`.base`); importing this package registers them."""
-from . import fcos, gfl, retinanet, yolov3  # noqa: F401  (register the adapters)
+from . import fcos, gfl, retinanet, rtmdet, yolov3, yolox  # noqa: F401  (register the adapters)
 from .base import (
     ADAPTERS,
     Detections,

@@ -1,0 +1,64 @@
+"""The model's own test pipeline, generic over detectors: config lookup, build, preprocess.
+
+An image goes through the config's test pipeline (``LoadImageFromNDArray`` instead of the file
+loader, no annotations) and the model's data preprocessor, exactly as ``model.predict`` sees
+it. The metainfo it returns is what :class:`~mmdet_cam_hook.geometry.Letterbox` undoes.
+"""
+import copy
+from typing import Sequence, Tuple
+
+import numpy as np
+import torch
+from mmcv.transforms import Compose
+from mmengine.config import Config, ConfigDict
+from torch import nn
+
+
+def test_pipeline_cfg(cfg: Config) -> list:
+    """A deep copy of the config's test pipeline (``test_dataloader``, else ``val_dataloader``,
+    else ``test_pipeline``), reading arrays (``LoadImageFromNDArray``) and without annotations.
+
+    Raises:
+        ValueError: If the config has no test pipeline.
+    """
+    pipeline = None
+    for key in ('test_dataloader', 'val_dataloader'):
+        dataset = (cfg.get(key) or {}).get('dataset')
+        while dataset is not None and pipeline is None:
+            if 'pipeline' in dataset:
+                pipeline = dataset['pipeline']
+            else:
+                dataset = dataset.get('dataset') or (dataset.get('datasets') or [None])[0]
+        if pipeline is not None:
+            break
+    if pipeline is None:
+        pipeline = cfg.get('test_pipeline')
+    if not pipeline:
+        raise ValueError('the model config has no test pipeline (looked in '
+                         '`test_dataloader.dataset.pipeline`, `val_dataloader.dataset.pipeline` '
+                         'and `test_pipeline`)')
+    pipeline = [copy.deepcopy(dict(t)) for t in pipeline]
+    pipeline = [t for t in pipeline if 'LoadAnnotations' not in str(t.get('type'))]
+    pipeline[0] = dict(type='mmdet.LoadImageFromNDArray')
+    return pipeline
+
+
+def build_pipeline(pipeline_cfg: Sequence[dict]) -> Compose:
+    """Build transforms from mmdet's registry, whatever the current default scope."""
+    from mmdet.registry import TRANSFORMS
+
+    return Compose([TRANSFORMS.build(ConfigDict(t)) if isinstance(t, dict) else t
+                    for t in pipeline_cfg])
+
+
+def preprocess(model: nn.Module, pipeline: Compose, image: np.ndarray) -> Tuple[torch.Tensor, dict]:
+    """Run an HxWx3 BGR uint8 image through the test pipeline and the model's data preprocessor
+    (``training=False``: no batch augmentation, no collective).
+
+    Returns:
+        tuple[torch.Tensor, dict]: (1, 3, H_in, W_in) float input and the sample's metainfo.
+    """
+    data = pipeline(dict(img=image, img_id=0))
+    batch = model.data_preprocessor(
+        dict(inputs=[data['inputs']], data_samples=[data['data_samples']]), False)
+    return batch['inputs'], batch['data_samples'][0].metainfo
