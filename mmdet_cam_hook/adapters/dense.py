@@ -34,16 +34,25 @@ def level_feeds(model: nn.Module, features, size: int) -> List[List[int]]:
     """For each level j, the levels whose feature maps depend on level j's map.
 
     Found once from the autograd graph of :meth:`DetectorAdapter.features` on a (1, 3, size,
-    size) zero input, in eval mode (``training`` flags restored after): level l depends on
-    level j when ``d features[l] / d features[j]`` has a path. In an FPN with extra convs the
-    first extra level reads the top output (``add_extra_convs='on_output'``) and each extra
-    level feeds the next; in ``YOLOV3Neck`` each detect block feeds the finer levels.
+    size) zero input, in eval mode (``training`` flags restored after; gradients enabled, also
+    under ``no_grad`` or ``inference_mode``): level l depends on level j when
+    ``d features[l] / d features[j]`` has a path. In an FPN with extra convs the first extra
+    level reads the top output (``add_extra_convs='on_output'``) and each extra level feeds the
+    next; in ``YOLOV3Neck`` each detect block feeds the finer levels.
+
+    Args:
+        model (nn.Module): The detector.
+        features (Callable): ``inputs -> tuple of level maps`` (the adapter's ``features``).
+        size (int): Side of the dummy input (a multiple of the largest stride).
+
+    Returns:
+        list[list[int]]: ``feeds[j]``: the levels that read level j's map (j included).
     """
     param = next(model.parameters())
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
             inputs = torch.zeros((1, 3, size, size), dtype=param.dtype, device=param.device,
                                  requires_grad=True)
             feats = list(features(inputs))
