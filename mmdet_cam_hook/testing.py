@@ -60,12 +60,17 @@ def build_yolox(size: str = 'nano', input_size: int = 128, num_classes: int = 3,
     return model.eval()
 
 
-def detector_config(config: str, input_size: int = 128, num_classes: int = 3) -> Config:
+def detector_config(config: str, input_size: int = 128, num_classes: int = 3,
+                    cfg_options: Optional[dict] = None) -> Config:
     """One of mmdet's own configs (a path under ``mmdet/.mim/configs``, e.g.
     ``'rtmdet/rtmdet_tiny_8xb32-300e_coco.py'``) made for offline tests: ``num_classes``
     classes, no pre-NMS score filter, the test pipeline's ``Resize`` (and a fixed-size ``Pad``)
-    at ``input_size``, and no ``Pretrained`` initialisation (nothing is downloaded)."""
+    at ``input_size``, and no ``Pretrained`` initialisation (nothing is downloaded).
+    ``cfg_options`` (``Config.merge_from_dict`` keys, e.g.
+    ``{'model.bbox_head.norm_cfg': dict(type='GN', num_groups=8)}``) are merged first."""
     cfg = Config.fromfile(mmdet_config(config))
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
     cfg.model.bbox_head.num_classes = num_classes
     cfg.model.test_cfg.score_thr = 0.0
     _drop_pretrained(cfg.model)
@@ -99,9 +104,10 @@ def perturb_head(model: torch.nn.Module, seed: int = 0, noise: float = 0.0,
         model (nn.Module): The detector.
         seed (int): Seed of the generator. Defaults to 0.
         noise (float): Std of Gaussian noise added to every head parameter. Defaults to 0.
-        weights (dict[str, float], optional): ``{name part: std}``: conv weights whose name
-            contains the part get Gaussian noise of that std added (e.g. the predictors, so
-            that scores and boxes vary from prior to prior). Defaults to None.
+        weights (dict[str, float], optional): ``{name part: std}``: weights whose name
+            contains the part are set to Gaussian values of that std (e.g. the predictors, so
+            that scores and boxes vary from prior to prior without saturating).
+            Defaults to None.
         biases (dict[str, tuple[float, float]], optional): ``{name part: (mean, std)}``:
             biases whose name contains the part are set to Gaussian values (e.g. raise the cls
             bias so that scores are 0.1-0.9; give RTMDet's regression a positive distance so
@@ -114,14 +120,15 @@ def perturb_head(model: torch.nn.Module, seed: int = 0, noise: float = 0.0,
                 param.add_(torch.randn(param.shape, generator=gen) * noise)
             for part, std in (weights or {}).items():
                 if part in name and name.endswith('weight'):
-                    param.add_(torch.randn(param.shape, generator=gen) * std)
+                    param.copy_(torch.randn(param.shape, generator=gen) * std)
             for part, (mean, std) in (biases or {}).items():
                 if part in name and name.endswith('bias'):
                     param.copy_(torch.randn(param.shape, generator=gen) * std + mean)
 
 
 def build_detector(config: str, input_size: int = 128, num_classes: int = 3, seed: int = 0,
-                   perturb: Optional[dict] = None) -> torch.nn.Module:
+                   perturb: Optional[dict] = None,
+                   cfg_options: Optional[dict] = None) -> torch.nn.Module:
     """A random-init detector from mmdet's ``config`` (see :func:`detector_config`), with
     ``.cfg`` and ``dataset_meta``, in eval mode, its head changed by
     ``perturb_head(model, seed, **perturb)``.
@@ -133,7 +140,7 @@ def build_detector(config: str, input_size: int = 128, num_classes: int = 3, see
     from mmdet.registry import MODELS
     from mmengine.registry import DefaultScope
 
-    cfg = detector_config(config, input_size, num_classes)
+    cfg = detector_config(config, input_size, num_classes, cfg_options)
     torch.manual_seed(seed)
     with DefaultScope.overwrite_default_scope('mmdet'):
         model = MODELS.build(cfg.model)
@@ -148,7 +155,7 @@ def build_detector(config: str, input_size: int = 128, num_classes: int = 3, see
     return model.eval()
 
 
-def calibrate_bn(model: torch.nn.Module, seed: int = 0, num_images: int = 2) -> None:
+def calibrate_bn(model: torch.nn.Module, seed: int = 0, num_images: int = 8) -> None:
     """Set every BatchNorm's running statistics to the statistics of its input on
     ``num_images`` synthetic images (one eval-mode forward, each BatchNorm set just before it
     runs, so that later layers see already-calibrated earlier ones), so that a random-init
