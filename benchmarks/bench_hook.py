@@ -5,6 +5,8 @@
    in a fresh process, and only ``runner.train()`` is timed. Goal: <= 1.05.
 2. Memory: resident memory after N calls of the hook's ``after_val_epoch`` minus after the first
    (probe images, engine and panels on a real runner). Goal: <= 20 MB after 50 calls.
+3. One large probe (6000x4000 by default, 10 detections): seconds and peak resident memory of
+   one hook call at the default ``max_image_size=1600`` and with it off (full-size maps).
 
     .venv/bin/python benchmarks/bench_hook.py               # demo settings, 2 pairs of runs
     .venv/bin/python benchmarks/bench_hook.py --quick       # 2 epochs, 1 pair, 20 calls
@@ -76,22 +78,85 @@ def memory(calls):
               f'{rss[-1] - rss[0]:+.1f} MB (first {rss[0]:.0f} MB, max {max(rss):.0f} MB)')
 
 
+def one_large_probe(width, height, max_image_size):
+    """Child process: one hook call on a ``width`` x ``height`` probe (10 detections); print
+    its seconds and the peak resident memory above the level before the call."""
+    import threading
+
+    import cv2
+    import numpy as np
+    import psutil
+    from mmengine.runner import Runner
+
+    with tempfile.TemporaryDirectory() as work_dir:
+        probe = os.path.join(work_dir, 'large.png')
+        rng = np.random.default_rng(0)
+        cv2.imwrite(probe, cv2.resize(rng.integers(0, 255, (height // 50, width // 50, 3),
+                                                   np.uint8), (width, height)))
+        cfg = _config(work_dir, 1, True)
+        for hook in cfg.custom_hooks:
+            if hook['type'] == 'YOLOXGradCAMHook':  # random weights: every prior is a detection
+                hook.update(probe_images=probe, score_thr=0.0, topk=10,
+                            max_image_size=max_image_size)
+        runner = Runner.from_cfg(cfg)
+        hook = next(h for h in runner.hooks if type(h).__name__ == 'YOLOXGradCAMHook')
+        runner.call_hook('before_run')  # decodes (and keeps) the probe
+        gc.collect()
+        proc = psutil.Process()
+        base = peak = proc.memory_info().rss
+        done = threading.Event()
+
+        def sample():
+            nonlocal peak
+            while not done.wait(0.005):
+                peak = max(peak, proc.memory_info().rss)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        start = time.perf_counter()
+        hook.after_val_epoch(runner, metrics={})
+        seconds = time.perf_counter() - start
+        done.set()
+        sampler.join()
+        print(json.dumps(dict(seconds=seconds, peak_mb=(peak - base) / 2**20)))
+
+
+def large_probe(width, height):
+    for max_image_size in (1600, None):
+        out = subprocess.run(
+            [sys.executable, __file__, '--large-child', str(width), str(height),
+             str(max_image_size or 0)], check=True, capture_output=True, text=True,
+            cwd=ROOT).stdout
+        res = json.loads(out.strip().splitlines()[-1])
+        print(f'  {width}x{height} probe, 10 detections, max_image_size={max_image_size}: '
+              f'{res["seconds"]:.1f} s, peak resident memory +{res["peak_mb"]:.0f} MB above the '
+              'level before the call', flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--quick', action='store_true')
     parser.add_argument('--epochs', type=int, default=None, help='default: the demo config')
     parser.add_argument('--pairs', type=int, default=None)
     parser.add_argument('--calls', type=int, default=None)
+    parser.add_argument('--large', default='6000x4000', help='large-probe size, WxH')
     parser.add_argument('--child', nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument('--large-child', nargs=3, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         one_training(int(args.child[0]), bool(int(args.child[1])))
+        return
+    if args.large_child:
+        width, height, max_image_size = args.large_child
+        one_large_probe(width, height, max_image_size or None)
         return
     epochs = args.epochs or (2 if args.quick else 12)
     print('1. overhead')
     overhead(epochs, args.pairs or (1 if args.quick else 2))
     print('2. memory')
     memory(args.calls or (20 if args.quick else 50))
+    print('3. one large probe')
+    large_probe(*(int(v) for v in args.large.lower().split('x')))
 
 
 if __name__ == '__main__':
