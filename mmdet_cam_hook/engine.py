@@ -10,11 +10,13 @@ call, also one that raised.
 Each target layer is resolved once, at construction, into a :class:`TargetLayer` with its
 route (how its K per-detection gradients are computed):
 
-- ``local``: the layer *is* a level's feature map and the head's window there is exact: the
-  window shortcut (:class:`~mmdet_cam_hook.local.LocalGradient`), no backward through the head.
-- ``chain``: the layer is upstream of the level maps (backbone, neck) and every level has an
-  exact window: the local gradient is pulled back with vector-Jacobian products (one per
-  detection; batched with ``is_grads_batched`` on request).
+- ``local``: the layer *is* a level's feature map, only that level reads it, and the head's
+  window there is exact: the window shortcut (:class:`~mmdet_cam_hook.local.LocalGradient`),
+  no backward through the head.
+- ``chain``: the layer is upstream of the level maps (backbone, neck; also a level map that
+  other levels read) and every level has an exact window: the local gradient is pulled back
+  with vector-Jacobian products (one per detection; batched with ``is_grads_batched`` on
+  request).
 - ``exact``: anything else (layers inside the head, heads without an exact window such as the
   GroupNorm heads): per-detection gradients of the scores through the full graph of the one
   forward pass, only for the detections a per-level layer can influence.
@@ -262,11 +264,12 @@ class CAMEngine:
 
     def _resolve(self, name: str, module: nn.Module, level_names: List[str],
                  head_modules: set) -> TargetLayer:
-        if name in level_names:
-            level = level_names.index(name)
-            exact = self.local_grad.radii.get(level) is not None
-            return TargetLayer(name, module, 'local' if exact else 'exact', level)
         level = self.adapter.level_of_layer(name)
+        if name in level_names and level == level_names.index(name) \
+                and self.local_grad.radii.get(level) is not None:
+            return TargetLayer(name, module, 'local', level)
+        # A level map that other levels read too (an FPN's P5 under 'on_output' extra convs,
+        # YOLOv3's detect blocks) is upstream of those levels' maps: chain or exact.
         if id(module) not in head_modules and self.local_grad.available:
             return TargetLayer(name, module, 'chain', level)
         return TargetLayer(name, module, 'exact', level)
