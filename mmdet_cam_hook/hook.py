@@ -242,6 +242,7 @@ class YOLOXGradCAMHook(Hook):
         self._images: Dict[str, np.ndarray] = {}
         self._val_rounds = 0  # validations seen, for loops whose schedule is not replayable
         self._lost_warned: set = set()  # backends whose lost panels were reported
+        self._failed: set = set()  # probes whose failure traceback was logged
 
     # ------------------------------------------------------------------------ argument checks
     @staticmethod
@@ -527,14 +528,19 @@ class YOLOXGradCAMHook(Hook):
             for probe in probes:
                 try:
                     numbers = self._explain_probe(engine, probe, mode, step, class_names, log)
-                except Exception:  # noqa: BLE001 - one probe must not cost the others' panels
+                except Exception as exc:  # noqa: BLE001 - one probe must not cost the others
                     if self.strict:
                         raise
                     failed.append(probe.name)
+                    # The traceback once per probe; the step keeps each message unique (MMLogger
+                    # drops repeated warnings).
+                    detail = f'{type(exc).__name__}: {exc}' if probe.name in self._failed \
+                        else '\n' + traceback.format_exc()
+                    self._failed.add(probe.name)
                     runner.logger.warning(
                         f'YOLOXGradCAMHook: probe {probe.name!r} ({probe.path}) failed after '
                         f'{mode} at step {step}; the other probes are still logged (strict=True '
-                        'raises instead):\n' + traceback.format_exc())
+                        f'raises instead): {detail}')
                     continue
                 for method, (energy, hits, total) in numbers.items():
                     energies[method].extend(energy)
