@@ -226,7 +226,7 @@ def layer_table(model) -> str:
     import torch
 
     from mmdet_cam_hook.engine import read_only
-    from mmdet_cam_hook.yolox import build_pipeline, preprocess, test_pipeline_cfg
+    from mmdet_cam_hook.pipeline import build_pipeline, preprocess, test_pipeline_cfg
 
     # Any square image comes out of YOLOX's letterbox pipeline at the config's input size.
     image = np.full((32, 32, 3), 114, np.uint8)
