@@ -40,8 +40,8 @@ from .engine import (
 from .layers import neck_output_layers, resolve_layers
 from .methods import check_methods, require_grad_cam
 from .metrics import energy_in_box, pointing_game
+from .pipeline import test_pipeline_cfg
 from .render import render_panel
-from .yolox import test_pipeline_cfg
 
 #: File extensions taken from a probe folder (what OpenCV reads).
 IMAGE_EXTENSIONS = ('.bmp', '.jpeg', '.jpg', '.png', '.tif', '.tiff', '.webp')
@@ -129,7 +129,8 @@ class YOLOXGradCAMHook(Hook):
 
     Image names are ``cam_{val|test}_{method}_{probe}``: no ``/`` (LocalVisBackend writes nothing
     for it), ``+`` spelled ``p``. MLflow stores a name as an artifact file, ignores ``step`` and
-    needs an extension, so MLflow backends get ``{name}_{step}.png``. The step is the epoch for
+    needs an extension, so MLflow backends get ``{name}_{step}.png``; W&B ignores ``step`` too
+    (one history row per validation, in order) and keeps the name. The step is the epoch for
     epoch-based training (as LoggerHook logs validation metrics), the iteration for
     iteration-based training, and 0 in a stand-alone ``val``/``test`` run.
 
