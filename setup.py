@@ -15,7 +15,7 @@ def _version():
 setup(
     name='mmdet-cam-hook',
     version=_version(),
-    description='Per-detection class-activation maps for MMDetection YOLOX, '
+    description='Per-detection class-activation maps for MMDetection 3.x detectors, '
     'as an MMEngine hook and a command-line tool',
     long_description=open(osp.join(osp.dirname(__file__), 'README.md')).read()
     if osp.exists(osp.join(osp.dirname(__file__), 'README.md')) else '',
@@ -35,6 +35,13 @@ setup(
         'mmdet>=3.3,<3.4',
         'grad-cam==1.5.7',
     ],
-    extras_require={'tensorboard': ['tensorboard']},
+    # Visualizer backends the hook is tested with (MLflow: mlflow-skinny 3.12, the last
+    # release whose file store works without MLFLOW_ALLOW_FILE_STORE, which MMEngine's
+    # MLflowVisBackend uses by default).
+    extras_require={
+        'tensorboard': ['tensorboard'],
+        'mlflow': ['mlflow-skinny>=3,<3.13'],
+        'wandb': ['wandb'],
+    },
     entry_points={'console_scripts': ['mmdet-cam=mmdet_cam_hook.cli:main']},
 )

@@ -12,17 +12,16 @@ import sys
 from pathlib import Path
 
 import cv2
+import mlflow  # noqa: F401 - pinned with wandb; tools/setup_env.sh installs both
 import numpy as np
 import pytest
 import torch
+import wandb
 from mmengine.runner import Runner
 from test_hook import SIZE, cam_hook, hooks_of, log_dir, tiny_cfg
 
 from mmdet_cam_hook.hook import YOLOXGradCAMHook
 from mmdet_cam_hook.shapes import generate_shapes
-
-mlflow = pytest.importorskip('mlflow', reason='install the pinned mlflow-skinny')
-wandb = pytest.importorskip('wandb', reason='install the pinned wandb')
 
 METHODS = ['gradcam', 'hirescam']
 STEPS = [1, 2]
