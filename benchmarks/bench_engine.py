@@ -6,11 +6,13 @@ For each model / layer setting and K detections, measured side by side in this r
                     mmyolo's Box AM effectively do) over the engine
   max |diff|        largest difference between the two sets of maps (network-input grid)
 
-Random-init models (no weights can be downloaded here) with raised cls/obj biases so that there
-are at least 100 detections; timings are medians of ``--repeats`` interleaved runs.
+Random-init models (no weights can be downloaded here) with raised cls/obj biases (YOLOX) or
+calibrated BatchNorms and a perturbed head (RTMDet) so that there are at least 100 detections;
+timings are medians of ``--repeats`` runs.
 
-    .venv/bin/python benchmarks/bench_engine.py            # nano@416 and s@640, K = 1 8 32 100
-    .venv/bin/python benchmarks/bench_engine.py --quick    # a smaller table in a minute
+    .venv/bin/python benchmarks/bench_engine.py                  # every model, K = 1 8 32 100
+    .venv/bin/python benchmarks/bench_engine.py --models rtmdet-s
+    .venv/bin/python benchmarks/bench_engine.py --quick          # nano@256, K = 1 8 32
 """
 import argparse
 import statistics
@@ -21,17 +23,34 @@ import torch
 
 from mmdet_cam_hook import CAMEngine
 from mmdet_cam_hook.engine import read_only
+from mmdet_cam_hook.pipeline import preprocess
 from mmdet_cam_hook.reference import reference_input_cams
-from mmdet_cam_hook.testing import build_yolox, synthetic_image
-from mmdet_cam_hook.yolox import decode, preprocess
+from mmdet_cam_hook.testing import build_detector, build_yolox, synthetic_image
+
+RTMDET = dict(calibrate=True, weights={'rtm_cls': 0.02, 'rtm_reg': 0.02},
+              biases={'rtm_cls': (0.0, 0.5), 'rtm_reg': (2.0, 0.3)})
+
+#: name -> (builder(input_size), input size, a layer upstream of the level maps)
+MODELS = {
+    'yolox-nano': (lambda size: build_yolox('nano', input_size=size, num_classes=80), 416,
+                   'backbone.stage4'),
+    'yolox-s': (lambda size: build_yolox('s', input_size=size, num_classes=80), 640,
+                'backbone.stage4'),
+    'rtmdet-s': (lambda size: build_detector(
+        'rtmdet/rtmdet_s_8xb32-300e_coco.py', size, num_classes=80, perturb=RTMDET,
+        cfg_options={'model.test_cfg.nms_pre': 1000}), 640, 'backbone.stage4'),
+}
+# RTMDet keeps every (prior, class) pair above the score threshold before NMS (nms_pre=30000 per
+# level); a random-init model scores all 8400 x 80 of them ~0.5, which makes NMS, not the CAMs,
+# the cost. nms_pre=1000 (RetinaNet's, FCOS's) keeps the decode at a trained model's size.
 
 
-def forward_backward(model, inputs):
+def forward_backward(engine, inputs, dets):
     """One plain forward and one full backward (parameter gradients included) of one score."""
+    model, adapter = engine.model, engine.adapter
     with read_only(model), torch.enable_grad():
-        outs = model.bbox_head(model.extract_feat(inputs))
-        cls, _, obj = outs
-        (cls[0].sigmoid().amax() * obj[0].sigmoid().amax()).backward()
+        outs = adapter.head_outputs(adapter.features(inputs))
+        adapter.scores(outs, dets.select(slice(0, 1))).sum().backward()
     model.zero_grad(set_to_none=True)
 
 
@@ -44,22 +63,21 @@ def timed(fn, repeats):
     return statistics.median(times), out
 
 
-def bench(size, input_size, layers, ks, repeats, method):
-    model = build_yolox(size, input_size=input_size, num_classes=80, seed=0)
+def bench(model, input_size, layers, ks, repeats, method):
     image = synthetic_image(int(input_size * 0.75), input_size, seed=0)
     engine = CAMEngine(model, target_layers=layers, score_thr=0.0, topk=max(ks))
     inputs, meta = preprocess(model, engine.pipeline, image)
+    adapter = engine.adapter
     with torch.no_grad():
-        dets = decode(model.bbox_head, model.bbox_head(model.extract_feat(inputs)), meta, 0.0)
+        dets = adapter.decode(adapter.head_outputs(adapter.features(inputs)), meta, 0.0)
     rows = []
     for k in ks:
         engine.topk = k
-        t_fb, _ = timed(lambda: forward_backward(model, inputs), repeats)
+        t_fb, _ = timed(lambda: forward_backward(engine, inputs, dets), repeats)
         t_ours, res = timed(lambda: engine.explain(image, methods=method)[method],  # noqa: B023
                             repeats)
         sub = dets.select(slice(0, k))
-        args = (model, inputs, method, res.layers, sub.levels.tolist(), sub.labels.tolist(),
-                sub.ys.tolist(), sub.xs.tolist())
+        args = (model, inputs, method, res.layers, sub)
         with read_only(model):
             t_base, ref = timed(lambda: reference_input_cams(*args), 1)  # noqa: B023
         model.zero_grad(set_to_none=True)
@@ -70,23 +88,26 @@ def bench(size, input_size, layers, ks, repeats, method):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--quick', action='store_true', help='nano@256 only, K = 1 8 32')
+    parser.add_argument('--quick', action='store_true', help='yolox-nano@256 only, K = 1 8 32')
+    parser.add_argument('--models', nargs='+', choices=sorted(MODELS), default=sorted(MODELS))
+    parser.add_argument('--ks', nargs='+', type=int, default=[1, 8, 32, 100])
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--method', default='gradcam')
     args = parser.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
-    settings = [('nano', 256, [1, 8, 32])] if args.quick else [('nano', 416, [1, 8, 32, 100]),
-                                                               ('s', 640, [1, 8, 32, 100])]
+    settings = [('yolox-nano', 256, [1, 8, 32])] if args.quick else \
+        [(name, MODELS[name][1], args.ks) for name in args.models]
     print(f'method={args.method}, torch threads={torch.get_num_threads()}')
     print('| model | layers | K | ours (s) | fwd+bwd (s) | ours / fwd+bwd | baseline (s) '
           '| baseline / ours | max abs diff |')
     print('|---|---|---|---|---|---|---|---|---|')
-    for size, input_size, ks in settings:
-        for layers in (None, ['backbone.stage4']):
-            name = 'level-aware default' if layers is None else layers[0]
-            for _k, got, t_fb, t_ours, t_base, diff in bench(size, input_size, layers, ks,
+    for name, input_size, ks in settings:
+        build, _, upstream = MODELS[name]
+        model = build(input_size)
+        for layers in (None, [upstream]):
+            label = 'level-aware default' if layers is None else layers[0]
+            for _k, got, t_fb, t_ours, t_base, diff in bench(model, input_size, layers, ks,
                                                            args.repeats, args.method):
-                print(f'| {size}@{input_size} | {name} | {got} | {t_ours:.3f} | {t_fb:.3f} | '
+                print(f'| {name}@{input_size} | {label} | {got} | {t_ours:.3f} | {t_fb:.3f} | '
                       f'{t_ours / t_fb:.2f} | {t_base:.2f} | {t_base / t_ours:.1f} | {diff:.1e} |',
                       flush=True)
 
