@@ -43,5 +43,6 @@ setup(
         'mlflow': ['mlflow-skinny>=3,<3.13'],
         'wandb': ['wandb'],
     },
-    entry_points={'console_scripts': ['mmdet-cam=mmdet_cam_hook.cli:main']},
+    entry_points={'console_scripts': ['mmdet-cam=mmdet_cam_hook.cli:main',
+                                      'mmdet-cam-eval=mmdet_cam_hook.eval_cli:main']},
 )

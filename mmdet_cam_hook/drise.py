@@ -19,10 +19,11 @@ batched forward passes.
 from __future__ import annotations
 
 import numbers
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
+import torch
 
 #: ``detect_fn(images) -> [(bboxes (M, 4), labels (M,), scores (M,)), ...]``, one tuple per
 #: image of the (B, H, W, 3) uint8 batch, boxes in the image's pixels.
@@ -35,9 +36,47 @@ def _positive_int(arg: str, value) -> int:
     return int(value)
 
 
+class MaskSampler:
+    """RISE's random smooth masks, drawn once (the small binary grids and shifts) and rendered at
+    the image size on demand, a batch at a time, so that memory stays at one batch of masks.
+
+    Args:
+        num (int): Number of masks.
+        shape (tuple[int, int]): (H, W) of the image.
+        grid (int): Cells per side of the binary grid. Defaults to 16.
+        p (float): Probability that a cell is kept. Defaults to 0.5.
+        seed (int): Seed. Defaults to 0.
+    """
+
+    def __init__(self, num: int, shape: Tuple[int, int], grid: int = 16, p: float = 0.5,
+                 seed: int = 0) -> None:
+        self.num, grid = _positive_int('num', num), _positive_int('grid', grid)
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p < 1:
+            raise ValueError(f'`p` must be a number in (0, 1), got {p!r}')
+        self.shape = (int(shape[0]), int(shape[1]))
+        h, w = self.shape
+        rng = np.random.default_rng(seed)
+        self.cell = (int(np.ceil(h / grid)), int(np.ceil(w / grid)))
+        self.up = ((grid + 1) * self.cell[0], (grid + 1) * self.cell[1])
+        self.cells = (rng.random((self.num, grid, grid)) < p).astype(np.float32)
+        self.shifts = rng.integers(0, self.cell, size=(self.num, 2))
+
+    def masks(self, start: int, stop: int) -> np.ndarray:
+        """Masks ``start .. stop - 1`` as a (n, H, W) float32 array in [0, 1]."""
+        h, w = self.shape
+        idx = range(start, min(stop, self.num))
+        out = np.empty((len(idx), h, w), np.float32)
+        for j, i in enumerate(idx):
+            up = cv2.resize(self.cells[i], (self.up[1], self.up[0]),
+                            interpolation=cv2.INTER_LINEAR)
+            y, x = self.shifts[i]
+            out[j] = up[y:y + h, x:x + w]
+        return out
+
+
 def rise_masks(num: int, shape: Tuple[int, int], grid: int = 16, p: float = 0.5,
                seed: int = 0) -> np.ndarray:
-    """RISE's random smooth masks.
+    """RISE's random smooth masks, all at once (see :class:`MaskSampler`).
 
     Args:
         num (int): Number of masks.
@@ -49,21 +88,8 @@ def rise_masks(num: int, shape: Tuple[int, int], grid: int = 16, p: float = 0.5,
     Returns:
         np.ndarray: (num, H, W) float32 in [0, 1].
     """
-    num, grid = _positive_int('num', num), _positive_int('grid', grid)
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p < 1:
-        raise ValueError(f'`p` must be a number in (0, 1), got {p!r}')
-    h, w = shape
-    rng = np.random.default_rng(seed)
-    cell_h, cell_w = int(np.ceil(h / grid)), int(np.ceil(w / grid))
-    up_h, up_w = (grid + 1) * cell_h, (grid + 1) * cell_w
-    cells = (rng.random((num, grid, grid)) < p).astype(np.float32)
-    shifts = rng.integers(0, [cell_h, cell_w], size=(num, 2))
-    masks = np.empty((num, h, w), np.float32)
-    for i in range(num):
-        up = cv2.resize(cells[i], (up_w, up_h), interpolation=cv2.INTER_LINEAR)
-        y, x = shifts[i]
-        masks[i] = up[y:y + h, x:x + w]
-    return masks
+    sampler = MaskSampler(num, shape, grid=grid, p=p, seed=seed)
+    return sampler.masks(0, sampler.num)
 
 
 def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
@@ -118,12 +144,12 @@ def drise_maps(image: np.ndarray, bboxes: np.ndarray, labels: np.ndarray,
         reproduced.
     """
     batch_size = _positive_int('batch_size', batch_size)
-    masks = rise_masks(num_masks, image.shape[:2], grid=grid, p=p, seed=seed)
+    sampler = MaskSampler(num_masks, image.shape[:2], grid=grid, p=p, seed=seed)
     bboxes = np.asarray(bboxes, np.float64).reshape(-1, 4)
     labels = np.asarray(labels).reshape(-1)
     sal = np.zeros((len(bboxes), *image.shape[:2]), np.float64)
-    for start in range(0, len(masks), batch_size):
-        chunk = masks[start:start + batch_size]
+    for start in range(0, sampler.num, batch_size):
+        chunk = sampler.masks(start, start + batch_size)
         masked = (image[None].astype(np.float32) * chunk[..., None]).round().astype(np.uint8)
         detections = detect_fn(masked)
         if len(detections) != len(chunk):
@@ -132,8 +158,115 @@ def drise_maps(image: np.ndarray, bboxes: np.ndarray, labels: np.ndarray,
         for mask, (det_bboxes, det_labels, det_scores) in zip(chunk, detections):
             weights = similarity(bboxes, labels, det_bboxes, det_labels, det_scores)
             sal += weights[:, None, None] * mask[None]
-    sal /= len(masks)
+    sal /= sampler.num
     low = sal.reshape(len(sal), -1).min(1, initial=np.inf)[:, None, None] if len(sal) else 0
     high = sal.reshape(len(sal), -1).max(1, initial=-np.inf)[:, None, None] if len(sal) else 1
     span = np.where(high > low, high - low, 1.0)
     return np.where(high > low, (sal - low) / span, 0.0).astype(np.float32)
+
+
+# ------------------------------------------------------------------ the detector on batches
+def image_outputs(outs, i: int):
+    """Image ``i`` of batched head outputs, as a batch of one: every tensor in the (nested)
+    tuples and lists sliced to ``[i:i + 1]``, so that an adapter (which reads image 0) reads
+    image ``i``."""
+    if isinstance(outs, torch.Tensor):
+        return outs[i:i + 1]
+    if isinstance(outs, (tuple, list)):
+        return type(outs)(image_outputs(o, i) for o in outs)
+    return outs
+
+
+def model_score_thr(adapter) -> float:
+    """The head's own pre-NMS score filter (``test_cfg.score_thr``, 0 if unset): the detections
+    ``model.predict`` would report, used for masked and perturbed images."""
+    cfg = getattr(adapter.head, 'test_cfg', None) or {}
+    return float(cfg.get('score_thr', 0.0))
+
+
+class BatchedDetector:
+    """A detector run on batches of images of one size, through its test pipeline and data
+    preprocessor, one forward pass per batch, without gradients, in eval mode (every module's
+    ``training`` flag restored after).
+
+    Args:
+        model (nn.Module): The unwrapped detector.
+        adapter (DetectorAdapter): Its adapter.
+        pipeline (Callable): The built test pipeline (reading arrays).
+    """
+
+    def __init__(self, model, adapter, pipeline) -> None:
+        self.model, self.adapter, self.pipeline = model, adapter, pipeline
+
+    def outputs(self, images: Sequence[np.ndarray]) -> Tuple[tuple, List[dict]]:
+        """Head outputs of a batch (all images the same size) and each image's metainfo.
+
+        Args:
+            images (Sequence[np.ndarray]): (H, W, 3) uint8 BGR images of one size.
+
+        Returns:
+            tuple[tuple, list[dict]]: The head's batched outputs (read one image with
+            :func:`image_outputs`) and the metainfo of each image.
+        """
+        from .engine import read_only
+
+        data = [self.pipeline(dict(img=np.ascontiguousarray(img), img_id=0)) for img in images]
+        with read_only(self.model), torch.no_grad():
+            batch = self.model.data_preprocessor(
+                dict(inputs=[d['inputs'] for d in data],
+                     data_samples=[d['data_samples'] for d in data]), False)
+            outs = self.adapter.head_outputs(self.adapter.features(batch['inputs']))
+        return outs, [sample.metainfo for sample in batch['data_samples']]
+
+    def detect(self, images: Sequence[np.ndarray],
+               score_thr: float) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Decoded detections of each image (a :data:`DetectFn`), boxes in its pixels."""
+        outs, metas = self.outputs(images)
+        out = []
+        with torch.no_grad():
+            for i, meta in enumerate(metas):
+                dets = self.adapter.decode(image_outputs(outs, i), meta, score_thr)
+                out.append((dets.bboxes.detach().cpu().numpy(), dets.labels.cpu().numpy(),
+                            dets.scores.detach().cpu().numpy()))
+        return out
+
+
+def drise_input_maps(detector: BatchedDetector, image: np.ndarray, bboxes: np.ndarray,
+                     labels: np.ndarray, resized_shape: Tuple[int, int],
+                     input_shape: Tuple[int, int], *, num_masks: int = 1000,
+                     batch_size: int = 16, seed: int = 0,
+                     score_thr: Optional[float] = None) -> np.ndarray:
+    """D-RISE maps of K detections on the network-input grid, for the engine.
+
+    The masks are drawn at the size the network sees the image (``resized_shape``, the
+    letterbox's unpadded part), on the image resized to it, so that the cost and memory do not
+    grow with the original image's size; the test pipeline then leaves that size unchanged.
+    The padding of the network input gets 0.
+
+    Args:
+        detector (BatchedDetector): The detector on batches.
+        image (np.ndarray): (H, W, 3) uint8 BGR original image.
+        bboxes (np.ndarray): (K, 4) detections in original pixels.
+        labels (np.ndarray): (K,) their classes.
+        resized_shape (tuple[int, int]): (h, w) of the image inside the network input.
+        input_shape (tuple[int, int]): (H_in, W_in) of the network input.
+        num_masks (int): Number of masks. Defaults to 1000.
+        batch_size (int): Masked images per forward pass. Defaults to 16.
+        seed (int): Seed of the masks. Defaults to 0.
+        score_thr (float, optional): Detections of a masked image kept for the similarity.
+            Defaults to None (the head's ``test_cfg.score_thr``, :func:`model_score_thr`).
+
+    Returns:
+        np.ndarray: (K, H_in, W_in) float32 in [0, 1].
+    """
+    h, w = image.shape[:2]
+    h_r, w_r = int(resized_shape[0]), int(resized_shape[1])
+    view = image if (h, w) == (h_r, w_r) else cv2.resize(image, (w_r, h_r),
+                                                          interpolation=cv2.INTER_LINEAR)
+    boxes = np.asarray(bboxes, np.float64).reshape(-1, 4) * np.array([w_r / w, h_r / h] * 2)
+    thr = model_score_thr(detector.adapter) if score_thr is None else float(score_thr)
+    maps = drise_maps(view, boxes, labels, lambda images: detector.detect(images, thr),
+                      num_masks=num_masks, batch_size=batch_size, seed=seed)
+    out = np.zeros((len(maps), int(input_shape[0]), int(input_shape[1])), np.float32)
+    out[:, :h_r, :w_r] = maps[:, :input_shape[0], :input_shape[1]]
+    return out

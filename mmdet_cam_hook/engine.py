@@ -24,7 +24,7 @@ route (how its K per-detection gradients are computed):
 import contextlib
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -35,6 +35,7 @@ from torch import nn
 
 from .adapters import Detections, DetectorAdapter, build_adapter
 from .cam_math import CAMMath
+from .drise import BatchedDetector, drise_input_maps
 from .geometry import Letterbox
 from .layers import resolve_layers
 from .local import LocalGradient
@@ -212,11 +213,15 @@ class CAMEngine:
             None (all).
         test_pipeline (Sequence[dict], optional): Test pipeline to use instead of the one in
             ``model.cfg``. Defaults to None.
+        drise_masks (int): Random masks per image for ``drise`` (each one masked image
+            through the network). Defaults to 1000.
+        drise_batch_size (int): Masked images per forward pass for ``drise``. Defaults to 16.
+        drise_seed (int): Seed of ``drise``'s masks. Defaults to 0.
 
     Raises:
         ValueError: On a head no adapter supports (naming it and the supported heads), an
-            unknown layer (with close matches), a bad ``score_thr`` or ``topk``, or a model
-            without a test pipeline.
+            unknown layer (with close matches), a bad ``score_thr``, ``topk`` or ``drise_*``
+            argument, or a model without a test pipeline.
     """
 
     def __init__(self,
@@ -224,7 +229,10 @@ class CAMEngine:
                  target_layers: Union[None, str, Sequence[str]] = None,
                  score_thr: float = 0.3,
                  topk: Optional[int] = None,
-                 test_pipeline: Optional[Sequence[dict]] = None) -> None:
+                 test_pipeline: Optional[Sequence[dict]] = None,
+                 drise_masks: int = 1000,
+                 drise_batch_size: int = 16,
+                 drise_seed: int = 0) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f'`model` must be an mmdet detector nn.Module, '
                             f'got {type(model).__name__}')
@@ -233,7 +241,7 @@ class CAMEngine:
         self.topk = check_topk(topk)
         self.adapter: DetectorAdapter = build_adapter(model)
         self.level_aware = target_layers is None
-        self.local_grad = LocalGradient(self.adapter)
+        self.local_grad = self.adapter.level_gradient() or LocalGradient(self.adapter)
         if self.level_aware:
             level_names = self.adapter.level_layers()
         else:
@@ -249,6 +257,13 @@ class CAMEngine:
             test_pipeline = test_pipeline_cfg(model.cfg)
         self.pipeline = build_pipeline(test_pipeline)
         self.math = CAMMath()
+        for arg, value in (('drise_masks', drise_masks), ('drise_batch_size', drise_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f'`{arg}` must be a positive int, got {value!r}')
+        if isinstance(drise_seed, bool) or not isinstance(drise_seed, int):
+            raise ValueError(f'`drise_seed` must be an int, got {drise_seed!r}')
+        self.drise = dict(num_masks=drise_masks, batch_size=drise_batch_size, seed=drise_seed)
+        self.detector = BatchedDetector(model, self.adapter, self.pipeline)
         # Batched VJPs (``is_grads_batched``, vmap over the backward) are exact but measured
         # slower on CPU than one ``autograd.grad`` per detection (YOLOX-s@320, K=32, 1 thread:
         # chain 0.92 s vs 0.54 s, exact 0.81 s vs 0.71 s), so the loop is the default; set a
@@ -282,7 +297,8 @@ class CAMEngine:
                 image: ImageLike,
                 methods: Union[str, Sequence[str]] = ('gradcam', ),
                 renormalize: bool = False,
-                max_size: Optional[int] = None) -> Dict[str, CAMResult]:
+                max_size: Optional[int] = None,
+                detections: Optional[Detections] = None) -> Dict[str, CAMResult]:
         """Per-detection CAMs of one image for one or more methods, from one forward pass.
 
         Works inside ``torch.no_grad()`` and ``torch.inference_mode()`` blocks too: gradients
@@ -300,6 +316,12 @@ class CAMEngine:
                 a side instead of K full-size ones. ``bboxes`` are then in the returned image's
                 pixels and ``CAMResult.scale`` says by how much it was shrunk. None keeps the
                 original size. Defaults to None.
+            detections (Detections, optional): Explain these detections (boxes in original
+                pixels, and the prior and label of each) instead of decoding the image: the
+                maps are those of the score of each given prior and label on *this* model, and
+                the results report the given boxes, labels and scores. For comparing two models
+                on the same detections (the randomisation check, :mod:`mmdet_cam_hook.sanity`).
+                ``score_thr`` and ``topk`` are not applied. Defaults to None (decode).
 
         Returns:
             dict[str, CAMResult]: One result per method.
@@ -311,11 +333,15 @@ class CAMEngine:
         methods = check_methods(methods)
         max_size = check_max_size(max_size)
         img = load_image(image)
+        if detections is not None and not isinstance(detections, Detections):
+            raise TypeError(f'`detections` must be None or a Detections, '
+                            f'got {type(detections).__name__}')
         with torch.inference_mode(False):
-            return self._explain(img, methods, renormalize, max_size)
+            return self._explain(img, methods, renormalize, max_size, detections)
 
     def _explain(self, img: np.ndarray, methods: List[str], renormalize: bool,
-                 max_size: Optional[int]) -> Dict[str, CAMResult]:
+                 max_size: Optional[int],
+                 given: Optional[Detections] = None) -> Dict[str, CAMResult]:
         model, adapter = self.model, self.adapter
         with read_only(model):
             try:
@@ -327,6 +353,7 @@ class CAMEngine:
                     'network input: one side would shrink to 0 pixels. Crop or pad the image to '
                     'a less extreme aspect ratio') from exc
             letterbox = Letterbox.from_metainfo(metainfo)
+            black_box = [m for m in methods if METHODS[m].black_box]
             need_grad = any(METHODS[m].uses_gradients for m in methods)
             graph = need_grad and any(layer.route != 'local' for layer in self.layers)
             acts: Dict[str, torch.Tensor] = {}
@@ -340,17 +367,30 @@ class CAMEngine:
                 raise ValueError(f'target layer(s) {missing} did not run in the forward pass of '
                                  'the backbone, neck and head; choose layers that do '
                                  '(`mmdet-cam CONFIG CKPT IMG --list-layers` lists them)')
-            with torch.no_grad():
-                dets = adapter.decode(outs, metainfo, self.score_thr)
-            if self.topk is not None:
-                dets = dets.select(slice(0, self.topk))
+            if given is not None:
+                dets = Detections(*(None if getattr(given, f.name) is None else
+                                    getattr(given, f.name).to(inputs.device)
+                                    for f in fields(Detections)))
+            else:
+                with torch.no_grad():
+                    dets = adapter.decode(outs, metainfo, self.score_thr)
+                if self.topk is not None:
+                    dets = dets.select(slice(0, self.topk))
             fwd = _Forward(tuple(feats), outs, acts, tuple(inputs.shape[-2:]))
             with torch.enable_grad():
-                input_maps, used = self._maps(methods, dets, fwd, need_grad)
+                input_maps, used = self._maps([m for m in methods if m not in black_box], dets,
+                                              fwd, need_grad)
             del fwd, feats, outs, acts
+            for m in black_box:  # drise: the detector on masked images, no gradients
+                input_maps[m] = drise_input_maps(
+                    self.detector, img, dets.bboxes.detach().cpu().numpy(),
+                    dets.labels.cpu().numpy(), letterbox.resized_shape, letterbox.input_shape,
+                    **self.drise)
         scale, shown = _shrink(img, max_size)
         return {
-            m: self._result(m, shown, scale, dets, input_maps[m], used, letterbox, renormalize)
+            m: self._result(m, shown, scale, dets, input_maps[m],
+                            [[] for _ in used] if m in black_box else used, letterbox,
+                            renormalize)
             for m in methods
         }
 

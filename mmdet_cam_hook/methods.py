@@ -1,13 +1,21 @@
 """The one table of CAM methods.
 
-The hook, the command-line tool (``choices=``) and the tests all read :data:`METHODS`. The maths of
-each method is pytorch-grad-cam's own class: this package only supplies what that library lacks
-(per-detection targets, batching over detections, the letterbox geometry).
+The hook, the command-line tools (``choices=``), the evaluation and the tests all read
+:data:`METHODS`. Two kinds of method share it:
+
+- ``cam``: a layer's activations (and the detection's gradients there) weighted into a map. The
+  maths of each is pytorch-grad-cam's own class: this package only supplies what that library
+  lacks (per-detection targets, batching over detections, the letterbox geometry).
+- ``black_box``: the detector is only run, never differentiated, and no target layer is read
+  (``drise``, :mod:`mmdet_cam_hook.drise`). The engine routes these past the CAM maths.
 """
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Iterable, List, Sequence, Union
+
+#: What a method reads from the detector (see the module docstring).
+KINDS = ('cam', 'black_box')
 
 
 def require_grad_cam() -> ModuleType:
@@ -30,11 +38,14 @@ class CAMMethod:
 
     Args:
         name (str): The name users type (``--method``, ``methods=``).
-        class_name (str): The pytorch-grad-cam class whose weight maths is used.
+        class_name (str): The pytorch-grad-cam class whose weight maths is used ('' for a
+            ``black_box`` method).
         uses_gradients (bool): Whether the method needs gradients of the detection score.
-        spatial (bool): Whether the gradient keeps its location (element-wise methods), which
-            keeps a map on the instance rather than on every object of the same class.
+        spatial (bool): Whether the map keeps the location of the evidence (element-wise
+            methods, black-box methods), which keeps it on the instance rather than on every
+            object of the same class.
         summary (str): One line with the paper and the formula.
+        kind (str): One of :data:`KINDS`. Defaults to 'cam'.
     """
 
     name: str
@@ -42,10 +53,22 @@ class CAMMethod:
     uses_gradients: bool
     spatial: bool
     summary: str
+    kind: str = 'cam'
+
+    @property
+    def black_box(self) -> bool:
+        """Whether the method only runs the detector (no gradients, no target layer)."""
+        return self.kind == 'black_box'
 
     @property
     def cam_class(self) -> type:
-        """The pytorch-grad-cam class (imported on first use)."""
+        """The pytorch-grad-cam class (imported on first use).
+
+        Raises:
+            ValueError: For a ``black_box`` method, which has none.
+        """
+        if self.black_box:
+            raise ValueError(f'{self.name!r} is a black-box method: it has no grad-cam class')
         return getattr(require_grad_cam(), self.class_name)
 
 
@@ -71,8 +94,16 @@ METHODS = {
                   'provably shows the locations the score used.'),
         CAMMethod('eigengradcam', 'EigenGradCAM', True, True,
                   'Eigen-Grad-CAM: first principal component of dS/dA * A.'),
+        CAMMethod('drise', '', False, True,
+                  'D-RISE (Petsiuk et al., CVPR 2021): S_t = mean_M w_t(M) * M over random '
+                  'masks M, w_t(M) = max_j IoU(b_t, b_j) * [l_j == l_t] * s_j on the masked '
+                  'image; black-box (no gradients, no target layer), N forwards per image.',
+                  kind='black_box'),
     )
 }
+
+#: The ``cam`` methods (grad-cam's maths on a target layer), in table order.
+CAM_METHODS = tuple(name for name, m in METHODS.items() if not m.black_box)
 
 
 def check_method(method: str, arg: str = 'method') -> str:

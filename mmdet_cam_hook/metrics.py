@@ -1,5 +1,6 @@
-"""Localisation numbers for per-detection maps: energy in the own box, the pointing game (peak
-and energy-based) against ground truth, the share on *other* objects, and blank maps.
+"""Localisation numbers for per-detection maps: energy in the own box, the pointing game (peak,
+as a count or per detection, and energy-based) against ground truth, the share on *other*
+objects, and blank maps.
 
 A blank map (all zero: the layer has no gradient path to the detection) explains nothing; it is
 counted by :func:`is_blank` and scores NaN in the energy-based numbers, so that means over many
@@ -190,6 +191,32 @@ def match_to_ground_truth(bboxes, labels, gt_bboxes, gt_labels,
             taken[best] = True
             match[k] = best
     return match
+
+
+def peak_in_box(cams, match, gt_bboxes) -> np.ndarray:
+    """Pointing game per detection (Zhang et al., ECCV 2016): 1.0 when the peak of the map (the
+    first maximum in row-major order) lies inside the ground-truth box its detection matched,
+    else 0.0; NaN for an unmatched detection (``match_k == -1``) and for a blank map, so that
+    ``np.nanmean`` is the hit rate over the maps that point somewhere.
+
+    Args:
+        cams (array-like): ``(K, H, W)`` non-negative maps.
+        match (array-like): ``(K,)`` ground-truth index per detection, -1 for none.
+        gt_bboxes (array-like): ``(G, 4)`` ground-truth boxes in the maps' pixels.
+
+    Returns:
+        np.ndarray: ``(K,)`` float64 in ``{0, 1}`` or NaN.
+    """
+    cams, match, gt_bboxes = _check_matched(cams, match, gt_bboxes)
+    width = cams.shape[2]
+    out = np.full(len(cams), np.nan)
+    for k, (cam, g) in enumerate(zip(cams, match)):
+        if g < 0 or cam.max() <= 0:
+            continue
+        y, x = divmod(int(np.argmax(cam)), width)
+        gx1, gy1, gx2, gy2 = gt_bboxes[g]
+        out[k] = float(gx1 <= x + 0.5 <= gx2 and gy1 <= y + 0.5 <= gy2)
+    return out
 
 
 def energy_pointing_game(cams, match, gt_bboxes) -> np.ndarray:
