@@ -1,5 +1,13 @@
 """One adapter per detector family (see :mod:`.base`); importing this package registers them."""
-from . import fcos, gfl, retinanet, rtmdet, yolov3, yolox  # noqa: F401  (register the adapters)
+from . import (  # noqa: F401  (register the adapters)
+    fcos,
+    gfl,
+    retinanet,
+    rtmdet,
+    two_stage,  # noqa: F401  (register the two-stage adapters)
+    yolov3,
+    yolox,
+)
 from .base import (
     ADAPTERS,
     Detections,

@@ -30,6 +30,16 @@ Interface changes since the first commit (all backward compatible):
 - ``window_branches`` contract made precise (see its docstring): the engine checks the modules,
   derives the radius and zeroes the off-map positions before every spatial convolution itself
   (forward pre-hooks), so ``window_scores`` just runs the branches.
+- Detectors whose selecting head is not ``model.bbox_head`` (two-stage: ``roi_head.bbox_head``):
+  ``head_path`` says where an adapter's head sits and :meth:`DetectorAdapter.accepts` adds
+  conditions on the rest of the model; :func:`build_adapter` picks, over all adapters, the one
+  whose ``head_types`` holds the nearest class in the MRO of the module at its ``head_path``
+  (ties: registration order), which for one-stage heads is the old rule.
+- ``Detections.index`` (the RoI or query behind each detection) and ``Detections.rois`` (the
+  boxes it was pooled from, per stage), None for dense heads.
+- :meth:`DetectorAdapter.level_gradient`: an adapter may supply its own exact d score / d level
+  map (two-stage: one backward through the RoI head, then RoIAlign's own backward per
+  detection) in place of the engine's local window.
 """
 from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -56,6 +66,11 @@ class Detections:
         xs (torch.Tensor): (K,) column of the prior on its level's grid.
         anchors (torch.Tensor): (K,) index of the prior among the priors at that location
             (0 for anchor-free heads).
+        index (torch.Tensor | None): (K,) the RoI (two-stage) or query (DETR) behind each
+            detection; None for dense heads.
+        rois (torch.Tensor | None): (K, S, 4) x1y1x2y2 on the network input: the box each of the
+            S RoI stages pooled the detection's features from (two-stage; S = 1 except for
+            cascades); None otherwise.
     """
 
     bboxes: torch.Tensor
@@ -65,13 +80,16 @@ class Detections:
     ys: torch.Tensor
     xs: torch.Tensor
     anchors: torch.Tensor
+    index: Optional[torch.Tensor] = None
+    rois: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.scores)
 
     def select(self, idx) -> 'Detections':
         """The detections at ``idx`` (an index tensor, a slice or a boolean mask)."""
-        return Detections(*(getattr(self, f.name)[idx] for f in fields(self)))
+        return Detections(*(None if getattr(self, f.name) is None else getattr(self, f.name)[idx]
+                            for f in fields(self)))
 
 
 class DetectorAdapter:
@@ -85,10 +103,20 @@ class DetectorAdapter:
     head_types: Tuple[str, ...] = ()
     #: Subclasses of ``head_types`` this adapter must not take (they decode differently).
     excluded_types: Tuple[str, ...] = ()
+    #: ``named_modules()`` path of the module whose class is matched against ``head_types``
+    #: (``roi_head.bbox_head`` for two-stage detectors); it becomes ``self.head``.
+    head_path: str = 'bbox_head'
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.head = model.bbox_head
+        self.head = module_at(model, self.head_path)
+
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        """Conditions on the rest of ``model`` once its head matched ``head_types`` (e.g. a
+        two-stage adapter checks that the RoI head predicts the standard way). Defaults to
+        True."""
+        return True
 
     # ------------------------------------------------------------------ forward
     def features(self, inputs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -161,6 +189,20 @@ class DetectorAdapter:
         return next(iter(own)) if len(own) == 1 else None
 
     # ------------------------------------------------------------------ (d) local window
+    def level_gradient(self):
+        """An exact gradient of many detections' scores w.r.t. their own level's feature map
+        without a backward through the whole graph, for families where the window shortcut
+        does not apply (two-stage: one backward through the RoI head for all detections, then
+        RoIAlign's own backward per detection).
+
+        Returns:
+            object | None: Like :class:`~mmdet_cam_hook.local.LocalGradient`: ``radii``
+            (``{level: int}``; not None where it applies), ``available`` (every level) and
+            ``__call__(feat, level, dets) -> (K, C, h, w)``. None (default): the engine's
+            local window from :meth:`window_branches`.
+        """
+        return None
+
     def window_branches(self, level: int) -> Optional[List[List[nn.Module]]]:
         """The head's modules between ``features()[level]`` and the score, one list per branch
         in the order they run (e.g. YOLOX: cls convs + cls predictor; reg convs + obj
@@ -183,24 +225,47 @@ class DetectorAdapter:
         raise NotImplementedError
 
 
+def module_at(model: nn.Module, path: str) -> Optional[nn.Module]:
+    """The submodule at the dotted attribute ``path`` (``roi_head.bbox_head``), or None."""
+    module = model
+    for part in path.split('.'):
+        module = getattr(module, part, None)
+        if not isinstance(module, nn.Module):
+            return None
+    return module
+
+
 def build_adapter(model: nn.Module) -> DetectorAdapter:
     """The adapter for ``model``'s head class (or the nearest base class that has one).
+
+    Each adapter looks at the module at its ``head_path`` (``bbox_head``, or
+    ``roi_head.bbox_head`` for two-stage detectors); the adapter whose ``head_types`` holds the
+    nearest class in that module's MRO (none of it in ``excluded_types``) and that
+    :meth:`~DetectorAdapter.accepts` the model wins; ties go to the first registered.
 
     Raises:
         ValueError: If no adapter supports the head, naming it and the supported heads.
     """
-    head = getattr(model, 'bbox_head', None)
-    supported = supported_heads()
-    if head is not None:
+    best, best_rank = None, None
+    for adapter_cls in ADAPTERS.module_dict.values():
+        head = module_at(model, adapter_cls.head_path)
+        if head is None:
+            continue
         mro = [cls.__name__ for cls in type(head).__mro__]
-        for cls_name in mro:
-            for adapter_cls in ADAPTERS.module_dict.values():
-                if cls_name in adapter_cls.head_types and \
-                        not set(adapter_cls.excluded_types) & set(mro):
-                    return adapter_cls(model)
-    name = type(head).__name__ if head is not None else f'{type(model).__name__} (no bbox_head)'
+        if set(adapter_cls.excluded_types) & set(mro):
+            continue
+        rank = next((i for i, n in enumerate(mro) if n in adapter_cls.head_types), None)
+        if rank is not None and (best_rank is None or rank < best_rank) \
+                and adapter_cls.accepts(model):
+            best, best_rank = adapter_cls, rank
+    if best is not None:
+        return best(model)
+    paths = sorted({cls.head_path for cls in ADAPTERS.module_dict.values()})
+    found = [type(m).__name__ + ('' if p == 'bbox_head' else f' ({p})') for p in paths
+             for m in [module_at(model, p)] if m is not None]
+    name = ', '.join(found) if found else f'{type(model).__name__} (no bbox_head)'
     raise ValueError(f'mmdet-cam-hook has no adapter for the head {name}; supported heads: '
-                     f'{supported}. See docs/DESIGN.md ("Adding a head")')
+                     f'{supported_heads()}. See docs/DESIGN.md ("Adding a head")')
 
 
 def supported_heads() -> List[str]:
