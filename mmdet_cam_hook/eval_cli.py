@@ -157,14 +157,20 @@ def sample(dataset, index: int) -> tuple[str, np.ndarray, np.ndarray]:
 # Distributed
 def _init_dist(device: Optional[str]) -> tuple[int, int]:
     """``(rank, world_size)``: under torchrun (``WORLD_SIZE`` > 1) the process group is set up
-    with MMEngine's ``init_dist`` (gloo on CPU, NCCL on CUDA)."""
+    from torchrun's environment: MMEngine's ``init_dist`` with NCCL on CUDA; gloo on CPU through
+    ``torch.distributed`` itself (``init_dist`` selects a CUDA device, which a CPU machine does
+    not have). Ranks and gathering then go through MMEngine's dist helpers."""
     if int(os.environ.get('WORLD_SIZE', '1')) <= 1:
         return 0, 1
     import torch
+    import torch.distributed as dist
     from mmengine.dist import get_rank, get_world_size, init_dist
 
     cuda = (device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda')
-    init_dist('pytorch', backend='nccl' if cuda else 'gloo')
+    if cuda:
+        init_dist('pytorch', backend='nccl')
+    else:
+        dist.init_process_group(backend='gloo')
     return get_rank(), get_world_size()
 
 
@@ -195,12 +201,20 @@ def run(args: argparse.Namespace) -> int:
                         'results.json')
     if not out.parent.is_dir():
         raise UserError(f'--out {args.out!r}: folder {str(out.parent)!r} does not exist')
+    if '::' not in config and not os.path.isfile(config):
+        raise UserError(f'config {config!r} does not exist')
     try:
-        model = init_model(config, args.checkpoint, device=args.device,
+        cfg = Config.fromfile(config)
+    except (SyntaxError, NameError, KeyError, AttributeError, TypeError, ValueError,
+            ImportError, OSError) as exc:
+        raise UserError(f'config {config!r} could not be read: {type(exc).__name__}: '
+                        f'{exc}') from exc
+    dataset = ground_truth_dataset(cfg, args.split)
+    try:
+        model = init_model(cfg, args.checkpoint, device=args.device,
                            trusted=args.trust_checkpoint)
     except (CheckpointError, OSError, ValueError) as exc:
         raise UserError(str(exc)) from exc
-    dataset = ground_truth_dataset(Config.fromfile(config), args.split)
     total = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
     if total == 0:
         raise UserError(f'the {args.split} dataset has no images')
