@@ -70,3 +70,24 @@ def test_bad_arguments(kwargs, match):
     image = np.zeros((8, 8, 3), np.uint8)
     with pytest.raises(ValueError, match=match):
         drise_maps(image, np.zeros((1, 4)), np.zeros(1), toy_detector(), **kwargs)
+
+
+def test_masks_rendered_a_batch_at_a_time_equal_all_at_once():
+    """drise_maps renders masks per batch (memory of one batch); they are rise_masks'."""
+    from mmdet_cam_hook.drise import MaskSampler
+
+    sampler = MaskSampler(10, (20, 30), grid=4, seed=3)
+    np.testing.assert_array_equal(np.concatenate([sampler.masks(0, 4), sampler.masks(4, 8),
+                                                  sampler.masks(8, 12)]),
+                                  rise_masks(10, (20, 30), grid=4, seed=3))
+
+
+def test_image_outputs_slices_every_tensor():
+    import torch
+
+    from mmdet_cam_hook.drise import image_outputs
+
+    outs = ([torch.arange(6).reshape(3, 2)], (torch.zeros(3, 1), [torch.ones(3)]), None)
+    one = image_outputs(outs, 1)
+    assert one[0][0].tolist() == [[2, 3]] and one[1][0].shape == (1, 1)
+    assert one[1][1][0].shape == (1, ) and one[2] is None and isinstance(one[1], tuple)

@@ -176,3 +176,13 @@ def test_matched_metrics_bad_input():
         energy_pointing_game(cams, [0], gt)
     with pytest.raises(ValueError, match=r'outside \[-1, 1\]: \[2\]'):
         off_target_share(cams, [0, 2, 0, 0], gt)
+
+
+def test_peak_in_box_per_detection():
+    from mmdet_cam_hook.metrics import peak_in_box
+
+    cams = np.stack([peak_cam(1, 1), peak_cam(6, 6), np.zeros((8, 8)), peak_cam(1, 1)])
+    gt = [[0, 0, 3, 3], [5, 5, 8, 8]]
+    out = peak_in_box(cams, [0, 0, 1, -1], gt)
+    np.testing.assert_array_equal(out[:2], [1.0, 0.0])
+    assert np.isnan(out[2]) and np.isnan(out[3])  # blank map, unmatched detection
