@@ -1,15 +1,18 @@
-"""The demo in one command: train a YOLOX-nano on the built-in shapes and watch its CAMs.
+"""The demo in one command: train a detector on the built-in shapes and watch its CAMs.
 
 ``python -m mmdet_cam_hook.demo`` generates the shapes dataset if needed
-(:mod:`mmdet_cam_hook.shapes`), trains the shipped config
-``mmdet_cam_hook::demo/yolox_nano_shapes_gradcam.py`` (``configs/demo/`` in a checkout) on the CPU
-into ``work_dirs/demo/<timestamp>/`` with :class:`~mmdet_cam_hook.hook.YOLOXGradCAMHook` logging
-per-detection CAMs of fixed validation images at every validation, and prints where the panels
-and TensorBoard event files are, the ``tensorboard --logdir ...`` line to view them, and the bbox
-mAP50 and pointing-game numbers of every validation, read back from the run's ``scalars.json``.
+(:mod:`mmdet_cam_hook.shapes`), trains one of the shipped demo configs (``--model``:
+``yolox-nano``, the default, is ``mmdet_cam_hook::demo/yolox_nano_shapes_gradcam.py``;
+``rtmdet-tiny`` is ``mmdet_cam_hook::demo/rtmdet_tiny_shapes_gradcam.py``; ``configs/demo/`` in a
+checkout) on the CPU into ``work_dirs/demo/<timestamp>/`` with
+:class:`~mmdet_cam_hook.hook.DetCAMHook` logging per-detection CAMs of fixed validation images at
+every validation, and prints where the panels and TensorBoard event files are, the
+``tensorboard --logdir ...`` line to view them, and the bbox mAP50 and pointing-game numbers of
+every validation, read back from the run's ``scalars.json``.
 
 ``--epochs`` and ``--num-train``/``--num-val`` shrink the run (the tests use them); the
-learning-rate schedule and YOLOX's mode switch are rescaled to the number of epochs.
+learning-rate schedule and the family's stage switch (YOLOX's mode switch, RTMDet's pipeline
+switch) are rescaled to the number of epochs.
 """
 from __future__ import annotations
 
@@ -22,15 +25,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .configs import config_path, resolve_config
+from .checks import check_choice, check_int, positive_int_arg
+from .configs import SCOPE, config_path, resolve_config
 from .shapes import ShapesDataset, ensure_shapes
 
 __all__ = [
-    'DEFAULT_CONFIG', 'DemoResult', 'demo_config', 'main', 'read_scalars', 'run_demo', 'summary'
+    'DEFAULT_CONFIG', 'DEFAULT_MODEL', 'MODELS', 'DemoResult', 'demo_config', 'main',
+    'read_scalars', 'run_demo', 'summary'
 ]
 
-#: The demo config, shipped inside the package (``mmdet_cam_hook/configs/demo/``).
-DEFAULT_CONFIG = Path(config_path('demo/yolox_nano_shapes_gradcam.py'))
+#: The demo models (``--model``): name -> shipped config (``mmdet_cam_hook/configs/demo/``).
+MODELS = {
+    'yolox-nano': 'demo/yolox_nano_shapes_gradcam.py',
+    'rtmdet-tiny': 'demo/rtmdet_tiny_shapes_gradcam.py',
+}
+#: The model the demo trains when none is named.
+DEFAULT_MODEL = 'yolox-nano'
+#: The default model's config.
+DEFAULT_CONFIG = Path(config_path(MODELS[DEFAULT_MODEL]))
+#: Hook types that are this package's CAM hook (the generic name and the YOLOX-era one).
+_CAM_HOOKS = ('DetCAMHook', 'YOLOXGradCAMHook')
 
 _MAP50_KEY = 'coco/bbox_mAP_50'
 _WRAPPER_DATASETS = ('MultiImageMixDataset', 'ClassBalancedDataset', 'RepeatDataset')
@@ -63,15 +77,6 @@ class DemoResult:
     scalars: list[dict] = field(default_factory=list, repr=False)
 
 
-def _check_positive(name: str, value: int | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f'`{name}` must be an int, got {value!r} ({type(value).__name__})')
-    if value < 1:
-        raise ValueError(f'`{name}` must be >= 1, got {value}')
-
-
 def _innermost_dataset(dataset_cfg):
     """The dataset config inside wrapper datasets such as ``MultiImageMixDataset``."""
     while dataset_cfg.get('type') in _WRAPPER_DATASETS:
@@ -79,7 +84,13 @@ def _innermost_dataset(dataset_cfg):
     return dataset_cfg
 
 
-def _schedule(max_epochs: int, base_lr: float) -> tuple[list[dict], int]:
+def _num_last_epochs(max_epochs: int) -> int:
+    """The last epochs of a short run that train without the strong augmentations (YOLOX's
+    ``num_last_epochs``, RTMDet's ``stage2_num_epochs``): about a sixth, none below 4 epochs."""
+    return max(1, round(max_epochs / 6)) if max_epochs >= 4 else 0
+
+
+def _yolox_schedule(max_epochs: int, base_lr: float) -> tuple[list[dict], int]:
     """YOLOX's schedule shrunk to ``max_epochs``: warm-up, cosine, constant last epochs.
 
     Returns:
@@ -87,7 +98,7 @@ def _schedule(max_epochs: int, base_lr: float) -> tuple[list[dict], int]:
         the strong augmentations and with the L1 loss, as YOLOXModeSwitchHook counts them).
     """
     warmup = 1 if max_epochs >= 2 else 0
-    num_last = max(1, round(max_epochs / 6)) if max_epochs >= 4 else 0
+    num_last = _num_last_epochs(max_epochs)
     cosine_end = max_epochs - num_last
     schedulers = []
     if warmup:
@@ -103,6 +114,45 @@ def _schedule(max_epochs: int, base_lr: float) -> tuple[list[dict], int]:
     return schedulers, num_last
 
 
+def _linear_cosine_schedule(max_epochs: int, base_lr: float) -> tuple[list[dict], int]:
+    """RTMDet's schedule shrunk to ``max_epochs``: a linear warm-up over the first epoch, then
+    cosine to the end (RTMDet's own warms up over 1000 iterations and is constant for half the
+    run, both far too long here).
+
+    Returns:
+        tuple: The ``param_scheduler`` list and the number of last epochs trained on the
+        second-stage pipeline (``PipelineSwitchHook``).
+    """
+    warmup = 1 if max_epochs >= 2 else 0
+    schedulers = []
+    if warmup:
+        schedulers.append(dict(type='LinearLR', start_factor=1.0e-3, by_epoch=True, begin=0,
+                               end=warmup, convert_to_iter_based=True))
+    schedulers.append(dict(type='CosineAnnealingLR', eta_min=base_lr * 0.05, begin=warmup,
+                           T_max=max_epochs - warmup, end=max_epochs, by_epoch=True,
+                           convert_to_iter_based=True))
+    return schedulers, _num_last_epochs(max_epochs)
+
+
+#: How ``--epochs`` rescales a demo config, by the detector's type (``cfg.model.type``); any
+#: other detector gets the linear warm-up and cosine.
+_SCHEDULES = {'YOLOX': _yolox_schedule}
+
+
+def _rescale(cfg, epochs: int) -> None:
+    """Set ``max_epochs`` and rescale the LR schedule and the family's stage switch to it."""
+    cfg.train_cfg.max_epochs = epochs
+    schedule = _SCHEDULES.get(cfg.model.get('type'), _linear_cosine_schedule)
+    schedulers, num_last = schedule(epochs, cfg.optim_wrapper.optimizer.lr)
+    cfg.param_scheduler = schedulers
+    for hook in cfg.custom_hooks:
+        if hook['type'] == 'YOLOXModeSwitchHook':
+            hook['num_last_epochs'] = num_last
+        elif hook['type'] == 'PipelineSwitchHook':
+            # Epochs 0..epochs-1 run; switching at `epochs` means never.
+            hook['switch_epoch'] = epochs - num_last
+
+
 def demo_config(data: ShapesDataset,
                 work_dir: str | os.PathLike,
                 config: str | os.PathLike = DEFAULT_CONFIG,
@@ -116,8 +166,9 @@ def demo_config(data: ShapesDataset,
         work_dir: The runner's work_dir; the run writes into ``<work_dir>/<timestamp>``.
         config: The config file, or ``mmdet_cam_hook::NAME`` for a shipped one. Defaults to
             :data:`DEFAULT_CONFIG`.
-        epochs: Number of training epochs; the LR schedule and YOLOX's mode switch are rescaled
-            to it. Defaults to None (the config's).
+        epochs: Number of training epochs; the LR schedule and the family's stage switch
+            (YOLOX's mode switch, RTMDet's pipeline switch) are rescaled to it. Defaults to None
+            (the config's).
         val_interval: Validate every this many epochs (and always after the last one). Defaults
             to None (the config's).
         cfg_options: Overrides merged last, as mmdet's ``--cfg-options``. Defaults to None.
@@ -134,8 +185,8 @@ def demo_config(data: ShapesDataset,
     """
     from mmengine.config import Config
 
-    _check_positive('epochs', epochs)
-    _check_positive('val_interval', val_interval)
+    check_int(epochs, 'epochs', none_ok=True)
+    check_int(val_interval, 'val_interval', none_ok=True)
     config = Path(resolve_config(os.fspath(config)))
     if config.is_dir():
         raise IsADirectoryError(f'demo config {str(config)!r} is a directory, not a config file')
@@ -158,17 +209,12 @@ def demo_config(data: ShapesDataset,
     num_val = data.params.get('num_val')
     for hook in cfg.custom_hooks:
         probes = hook.get('probe_images')
-        if (hook['type'] == 'YOLOXGradCAMHook' and num_val and isinstance(probes, list)
+        if (hook['type'] in _CAM_HOOKS and num_val and isinstance(probes, list)
                 and all(isinstance(i, int) for i in probes)):
             hook['probe_images'] = [i for i in probes if i < num_val] or [0]
 
     if epochs is not None:
-        cfg.train_cfg.max_epochs = epochs
-        schedulers, num_last = _schedule(epochs, cfg.optim_wrapper.optimizer.lr)
-        cfg.param_scheduler = schedulers
-        for hook in cfg.custom_hooks:
-            if hook['type'] == 'YOLOXModeSwitchHook':
-                hook['num_last_epochs'] = num_last
+        _rescale(cfg, epochs)
     if val_interval is not None:
         cfg.train_cfg.val_interval = val_interval
         cfg.default_hooks.checkpoint.interval = val_interval
@@ -197,8 +243,9 @@ def _by_epoch(scalars: list[dict], key: str) -> dict[int, float]:
 def run_demo(work_dir: str | os.PathLike = 'work_dirs/demo',
              data_root: str | os.PathLike = 'data/shapes', num_train: int = 400,
              num_val: int = 100, seed: int = 0, epochs: int | None = None,
-             val_interval: int | None = None, config: str | os.PathLike = DEFAULT_CONFIG,
-             cfg_options: dict | None = None, threads: int | None = None) -> DemoResult:
+             val_interval: int | None = None, config: str | os.PathLike | None = None,
+             cfg_options: dict | None = None, threads: int | None = None,
+             model: str = DEFAULT_MODEL) -> DemoResult:
     """Generate the data if needed, train the demo config on the CPU and collect the results.
 
     Args:
@@ -210,12 +257,14 @@ def run_demo(work_dir: str | os.PathLike = 'work_dirs/demo',
         seed: Seed of the dataset generator. Defaults to 0.
         epochs: Training epochs. Defaults to None (the config's).
         val_interval: Validate every this many epochs. Defaults to None (the config's).
-        config: The config file, or ``mmdet_cam_hook::NAME``. Defaults to
-            :data:`DEFAULT_CONFIG`.
+        config: The config file, or ``mmdet_cam_hook::NAME``; it replaces ``model``'s config.
+            Defaults to None (``model``'s).
         cfg_options: Config overrides merged last. Defaults to None.
         threads: Torch CPU threads for the training, restored afterwards. On a machine busy
             with other work, 1 can be several times faster than the default (one per core),
             whose threads then wait for each other. Defaults to None (torch's default).
+        model: The demo model, a key of :data:`MODELS` (``'yolox-nano'``, ``'rtmdet-tiny'``).
+            Defaults to :data:`DEFAULT_MODEL`.
 
     Returns:
         DemoResult: Where the results are and the numbers of every validation.
@@ -223,13 +272,16 @@ def run_demo(work_dir: str | os.PathLike = 'work_dirs/demo',
     Raises:
         FileNotFoundError: If ``config`` does not exist.
         FileExistsError: If ``data_root`` holds files the generator did not write.
-        TypeError: If a count is not an int.
-        ValueError: If a count is out of range.
+        TypeError: If a count is not an int, or ``model`` is not a str.
+        ValueError: If a count is out of range, or ``model`` is not a key of :data:`MODELS`.
     """
     import torch
     from mmengine.runner import Runner
 
-    _check_positive('threads', threads)
+    check_int(threads, 'threads', none_ok=True)
+    check_choice(model, list(MODELS), 'model')
+    if config is None:
+        config = config_path(MODELS[model])
     data = ensure_shapes(data_root, num_train=num_train, num_val=num_val, seed=seed)
     cfg = demo_config(data, work_dir, config=config, epochs=epochs, val_interval=val_interval,
                       cfg_options=cfg_options)
@@ -316,46 +368,41 @@ def summary(result: DemoResult) -> str:
     return '\n'.join(lines)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}') from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'expected a positive integer, got {value}')
-    return value
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line of ``python -m mmdet_cam_hook.demo``."""
     from mmengine.config import DictAction
 
     parser = argparse.ArgumentParser(
         prog='python -m mmdet_cam_hook.demo',
-        description='Train a YOLOX-nano on the built-in shapes dataset on the CPU with '
-        'YOLOXGradCAMHook, then print where the CAM panels and TensorBoard logs are.')
+        description='Train a small detector (YOLOX-nano or RTMDet-tiny) on the built-in shapes '
+        'dataset on the CPU with DetCAMHook, then print where the CAM panels and TensorBoard '
+        'logs are.')
+    parser.add_argument('--model', choices=list(MODELS), default=DEFAULT_MODEL,
+                        help='the detector to train, with its shipped demo config '
+                        '(default: %(default)s)')
     parser.add_argument('--work-dir', default='work_dirs/demo',
                         help='runner work_dir; the run goes to <work-dir>/<timestamp> '
                         '(default: %(default)s)')
     parser.add_argument('--data-root', default='data/shapes',
                         help='shapes dataset folder, generated when missing '
                         '(default: %(default)s)')
-    parser.add_argument('--num-train', type=_positive_int, default=400,
+    parser.add_argument('--num-train', type=positive_int_arg, default=400,
                         help='training images (default: %(default)s)')
-    parser.add_argument('--num-val', type=_positive_int, default=100,
+    parser.add_argument('--num-val', type=positive_int_arg, default=100,
                         help='validation images (default: %(default)s)')
     parser.add_argument('--seed', type=int, default=0,
                         help='seed of the dataset generator (default: %(default)s)')
-    parser.add_argument('--epochs', type=_positive_int, default=None,
+    parser.add_argument('--epochs', type=positive_int_arg, default=None,
                         help="training epochs; rescales the LR schedule (default: the config's)")
-    parser.add_argument('--val-interval', type=_positive_int, default=None,
+    parser.add_argument('--val-interval', type=positive_int_arg, default=None,
                         help="validate every N epochs (default: the config's)")
-    parser.add_argument('--threads', type=_positive_int, default=None,
+    parser.add_argument('--threads', type=positive_int_arg, default=None,
                         help='torch CPU threads (default: one per core); 1 is faster when '
                         'other programs keep the cores busy')
-    parser.add_argument('--config', default='mmdet_cam_hook::demo/yolox_nano_shapes_gradcam.py',
-                        help='demo config: a file, or mmdet_cam_hook::NAME for one shipped with '
-                        'the package (default: %(default)s)')
+    parser.add_argument('--config', default=None,
+                        help='a demo config of your own instead of --model\'s: a file, or '
+                        'mmdet_cam_hook::NAME for one shipped with the package (default: '
+                        + ', '.join(f'{SCOPE}{c} for {m}' for m, c in MODELS.items()) + ')')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
                         help='config overrides, key=value, as in mmdet tools')
     return parser.parse_args(argv)
@@ -367,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run_demo(work_dir=args.work_dir, data_root=args.data_root,
                       num_train=args.num_train, num_val=args.num_val, seed=args.seed,
                       epochs=args.epochs, val_interval=args.val_interval, config=args.config,
-                      cfg_options=args.cfg_options, threads=args.threads)
+                      cfg_options=args.cfg_options, threads=args.threads, model=args.model)
     print(summary(result))
     return 0
 

@@ -1,11 +1,17 @@
-"""``YOLOXGradCAMHook``: per-detection CAMs of a fixed probe set at every validation.
+"""``DetCAMHook``: per-detection CAMs of a fixed probe set at every validation, for any
+detector :func:`~mmdet_cam_hook.adapters.build_adapter` supports (YOLOX, RTMDet, RetinaNet,
+FCOS, ATSS, GFL, YOLOv3).
 
 MMEngine glue only: the maps come from :class:`~mmdet_cam_hook.CAMEngine`, the panels from
 :func:`~mmdet_cam_hook.render.render_panel` and the numbers from :mod:`mmdet_cam_hook.metrics`.
-Add it to a stock mmdet YOLOX config without dropping YOLOX's own hooks::
+Add it to a stock mmdet config without dropping the config's own hooks::
 
     custom_imports = dict(imports=['mmdet_cam_hook'], allow_failed_imports=False)
-    custom_hooks = [*_base_.custom_hooks, dict(type='YOLOXGradCAMHook', probe_images=4)]
+    custom_hooks = [*_base_.custom_hooks, dict(type='DetCAMHook', probe_images=4)]
+
+The class is registered under two names: ``DetCAMHook`` and ``YOLOXGradCAMHook``, its name
+while it explained YOLOX only, so that existing configs keep working (same class, same
+behaviour; :data:`YOLOXGradCAMHook` is the same object in python).
 """
 import bisect
 import contextlib
@@ -29,28 +35,22 @@ from mmengine.runner import BaseLoop, EpochBasedTrainLoop, IterBasedTrainLoop
 from mmengine.visualization import LocalVisBackend, MLflowVisBackend
 from torch import nn
 
-from .engine import (
-    CAMEngine,
-    CAMResult,
-    check_score_thr,
-    check_topk,
-    load_image,
-    renormalize_in_boxes,
-)
-from .layers import neck_output_layers, resolve_layers
+from .adapters import build_adapter
+from .checks import check_bool, check_int, check_max_size, check_score_thr, check_topk, is_int
+from .engine import CAMEngine, CAMResult, load_image, renormalize_in_boxes
+from .files import IMAGE_EXTENSIONS, list_images
+from .layers import resolve_layers
 from .methods import check_methods, require_grad_cam
 from .metrics import energy_in_box, pointing_game
 from .pipeline import test_pipeline_cfg
 from .render import render_panel
 
-#: File extensions taken from a probe folder (what OpenCV reads).
-IMAGE_EXTENSIONS = ('.bmp', '.jpeg', '.jpg', '.png', '.tif', '.tiff', '.webp')
-
 ProbeSpec = Union[int, str, os.PathLike, Sequence[Union[str, os.PathLike]], Sequence[int]]
 
-#: Hooks that mmdet's own configs of a detector family (keyed by the detector's class name)
-#: register in ``custom_hooks``. A user config that sets ``custom_hooks = [...]`` replaces the
-#: inherited list and silently trains without them.
+#: Hooks that mmdet's own configs of a detector family (keyed by the detector's class name,
+#: matched along its MRO) register in ``custom_hooks``. A user config that sets
+#: ``custom_hooks = [...]`` replaces the inherited list and silently trains without them. The
+#: other supported families (RetinaNet, FCOS, ATSS, GFL, YOLOv3) register none in mmdet 3.3.
 FAMILY_HOOKS: Dict[str, Tuple[str, ...]] = {
     'YOLOX': ('YOLOXModeSwitchHook', 'EMAHook'),
     'RTMDet': ('PipelineSwitchHook', 'EMAHook'),
@@ -104,19 +104,18 @@ class _Probe:
     gt_labels: Optional[np.ndarray] = None
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _safe_name(text: str) -> str:
     """A name fragment that works as a TensorBoard tag, a LocalVisBackend file name, an MLflow
     artifact/metric name and a W&B key: no ``/``, no ``+`` (``gradcam++`` -> ``gradcampp``)."""
     return re.sub(r'[^A-Za-z0-9_.-]', '_', text.replace('+', 'p'))
 
 
-@HOOKS.register_module()
-class YOLOXGradCAMHook(Hook):
+@HOOKS.register_module(name=['DetCAMHook', 'YOLOXGradCAMHook'])
+class DetCAMHook(Hook):
     """Log per-detection CAMs of fixed probe images after every validation (and test).
+
+    Works for every detector whose head an adapter supports (``build_adapter``: YOLOX, RTMDet,
+    RetinaNet, FCOS, ATSS, GFL, YOLOv3); ``type='YOLOXGradCAMHook'`` builds this same class.
 
     For each probe image and CAM method it logs one panel through ``runner.visualizer``, so
     every configured backend receives it: the original, the detections (with ground-truth boxes
@@ -136,11 +135,11 @@ class YOLOXGradCAMHook(Hook):
 
     When and where it runs:
 
-    - In ``after_val_epoch`` and ``after_test_epoch``, with priority 48, below the 49 of
-      YOLOX's ``EMAHook``: EMAHook swaps the EMA weights in at ``before_val_epoch`` and back out
-      at ``after_val_epoch``, so a hook running before it in ``after_val_epoch`` explains the
-      EMA weights that were just evaluated (and that the checkpoint stores). At NORMAL (50) it
-      would explain the raw training weights instead.
+    - In ``after_val_epoch`` and ``after_test_epoch``, with priority 48, below the 49 of the
+      ``EMAHook`` of mmdet's YOLOX and RTMDet configs: EMAHook swaps the EMA weights in at
+      ``before_val_epoch`` and back out at ``after_val_epoch``, so a hook running before it in
+      ``after_val_epoch`` explains the EMA weights that were just evaluated (and that the
+      checkpoint stores). At NORMAL (50) it would explain the raw training weights instead.
     - On the main process only, on the unwrapped model, without collectives, so other ranks never
       wait for it. The engine runs the model in eval mode and fp32 (autocast disabled),
       gradients are enabled explicitly, gradients are taken with respect to activations only (no
@@ -148,9 +147,10 @@ class YOLOXGradCAMHook(Hook):
       ``random`` RNG states are as before afterwards: training is bit-identical with and without
       the hook.
     - Bad arguments fail when the hook is built. In ``before_run`` (on every rank, before the
-      first training iteration) a target layer the model lacks, a dataset index out of range
-      and a probe image that cannot be decoded (empty, corrupt) fail with an error naming them,
-      and a YOLOX or RTMDet run that lacks its family's own hooks (``YOLOXModeSwitchHook`` /
+      first training iteration) a detector head no adapter supports (SSD, a two-stage
+      detector, ...), a target layer the model lacks, a dataset index out of range and a probe
+      image that cannot be decoded (empty, corrupt) fail with an error naming them, and a YOLOX
+      or RTMDet run that lacks its family's own hooks (``YOLOXModeSwitchHook`` /
       ``PipelineSwitchHook``, ``EMAHook``; the usual cause is a config that replaced
       ``custom_hooks`` instead of extending it) is warned about.
     - At run time nothing stops training unless ``strict=True``: a probe that fails costs only
@@ -185,9 +185,10 @@ class YOLOXGradCAMHook(Hook):
             element-wise ``hirescam`` and ``layercam`` stay on the instance. All methods share one
             forward pass per image. Defaults to 'gradcam'.
         target_layers (str | Sequence[str], optional): ``named_modules()`` paths such as
-            ``'neck.out_convs.0'`` (stride 8) or ``'neck.out_convs[-1]'`` (stride 32); maps of
-            several layers are averaged. None explains each detection on the neck output of its
-            own FPN level. Defaults to None.
+            ``'neck.out_convs.0'`` (YOLOX/RTMDet, stride 8), ``'neck.fpn_convs[-1]'`` (FPN
+            detectors, the coarsest level) or ``'backbone.stage4'``; maps of several layers are
+            averaged. None explains each detection on the feature map of its own FPN level (the
+            adapter's ``level_layers()``). Defaults to None.
         score_thr (float): Explain detections scoring at least this, in [0, 1]. Defaults to 0.3.
         topk (int, optional): Explain at most this many detections per image (highest scores
             first); bounds the time per validation. None explains all. Defaults to 10.
@@ -224,18 +225,16 @@ class YOLOXGradCAMHook(Hook):
                  max_image_size: Optional[int] = 1600,
                  strict: bool = False) -> None:
         self.probe_spec = self._check_probe_images(probe_images)
-        self.interval = self._check_int('interval', interval, low=1)
+        self.interval = check_int(interval, 'interval')
         self.methods = check_methods(methods, arg='methods')
         require_grad_cam()  # fail at config time, not at the first validation
         self.target_layers = self._check_target_layers(target_layers)
         self.score_thr = check_score_thr(score_thr)
         self.topk = check_topk(topk)
-        self.renormalize = self._check_bool('renormalize', renormalize)
-        self.max_detection_tiles = self._check_int('max_detection_tiles', max_detection_tiles,
-                                                   low=0)
-        self.max_image_size = None if max_image_size is None else self._check_int(
-            'max_image_size', max_image_size, low=1, none_ok=True)
-        self.strict = self._check_bool('strict', strict)
+        self.renormalize = check_bool(renormalize, 'renormalize')
+        self.max_detection_tiles = check_int(max_detection_tiles, 'max_detection_tiles', low=0)
+        self.max_image_size = check_max_size(max_image_size, 'max_image_size')
+        self.strict = check_bool(strict, 'strict')
 
         self._engine: Optional[CAMEngine] = None
         self._pipeline: Optional[list] = None
@@ -246,21 +245,6 @@ class YOLOXGradCAMHook(Hook):
         self._failed: set = set()  # probes whose failure traceback was logged
 
     # ------------------------------------------------------------------------ argument checks
-    @staticmethod
-    def _check_int(arg: str, value, low: int, none_ok: bool = False) -> int:
-        if not _is_int(value) or value < low:
-            kind = 'a positive int' if low == 1 else f'an int >= {low}'
-            kind = f'None or {kind}' if none_ok else kind
-            raise (ValueError if _is_int(value) else TypeError)(
-                f'`{arg}` must be {kind}, got {value!r}')
-        return int(value)
-
-    @staticmethod
-    def _check_bool(arg: str, value) -> bool:
-        if not isinstance(value, bool):
-            raise TypeError(f'`{arg}` must be True or False, got {value!r}')
-        return value
-
     @staticmethod
     def _check_target_layers(target_layers):
         if target_layers is None:
@@ -278,23 +262,22 @@ class YOLOXGradCAMHook(Hook):
     def _check_probe_images(cls, probe_images: ProbeSpec) -> Union[int, List[int], List[str]]:
         """An int count, a list of dataset indices or a list of existing image paths."""
         hint = 'a count, a list of dataset indices, an image folder, or a list of image paths'
-        if _is_int(probe_images):
-            return cls._check_int('probe_images', probe_images, low=1)
+        if is_int(probe_images):
+            return check_int(probe_images, 'probe_images')
         if isinstance(probe_images, (str, os.PathLike)):
             path = os.fspath(probe_images)
             if osp.isdir(path):
-                files = sorted(
-                    osp.join(path, f) for f in os.listdir(path)
-                    if f.lower().endswith(IMAGE_EXTENSIONS) and osp.isfile(osp.join(path, f)))
+                files = list_images(path)
                 if not files:
                     raise ValueError(f'`probe_images` folder {path!r} holds no image '
-                                     f'(extensions {list(IMAGE_EXTENSIONS)})')
+                                     f'(extensions {list(IMAGE_EXTENSIONS)}; hidden files are '
+                                     'skipped)')
                 return [osp.abspath(f) for f in files]
             probe_images = [path]
         if not isinstance(probe_images, (list, tuple)) or not probe_images:
             raise (ValueError if isinstance(probe_images, (list, tuple)) else TypeError)(
                 f'`probe_images` must be {hint}, got {probe_images!r}')
-        if all(_is_int(i) for i in probe_images):
+        if all(is_int(i) for i in probe_images):
             bad = [i for i in probe_images if i < 0]
             if bad:
                 raise ValueError(f'`probe_images` indices must be >= 0, got {bad}')
@@ -311,19 +294,22 @@ class YOLOXGradCAMHook(Hook):
     def before_run(self, runner) -> None:
         """Check the run against the real model and data, on every rank, so that a mistake
         stops the job before training (a check on rank 0 alone would leave the other ranks
-        waiting in their first collective): target layers, test pipeline, dataset indices, and
-        every probe image decoded (the main process keeps the decoded images). Warns when the
-        detector family's own hooks are missing from the runner.
+        waiting in their first collective): the detector's head (always, also with
+        ``target_layers`` given), target layers, test pipeline, dataset indices, and every probe
+        image decoded (the main process keeps the decoded images). Warns when the detector
+        family's own hooks are missing from the runner.
 
         Raises:
-            ValueError: On an unknown target layer (with close matches), a model without YOLOX
-                neck outputs (default layers), no test pipeline, a dataset index out of range, or
-                a probe image that cannot be read or decoded.
+            ValueError: On a head no adapter supports (naming it and the supported heads), an
+                unknown target layer (with close matches), a model whose level feature maps
+                cannot be found (default layers), no test pipeline, a dataset index out of
+                range, or a probe image that cannot be read or decoded.
         """
         model = self._unwrap(runner.model)
+        adapter = build_adapter(model)  # an unsupported head fails here, before training
         self._warn_missing_family_hooks(runner, model)
         if self.target_layers is None:
-            neck_output_layers(model)
+            adapter.level_layers()
         else:
             resolve_layers(model, self.target_layers, arg='target_layers')
         self._pipeline = self._test_pipeline(runner, model)
@@ -368,7 +354,7 @@ class YOLOXGradCAMHook(Hook):
         except ValueError as exc:
             if getattr(model, 'cfg', None) is not None:
                 return None
-            raise ValueError('YOLOXGradCAMHook needs the test pipeline: build the runner from a '
+            raise ValueError('DetCAMHook needs the test pipeline: build the runner from a '
                              'config with `test_dataloader` or `val_dataloader` '
                              '(Runner.from_cfg), or set `model.cfg`') from exc
 
@@ -417,11 +403,11 @@ class YOLOXGradCAMHook(Hook):
         missing = [h for h in FAMILY_HOOKS[family] if h not in registered]
         if missing:
             runner.logger.warning(
-                f'YOLOXGradCAMHook: this {family} model runs without {", ".join(missing)}, '
+                f'DetCAMHook: this {family} model runs without {", ".join(missing)}, '
                 f"which mmdet's {family} configs register in `custom_hooks`; a config that sets "
-                "`custom_hooks = [dict(type='YOLOXGradCAMHook', ...)]` replaces the inherited "
+                "`custom_hooks = [dict(type='DetCAMHook', ...)]` replaces the inherited "
                 'list. Keep them: `custom_hooks = [*_base_.custom_hooks, '
-                "dict(type='YOLOXGradCAMHook', ...)]`.")
+                "dict(type='DetCAMHook', ...)]`.")
 
     def _decode(self, probes: Sequence[_Probe], keep: bool) -> None:
         """Decode every probe image now, so that an unreadable one fails when the runner is
@@ -483,7 +469,7 @@ class YOLOXGradCAMHook(Hook):
                 raise
             # The step keeps the message unique: MMLogger drops repeated warnings.
             runner.logger.warning(
-                f'YOLOXGradCAMHook failed after {mode} at step {step} and logged nothing for it; '
+                f'DetCAMHook failed after {mode} at step {step} and logged nothing for it; '
                 'training continues (strict=True raises instead):\n' + traceback.format_exc())
 
     def _get_engine(self, runner) -> CAMEngine:
@@ -508,7 +494,7 @@ class YOLOXGradCAMHook(Hook):
 
     @staticmethod
     def _class_names(runner, mode: str) -> Optional[Sequence[str]]:
-        model = YOLOXGradCAMHook._unwrap(runner.model)
+        model = DetCAMHook._unwrap(runner.model)
         for meta in (getattr(model, 'dataset_meta', None),
                      getattr(getattr(runner, f'{mode}_dataloader').dataset, 'metainfo', None),
                      getattr(runner.visualizer, 'dataset_meta', None)):
@@ -539,7 +525,7 @@ class YOLOXGradCAMHook(Hook):
                         else '\n' + traceback.format_exc()
                     self._failed.add(probe.name)
                     runner.logger.warning(
-                        f'YOLOXGradCAMHook: probe {probe.name!r} ({probe.path}) failed after '
+                        f'DetCAMHook: probe {probe.name!r} ({probe.path}) failed after '
                         f'{mode} at step {step}; the other probes are still logged (strict=True '
                         f'raises instead): {detail}')
                     continue
@@ -606,7 +592,7 @@ class YOLOXGradCAMHook(Hook):
                 self._lost_warned.add(backend)
                 kept = [b for b in log.sent if b not in log.lost]
                 runner.logger.warning(
-                    f'YOLOXGradCAMHook: {backend} lost {len(losses)} item(s) at step {step} '
+                    f'DetCAMHook: {backend} lost {len(losses)} item(s) at step {step} '
                     f'(first: {losses[0]}); kept by: {", ".join(kept) or "no backend"}. '
                     'Training continues; later losses are counted in the summary line.')
         delivered = ', '.join(
@@ -614,10 +600,14 @@ class YOLOXGradCAMHook(Hook):
             for b, n in log.sent.items())
         summary = ''.join(f'; {k.split("/")[1]}={v:.3f}' for k, v in scalars.items())
         runner.logger.info(
-            f'YOLOXGradCAMHook: explained {explained}/{probes} probe image(s) x '
+            f'DetCAMHook: explained {explained}/{probes} probe image(s) x '
             f'{len(self.methods)} method(s) after {mode} at step {step} in {seconds:.1f} s; '
             f'items delivered per backend: {delivered or "none"}{summary}')
 
+
+#: The name this hook had while it explained YOLOX only; configs with
+#: ``type='YOLOXGradCAMHook'`` build the same class.
+YOLOXGradCAMHook = DetCAMHook
 
 class _Delivery:
     """Sends images and scalars to each of a visualizer's backends on its own, so that one

@@ -9,11 +9,12 @@ Boxes are ``x1, y1, x2, y2`` in pixels: pixel column ``x`` covers ``[x, x + 1)``
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Sequence
 
 import cv2
 import numpy as np
+
+from .checks import check_fraction, check_int, check_max_size
 
 #: Box colour of detections (BGR green).
 DET_COLOR = (0, 255, 0)
@@ -69,7 +70,7 @@ def overlay_cam(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.nd
         np.ndarray: ``(H, W, 3)`` uint8 BGR image.
 
     Raises:
-        TypeError: If ``image`` or ``cam`` is not a numpy array.
+        TypeError: If ``image`` or ``cam`` is not a numpy array, or ``alpha`` not a number.
         ValueError: If the shapes do not match or ``alpha`` is outside ``[0, 1]``.
     """
     _check_image(image)
@@ -77,8 +78,7 @@ def overlay_cam(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.nd
         raise TypeError(f'`cam` must be a numpy array, got {type(cam).__name__}')
     if cam.shape != image.shape[:2]:
         raise ValueError(f'`cam` must have the image size {image.shape[:2]}, got {cam.shape}')
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
-        raise ValueError(f'`alpha` must be a number in [0, 1], got {alpha!r}')
+    alpha = check_fraction(alpha, 'alpha')
     cam = np.clip(np.nan_to_num(cam.astype(np.float32), nan=0.0), 0.0, 1.0)
     heat = cv2.applyColorMap(np.round(cam * 255).astype(np.uint8), cv2.COLORMAP_JET)
     return cv2.addWeighted(image, 1.0 - float(alpha), heat, float(alpha), 0.0)
@@ -243,15 +243,12 @@ def render_panel(result,
         np.ndarray: The panel, a uint8 BGR image.
 
     Raises:
-        ValueError: If ``max_detections`` or ``max_size`` is invalid, or the result's arrays
+        TypeError: If ``max_detections`` or ``max_size`` is not an int.
+        ValueError: If ``max_detections`` or ``max_size`` is out of range, or the result's arrays
             disagree in shape.
     """
-    if isinstance(max_detections, bool) or not isinstance(max_detections, numbers.Integral) \
-            or max_detections < 0:
-        raise ValueError(f'`max_detections` must be an int >= 0, got {max_detections!r}')
-    if max_size is not None and (isinstance(max_size, bool)
-                                 or not isinstance(max_size, numbers.Integral) or max_size < 1):
-        raise ValueError(f'`max_size` must be None or an int >= 1, got {max_size!r}')
+    max_detections = check_int(max_detections, 'max_detections', low=0)
+    max_size = check_max_size(max_size)
     image = result.image
     _check_image(image, 'result.image')
     height, width = image.shape[:2]

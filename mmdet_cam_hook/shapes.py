@@ -33,6 +33,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from .checks import check_choice, check_int, positive_int_arg
+
 __all__ = [
     'CLASSES',
     'GENERATOR_VERSION',
@@ -84,23 +86,17 @@ class ShapesDataset:
 
 
 def _check_split(split: str) -> str:
-    if split not in _SPLITS:
-        raise ValueError(f'`split` must be one of {list(_SPLITS)}, got {split!r}')
-    return split
+    return check_choice(split, _SPLITS, 'split')
 
 
 def _check_params(num_train: int, num_val: int, image_size: int, seed: int,
                   max_objects: int) -> dict:
     """Validate the generator parameters and return them as a dict (the manifest's record)."""
-    for name, value, low in (('num_train', num_train, 1), ('num_val', num_val, 1),
-                             ('image_size', image_size, 64), ('seed', seed, 0),
-                             ('max_objects', max_objects, 1)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f'`{name}` must be an int, got {value!r} ({type(value).__name__})')
-        if value < low:
-            raise ValueError(f'`{name}` must be >= {low}, got {value}')
-    return dict(num_train=int(num_train), num_val=int(num_val), image_size=int(image_size),
-                seed=int(seed), max_objects=int(max_objects))
+    return dict(num_train=check_int(num_train, 'num_train'),
+                num_val=check_int(num_val, 'num_val'),
+                image_size=check_int(image_size, 'image_size', low=64),
+                seed=check_int(seed, 'seed', low=0),
+                max_objects=check_int(max_objects, 'max_objects'))
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -370,12 +366,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         description='Write the built-in shapes detection dataset (COCO format). A folder that '
         'already holds the same dataset is re-used unless --force is given.')
     parser.add_argument('--out', default='data/shapes', help='output folder (default: %(default)s)')
-    parser.add_argument('--num-train', type=int, default=400, help='training images (default: 400)')
-    parser.add_argument('--num-val', type=int, default=100, help='validation images (default: 100)')
+    parser.add_argument('--num-train', type=positive_int_arg, default=400,
+                        help='training images (default: 400)')
+    parser.add_argument('--num-val', type=positive_int_arg, default=100,
+                        help='validation images (default: 100)')
     parser.add_argument('--image-size', type=int, default=256,
                         help='long side of the images in pixels (default: 256)')
     parser.add_argument('--seed', type=int, default=0, help='random seed (default: 0)')
-    parser.add_argument('--max-objects', type=int, default=4,
+    parser.add_argument('--max-objects', type=positive_int_arg, default=4,
                         help='most objects per image (default: 4)')
     parser.add_argument('--force', action='store_true',
                         help='regenerate even if the folder already holds this dataset')

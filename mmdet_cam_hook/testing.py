@@ -211,3 +211,152 @@ def synthetic_image(h: int = 96, w: int = 160, seed: int = 0) -> np.ndarray:
         x1, y1 = x0 + int(rng.integers(10, 40)), y0 + int(rng.integers(10, 40))
         img[y0:y1, x0:x1] = rng.integers(100, 255, 3, dtype=np.uint8)
     return img
+
+
+# ------------------------------------------------------------------ tiny MMEngine runs (hook tests)
+
+#: Network input and longest image side of :func:`tiny_cfg` runs.
+TINY_SIZE = 96
+#: The CAM methods :func:`cam_hook` asks for.
+TINY_METHODS = ('gradcam', 'hirescam')
+#: mmdet's configs :func:`tiny_cfg` starts from, by ``detector``.
+TINY_CONFIGS = {
+    'yolox': 'yolox/yolox_nano_8xb8-300e_coco.py',
+    'rtmdet': 'rtmdet/rtmdet_tiny_8xb32-300e_coco.py',
+}
+
+
+_TINY_BASES: Dict[str, Config] = {}
+
+
+def _tiny_base(detector: str) -> Config:
+    """mmdet's config for ``detector``, parsed once per process (:func:`tiny_cfg` copies it)."""
+    if detector not in _TINY_BASES:
+        _TINY_BASES[detector] = Config.fromfile(mmdet_config(TINY_CONFIGS[detector]))
+    return _TINY_BASES[detector]
+
+
+def _tiny_dataset(data, split: str, pipeline: list) -> dict:
+    return dict(type='CocoDataset', data_root=str(data.root), ann_file=str(data.ann_file(split)),
+                data_prefix=dict(img=str(data.img_dir(split)) + os.sep),
+                metainfo=dict(classes=data.classes), filter_cfg=dict(filter_empty_gt=False),
+                test_mode=split == 'val', pipeline=pipeline)
+
+
+def tiny_cfg(data, work_dir, *, hooks=(), backends=('LocalVisBackend', ), max_epochs: int = 2,
+             max_iters: Optional[int] = None, detector: str = 'yolox') -> Config:
+    """mmdet's YOLOX-nano (or RTMDet-tiny) config, with its own custom hooks (YOLOX: mode
+    switch, SyncNorm, EMA; RTMDet: EMA, pipeline switch), shrunk to a :data:`TINY_SIZE` input,
+    the dataset's classes, batches of 2, no data workers, and a validation after every epoch (or
+    every iteration with ``max_iters``). The training pipeline flips at random, so anything that
+    consumed the global numpy RNG would change the trained weights.
+
+    Args:
+        data (ShapesDataset): A generated dataset (:func:`mmdet_cam_hook.shapes.generate_shapes`).
+        work_dir (str | PathLike): The runner's work_dir.
+        hooks (Sequence[dict]): Hook configs added after the config's own custom hooks.
+            Defaults to ().
+        backends (Sequence[str]): Visualizer backend types. Defaults to ('LocalVisBackend',).
+        max_epochs (int): Epochs of an epoch-based run. Defaults to 2.
+        max_iters (int, optional): Iterations of an iteration-based run instead. Defaults to
+            None.
+        detector (str): ``'yolox'`` or ``'rtmdet'`` (a key of :data:`TINY_CONFIGS`). Defaults
+            to 'yolox'.
+
+    Returns:
+        Config: The config for ``Runner.from_cfg``; its experiment name is unique (it names
+        MMEngine's visualizer and logger singletons, which outlive a runner).
+
+    Raises:
+        ValueError: If ``detector`` is not a key of :data:`TINY_CONFIGS`.
+    """
+    import copy
+    import uuid
+
+    if detector not in TINY_CONFIGS:
+        raise ValueError(f'`detector` must be one of {list(TINY_CONFIGS)}, got {detector!r}')
+    cfg = copy.deepcopy(_tiny_base(detector))
+    _drop_pretrained(cfg.model)
+    cfg.work_dir = str(work_dir)
+    cfg.experiment_name = f'tiny_{uuid.uuid4().hex[:8]}'
+    cfg.model.bbox_head.num_classes = len(data.classes)
+    cfg.model.data_preprocessor.batch_augments = None
+    size = (TINY_SIZE, TINY_SIZE)
+    if detector == 'yolox':
+        pad = dict(type='Pad', pad_to_square=True, pad_val=dict(img=(114.0, 114.0, 114.0)))
+    else:
+        pad = dict(type='Pad', size=size, pad_val=dict(img=(114, 114, 114)))
+    test_pipeline = [
+        dict(type='LoadImageFromFile'),
+        dict(type='Resize', scale=size, keep_ratio=True), pad,
+        dict(type='LoadAnnotations', with_bbox=True),
+        dict(type='PackDetInputs',
+             meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))
+    ]
+    load = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', with_bbox=True)]
+    augment = [dict(type='RandomFlip', prob=0.5), dict(type='Resize', scale=size, keep_ratio=True),
+               pad, dict(type='PackDetInputs')]
+    if detector == 'yolox':
+        train_set = dict(
+            type='MultiImageMixDataset',  # as in YOLOX: YOLOXModeSwitchHook calls into it
+            dataset=_tiny_dataset(data, 'train', load), pipeline=augment)
+        # No warm-up in so short a run, so a lower LR: at YOLOX's 0.01 two steps make the
+        # eval-mode model diverge (boxes at 1e5 px and beyond).
+        cfg.optim_wrapper.optimizer.lr = 0.001
+    else:
+        train_set = _tiny_dataset(data, 'train', load + augment)
+        cfg.train_cfg.pop('dynamic_intervals', None)
+    cfg.train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
+                                sampler=dict(type='DefaultSampler', shuffle=True),
+                                dataset=train_set)
+    cfg.val_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
+                              drop_last=False, sampler=dict(type='DefaultSampler', shuffle=False),
+                              dataset=_tiny_dataset(data, 'val', test_pipeline))
+    cfg.test_dataloader = cfg.val_dataloader
+    cfg.val_evaluator = dict(type='CocoMetric', ann_file=str(data.ann_file('val')), metric='bbox')
+    cfg.test_evaluator = cfg.val_evaluator
+    if max_iters is None:
+        cfg.train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs, val_interval=1)
+    else:
+        cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=1)
+        cfg.log_processor = dict(by_epoch=False)
+    cfg.param_scheduler = None
+    cfg.default_hooks.logger = dict(type='LoggerHook', interval=1)
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1000, save_last=False)
+    cfg.custom_hooks = [*cfg.custom_hooks, *hooks]
+    cfg.visualizer = dict(type='DetLocalVisualizer',
+                          vis_backends=[dict(type=b) for b in backends])
+    cfg.randomness = dict(seed=0)
+    return cfg
+
+
+def cam_hook(**kwargs) -> dict:
+    """The CAM hook's config (``type='DetCAMHook'``) with settings that make a random-init or
+    briefly trained model explain something (every score, the top 3, two probes, the
+    :data:`TINY_METHODS`); ``kwargs`` override them."""
+    return dict(dict(type='DetCAMHook', probe_images=2, methods=list(TINY_METHODS),
+                     score_thr=0.0, topk=3), **kwargs)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside an MMEngine model wrapper (DDP), or ``model`` itself."""
+    from mmengine.model import is_model_wrapper
+
+    return model.module if is_model_wrapper(model) else model
+
+
+def hooks_of(runner, cls) -> list:
+    """The runner's hooks that are instances of ``cls``."""
+    return [h for h in runner.hooks if isinstance(h, cls)]
+
+
+def run_log_dir(runner):
+    """The run's folder, ``<work_dir>/<timestamp>`` (``vis_data/`` and the log are in it)."""
+    from pathlib import Path
+
+    return Path(runner.log_dir)
+
+
+def run_log_text(runner) -> str:
+    """The text of the run's log file, ``<work_dir>/<timestamp>/<timestamp>.log``."""
+    return (run_log_dir(runner) / f'{runner.timestamp}.log').read_text()

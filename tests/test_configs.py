@@ -1,47 +1,88 @@
-"""The example configs: each inherits mmdet's YOLOX config, keeps YOLOX's own hooks, adds the CAM
-hook and a TensorBoard backend, and builds into a runner whose hook accepts the real model. They
-ship inside the package (:mod:`mmdet_cam_hook.configs`); ``configs/`` in the repository is a
-link to them."""
+"""The example configs: each inherits mmdet's own config of a supported detector, keeps that
+config's own custom hooks, adds the CAM hook and a TensorBoard backend, and builds into a runner
+whose hook accepts the real model (its head is supported by ``build_adapter``). They ship inside
+the package (:mod:`mmdet_cam_hook.configs`); ``configs/`` in the repository is a link to them."""
 from pathlib import Path
 
 import pytest
+import torch
 from mmengine.config import Config
 from mmengine.runner import Runner
 
+from mmdet_cam_hook.adapters import build_adapter
 from mmdet_cam_hook.configs import CONFIG_DIR, config_path, list_configs, resolve_config
 from mmdet_cam_hook.configs.__main__ import main as configs_main
+from mmdet_cam_hook.hook import DetCAMHook
+from mmdet_cam_hook.testing import mmdet_config
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = ('nano', 'tiny', 's', 'm', 'l', 'x')
 
+#: Each shipped config, the mmdet config it inherits, and its adapter.
+CONFIGS = {
+    **{f'yolox_{size}_gradcam.py': (f'yolox/yolox_{size}_8xb8-300e_coco.py', 'YOLOXAdapter')
+       for size in SIZES},
+    'rtmdet_tiny_gradcam.py': ('rtmdet/rtmdet_tiny_8xb32-300e_coco.py', 'RTMDetAdapter'),
+    'rtmdet_s_gradcam.py': ('rtmdet/rtmdet_s_8xb32-300e_coco.py', 'RTMDetAdapter'),
+    'retinanet_r50_fpn_gradcam.py': ('retinanet/retinanet_r50_fpn_1x_coco.py',
+                                     'RetinaNetAdapter'),
+    'fcos_r50_gradcam.py': ('fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py', 'FCOSAdapter'),
+    'atss_r50_gradcam.py': ('atss/atss_r50_fpn_1x_coco.py', 'ATSSAdapter'),
+    'gfl_r50_gradcam.py': ('gfl/gfl_r50_fpn_1x_coco.py', 'GFLAdapter'),
+    'yolov3_d53_gradcam.py': ('yolo/yolov3_d53_8xb8-ms-608-273e_coco.py', 'YOLOv3Adapter'),
+    'yolov3_mobilenetv2_gradcam.py': ('yolo/yolov3_mobilenetv2_8xb24-ms-416-300e_coco.py',
+                                      'YOLOv3Adapter'),
+}
 
-@pytest.mark.parametrize('size', SIZES)
-def test_config_builds_its_hook(size, tmp_path):
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _unscoped(hook: dict) -> dict:
+    """The hook config without the ``_scope_`` MMEngine adds to ``mmdet::`` bases' entries."""
+    return {k: v for k, v in hook.items() if k != '_scope_'}
+
+
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+def test_config_keeps_base_hooks_and_builds_its_hook(name, tmp_path):
     # Config.fromfile runs `custom_imports`, which is what registers the hook.
-    cfg = Config.fromfile(config_path(f'yolox_{size}_gradcam.py'))
-    assert Path(cfg.filename).name == f'yolox_{size}_gradcam.py'
-    assert [h['type'] for h in cfg.custom_hooks] == [
-        'YOLOXModeSwitchHook', 'SyncNormHook', 'EMAHook', 'YOLOXGradCAMHook'
-    ]
+    cfg = Config.fromfile(config_path(name))
+    base = Config.fromfile(mmdet_config(CONFIGS[name][0]))
+    assert Path(cfg.filename).name == name
+    assert cfg.model.type == base.model.type
+    # The base's own hooks (YOLOX: mode switch, SyncNorm, EMA; RTMDet: EMA, pipeline switch;
+    # the others: none) are kept, in order; the CAM hook comes last.
+    assert [_unscoped(h) for h in cfg.custom_hooks[:-1]] == base.get('custom_hooks', [])
+    assert cfg.custom_hooks[-1]['type'] == 'DetCAMHook'
     assert [b['type'] for b in cfg.visualizer.vis_backends] == [
         'LocalVisBackend', 'TensorboardVisBackend'
     ]
 
     cfg.work_dir = str(tmp_path)
-    runner = Runner.from_cfg(cfg)  # builds the model and every hook, no data needed
+    # No download, no BatchNorm sync: the runner only builds the model and every hook.
+    cfg.model.backbone.init_cfg = None
+    cfg.load_from = None
+    runner = Runner.from_cfg(cfg)
     names = [type(h).__name__ for h in runner.hooks]
-    assert names.index('YOLOXGradCAMHook') < names.index('EMAHook')  # sees the EMA weights
-    (hook, ) = [h for h in runner.hooks if type(h).__name__ == 'YOLOXGradCAMHook']
-    hook.before_run(runner)  # target layers and test pipeline checked against the real model
+    if 'EMAHook' in names:
+        assert names.index('DetCAMHook') < names.index('EMAHook')  # sees the EMA weights
+    (hook, ) = [h for h in runner.hooks if isinstance(h, DetCAMHook)]
+    assert type(build_adapter(runner.model)).__name__ == CONFIGS[name][1]
+    hook.before_run(runner)  # head, level layers and test pipeline checked on the real model
     assert hook.methods == ['gradcam', 'hirescam']
     assert hook._pipeline[0]['type'] == 'mmdet.LoadImageFromNDArray'
 
 
 def test_shipped_configs_are_listed_and_found():
-    assert list_configs() == [
-        '_base_/gradcam_hook.py', 'demo/yolox_nano_shapes_gradcam.py',
-        *sorted(f'yolox_{size}_gradcam.py' for size in SIZES)
-    ]
+    shipped = list_configs()
+    assert {'_base_/gradcam_hook.py', 'demo/yolox_nano_shapes_gradcam.py',
+            'demo/rtmdet_tiny_shapes_gradcam.py', *CONFIGS} <= set(shipped)
+    assert shipped == sorted(shipped)
     path = config_path('yolox_s_gradcam.py')
     assert Path(path) == CONFIG_DIR / 'yolox_s_gradcam.py' and Path(path).is_file()
     assert config_path('mmdet_cam_hook::demo/yolox_nano_shapes_gradcam.py') == str(
@@ -78,6 +119,6 @@ def test_user_config_inherits_a_shipped_config(tmp_path):
                     "                dict(_base_.custom_hooks[-1], interval=5)]\n")
     cfg = Config.fromfile(str(user))
     assert cfg.model.type == 'YOLOX'
-    assert [h['type'] for h in cfg.custom_hooks][-2:] == ['EMAHook', 'YOLOXGradCAMHook']
+    assert [h['type'] for h in cfg.custom_hooks][-2:] == ['EMAHook', 'DetCAMHook']
     assert cfg.custom_hooks[-1]['interval'] == 5
     assert cfg.custom_hooks[-1]['methods'] == ['gradcam', 'hirescam']

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from mmdet_cam_hook import shapes
-from mmdet_cam_hook.demo import demo_config, main, parse_args
+from mmdet_cam_hook.configs import config_path
+from mmdet_cam_hook.demo import MODELS, demo_config, main, parse_args, run_demo
 from mmdet_cam_hook.shapes import CLASSES, ensure_shapes, generate_shapes
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -150,7 +151,7 @@ def test_demo_schedule_is_rescaled(tmp_path, epochs):
         assert before['end'] == after['begin'] and before['begin'] < before['end']
     types = [hook['type'] for hook in cfg.custom_hooks]
     # YOLOX's own hooks are kept, and the CAM hook is added.
-    assert {'YOLOXModeSwitchHook', 'SyncNormHook', 'EMAHook', 'YOLOXGradCAMHook'} <= set(types)
+    assert {'YOLOXModeSwitchHook', 'SyncNormHook', 'EMAHook', 'DetCAMHook'} <= set(types)
     switch = next(h for h in cfg.custom_hooks if h['type'] == 'YOLOXModeSwitchHook')
     assert 0 <= switch['num_last_epochs'] < epochs or epochs == 1
     train_set = cfg.train_dataloader.dataset.dataset
@@ -162,14 +163,51 @@ def test_demo_probes_fit_a_small_val_split(tmp_path):
     data = ensure_shapes(tmp_path / 'shapes', num_train=2, num_val=3)
     cfg = demo_config(data, tmp_path / 'work', config='mmdet_cam_hook::demo/'
                       'yolox_nano_shapes_gradcam.py')
-    (hook, ) = [h for h in cfg.custom_hooks if h['type'] == 'YOLOXGradCAMHook']
+    (hook, ) = [h for h in cfg.custom_hooks if h['type'] == 'DetCAMHook']
     assert hook['probe_images'] == [0, 1, 2]  # the config's 0..7, cut to the 3 val images
 
 
 def test_demo_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         parse_args(['--epochs', '0'])
-    assert "--epochs: expected a positive integer, got 0" in capsys.readouterr().err
+    assert "--epochs: must be an integer >= 1, got '0'" in capsys.readouterr().err
+
+
+def test_demo_model_choice(capsys):
+    """``--model`` picks a shipped demo config; a bad choice is an error naming the choices,
+    also through the python API."""
+    assert parse_args([]).model == 'yolox-nano'
+    assert parse_args(['--model', 'rtmdet-tiny']).model == 'rtmdet-tiny'
+    with pytest.raises(SystemExit):
+        parse_args(['--model', 'rtmdet'])
+    assert ("--model: invalid choice: 'rtmdet' (choose from 'yolox-nano', 'rtmdet-tiny')"
+            in capsys.readouterr().err)
+    with pytest.raises(ValueError, match=r"`model` must be one of \['yolox-nano', "
+                       r"'rtmdet-tiny'\], got 'rtmdet'"):
+        run_demo(model='rtmdet')
+    assert list(MODELS) == ['yolox-nano', 'rtmdet-tiny']
+    assert all(Path(config_path(c)).is_file() for c in MODELS.values())
+
+
+@pytest.mark.parametrize('epochs', [1, 2, 5, 12])
+def test_rtmdet_demo_schedule_is_rescaled(tmp_path, epochs):
+    """RTMDet's demo config: the schedule ends at ``epochs``, RTMDet's EMA and pipeline switch
+    are kept (the switch moved into the run, or past its end for short runs), and the CAM hook
+    is there under its generic name."""
+    data = ensure_shapes(tmp_path / 'shapes', num_train=2, num_val=3)
+    cfg = demo_config(data, tmp_path / 'work', config=config_path(MODELS['rtmdet-tiny']),
+                      epochs=epochs, val_interval=1)
+    assert cfg.model.type == 'RTMDet' and cfg.train_cfg.max_epochs == epochs
+    schedulers = cfg.param_scheduler
+    assert schedulers[0]['begin'] == 0 and schedulers[-1]['end'] == epochs
+    for before, after in zip(schedulers, schedulers[1:]):
+        assert before['end'] == after['begin'] and before['begin'] < before['end']
+    hooks = {hook['type']: hook for hook in cfg.custom_hooks}
+    assert {'EMAHook', 'PipelineSwitchHook', 'DetCAMHook'} <= set(hooks)
+    assert 0 < hooks['PipelineSwitchHook']['switch_epoch'] <= epochs
+    assert hooks['DetCAMHook']['probe_images'] == [0, 1, 2]
+    assert not any(t['type'] in ('CachedMosaic', 'CachedMixUp', 'Mosaic')
+                   for t in cfg.train_dataloader.dataset.pipeline)
 
 
 # --------------------------------------------------------------------------- end to end

@@ -1,11 +1,10 @@
-"""YOLOXGradCAMHook on real MMEngine runners: a tiny YOLOX-nano trained for a few iterations on
+"""DetCAMHook on real MMEngine runners: a tiny YOLOX-nano trained for a few iterations on
 a generated COCO-format dataset (96 px shapes), CPU only.
 
 Run directly (``python tests/test_hook.py WORK_DIR DATA_ROOT``) under ``torchrun`` it is the
 worker of the 2-process DDP test.
 """
 import contextlib
-import copy
 import json
 import os
 import random
@@ -15,7 +14,6 @@ import subprocess
 import sys
 import tracemalloc
 import uuid
-from functools import cache
 from pathlib import Path
 from typing import List
 
@@ -25,15 +23,25 @@ import pytest
 import torch
 from mmengine.config import Config
 from mmengine.hooks import Hook
-from mmengine.hub import get_config
 from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
 
-from mmdet_cam_hook.hook import YOLOXGradCAMHook
+from mmdet_cam_hook.hook import DetCAMHook, YOLOXGradCAMHook
 from mmdet_cam_hook.shapes import generate_shapes
+from mmdet_cam_hook.testing import (
+    TINY_METHODS,
+    TINY_SIZE,
+    cam_hook,
+    hooks_of,
+    mmdet_config,
+    run_log_dir,
+    run_log_text,
+    tiny_cfg,
+    unwrap_model,
+)
 
-SIZE = 96  # network input and longest image side
-METHODS = ['gradcam', 'hirescam']
+SIZE = TINY_SIZE  # network input and longest image side
+METHODS = list(TINY_METHODS)
 DDP_TIMEOUT = 300
 
 
@@ -57,90 +65,6 @@ def shapes(tmp_path_factory):
                            image_size=SIZE, seed=0)
 
 
-@cache
-def _nano_cfg() -> Config:
-    return get_config('mmdet::yolox/yolox_nano_8xb8-300e_coco.py')
-
-
-def _dataset(data, split: str, pipeline: list) -> dict:
-    return dict(type='CocoDataset', data_root=str(data.root), ann_file=str(data.ann_file(split)),
-                data_prefix=dict(img=str(data.img_dir(split)) + os.sep),
-                metainfo=dict(classes=data.classes), filter_cfg=dict(filter_empty_gt=False),
-                test_mode=split == 'val', pipeline=pipeline)
-
-
-def tiny_cfg(data, work_dir, *, hooks=(), backends=('LocalVisBackend', ), max_epochs=2,
-             max_iters=None) -> Config:
-    """mmdet's YOLOX-nano config (with its mode-switch, SyncNorm and EMA hooks) shrunk to a
-    96 px input, 3 classes, batches of 2 and a validation after every epoch (or every
-    iteration with ``max_iters``). The training pipeline flips at random, so anything that
-    consumed the global numpy RNG would change the trained weights."""
-    cfg = copy.deepcopy(_nano_cfg())
-    cfg.work_dir = str(work_dir)
-    # Unique: it names the visualizer and logger singletons, which outlive a runner.
-    cfg.experiment_name = f'tiny_{uuid.uuid4().hex[:8]}'
-    cfg.model.bbox_head.num_classes = len(data.classes)
-    cfg.model.data_preprocessor.batch_augments = None
-    pad = dict(type='Pad', pad_to_square=True, pad_val=dict(img=(114.0, 114.0, 114.0)))
-    test_pipeline = [
-        dict(type='LoadImageFromFile'),
-        dict(type='Resize', scale=(SIZE, SIZE), keep_ratio=True), pad,
-        dict(type='LoadAnnotations', with_bbox=True),
-        dict(type='PackDetInputs',
-             meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))
-    ]
-    train_set = dict(
-        type='MultiImageMixDataset',  # as in YOLOX: YOLOXModeSwitchHook calls into it
-        dataset=_dataset(data, 'train', [dict(type='LoadImageFromFile'),
-                                         dict(type='LoadAnnotations', with_bbox=True)]),
-        pipeline=[dict(type='RandomFlip', prob=0.5),
-                  dict(type='Resize', scale=(SIZE, SIZE), keep_ratio=True), pad,
-                  dict(type='PackDetInputs')])
-    cfg.train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
-                                sampler=dict(type='DefaultSampler', shuffle=True),
-                                dataset=train_set)
-    cfg.val_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
-                              drop_last=False, sampler=dict(type='DefaultSampler', shuffle=False),
-                              dataset=_dataset(data, 'val', test_pipeline))
-    cfg.test_dataloader = cfg.val_dataloader
-    cfg.val_evaluator = dict(type='CocoMetric', ann_file=str(data.ann_file('val')), metric='bbox')
-    cfg.test_evaluator = cfg.val_evaluator
-    if max_iters is None:
-        cfg.train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs, val_interval=1)
-    else:
-        cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=1)
-        cfg.log_processor = dict(by_epoch=False)
-    # No warm-up in so short a run, so a lower LR: at YOLOX's 0.01 two steps make the
-    # eval-mode model diverge (boxes at 1e5 px and beyond).
-    cfg.optim_wrapper.optimizer.lr = 0.001
-    cfg.param_scheduler = None
-    cfg.default_hooks.logger = dict(type='LoggerHook', interval=1)
-    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1000, save_last=False)
-    cfg.custom_hooks = [*cfg.custom_hooks, *hooks]
-    cfg.visualizer = dict(type='DetLocalVisualizer',
-                          vis_backends=[dict(type=b) for b in backends])
-    cfg.randomness = dict(seed=0)
-    return cfg
-
-
-def cam_hook(**kwargs) -> dict:
-    """The hook's config with settings that make a random-init model explain something."""
-    return dict(dict(type='YOLOXGradCAMHook', probe_images=2, methods=METHODS, score_thr=0.0,
-                     topk=3), **kwargs)
-
-
-def log_dir(runner) -> Path:
-    return Path(runner.log_dir)
-
-
-def unwrap(model):
-    return model.module if is_model_wrapper(model) else model
-
-
-def hooks_of(runner, cls):
-    return [h for h in runner.hooks if isinstance(h, cls)]
-
-
 # --------------------------------------------------------------------------- one training, twice
 
 
@@ -153,7 +77,7 @@ class StateSpy(Hook):
         self.states = []
 
     def after_val_epoch(self, runner, metrics=None):
-        model = unwrap(runner.model)
+        model = unwrap_model(runner.model)
         if self.make_train:
             model.train()  # the engine must switch to eval itself and restore this
         self.states.append(dict(
@@ -172,7 +96,7 @@ class StateSpy(Hook):
 
 def _final_weights(runner):
     (ema, ) = [h for h in runner.hooks if type(h).__name__ == 'EMAHook']
-    return {**{k: v.clone() for k, v in unwrap(runner.model).state_dict().items()},
+    return {**{k: v.clone() for k, v in unwrap_model(runner.model).state_dict().items()},
             **{f'ema.{k}': v.clone() for k, v in ema.ema_model.state_dict().items()}}
 
 
@@ -180,15 +104,16 @@ def _final_weights(runner):
 def runs(shapes, tmp_path_factory):
     """The same 2-epoch training with and without CAM hooks (state spies in both), then a test
     run on the trained runner with the hooks. Two CAM hooks: one on dataset probes (GT known),
-    one on a grey image whose only colour in the panel is the heat map (renormalised, small)."""
+    one on a grey image whose only colour in the panel is the heat map (renormalised, small),
+    configured by the hook's first name, ``YOLOXGradCAMHook``."""
     root = tmp_path_factory.mktemp('runs')
     grey = root / 'grey.png'
     rng = np.random.default_rng(0)
     cv2.imwrite(str(grey), rng.integers(100, 156, (72, SIZE), np.uint8)[..., None].repeat(3, 2))
     out = {}
     for with_hook in (False, True):
-        hooks = [cam_hook(), cam_hook(probe_images=str(grey), methods='layercam',
-                                      renormalize=True, max_image_size=400)]
+        hooks = [cam_hook(), cam_hook(type='YOLOXGradCAMHook', probe_images=str(grey),
+                                      methods='layercam', renormalize=True, max_image_size=400)]
         cfg = tiny_cfg(shapes, root / f'hook{with_hook}', hooks=hooks if with_hook else [],
                        backends=('LocalVisBackend', 'TensorboardVisBackend'))
         runner = Runner.from_cfg(cfg)
@@ -212,7 +137,7 @@ def test_training_is_bit_identical_with_and_without_the_hook(runs):
 
 def test_state_after_the_hook_is_as_before(runs):
     runner = runs[True]['runner']
-    assert all(h._engine is not None for h in hooks_of(runner, YOLOXGradCAMHook))  # they ran
+    assert all(h._engine is not None for h in hooks_of(runner, DetCAMHook))  # they ran
     before, after = runs[True]['spies']
     assert len(before.states) == len(after.states) == 2
     for b, a in zip(before.states, after.states):
@@ -230,20 +155,20 @@ def test_state_after_the_hook_is_as_before(runs):
 def test_runs_before_ema_hook_swaps_weights_back(runs):
     order = [type(h).__name__ for h in runs[True]['runner'].hooks]
     # In after_val_epoch, before EMAHook (49): it explains the EMA weights that were evaluated.
-    assert order.index('YOLOXGradCAMHook') < order.index('EMAHook')
+    assert order.index('DetCAMHook') < order.index('EMAHook')
 
 
 def test_tensorboard_images_and_scalars(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     runner = runs[True]['runner']
-    hook = hooks_of(runner, YOLOXGradCAMHook)[0]
+    hook = hooks_of(runner, DetCAMHook)[0]
     probes = hook._probes['val']
     assert len(probes) == 2 and all(p.gt_bboxes is not None for p in probes)
     names = {f'cam_val_{m}_{p.name}' for m in METHODS for p in probes}
     assert all('/' not in n and '+' not in n for n in names)
 
-    events = EventAccumulator(str(log_dir(runner) / 'vis_data'),
+    events = EventAccumulator(str(run_log_dir(runner) / 'vis_data'),
                               size_guidance={'images': 0, 'scalars': 0})
     events.Reload()
     assert names <= set(events.Tags()['images'])
@@ -262,10 +187,49 @@ def test_tensorboard_images_and_scalars(runs):
         assert all(0.0 <= s.value <= 1.0 for s in scalars)
 
 
+def test_rtmdet_run_in_tensorboard(shapes, tmp_path):
+    """The hook on a tiny RTMDet-tiny (mmdet's config, its EMA and pipeline-switch hooks kept)
+    trained for 2 epochs: every probe and method has a panel at each validation in TensorBoard,
+    and per-method scalars; the hook runs before RTMDet's EMAHook swaps the weights back."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_cfg(shapes, tmp_path, detector='rtmdet', hooks=[cam_hook()],
+                   backends=('LocalVisBackend', 'TensorboardVisBackend'))
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+
+    order = [type(h).__name__ for h in runner.hooks]
+    assert {'EMAHook', 'PipelineSwitchHook'} <= set(order)
+    assert order.index('DetCAMHook') < order.index('EMAHook')
+    (hook, ) = hooks_of(runner, DetCAMHook)
+    assert type(hook._engine.adapter).__name__ == 'RTMDetAdapter'
+    probes = hook._probes['val']
+    assert len(probes) == 2
+    events = EventAccumulator(str(run_log_dir(runner) / 'vis_data'),
+                              size_guidance={'images': 0, 'scalars': 0})
+    events.Reload()
+    names = {f'cam_val_{m}_{p.name}' for m in METHODS for p in probes}
+    assert names <= set(events.Tags()['images'])
+    for name in names:
+        images = events.Images(name)
+        assert [e.step for e in images] == [1, 2]
+        decoded = cv2.imdecode(np.frombuffer(images[-1].encoded_image_string, np.uint8),
+                               cv2.IMREAD_COLOR)
+        assert decoded.shape[:2] == (images[-1].height, images[-1].width)
+        assert decoded.shape[1] > 3 * SIZE  # original, detections, combined map, ...
+    for method in METHODS:
+        scalars = events.Scalars(f'cam_val/{method}_energy_in_box')
+        assert [s.step for s in scalars] == [1, 2]
+        assert all(0.0 <= s.value <= 1.0 for s in scalars)
+    log = run_log_text(runner)
+    assert log.count('DetCAMHook: explained 2/2 probe image(s) x 2 method(s)') == 2
+    assert 'runs without' not in log and 'failed after' not in log
+
+
 def test_local_pngs_and_scalars(runs):
     runner = runs[True]['runner']
-    vis_data = log_dir(runner) / 'vis_data'
-    probes = hooks_of(runner, YOLOXGradCAMHook)[0]._probes['val']
+    vis_data = run_log_dir(runner) / 'vis_data'
+    probes = hooks_of(runner, DetCAMHook)[0]._probes['val']
     for name in (f'cam_val_{m}_{p.name}' for m in METHODS for p in probes):
         for step in (1, 2):
             png = cv2.imread(str(vis_data / 'vis_image' / f'{name}_{step}.png'))
@@ -278,7 +242,7 @@ def test_local_pngs_and_scalars(runs):
 def test_local_png_shows_a_heat_map(runs):
     """The grey probe has no colour of its own, so colour in its panel is the JET map (and the
     green boxes): blue for low values and red/yellow for the peaks must both be there."""
-    vis_image = log_dir(runs[True]['runner']) / 'vis_data' / 'vis_image'
+    vis_image = run_log_dir(runs[True]['runner']) / 'vis_data' / 'vis_image'
     png = cv2.imread(str(vis_image / 'cam_val_layercam_00_grey_2.png'))
     assert png is not None and max(png.shape[:2]) == 400  # max_image_size
     hsv = cv2.cvtColor(png, cv2.COLOR_BGR2HSV)
@@ -290,7 +254,7 @@ def test_local_png_shows_a_heat_map(runs):
 
 
 def test_summary_line_counts_what_each_backend_received(runs):
-    log = _log_text(runs[True]['runner'])
+    log = run_log_text(runs[True]['runner'])
     # 2 probes x 2 methods + the scalars, per validation, for the first hook
     assert log.count('explained 2/2 probe image(s) x 2 method(s) after val at step') == 2
     assert 'LocalVisBackend 5/5, TensorboardVisBackend 5/5' in log
@@ -307,8 +271,8 @@ def test_iteration_based_steps_and_interval(shapes, tmp_path):
                                                      probe_images=[1])], max_iters=4)
     runner = Runner.from_cfg(cfg)
     runner.train()
-    pngs = sorted(p.name for p in (log_dir(runner) / 'vis_data' / 'vis_image').glob('cam_*'))
-    (probe, ) = hooks_of(runner, YOLOXGradCAMHook)[0]._probes['val']
+    pngs = sorted(p.name for p in (run_log_dir(runner) / 'vis_data' / 'vis_image').glob('cam_*'))
+    (probe, ) = hooks_of(runner, DetCAMHook)[0]._probes['val']
     assert pngs == [f'cam_val_gradcam_{probe.name}_{step}.png' for step in (3, 4)]
 
 
@@ -317,7 +281,7 @@ def test_test_only_run_uses_step_0_and_builds_no_train_loop(shapes, tmp_path):
     runner = Runner.from_cfg(cfg)
     runner.test()
     assert isinstance(runner._train_loop, dict)  # the step guard did not build it
-    pngs = [p.name for p in (log_dir(runner) / 'vis_data' / 'vis_image').glob('cam_*')]
+    pngs = [p.name for p in (run_log_dir(runner) / 'vis_data' / 'vis_image').glob('cam_*')]
     assert len(pngs) == 1 and pngs[0].startswith('cam_test_gradcam_') and \
         pngs[0].endswith('_0.png')
 
@@ -328,7 +292,7 @@ def test_val_only_run_logs_pointing_game_against_dataset_gt(shapes, tmp_path):
     matched, and the logged hit rate is the pointing game of the engine's own maps."""
     from mmdet_cam_hook import CAMEngine
     from mmdet_cam_hook.metrics import pointing_game
-    from mmdet_cam_hook.yolox import test_pipeline_cfg
+    from mmdet_cam_hook.pipeline import test_pipeline_cfg
 
     coco = json.loads(shapes.ann_file('val').read_text())
     ann_file = tmp_path / 'val.json'
@@ -338,7 +302,7 @@ def test_val_only_run_logs_pointing_game_against_dataset_gt(shapes, tmp_path):
     runner = Runner.from_cfg(cfg)
 
     image = coco['images'][0]
-    engine = CAMEngine(unwrap(runner.model), score_thr=0.0, topk=3,
+    engine = CAMEngine(unwrap_model(runner.model), score_thr=0.0, topk=3,
                        test_pipeline=test_pipeline_cfg(runner.cfg))
     results = engine.explain(shapes.img_dir('val') / image['file_name'], methods=METHODS)
     dets = results[METHODS[0]]
@@ -353,7 +317,7 @@ def test_val_only_run_logs_pointing_game_against_dataset_gt(shapes, tmp_path):
 
     runner.val()
     rows = [json.loads(line) for line in
-            (log_dir(runner) / 'vis_data' / 'scalars.json').read_text().splitlines()]
+            (run_log_dir(runner) / 'vis_data' / 'scalars.json').read_text().splitlines()]
     (row, ) = [r for r in rows if any(k.startswith('cam_val/') for k in r)]
     assert row['step'] == 0
     for method in METHODS:
@@ -364,10 +328,6 @@ def test_val_only_run_logs_pointing_game_against_dataset_gt(shapes, tmp_path):
 
 
 # --------------------------------------------------------------------------- fail-soft, strict
-
-
-def _log_text(runner) -> str:
-    return (log_dir(runner) / f'{runner.timestamp}.log').read_text()
 
 
 def _thin_and_good_probes(folder: Path) -> List[str]:
@@ -385,11 +345,11 @@ def test_failing_probe_costs_only_its_own_panels(shapes, tmp_path):
     runner = Runner.from_cfg(cfg)
     runner.train()
     assert runner.epoch == 2
-    pngs = sorted(p.name for p in (log_dir(runner) / 'vis_data' / 'vis_image').glob('cam_*'))
+    pngs = sorted(p.name for p in (run_log_dir(runner) / 'vis_data' / 'vis_image').glob('cam_*'))
     assert pngs == ['cam_val_gradcam_01_b_good_1.png', 'cam_val_gradcam_01_b_good_2.png']
-    log = _log_text(runner)
+    log = run_log_text(runner)
     for step in (1, 2):
-        assert (f"YOLOXGradCAMHook: probe '00_a_thin' ({tmp_path / 'a_thin.png'}) failed after "
+        assert (f"DetCAMHook: probe '00_a_thin' ({tmp_path / 'a_thin.png'}) failed after "
                 f'val at step {step}; the other probes are still logged') in log
         assert f'explained 1/2 probe image(s) x 1 method(s) after val at step {step}' in log
     # the traceback the first time, then the error in one line
@@ -439,18 +399,18 @@ def test_lost_local_panels_are_reported_once_and_training_continues(shapes, tmp_
     cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(probe_images=[1], methods='gradcam')],
                    backends=('LocalVisBackend', 'TensorboardVisBackend'))
     runner = Runner.from_cfg(cfg)
-    vis_image = log_dir(runner) / 'vis_data' / 'vis_image'
+    vis_image = run_log_dir(runner) / 'vis_data' / 'vis_image'
     with _unwritable(vis_image):
         runner.train()
     assert runner.epoch == 2
     assert list(vis_image.iterdir()) == []
-    (probe, ) = hooks_of(runner, YOLOXGradCAMHook)[0]._probes['val']
-    events = EventAccumulator(str(log_dir(runner) / 'vis_data'), size_guidance={'images': 0})
+    (probe, ) = hooks_of(runner, DetCAMHook)[0]._probes['val']
+    events = EventAccumulator(str(run_log_dir(runner) / 'vis_data'), size_guidance={'images': 0})
     events.Reload()
     assert [e.step for e in events.Images(f'cam_val_gradcam_{probe.name}')] == [1, 2]
 
-    log = _log_text(runner)
-    assert log.count('YOLOXGradCAMHook: LocalVisBackend lost') == 1  # once, at step 1
+    log = run_log_text(runner)
+    assert log.count('DetCAMHook: LocalVisBackend lost') == 1  # once, at step 1
     (warning, ) = [line for line in log.splitlines() if 'LocalVisBackend lost' in line]
     assert 'lost 1 item(s) at step 1' in warning
     assert f'cam_val_gradcam_{probe.name}_1.png was not written' in warning
@@ -467,14 +427,14 @@ def test_failing_backend_costs_only_its_own_copy(shapes, tmp_path):
     cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(probe_images=[1], methods='gradcam')],
                    backends=('LocalVisBackend', 'TensorboardVisBackend'), max_epochs=1)
     runner = Runner.from_cfg(cfg)
-    (log_dir(runner) / 'vis_data' / 'vis_image').write_text('not a folder')
+    (run_log_dir(runner) / 'vis_data' / 'vis_image').write_text('not a folder')
     runner.train()
     assert runner.epoch == 1
-    log = _log_text(runner)
-    assert 'YOLOXGradCAMHook: LocalVisBackend lost 1 item(s) at step 1' in log
+    log = run_log_text(runner)
+    assert 'DetCAMHook: LocalVisBackend lost 1 item(s) at step 1' in log
     assert 'FileExistsError' in log
     assert 'LocalVisBackend 1/2 LOST, TensorboardVisBackend 2/2' in log
-    assert list((log_dir(runner) / 'vis_data').glob('events.out.tfevents.*'))
+    assert list((run_log_dir(runner) / 'vis_data').glob('events.out.tfevents.*'))
 
 
 @pytest.mark.parametrize('content', [b'', b'\x89PNG\r\n\x1a\n' + b'\x00' * 64, b'not an image'],
@@ -513,37 +473,45 @@ def test_unreadable_dataset_probe_fails_before_training(shapes, tmp_path):
     assert runner.iter == 0
 
 
-def _rtmdet_model(num_classes: int) -> dict:
-    model = copy.deepcopy(get_config('mmdet::rtmdet/rtmdet_tiny_8xb32-300e_coco.py').model)
-    model.backbone.init_cfg = None  # no download
-    model.bbox_head.num_classes = num_classes
-    return model
-
-
 @pytest.mark.parametrize('family, missing', [
     ('YOLOX', 'YOLOXModeSwitchHook, EMAHook'),
     ('RTMDet', 'PipelineSwitchHook, EMAHook'),
 ])
 def test_replaced_custom_hooks_warn_with_the_fix(shapes, tmp_path, family, missing):
-    """``custom_hooks = [dict(type='YOLOXGradCAMHook')]`` drops the family's own hooks: the
+    """``custom_hooks = [dict(type='DetCAMHook')]`` drops the family's own hooks: the
     warning, when the runner starts, names them and the fix."""
-    cfg = tiny_cfg(shapes, tmp_path)
-    if family == 'RTMDet':
-        cfg.model = _rtmdet_model(len(shapes.classes))
+    cfg = tiny_cfg(shapes, tmp_path, detector=family.lower())
     cfg.custom_hooks = [cam_hook(probe_images=[0], methods='gradcam')]
     runner = Runner.from_cfg(cfg)
     runner.val()
-    log = _log_text(runner)
+    log = run_log_text(runner)
     assert f'this {family} model runs without {missing}' in log
-    assert "Keep them: `custom_hooks = [*_base_.custom_hooks, dict(type='YOLOXGradCAMHook', " \
+    assert "Keep them: `custom_hooks = [*_base_.custom_hooks, dict(type='DetCAMHook', " \
         "...)]`" in log
+
+
+def test_unsupported_detector_fails_before_training(shapes, tmp_path):
+    """A detector no adapter supports (SSD: mmdet 3.3 cannot even run its inference on a fresh
+    model) fails in before_run, naming its head and the supported ones, also when
+    ``target_layers`` is given (nothing else would look at the head before the first
+    validation)."""
+    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(target_layers='backbone.layer7')])
+    cfg.model = Config.fromfile(
+        mmdet_config('ssd/ssdlite_mobilenetv2-scratch_8xb24-600e_coco.py')).model
+    cfg.model.bbox_head.num_classes = len(shapes.classes)
+    cfg.custom_hooks = [h for h in cfg.custom_hooks if h['type'] != 'YOLOXModeSwitchHook']
+    runner = Runner.from_cfg(cfg)
+    with pytest.raises(ValueError, match=r'no adapter for the head SSDHead; supported heads: '
+                       r"\[.*'RTMDetHead'.*'YOLOXHead'.*\]"):
+        runner.train()
+    assert runner.iter == 0
 
 
 def test_large_probe_is_explained_at_max_image_size(shapes, tmp_path):
     """A 3000x2000 probe: the panel and the maps stay within ``max_image_size``. numpy's
     allocations are traced (tracemalloc), so a full-size float map (24 MB) would show."""
     from mmdet_cam_hook import CAMEngine
-    from mmdet_cam_hook.yolox import test_pipeline_cfg
+    from mmdet_cam_hook.pipeline import test_pipeline_cfg
 
     scene = cv2.imread(str(next(iter(sorted(shapes.img_dir('val').iterdir())))))
     big = tmp_path / 'big.png'
@@ -551,11 +519,11 @@ def test_large_probe_is_explained_at_max_image_size(shapes, tmp_path):
     cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(probe_images=str(big), max_image_size=300)])
     runner = Runner.from_cfg(cfg)
     runner.val()  # decodes the probe in before_run, then logs its panels at step 0
-    pngs = sorted((log_dir(runner) / 'vis_data' / 'vis_image').glob('cam_val_*_0.png'))
+    pngs = sorted((run_log_dir(runner) / 'vis_data' / 'vis_image').glob('cam_val_*_0.png'))
     assert len(pngs) == len(METHODS)
     assert all(max(cv2.imread(str(p)).shape[:2]) <= 300 for p in pngs)
 
-    hook = hooks_of(runner, YOLOXGradCAMHook)[0]
+    hook = hooks_of(runner, DetCAMHook)[0]
     assert list(hook._images) == [str(big)]  # decoded once, kept once
     full_map = 3000 * 2000 * 4
     tracemalloc.start()
@@ -563,7 +531,7 @@ def test_large_probe_is_explained_at_max_image_size(shapes, tmp_path):
         hook.after_val_epoch(runner)  # the image is cached: only the maps and panels count
         _, bounded = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
-        engine = CAMEngine(unwrap(runner.model), score_thr=0.0, topk=3,
+        engine = CAMEngine(unwrap_model(runner.model), score_thr=0.0, topk=3,
                            test_pipeline=test_pipeline_cfg(runner.cfg))
         results = engine.explain(hook._images[str(big)], methods=METHODS)  # full size
         _, unbounded = tracemalloc.get_traced_memory()
@@ -629,7 +597,7 @@ def test_validation_ordinal_replays_the_train_loop(tmp_path, train_cfg):
 
         def after_val_epoch(self, runner, metrics=None):
             self.seen.append(
-                (YOLOXGradCAMHook._step(runner), YOLOXGradCAMHook._validation_ordinal(runner)))
+                (DetCAMHook._step(runner), DetCAMHook._validation_ordinal(runner)))
 
     spy = Spy()
     _toy_runner(tmp_path, train_cfg, spy).train()
@@ -666,15 +634,15 @@ def test_validation_ordinal_replays_the_train_loop(tmp_path, train_cfg):
 ])
 def test_bad_arguments_fail_at_build(kwargs, error, match):
     with pytest.raises(error, match=match):
-        YOLOXGradCAMHook(**kwargs)
+        DetCAMHook(**kwargs)
 
 
 def test_probe_folder(tmp_path):
     with pytest.raises(ValueError, match='holds no image'):
-        YOLOXGradCAMHook(probe_images=str(tmp_path))
+        DetCAMHook(probe_images=str(tmp_path))
     for name in ('b.jpg', 'a.PNG', 'notes.txt'):
         (tmp_path / name).write_bytes(b'x')
-    hook = YOLOXGradCAMHook(probe_images=tmp_path)
+    hook = DetCAMHook(probe_images=tmp_path)
     assert hook.probe_spec == [str(tmp_path / 'a.PNG'), str(tmp_path / 'b.jpg')]
 
 
@@ -695,8 +663,11 @@ def test_builds_from_registry_by_name():
     from mmengine.registry import HOOKS, DefaultScope
 
     with DefaultScope.overwrite_default_scope('mmdet'):
-        hook = HOOKS.build(dict(type='YOLOXGradCAMHook', probe_images=[0, 2], methods=METHODS))
-    assert isinstance(hook, YOLOXGradCAMHook) and hook.priority == 48
+        hooks = [HOOKS.build(dict(type=name, probe_images=[0, 2], methods=METHODS))
+                 for name in ('DetCAMHook', 'YOLOXGradCAMHook')]
+    # One class under both names: configs written for YOLOX only keep working.
+    assert YOLOXGradCAMHook is DetCAMHook
+    assert all(type(h) is DetCAMHook and h.priority == 48 for h in hooks)
 
 
 # --------------------------------------------------------------------------- distributed
@@ -710,7 +681,7 @@ def _ddp_worker(work_dir: str, data_root: str) -> None:
         priority = 49  # right after the CAM hook
 
         def after_val_epoch(self, runner, metrics=None):
-            (cam, ) = hooks_of(runner, YOLOXGradCAMHook)
+            (cam, ) = hooks_of(runner, DetCAMHook)
             report = dict(rank=runner.rank, engine_built=cam._engine is not None,
                           epoch=runner.epoch)
             with open(Path(work_dir) / f'rank{runner.rank}.jsonl', 'a') as f:

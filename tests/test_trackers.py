@@ -1,4 +1,4 @@
-"""YOLOXGradCAMHook with the real MLflow and Weights & Biases backends of MMEngine.
+"""DetCAMHook with the real MLflow and Weights & Biases backends of MMEngine.
 
 One tiny YOLOX-nano training (2 epochs, a validation after each) logs to LocalVisBackend,
 MLflowVisBackend (a ``file:`` store in a temporary folder, no server) and WandbVisBackend
@@ -18,10 +18,11 @@ import pytest
 import torch
 import wandb
 from mmengine.runner import Runner
-from test_hook import SIZE, cam_hook, hooks_of, log_dir, tiny_cfg
 
-from mmdet_cam_hook.hook import YOLOXGradCAMHook
+from mmdet_cam_hook.hook import DetCAMHook
 from mmdet_cam_hook.shapes import generate_shapes
+from mmdet_cam_hook.testing import TINY_SIZE as SIZE
+from mmdet_cam_hook.testing import cam_hook, hooks_of, run_log_dir, tiny_cfg
 
 METHODS = ['gradcam', 'hirescam']
 STEPS = [1, 2]
@@ -53,15 +54,15 @@ def tracked(tmp_path_factory):
         torch.set_num_threads(threads)
         mp.undo()
         wandb.teardown()  # ends the wandb-core service this process started
-    probes = hooks_of(runner, YOLOXGradCAMHook)[0]._probes['val']
-    vis_data = log_dir(runner) / 'vis_data'
+    probes = hooks_of(runner, DetCAMHook)[0]._probes['val']
+    vis_data = run_log_dir(runner) / 'vis_data'
     rows = [json.loads(line) for line in (vis_data / 'scalars.json').read_text().splitlines()]
     local_scalars = [r for r in rows if any(k.startswith('cam_val/') for k in r)]
     return dict(root=root, uri=uri, runner=runner, probes=probes,
                 names=[f'cam_val_{m}_{p.name}' for m in METHODS for p in probes],
                 local_png=lambda name, step: cv2.imread(
                     str(vis_data / 'vis_image' / f'{name}_{step}.png')),
-                local_scalars=local_scalars, log=(log_dir(runner) /
+                local_scalars=local_scalars, log=(run_log_dir(runner) /
                                                   f'{runner.timestamp}.log').read_text())
 
 

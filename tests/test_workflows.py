@@ -1,5 +1,5 @@
 """mmdet's own ``tools/train.py`` and ``tools/test.py`` (shipped inside the installed mmdet
-package) as clients of YOLOXGradCAMHook, run as subprocesses on a tiny YOLOX-nano (96 px) and a
+package) as clients of DetCAMHook, run as subprocesses on a tiny YOLOX-nano (96 px) and a
 generated shapes dataset, read back from the TensorBoard event files with TensorBoard's reader.
 
 - an uninterrupted 4-epoch run, validation every epoch, hook ``interval=3``: panels at 3 and 4;
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import mmdet
 import pytest
-from test_hook import SIZE, cam_hook, tiny_cfg
 
 from mmdet_cam_hook.shapes import generate_shapes
+from mmdet_cam_hook.testing import TINY_SIZE as SIZE
+from mmdet_cam_hook.testing import cam_hook, tiny_cfg
 
 TOOLS = Path(mmdet.__file__).parent / '.mim' / 'tools'
 TIMEOUT = 300
@@ -170,4 +171,4 @@ def test_tools_test_logs_cam_test_panels_and_scalars(workflows):
     (image_tag, ) = steps['images']
     assert image_tag.startswith('cam_test_gradcam_') and steps['images'][image_tag] == [0]
     assert steps['scalars']['cam_test/gradcam_energy_in_box'] == [0]
-    assert 'YOLOXGradCAMHook: explained 1/1 probe image(s)' in test['output']
+    assert 'DetCAMHook: explained 1/1 probe image(s)' in test['output']

@@ -1,7 +1,9 @@
-"""Train a YOLOX-nano on the built-in shapes dataset with YOLOXGradCAMHook and show the results.
+"""Train a small detector on the built-in shapes dataset with DetCAMHook and show the results.
 
 The README's ``make demo`` runs this; it is the same as ``python -m mmdet_cam_hook.demo``.
-Run ``python tools/demo.py --help`` for the options (``--epochs``, ``--num-train``, ...).
+``--model yolox-nano`` (the default) or ``--model rtmdet-tiny`` picks the detector
+(``make demo ARGS="--model rtmdet-tiny"``); run ``python tools/demo.py --help`` for the other
+options (``--epochs``, ``--num-train``, ``--threads``, ...).
 """
 from mmdet_cam_hook.demo import main
 

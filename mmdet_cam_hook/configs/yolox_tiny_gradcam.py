@@ -1,5 +1,5 @@
 # YOLOX-tiny (mmdet's yolox_tiny_8xb8-300e_coco.py: 416 px test input)
-# with YOLOXGradCAMHook: per-detection CAMs of 4 fixed validation images after every
+# with DetCAMHook: per-detection CAMs of 4 fixed validation images after every
 # validation, in TensorBoard and as PNGs under <work_dir>/<timestamp>/vis_data/vis_image/.
 #   python tools/train.py configs/yolox_tiny_gradcam.py    (mmdet's tools/train.py)
 #   tensorboard --logdir work_dirs/yolox_tiny_gradcam

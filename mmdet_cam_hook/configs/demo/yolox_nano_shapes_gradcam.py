@@ -1,6 +1,6 @@
 # The demo: a YOLOX-nano trained from scratch on the built-in shapes dataset
 # (`python -m mmdet_cam_hook.shapes --out data/shapes`), on CPU, in a few minutes, with
-# YOLOXGradCAMHook logging per-detection CAMs of fixed validation images at every validation.
+# DetCAMHook logging per-detection CAMs of fixed validation images at every validation.
 #
 # Run it with `python -m mmdet_cam_hook.demo` (or `make demo`): it generates the data, trains
 # and prints where the results are. Changes from stock YOLOX-nano, all for a short CPU run:
@@ -104,7 +104,7 @@ custom_hooks = [
     *[dict(hook, num_last_epochs=num_last_epochs) if hook['type'] == 'YOLOXModeSwitchHook'
       else hook for hook in _base_.custom_hooks],
     dict(
-        type='YOLOXGradCAMHook',
+        type='DetCAMHook',
         # Fixed images of the validation split, given by index: their ground-truth boxes are
         # known, so the pointing game is logged next to the maps.
         probe_images=[0, 1, 2, 3, 4, 5, 6, 7],
