@@ -22,6 +22,7 @@ route (how its K per-detection gradients are computed):
   forward pass, only for the detections a per-level layer can influence.
 """
 import contextlib
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass, field, fields
@@ -89,6 +90,24 @@ class CAMResult:
     @property
     def ori_shape(self) -> Tuple[int, int]:
         return self.image.shape[:2]
+
+    def renormalized(self, copy: bool = True) -> 'CAMResult':
+        """This result with each map min-max scaled inside its own box and zeroed outside
+        (:func:`renormalize_in_boxes`) and ``combined`` recomputed: what ``explain(...,
+        renormalize=True)`` returns. ``input_cams`` keep the raw maps.
+
+        Args:
+            copy (bool): Leave this result's maps as they are (a new result with new maps).
+                False rescales ``cams`` in place and updates this result. Defaults to True.
+
+        Returns:
+            CAMResult: The renormalised result (``self`` when ``copy=False``).
+        """
+        res = dataclasses.replace(self) if copy else self
+        res.cams = renormalize_in_boxes(self.cams, self.bboxes,
+                                        out=None if copy else self.cams)
+        res.combined = _combined(res.cams, self.combined.shape)
+        return res
 
 
 def load_image(image: ImageLike) -> np.ndarray:
@@ -578,24 +597,31 @@ class CAMEngine:
     def _result(self, method: str, img: np.ndarray, scale: float, dets: Detections,
                 input_maps: np.ndarray, used: List[List[str]], letterbox: Letterbox,
                 renormalize: bool) -> CAMResult:
-        cams = np.clip(letterbox.to_original(input_maps, img.shape[:2]), 0.0, 1.0)
+        # to_original returns new float32 maps: clip them in place (no second K x H x W copy)
+        cams = letterbox.to_original(input_maps, img.shape[:2])
+        np.clip(cams, 0.0, 1.0, out=cams)
         bboxes = dets.bboxes.detach().cpu().numpy().astype(np.float32) * np.float32(scale)
-        if renormalize:
-            cams = renormalize_in_boxes(cams, bboxes)
-        combined = cams.max(0) if len(cams) else np.zeros(img.shape[:2], np.float32)
-        return CAMResult(
+        result = CAMResult(
             bboxes=bboxes,
             labels=dets.labels.cpu().numpy().astype(np.int64),
             scores=dets.scores.detach().cpu().numpy().astype(np.float32),
             levels=dets.levels.cpu().numpy().astype(np.int64),
             cams=cams,
-            combined=combined.astype(np.float32),
+            combined=_combined(cams, img.shape[:2]),
             method=method,
             layers=used,
             image=img,
             input_cams=input_maps,
             letterbox=letterbox,
             scale=scale)
+        return result.renormalized(copy=False) if renormalize else result
+
+
+def _combined(cams: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
+    """The pixel-wise maximum of the (K, H, W) maps, float32; zeros of ``shape`` if K = 0."""
+    if not len(cams):
+        return np.zeros(shape, np.float32)
+    return cams.max(0).astype(np.float32, copy=False)
 
 
 def _shrink(img: np.ndarray, max_size: Optional[int]) -> Tuple[float, np.ndarray]:
@@ -618,18 +644,34 @@ class _Forward(NamedTuple):
     input_hw: Tuple[int, int]
 
 
-def renormalize_in_boxes(cams: np.ndarray, bboxes: np.ndarray) -> np.ndarray:
+def renormalize_in_boxes(cams: np.ndarray, bboxes: np.ndarray,
+                         out: Optional[np.ndarray] = None) -> np.ndarray:
     """Min-max each map inside its own box and zero it outside (grad-cam's
-    ``renormalize_cam_in_bounding_boxes``, applied per detection)."""
+    ``renormalize_cam_in_bounding_boxes``, applied per detection). The one implementation of
+    ``renormalize``: :meth:`CAMResult.renormalized` (and so ``explain(renormalize=True)``)
+    uses it.
+
+    Args:
+        cams (np.ndarray): (K, H, W) maps.
+        bboxes (np.ndarray): (K, 4) x1y1x2y2 boxes in the maps' pixels.
+        out (np.ndarray, optional): Where to write the result; may be ``cams`` itself (in
+            place). Defaults to None (a new array).
+
+    Returns:
+        np.ndarray: (K, H, W) renormalised maps (``out`` if given).
+    """
     from pytorch_grad_cam.utils.image import scale_cam_image
 
-    out = np.zeros_like(cams)
+    out = np.empty_like(cams) if out is None else out
     h, w = cams.shape[1:]
     for k, (cam, box) in enumerate(zip(cams, bboxes)):
         x1, y1 = max(int(np.floor(box[0])), 0), max(int(np.floor(box[1])), 0)
         x2, y2 = min(int(np.ceil(box[2])), w), min(int(np.ceil(box[3])), h)
-        if x2 > x1 and y2 > y1:
-            out[k, y1:y2, x1:x2] = scale_cam_image(cam[None, y1:y2, x1:x2].copy())[0]
+        inside = scale_cam_image(cam[None, y1:y2, x1:x2].copy())[0] \
+            if x2 > x1 and y2 > y1 else None
+        out[k] = 0.0
+        if inside is not None:
+            out[k, y1:y2, x1:x2] = inside
     return out
 
 
