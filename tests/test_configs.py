@@ -32,6 +32,12 @@ CONFIGS = {
     'yolov3_d53_gradcam.py': ('yolo/yolov3_d53_8xb8-ms-608-273e_coco.py', 'YOLOv3Adapter'),
     'yolov3_mobilenetv2_gradcam.py': ('yolo/yolov3_mobilenetv2_8xb24-ms-416-300e_coco.py',
                                       'YOLOv3Adapter'),
+    'faster-rcnn_r50_fpn_gradcam.py': ('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
+                                       'TwoStageAdapter'),
+    'mask-rcnn_r50_fpn_gradcam.py': ('mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
+                                     'TwoStageAdapter'),
+    'cascade-rcnn_r50_fpn_gradcam.py': ('cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py',
+                                        'CascadeRCNNAdapter'),
 }
 
 
