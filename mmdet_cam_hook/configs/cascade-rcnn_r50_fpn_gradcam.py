@@ -8,6 +8,7 @@
 # level of its last-stage RoI, by the exact route (one backward per detection).
 #   python tools/train.py configs/cascade-rcnn_r50_fpn_gradcam.py    (mmdet's tools/train.py)
 #   tensorboard --logdir work_dirs/cascade-rcnn_r50_fpn_gradcam
+# ruff: noqa: N999  (a config named like mmdet's, with hyphens; never imported as a module)
 _base_ = ['mmdet::cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py', './_base_/gradcam_hook.py']
 
 # mmdet's config has no custom hooks of its own (config inheritance replaces lists: with a base

@@ -5,6 +5,7 @@
 # the FPN output its RoI was pooled from (neck.fpn_convs.l, by the RoI extractor's own rule).
 #   python tools/train.py configs/faster-rcnn_r50_fpn_gradcam.py    (mmdet's tools/train.py)
 #   tensorboard --logdir work_dirs/faster-rcnn_r50_fpn_gradcam
+# ruff: noqa: N999  (a config named like mmdet's, with hyphens; never imported as a module)
 _base_ = ['mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', './_base_/gradcam_hook.py']
 
 # mmdet's config has no custom hooks of its own (config inheritance replaces lists: with a base

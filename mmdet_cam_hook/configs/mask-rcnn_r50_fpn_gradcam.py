@@ -6,6 +6,7 @@
 # Scores and maps are the box branch's (the mask branch does not change the boxes).
 #   python tools/train.py configs/mask-rcnn_r50_fpn_gradcam.py    (mmdet's tools/train.py)
 #   tensorboard --logdir work_dirs/mask-rcnn_r50_fpn_gradcam
+# ruff: noqa: N999  (a config named like mmdet's, with hyphens; never imported as a module)
 _base_ = ['mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', './_base_/gradcam_hook.py']
 
 # mmdet's config has no custom hooks of its own (config inheritance replaces lists: with a base
