@@ -213,6 +213,27 @@ def test_rtmdet_demo_schedule_is_rescaled(tmp_path, epochs):
 # --------------------------------------------------------------------------- end to end
 
 
+def test_rtmdet_demo_one_epoch(tmp_path, capsys):
+    """``--model rtmdet-tiny`` trains RTMDet (its EMA and pipeline-switch hooks running) and the
+    hook logs a panel per probe and method; 1 epoch on 8 images."""
+    work_dir = tmp_path / 'work'
+    assert main(['--model', 'rtmdet-tiny', '--work-dir', str(work_dir), '--data-root',
+                 str(tmp_path / 'shapes'), '--num-train', '8', '--num-val', '2', '--epochs', '1',
+                 '--threads', '1']) == 0
+    printed = capsys.readouterr().out
+    assert 'Demo run finished: 1 validations' in printed and 'epoch 1' in printed
+    (log_dir, ) = [p for p in work_dir.iterdir() if p.is_dir()]
+    config = (log_dir / 'vis_data' / 'config.py').read_text()
+    assert "type='RTMDet'" in config and "type='DetCAMHook'" in config
+    log = next(log_dir.glob('*.log')).read_text()
+    assert 'DetCAMHook: explained 2/2 probe image(s) x 2 method(s) after val at step 1' in log
+    assert 'runs without' not in log
+    pngs = sorted(p.name for p in (log_dir / 'vis_data' / 'vis_image').glob('cam_val_*.png'))
+    assert pngs == sorted(f'cam_val_{m}_{i:02d}_{i + 1:06d}_1.png' for m in ('gradcam', 'hirescam')
+                          for i in range(2))
+
+
+
 def _free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(('127.0.0.1', 0))
