@@ -1,4 +1,5 @@
-"""``mmdet-cam``: per-detection CAMs of a YOLOX checkpoint for an image, a folder or a glob.
+"""``mmdet-cam``: per-detection CAMs of a detector checkpoint (any head with an adapter: YOLOX,
+RTMDet, RetinaNet, FCOS, ATSS, GFL, YOLOv3, ...) for an image, a folder or a glob.
 
 The arguments are the seed tool's (``config checkpoint img``, ``--out-dir``, ``--method``,
 ``--target-layers``, ``--score-thr``, ``--topk``, ``--device``, ``--renormalize``,
@@ -43,6 +44,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from .checks import fraction_arg, positive_int_arg
 from .files import IMAGE_EXTENSIONS, list_images, write_atomically
 
 logger = logging.getLogger(__name__)
@@ -55,25 +57,10 @@ class UserError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Arguments
-def _score(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float('nan')
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f'must be a number in [0, 1], got {text!r}')
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be an integer >= 1, got {text!r}')
-    return value
+# Arguments: one check per rule, shared with the engine and the hook (:mod:`.checks`). The old
+# private names stay for the modules that import them.
+_score = fraction_arg
+_positive_int = positive_int_arg
 
 
 def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
@@ -90,8 +77,10 @@ def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
         usage=f'{PROG} [options] config checkpoint img\n       {PROG} config [checkpoint] '
         '--list-layers',
         description='Per-detection class-activation maps (Grad-CAM and friends) for an '
-        'MMDetection YOLOX checkpoint. Each detection is explained by its own score '
-        'sigmoid(cls) * sigmoid(obj); by default on the neck output of its own FPN level.',
+        'MMDetection checkpoint of a supported detector (YOLOX, RTMDet, RetinaNet, FCOS, ATSS, '
+        'GFL, YOLOv3, ...). Each detection is explained by its own score, with its head\'s '
+        'formula (e.g. sigmoid(cls) * sigmoid(obj) for YOLOX); by default on the neck output '
+        'of its own FPN level.',
         epilog='Outputs per image: {stem}_gradcam.jpg (all maps, whatever --method), '
         '{stem}_det{k}_{method}.jpg per detection (k = 0, 1, ... by score); --save-all adds '
         '{stem}_original.jpg, {stem}_detection.jpg and {stem}_panel.jpg; --save-raw adds '
@@ -114,11 +103,12 @@ def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
     parser.add_argument('--target-layers', nargs='+', default=None, metavar='LAYER',
                         help='Target layer names (space-separated), as named_modules() paths '
                         'such as neck.out_convs.2 or neck.out_convs[-1]; maps of several layers '
-                        'are averaged. Defaults to each detection\'s own neck output '
-                        '(neck.out_convs.0/1/2 for stride 8/16/32). See --list-layers')
-    parser.add_argument('--score-thr', type=_score, default=0.3,
+                        'are averaged. Defaults to each detection\'s own neck output (YOLOX: '
+                        'neck.out_convs.0/1/2 for stride 8/16/32; FPN models: neck.fpn_convs.l). '
+                        'See --list-layers')
+    parser.add_argument('--score-thr', type=fraction_arg, default=0.3,
                         help='Detection score threshold. Defaults to %(default)s')
-    parser.add_argument('--topk', type=_positive_int, default=None,
+    parser.add_argument('--topk', type=positive_int_arg, default=None,
                         help='Only show CAM for top-k detections. Defaults to all')
     parser.add_argument('--device', default=None,
                         help='Device for inference (cuda:0, cpu). Defaults to cuda:0 when CUDA '
@@ -131,8 +121,9 @@ def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
                         help='Also save detections and per-detection maps to '
                         '{stem}_{method}.npz')
     parser.add_argument('--list-layers', action='store_true',
-                        help='Print the layer names with output shape and stride at the '
-                        "config's test input size, then exit")
+                        help='Print the layer names with output shape, stride and the gradient '
+                        "route the engine takes for each, at the config's test input size, "
+                        'then exit')
     parser.add_argument('--trust-checkpoint', action='store_true',
                         help='Load a checkpoint that needs more than tensors and the allow-listed '
                         'MMEngine objects (weights_only=False). Unpickling it can run arbitrary '
@@ -217,50 +208,63 @@ def _describe(output) -> tuple[str, Optional[tuple]]:
 
 
 def layer_table(model) -> str:
-    """One line per module that runs in a forward pass at the config's test input size: name,
-    type, output shape and stride (input height / output height).
+    """One line per module that runs in the engine's forward pass (backbone, neck, head) at the
+    config's test input size: name, type, output shape, stride (input height / output height)
+    and the route the engine takes for it as a target layer (``local`` window, ``chain`` of
+    vector-Jacobian products, ``exact`` backward per detection; ``-`` for an output that is
+    not a tensor). Header lines: the input, and the level-aware default layers; for a head no
+    adapter supports, the reason (naming the supported heads) instead of routes.
 
-    The dummy forward runs without gradients; its forward hooks are removed afterwards, and the
-    model's ``training`` flags restored.
+    The dummy forward runs without gradients, with the engine's own forward hooks
+    (:func:`~mmdet_cam_hook.engine.capture_outputs`), removed afterwards, and the model's
+    ``training`` flags restored (:func:`~mmdet_cam_hook.engine.read_only`).
     """
     import torch
 
-    from mmdet_cam_hook.engine import read_only
+    from mmdet_cam_hook.engine import CAMEngine, capture_outputs, read_only
     from mmdet_cam_hook.pipeline import build_pipeline, preprocess, test_pipeline_cfg
 
-    # Any square image comes out of YOLOX's letterbox pipeline at the config's input size.
+    try:
+        engine, problem = CAMEngine(model, score_thr=0.0), None
+    except ValueError as exc:  # no adapter for the head, or no level maps to trace
+        engine, problem = None, str(exc)
+    pipeline = engine.pipeline if engine else build_pipeline(test_pipeline_cfg(model.cfg))
+    # A square image comes out of the test pipeline at the config's (square or short-side) size.
     image = np.full((32, 32, 3), 114, np.uint8)
-    rows: dict[str, tuple[str, str, str]] = {}
-    handles = []
+    rows: dict[str, tuple[str, str, str, str]] = {}
 
-    def make_hook(name):
-
-        def hook(module, args, output):
-            text, shape = _describe(output)
-            stride = '-'
-            if shape is not None and len(shape) == 4 and shape[2] > 0:
-                ratio = inputs.shape[2] / shape[2]
-                stride = str(int(ratio)) if ratio == int(ratio) else f'{ratio:.2f}'
-            rows.setdefault(name, (type(module).__name__, text, stride))
-
-        return hook
+    def store(name, module, output):
+        text, shape = _describe(output)
+        stride = '-'
+        if shape is not None and len(shape) == 4 and shape[2] > 0:
+            ratio = inputs.shape[2] / shape[2]
+            stride = str(int(ratio)) if ratio == int(ratio) else f'{ratio:.2f}'
+        route = engine.target_layer(name).route if engine and shape is not None else '-'
+        rows.setdefault(name, (type(module).__name__, text, stride, route))
 
     with read_only(model), torch.no_grad():
-        inputs, _ = preprocess(model, build_pipeline(test_pipeline_cfg(model.cfg)), image)
-        try:
-            for name, module in model.named_modules():
-                if name:
-                    handles.append(module.register_forward_hook(make_hook(name)))
-            model(inputs, mode='tensor')
-        finally:
-            for handle in handles:
-                handle.remove()
-    header = ('layer', 'type', 'output shape', 'stride')
-    widths = [max(len(header[0]), *(len(n) for n in rows))]
-    widths += [max(len(header[i]), *(len(r[i - 1]) for r in rows.values())) for i in (1, 2)]
+        inputs, _ = preprocess(model, pipeline, image)
+        with capture_outputs([(n, m) for n, m in model.named_modules() if n], store):
+            if engine is None:
+                model(inputs, mode='tensor')
+            else:
+                engine.adapter.head_outputs(engine.adapter.features(inputs))
+    header = ('layer', 'type', 'output shape', 'stride', 'route')
+    widths = [max(len(header[i]), *(len(r[i - 1]) for r in rows.values())) for i in (1, 2, 3)]
+    widths.insert(0, max(len(header[0]), *(len(n) for n in rows)))
+    widths[2] = min(widths[2], 24)  # a head's tuple of outputs overflows its column
     lines = [f'# input {"x".join(map(str, inputs.shape))} at the test pipeline size; '
              'layers in the order their outputs are computed']
-    fmt = f'{{:<{widths[0]}}}  {{:<{widths[1]}}}  {{:<{widths[2]}}}  {{}}'
+    if engine is None:
+        lines.append(f'# no routes: {problem}')
+    else:
+        default = ', '.join(f'{layer.name} (level {level}, {layer.route})'
+                            for level, layer in enumerate(engine.layers))
+        lines.append(f'# level-aware default (each detection on its own level): {default}')
+        lines.append('# route: how --target-layers LAYER gets its per-detection gradients: local '
+                     '(window, fastest), chain (pulled back from the level maps), exact (one '
+                     'backward per detection)')
+    fmt = ''.join(f'{{:<{w}}}  ' for w in widths) + '{}'
     lines.append(fmt.format(*header))
     lines += [fmt.format(name, *row) for name, row in rows.items()]
     return '\n'.join(lines) + '\n'

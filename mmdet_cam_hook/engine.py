@@ -27,7 +27,7 @@ import os
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -36,6 +36,7 @@ from torch import nn
 
 from .adapters import Detections, DetectorAdapter, build_adapter
 from .cam_math import CAMMath
+from .checks import check_max_size, check_score_thr, check_topk  # noqa: F401 (re-exported)
 from .drise import BatchedDetector, drise_input_maps
 from .geometry import Letterbox
 from .layers import resolve_layers
@@ -159,26 +160,6 @@ def load_image(image: ImageLike) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def check_max_size(max_size: Optional[int]) -> Optional[int]:
-    if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int)
-                                 or max_size < 1):
-        raise ValueError(f'`max_size` must be None or a positive int, got {max_size!r}')
-    return max_size
-
-
-def check_score_thr(score_thr: float) -> float:
-    if isinstance(score_thr, bool) or not isinstance(score_thr, (int, float)) \
-            or not 0.0 <= score_thr <= 1.0:
-        raise ValueError(f'`score_thr` must be a number in [0, 1], got {score_thr!r}')
-    return float(score_thr)
-
-
-def check_topk(topk: Optional[int]) -> Optional[int]:
-    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
-        raise ValueError(f'`topk` must be None or a positive int, got {topk!r}')
-    return topk
-
-
 @contextlib.contextmanager
 def read_only(model: nn.Module) -> Iterator[None]:
     """Put ``model`` in eval mode, fp32, for the duration; restore every module's ``training``
@@ -193,6 +174,30 @@ def read_only(model: nn.Module) -> Iterator[None]:
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+@contextlib.contextmanager
+def capture_outputs(modules: Sequence[Tuple[str, nn.Module]],
+                    store: Callable[[str, nn.Module, Any], None]) -> Iterator[None]:
+    """Call ``store(name, module, output)`` after each forward of each ``(name, module)``, for
+    the duration; the forward hooks are removed on exit, also after an exception (the engine's
+    target layers; every layer for ``mmdet-cam --list-layers``)."""
+    handles = []
+
+    def make_hook(name):
+
+        def hook(module, args, output):
+            store(name, module, output)
+
+        return hook
+
+    try:
+        for name, module in modules:
+            handles.append(module.register_forward_hook(make_hook(name)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 #: How a target layer gets its per-detection gradients (see the module docstring).
@@ -241,6 +246,8 @@ class CAMEngine:
         ValueError: On a head no adapter supports (naming it and the supported heads), an
             unknown layer (with close matches), a bad ``score_thr``, ``topk`` or ``drise_*``
             argument, or a model without a test pipeline.
+        TypeError: On a ``score_thr`` or ``topk`` of the wrong type (e.g. ``topk='3'``); the
+            checks are :mod:`mmdet_cam_hook.checks`, shared with the hook and the CLI.
     """
 
     def __init__(self,
@@ -262,13 +269,12 @@ class CAMEngine:
         self.level_aware = target_layers is None
         self.local_grad = self.adapter.level_gradient() or LocalGradient(self.adapter)
         if self.level_aware:
-            level_names = self.adapter.level_layers()
+            self._level_names = self.adapter.level_layers()
         else:
-            level_names = self._level_layers_if_any()
-        resolved = resolve_layers(model, level_names if self.level_aware else target_layers)
-        head_modules = {id(m) for m in self.adapter.head.modules()}
-        self.layers = [self._resolve(name, module, level_names, head_modules)
-                       for name, module in resolved]
+            self._level_names = self._level_layers_if_any()
+        self._head_modules = {id(m) for m in self.adapter.head.modules()}
+        resolved = resolve_layers(model, self._level_names if self.level_aware else target_layers)
+        self.layers = [self._resolve(name, module) for name, module in resolved]
         if test_pipeline is None:
             if getattr(model, 'cfg', None) is None:
                 raise ValueError('`model` has no `.cfg` to take the test pipeline from; build it '
@@ -296,15 +302,26 @@ class CAMEngine:
         except ValueError:
             return []
 
-    def _resolve(self, name: str, module: nn.Module, level_names: List[str],
-                 head_modules: set) -> TargetLayer:
+    def target_layer(self, name: str) -> TargetLayer:
+        """Resolve one layer name (as ``target_layers`` takes it) into the
+        :class:`TargetLayer` this engine would use for it: its module, route and level (e.g.
+        for ``mmdet-cam --list-layers``).
+
+        Raises:
+            ValueError: If the layer does not exist (with close matches).
+        """
+        ((canon, module), ) = resolve_layers(self.model, [name])
+        return self._resolve(canon, module)
+
+    def _resolve(self, name: str, module: nn.Module) -> TargetLayer:
+        level_names = self._level_names
         level = self.adapter.level_of_layer(name)
         if name in level_names and level == level_names.index(name) \
                 and self.local_grad.radii.get(level) is not None:
             return TargetLayer(name, module, 'local', level)
         # A level map that other levels read too (an FPN's P5 under 'on_output' extra convs,
         # YOLOv3's detect blocks) is upstream of those levels' maps: chain or exact.
-        if id(module) not in head_modules and self.local_grad.available:
+        if id(module) not in self._head_modules and self.local_grad.available:
             return TargetLayer(name, module, 'chain', level)
         return TargetLayer(name, module, 'exact', level)
 
@@ -416,26 +433,16 @@ class CAMEngine:
     # ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _capture(self, acts: Dict[str, torch.Tensor]) -> Iterator[None]:
-        handles = []
 
-        def make_hook(name):
+        def store(name, module, output):
+            if not isinstance(output, torch.Tensor):
+                raise ValueError(
+                    f'target layer {name!r} outputs a {type(output).__name__}, not a tensor; '
+                    'choose one of its submodules (e.g. neck.out_convs.0 instead of neck)')
+            acts[name] = output
 
-            def hook(module, args, output):
-                if not isinstance(output, torch.Tensor):
-                    raise ValueError(
-                        f'target layer {name!r} outputs a {type(output).__name__}, not a tensor; '
-                        'choose one of its submodules (e.g. neck.out_convs.0 instead of neck)')
-                acts[name] = output
-
-            return hook
-
-        try:
-            for layer in self.layers:
-                handles.append(layer.module.register_forward_hook(make_hook(layer.name)))
+        with capture_outputs([(layer.name, layer.module) for layer in self.layers], store):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def _layers_for(self, level: Optional[int]) -> List[TargetLayer]:
         if self.level_aware and level is not None:

@@ -243,18 +243,73 @@ def test_list_layers(ws, capsys, monkeypatch):
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines()
             if line and not line.startswith('#')}
-    assert rows['layer'] == ['layer', 'type', 'output', 'shape', 'stride']
-    # nano's neck has 64 channels; at 128 px input the levels are 16, 8 and 4 px.
-    assert rows['neck.out_convs.0'][1:] == ['ConvModule', '1x64x16x16', '8']
-    assert rows['neck.out_convs.1'][1:] == ['ConvModule', '1x64x8x8', '16']
-    assert rows['neck.out_convs.2'][1:] == ['ConvModule', '1x64x4x4', '32']
-    assert rows['bbox_head.multi_level_conv_obj.2'][2:] == ['1x1x4x4', '32']
-    assert rows['backbone.stem'][2:] == ['1x16x64x64', '2']
+    assert rows['layer'] == ['layer', 'type', 'output', 'shape', 'stride', 'route']
+    # nano's neck has 64 channels; at 128 px input the levels are 16, 8 and 4 px; the level
+    # maps take the local window, layers upstream the chain, layers in the head the exact route.
+    assert rows['neck.out_convs.0'][1:] == ['ConvModule', '1x64x16x16', '8', 'local']
+    assert rows['neck.out_convs.1'][1:] == ['ConvModule', '1x64x8x8', '16', 'local']
+    assert rows['neck.out_convs.2'][1:] == ['ConvModule', '1x64x4x4', '32', 'local']
+    assert rows['bbox_head.multi_level_conv_obj.2'][2:] == ['1x1x4x4', '32', 'exact']
+    assert rows['backbone.stem'][2:] == ['1x16x64x64', '2', 'chain']
     assert 'input 1x3x128x128' in out
+    assert ('level-aware default (each detection on its own level): neck.out_convs.0 (level 0, '
+            'local), neck.out_convs.1 (level 1, local)') in out
 
     # The form the engine's unknown-layer error suggests; the image is not read.
     assert main(['yolox_nano_128.py', 'yolox.pth', 'unused.jpg', '--list-layers']) == 0
     assert capsys.readouterr().out == out
+
+
+#: mmdet's configs with a light backbone (the CLI does not care), 3 classes, 128 px inputs.
+OTHER_HEADS = {
+    'rtmdet': ('rtmdet/rtmdet_tiny_8xb32-300e_coco.py',
+               dict(calibrate=True, weights={'rtm_cls': 0.02, 'rtm_reg': 0.02},
+                    biases={'rtm_cls': (0.0, 0.5), 'rtm_reg': (2.0, 0.3)}), {},
+               'neck.out_convs.{}', ['local'] * 3),
+    'retinanet': ('retinanet/retinanet_r50_fpn_1x_coco.py',
+                  dict(calibrate=True, weights={'conv.weight': 0.08, 'retina_cls': 0.05,
+                                                'retina_reg': 0.003},
+                       biases={'retina_cls': (0., 0.5)}),
+                  {'model.backbone.depth': 18, 'model.backbone.base_channels': 16,
+                   'model.neck.in_channels': [16, 32, 64, 128], 'model.neck.out_channels': 32,
+                   'model.bbox_head.in_channels': 32, 'model.bbox_head.feat_channels': 32},
+                  'neck.fpn_convs.{}', ['local', 'local', 'local', 'chain', 'local']),
+}
+
+
+@pytest.mark.parametrize('head', sorted(OTHER_HEADS))
+def test_other_heads(head, tmp_path, capsys, monkeypatch):
+    """Any supported config: an RTMDet and a RetinaNet (random weights saved from a perturbed
+    model, so that there are detections) through main(): --list-layers with each level map's
+    route, then the maps of the top detections on each detection's own level."""
+    from mmdet_cam_hook.testing import build_detector
+
+    config, perturb, options, layer, routes = OTHER_HEADS[head]
+    model = build_detector(config, 128, perturb=perturb, cfg_options=options)
+    model.cfg.dump(str(tmp_path / 'model.py'))
+    torch.save(dict(state_dict=model.state_dict(),
+                    meta=dict(dataset_meta=dict(classes=CLASSES))), tmp_path / 'model.pth')
+    cv2.imwrite(str(tmp_path / 'street.jpg'), shapes_image(96, 160, 0))
+    monkeypatch.chdir(tmp_path)
+
+    assert main(['model.py', '--list-layers']) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line and not line.startswith('#')}
+    assert [rows[layer.format(i)][-1] for i in range(len(routes))] == routes
+    assert rows['bbox_head.cls_convs.0.0.conv' if head == 'rtmdet' else
+                'bbox_head.cls_convs.0.conv'][-1] == 'exact'
+
+    assert main(['model.py', 'model.pth', 'street.jpg', '--out-dir', 'out', '--topk', '3',
+                 '--device', 'cpu', '--save-raw', '--method', 'hirescam']) == 0, \
+        capsys.readouterr().err
+    raw = np.load(tmp_path / 'out' / 'street_hirescam.npz')
+    assert raw['cams'].shape == (3, 96, 160) and (raw['scores'] >= 0.3).all()
+    assert [str(x) for x in raw['layers']] == [layer.format(lv) for lv in raw['levels']]
+    assert (raw['cams'].reshape(3, -1).max(1) > 0).all()
+    assert {p.name for p in (tmp_path / 'out').iterdir()} == {
+        'street_gradcam.jpg', 'street_hirescam.npz',
+        *(f'street_det{k}_hirescam.jpg' for k in range(3))}
 
 
 def test_folder_with_unreadable_and_thin_images(ws, capsys, monkeypatch):
