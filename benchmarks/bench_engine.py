@@ -7,12 +7,15 @@ For each model / layer setting and K detections, measured side by side in this r
   max |diff|        largest difference between the two sets of maps (network-input grid)
 
 Random-init models (no weights can be downloaded here) with raised cls/obj biases (YOLOX) or
-calibrated BatchNorms and a perturbed head (RTMDet) so that there are at least 100 detections;
-timings are medians of ``--repeats`` runs.
+calibrated BatchNorms and a perturbed head (RTMDet, RetinaNet, FCOS) so that there are at least
+100 detections; timings are medians of ``--repeats`` runs. The layers column names the gradient
+route the engine takes (``local`` window, ``chain`` of VJPs, ``exact`` backward per detection;
+see ``mmdet_cam_hook/engine.py``). Run it on a quiet machine, e.g. with ``OMP_NUM_THREADS=1``.
 
     .venv/bin/python benchmarks/bench_engine.py                  # every model, K = 1 8 32 100
     .venv/bin/python benchmarks/bench_engine.py --models rtmdet-s
     .venv/bin/python benchmarks/bench_engine.py --quick          # nano@256, K = 1 8 32
+    .venv/bin/python benchmarks/bench_engine.py --models retinanet-r50 fcos-r50 --baseline-max 8
 """
 import argparse
 import statistics
@@ -29,6 +32,11 @@ from mmdet_cam_hook.testing import build_detector, build_yolox, synthetic_image
 
 RTMDET = dict(calibrate=True, weights={'rtm_cls': 0.02, 'rtm_reg': 0.02},
               biases={'rtm_cls': (0.0, 0.5), 'rtm_reg': (2.0, 0.3)})
+RETINANET = dict(weights={'conv.weight': 0.03, 'retina_cls': 0.03, 'retina_reg': 0.003},
+                 biases={'retina_cls': (0., 0.5)})
+FCOS = dict(weights={'conv.weight': 0.03, 'conv_cls': 0.03, 'conv_centerness': 0.03,
+                     'conv_reg': 0.03},
+            biases={'conv_cls': (0., 0.5), 'conv_centerness': (0., 0.5)})
 
 #: name -> (builder(input_size), input size, a layer upstream of the level maps)
 MODELS = {
@@ -39,6 +47,14 @@ MODELS = {
     'rtmdet-s': (lambda size: build_detector(
         'rtmdet/rtmdet_s_8xb32-300e_coco.py', size, num_classes=80, perturb=RTMDET,
         cfg_options={'model.test_cfg.nms_pre': 1000}), 640, 'backbone.stage4'),
+    # FPN models at a CPU-sized input (their configs test at 1333x800): keep-ratio resize to
+    # 512 on the longest side, padded to a multiple of 32 (512x384 for the 4:3 image).
+    'retinanet-r50': (lambda size: build_detector(
+        'retinanet/retinanet_r50_fpn_1x_coco.py', size, num_classes=80, perturb=RETINANET),
+        512, 'backbone.layer4'),
+    'fcos-r50': (lambda size: build_detector(
+        'fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py', size, num_classes=80, perturb=FCOS),
+        512, 'backbone.layer4'),
 }
 # RTMDet keeps every (prior, class) pair above the score threshold before NMS (nms_pre=30000 per
 # level); a random-init model scores all 8400 x 80 of them ~0.5, which makes NMS, not the CAMs,
@@ -54,16 +70,19 @@ def forward_backward(engine, inputs, dets):
     model.zero_grad(set_to_none=True)
 
 
-def timed(fn, repeats):
+def timed(fn, repeats, budget=20.0):
+    """Median of up to ``repeats`` runs; no more runs once ``budget`` seconds are spent."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
+        if sum(times) > budget:
+            break
     return statistics.median(times), out
 
 
-def bench(model, input_size, layers, ks, repeats, method):
+def bench(model, input_size, layers, ks, repeats, method, baseline_max=None):
     image = synthetic_image(int(input_size * 0.75), input_size, seed=0)
     engine = CAMEngine(model, target_layers=layers, score_thr=0.0, topk=max(ks))
     inputs, meta = preprocess(model, engine.pipeline, image)
@@ -71,19 +90,24 @@ def bench(model, input_size, layers, ks, repeats, method):
     with torch.no_grad():
         dets = adapter.decode(adapter.head_outputs(adapter.features(inputs)), meta, 0.0)
     rows = []
+    route = '/'.join(sorted({layer.route for layer in engine.layers}))
     for k in ks:
         engine.topk = k
         t_fb, _ = timed(lambda: forward_backward(engine, inputs, dets), repeats)
         t_ours, res = timed(lambda: engine.explain(image, methods=method)[method],  # noqa: B023
                             repeats)
-        sub = dets.select(slice(0, k))
-        args = (model, inputs, method, res.layers, sub)
+        # The baseline costs one forward+backward per detection: on the first ``baseline_max``
+        # detections only, scaled to K (and compared with ours on those).
+        n = len(res) if baseline_max is None else min(len(res), baseline_max)
+        sub = dets.select(slice(0, n))
+        args = (model, inputs, method, res.layers[:n], sub)
         with read_only(model):
             t_base, ref = timed(lambda: reference_input_cams(*args), 1)  # noqa: B023
         model.zero_grad(set_to_none=True)
-        diff = float(np.abs(res.input_cams - ref).max()) if len(res) else 0.0
-        rows.append((k, len(res), t_fb, t_ours, t_base, diff))
-    return rows
+        t_base *= len(res) / max(n, 1)
+        diff = float(np.abs(res.input_cams[:n] - ref).max()) if n else 0.0
+        rows.append((k, len(res), t_fb, t_ours, t_base, diff, n < len(res)))
+    return route, rows
 
 
 def main(argv=None):
@@ -93,6 +117,9 @@ def main(argv=None):
     parser.add_argument('--ks', nargs='+', type=int, default=[1, 8, 32, 100])
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--method', default='gradcam')
+    parser.add_argument('--baseline-max', type=int, default=None,
+                        help='time the baseline on at most this many detections and scale it '
+                        'to K (marked ~); default: all K')
     args = parser.parse_args(argv)
     settings = [('yolox-nano', 256, [1, 8, 32])] if args.quick else \
         [(name, MODELS[name][1], args.ks) for name in args.models]
@@ -104,12 +131,15 @@ def main(argv=None):
         build, _, upstream = MODELS[name]
         model = build(input_size)
         for layers in (None, [upstream]):
+            route, rows = bench(model, input_size, layers, ks, args.repeats, args.method,
+                                args.baseline_max)
             label = 'level-aware default' if layers is None else layers[0]
-            for _k, got, t_fb, t_ours, t_base, diff in bench(model, input_size, layers, ks,
-                                                           args.repeats, args.method):
+            label = f'{label} ({route})'
+            for _k, got, t_fb, t_ours, t_base, diff, scaled in rows:
+                est = '~' if scaled else ''
                 print(f'| {name}@{input_size} | {label} | {got} | {t_ours:.3f} | {t_fb:.3f} | '
-                      f'{t_ours / t_fb:.2f} | {t_base:.2f} | {t_base / t_ours:.1f} | {diff:.1e} |',
-                      flush=True)
+                      f'{t_ours / t_fb:.2f} | {est}{t_base:.2f} | {est}{t_base / t_ours:.1f} | '
+                      f'{diff:.1e} |', flush=True)
 
 
 if __name__ == '__main__':
