@@ -142,7 +142,7 @@ def test_rank_correlations():
 
 
 def test_evaluate_image_and_summary(engine, image):
-    settings = EvalSettings(methods=['hirescam', 'drise'], protocols='both', steps=1,
+    settings = EvalSettings(methods=['hirescam', 'drise'], protocols='both', steps=2,
                             batch_size=32)
     dets = detect(engine, image)
     gt = dets.bboxes.numpy()[:1].astype(np.float64)
