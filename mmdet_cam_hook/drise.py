@@ -179,6 +179,8 @@ def image_outputs(outs, i: int):
     image ``i``."""
     if isinstance(outs, torch.Tensor):
         return outs[i:i + 1]
+    if isinstance(outs, tuple) and hasattr(outs, '_fields'):  # a NamedTuple (RoIOutputs)
+        return type(outs)(*(image_outputs(o, i) for o in outs))
     if isinstance(outs, (tuple, list)):
         return type(outs)(image_outputs(o, i) for o in outs)
     return outs

@@ -1,4 +1,6 @@
 """D-RISE on toy detectors whose detections depend on known pixels."""
+from typing import NamedTuple
+
 import numpy as np
 import pytest
 
@@ -91,3 +93,10 @@ def test_image_outputs_slices_every_tensor():
     one = image_outputs(outs, 1)
     assert one[0][0].tolist() == [[2, 3]] and one[1][0].shape == (1, 1)
     assert one[1][1][0].shape == (1, ) and one[2] is None and isinstance(one[1], tuple)
+
+    class Outs(NamedTuple):  # a two-stage adapter's outputs
+        feats: tuple
+        rpn: tuple
+
+    named = image_outputs(Outs((torch.zeros(3, 2), ), ([torch.zeros(3, 4)], )), 2)
+    assert isinstance(named, Outs) and named.rpn[0][0].shape == (1, 4)
