@@ -10,7 +10,9 @@ batched (one forward pass per ``batch_size`` perturbed images):
   ``s_k(x') = adapter.scores(head(x'), prior_k, label_k)`` (e.g. ``sigmoid(cls_c) *
   sigmoid(obj)`` at level l, row y, column x for YOLOX). Exact and cheap, and only possible
   because the engine knows the prior behind each kept box. It does not follow the object to a
-  neighbouring prior, so it can under-report when another prior takes over.
+  neighbouring prior, so it can under-report when another prior takes over. For a two-stage
+  detector the "prior" is the detection's RoI: the RoI head re-classifies the same RoI on the
+  perturbed image's features (the RPN is not re-run).
 - ``matched``: D-RISE's similarity between the detection and the perturbed image's own
   detections (``model.predict``'s, kept at the head's ``test_cfg.score_thr``),
   ``s_k(x') = max_j IoU(b_k, b_j) * cos(P_k, P_j) * s_j`` (Petsiuk et al., CVPR 2021), with
