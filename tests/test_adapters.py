@@ -13,10 +13,11 @@ that scores do not tie and boxes have a size, and the facts the tests check:
 - ``anchors``: priors per location; ``upstream``: a backbone layer (and its ``upstream_route``).
 
 Optional: ``input_size`` (default 128), ``num_classes`` (default 3) and ``cfg_options``. The FPN
-rows run mmdet's configs with a ResNet-18 and 64-channel neck and head (``LIGHT_FPN``; the
-adapters read the head's structure, not its width or the backbone) and keep the top 6
-candidates per level with no suppression between distinct boxes (``EVERY_LEVEL``), so that
-every level has detections; the decoding test also runs each config's own ``test_cfg``.
+rows run mmdet's configs at 256 px (the stride-128 level is then 2x2, not 1x1) with a narrow
+ResNet-18 and 32-channel neck and head (``LIGHT_FPN``: the adapters read the head's structure,
+not its width or the backbone; ResNet-50 rows cost 15-19 s each against grad-cam) and keep the
+top 4 candidates per level with no suppression between distinct boxes (``EVERY_LEVEL``), so
+that every level has detections; the decoding test also runs each config's own ``test_cfg``.
 
 Torch runs at one thread in this module: the random-init numbers (BatchNorm calibration, the
 scores, which priors survive the top-k) are then the same whatever tests ran before.
