@@ -1,9 +1,12 @@
 """The MMEngine configs shipped inside the package, and where they are once it is installed.
 
 The other ``.py`` files in this folder (``yolox_{nano,tiny,s,m,l,x}_gradcam.py``,
-``_base_/gradcam_hook.py``, ``demo/yolox_nano_shapes_gradcam.py``) are configs for
-``Config.fromfile``, not modules to import. They inherit mmdet's YOLOX configs through
-``mmdet::yolox/...``, which works wherever mmdet is installed.
+``rtmdet_{tiny,s}_gradcam.py``, ``retinanet_r50_fpn_gradcam.py``, ``fcos_r50_gradcam.py``,
+``atss_r50_gradcam.py``, ``gfl_r50_gradcam.py``, ``yolov3_{d53,mobilenetv2}_gradcam.py``,
+``_base_/gradcam_hook.py``, ``demo/yolox_nano_shapes_gradcam.py``,
+``demo/rtmdet_tiny_shapes_gradcam.py``, ...) are configs for ``Config.fromfile``, not modules to
+import. They inherit mmdet's own configs through ``mmdet::<family>/...``, which works wherever
+mmdet is installed, keep those configs' ``custom_hooks`` and add ``DetCAMHook``.
 
 A config of your own inherits one of them through its absolute path::
 
