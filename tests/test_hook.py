@@ -327,6 +327,39 @@ def test_val_only_run_logs_pointing_game_against_dataset_gt(shapes, tmp_path):
         assert row[f'cam_val/{method}_pointing_game'] == pytest.approx(hits / total)
 
 
+def test_blank_maps_are_counted_and_faithfulness_is_logged(shapes, tmp_path):
+    """A fixed stride-32 layer cannot explain stride-8 detections: their blank maps are
+    counted in ``blank_share`` and left out of the energy mean (never averaged in as 0); with
+    ``faithfulness=True`` the deletion/insertion AUCs of the same maps are logged too."""
+    from mmdet_cam_hook import CAMEngine
+    from mmdet_cam_hook.evaluation import probe_faithfulness
+    from mmdet_cam_hook.metrics import energy_in_box, is_blank
+    from mmdet_cam_hook.pipeline import test_pipeline_cfg
+
+    hook = cam_hook(probe_images=[0], methods='hirescam', target_layers='neck.out_convs.2',
+                    topk=12, faithfulness=True)
+    runner = Runner.from_cfg(tiny_cfg(shapes, tmp_path, hooks=[hook]))
+    engine = CAMEngine(unwrap_model(runner.model), target_layers='neck.out_convs.2',
+                       score_thr=0.0, topk=12, test_pipeline=test_pipeline_cfg(runner.cfg))
+    image = runner.val_dataloader.dataset.get_data_info(0)['img_path']
+    with pytest.warns(UserWarning, match='no gradient path'):  # 3x3 priors at stride 32
+        res = engine.explain(image, methods=['hirescam'])['hirescam']
+    blank = is_blank(res.cams)
+    assert 0 < blank.sum() < len(res), res.levels  # detections on other levels are blank
+    faith = probe_faithfulness(engine, image, {'hirescam': res})
+
+    runner.val()
+    rows = [json.loads(line) for line in
+            (run_log_dir(runner) / 'vis_data' / 'scalars.json').read_text().splitlines()]
+    (row, ) = [r for r in rows if any(k.startswith('cam_val/') for k in r)]
+    assert row['cam_val/hirescam_blank_share'] == pytest.approx(blank.mean())
+    assert row['cam_val/hirescam_energy_in_box'] == pytest.approx(
+        energy_in_box(res.cams[~blank], res.bboxes[~blank]).mean(), rel=1e-5)
+    for curve in ('deletion', 'insertion'):
+        assert row[f'cam_val/hirescam_{curve}_auc_prior'] == pytest.approx(
+            faith[f'hirescam_{curve}_auc_prior'], rel=1e-5)
+
+
 # --------------------------------------------------------------------------- fail-soft, strict
 
 
