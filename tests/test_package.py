@@ -109,10 +109,11 @@ assert Path(mmdet_cam_hook.__file__).is_relative_to(venv), mmdet_cam_hook.__file
 cfg = Config.fromfile({str(user_config)!r})
 assert cfg.model.type == 'YOLOX' and cfg.model.backbone.deepen_factor == 0.33, cfg.model
 assert [h['type'] for h in cfg.custom_hooks] == [
-    'YOLOXModeSwitchHook', 'SyncNormHook', 'EMAHook', 'YOLOXGradCAMHook'], cfg.custom_hooks
+    'YOLOXModeSwitchHook', 'SyncNormHook', 'EMAHook', 'DetCAMHook'], cfg.custom_hooks
 assert cfg.custom_hooks[-1]['methods'] == ['hirescam']
 # custom_imports registered the wheel's hook.
-assert Path(inspect.getfile(HOOKS.get('YOLOXGradCAMHook'))).is_relative_to(venv)
+assert Path(inspect.getfile(HOOKS.get('DetCAMHook'))).is_relative_to(venv)
+assert HOOKS.get('YOLOXGradCAMHook') is HOOKS.get('DetCAMHook')
 assert demo.DEFAULT_CONFIG.is_file() and demo.DEFAULT_CONFIG.is_relative_to(venv)
 print('ok')
 """
@@ -127,7 +128,7 @@ def test_installed_command_line_tool(env):
                  '--list-layers')
     rows = {line.split()[0]: line.split() for line in layers.splitlines()
             if line and not line.startswith('#')}
-    assert rows['neck.out_convs.2'][1:] == ['ConvModule', '1x64x13x13', '32']  # 416 px input
+    assert rows['neck.out_convs.2'][1:] == ['ConvModule', '1x64x13x13', '32', 'local']  # 416 px
 
 
 def test_installed_demo_module(env):
