@@ -372,6 +372,9 @@ def interrupting(write):
 
 cv2.imwrite = interrupting(cv2.imwrite)
 np.savez_compressed = interrupting(np.savez_compressed)
+# Ctrl-C in a terminal raises KeyboardInterrupt; a runner started in the background (as CI may
+# start it) hands its children an ignored SIGINT, which Python then keeps ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from mmdet_cam_hook.cli import main
 sys.exit(main())
 """
