@@ -56,12 +56,6 @@ class UserError(Exception):
     """A problem with the command line or its inputs, reported in one line (exit code 1)."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Arguments: one check per rule, shared with the engine and the hook (:mod:`.checks`). The old
-# private names stay for the modules that import them.
-_score = fraction_arg
-_positive_int = positive_int_arg
-
 
 def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
     """The argument parser.
@@ -351,7 +345,8 @@ def save_outputs(result, stem: str, out_dir: Path, class_names, save_all: bool,
 
 # ---------------------------------------------------------------------------------------------
 # Running
-def _require_grad_cam() -> None:
+def require_grad_cam_or_exit() -> None:
+    """grad-cam's import check as a :class:`UserError` (one line, exit code 1)."""
     from mmdet_cam_hook.methods import require_grad_cam
 
     try:
@@ -528,7 +523,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             from mmdet_cam_hook.methods import METHODS
 
-            _require_grad_cam()
+            require_grad_cam_or_exit()
             parser = build_parser(list(METHODS))
             args = parser.parse_args(argv)
             if not args.list_layers and (args.checkpoint is None or args.img is None):

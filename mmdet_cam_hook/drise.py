@@ -32,15 +32,11 @@ import cv2
 import numpy as np
 import torch
 
+from .checks import check_int
+
 #: ``detect_fn(images) -> [(bboxes (M, 4), labels (M,), scores (M,)), ...]``, one tuple per
 #: image of the (B, H, W, 3) uint8 batch, boxes in the image's pixels.
 DetectFn = Callable[[np.ndarray], List[Tuple[np.ndarray, np.ndarray, np.ndarray]]]
-
-
-def _positive_int(arg: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f'`{arg}` must be a positive int, got {value!r}')
-    return int(value)
 
 
 class MaskSampler:
@@ -57,7 +53,7 @@ class MaskSampler:
 
     def __init__(self, num: int, shape: Tuple[int, int], grid: int = 16, p: float = 0.5,
                  seed: int = 0) -> None:
-        self.num, grid = _positive_int('num', num), _positive_int('grid', grid)
+        self.num, grid = check_int(num, 'num'), check_int(grid, 'grid')
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p < 1:
             raise ValueError(f'`p` must be a number in (0, 1), got {p!r}')
         self.shape = (int(shape[0]), int(shape[1]))
@@ -150,7 +146,7 @@ def drise_maps(image: np.ndarray, bboxes: np.ndarray, labels: np.ndarray,
         np.ndarray: (K, H, W) float32 in [0, 1]; all zero for a detection that no masked image
         reproduced.
     """
-    batch_size = _positive_int('batch_size', batch_size)
+    batch_size = check_int(batch_size, 'batch_size')
     sampler = MaskSampler(num_masks, image.shape[:2], grid=grid, p=p, seed=seed)
     bboxes = np.asarray(bboxes, np.float64).reshape(-1, 4)
     labels = np.asarray(labels).reshape(-1)

@@ -36,7 +36,12 @@ from torch import nn
 
 from .adapters import Detections, DetectorAdapter, build_adapter
 from .cam_math import CAMMath
-from .checks import check_max_size, check_score_thr, check_topk  # noqa: F401 (re-exported)
+from .checks import (  # noqa: F401 (check_max_size, check_score_thr, check_topk re-exported)
+    check_int,
+    check_max_size,
+    check_score_thr,
+    check_topk,
+)
 from .drise import BatchedDetector, drise_input_maps
 from .geometry import Letterbox
 from .layers import resolve_layers
@@ -282,11 +287,9 @@ class CAMEngine:
             test_pipeline = test_pipeline_cfg(model.cfg)
         self.pipeline = build_pipeline(test_pipeline)
         self.math = CAMMath()
-        for arg, value in (('drise_masks', drise_masks), ('drise_batch_size', drise_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f'`{arg}` must be a positive int, got {value!r}')
-        if isinstance(drise_seed, bool) or not isinstance(drise_seed, int):
-            raise ValueError(f'`drise_seed` must be an int, got {drise_seed!r}')
+        check_int(drise_masks, 'drise_masks')
+        check_int(drise_batch_size, 'drise_batch_size')
+        check_int(drise_seed, 'drise_seed', low=0)
         self.drise = dict(num_masks=drise_masks, batch_size=drise_batch_size, seed=drise_seed)
         self.detector = BatchedDetector(model, self.adapter, self.pipeline)
         # Batched VJPs (``is_grads_batched``, vmap over the backward) are exact but measured

@@ -30,7 +30,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .cli import UserError, _positive_int, _require_grad_cam, _score, resolve_config, resolve_device
+from .checks import fraction_arg, positive_int_arg
+from .cli import UserError, require_grad_cam_or_exit, resolve_config, resolve_device
 from .files import write_atomically
 
 PROG = 'mmdet-cam-eval'
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--split', choices=('val', 'test'), default='val',
                         help="The config's dataloader whose dataset is used. Defaults to "
                         '%(default)s')
-    parser.add_argument('--num-images', type=_positive_int, default=None,
+    parser.add_argument('--num-images', type=positive_int_arg, default=None,
                         help='Evaluate the first N images only. Defaults to all')
     parser.add_argument('--methods', nargs='+', choices=list(METHODS),
                         default=['gradcam', 'hirescam', 'layercam', 'drise'], metavar='METHOD',
@@ -79,11 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help='Score tracked by the deletion/insertion curves: prior (the '
                         "detection's own prior and label) or matched (D-RISE similarity to the "
                         "perturbed image's best detection). Defaults to %(default)s")
-    parser.add_argument('--steps', type=_positive_int, default=20,
+    parser.add_argument('--steps', type=positive_int_arg, default=20,
                         help='Points on each curve after the first. Defaults to %(default)s')
     parser.add_argument('--fill', choices=FILLS, default='blur',
                         help='What removed pixels become. Defaults to %(default)s')
-    parser.add_argument('--batch-size', type=_positive_int, default=16,
+    parser.add_argument('--batch-size', type=positive_int_arg, default=16,
                         help='Perturbed (or masked) images per forward pass. Defaults to '
                         '%(default)s')
     parser.add_argument('--seed', type=_nonnegative_int, default=0,
@@ -92,14 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--randomization', action='store_true',
                         help='Also run the cascading model-randomisation check (head, neck, '
                         'backbone) and report the rank correlation of the maps')
-    parser.add_argument('--score-thr', type=_score, default=0.3,
+    parser.add_argument('--score-thr', type=fraction_arg, default=0.3,
                         help='Detection score threshold. Defaults to %(default)s')
-    parser.add_argument('--topk', type=_positive_int, default=None,
+    parser.add_argument('--topk', type=positive_int_arg, default=None,
                         help='Explain at most this many detections per image. Defaults to all')
     parser.add_argument('--target-layers', nargs='+', default=None, metavar='LAYER',
                         help="Target layers of the CAM methods. Defaults to each detection's "
                         'own level')
-    parser.add_argument('--drise-masks', type=_positive_int, default=1000,
+    parser.add_argument('--drise-masks', type=positive_int_arg, default=1000,
                         help='Random masks per image for drise. Defaults to %(default)s')
     parser.add_argument('--out', default='results.json',
                         help='JSON file to write (rank 0). Defaults to %(default)s')
@@ -292,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         130 on Ctrl-C.
     """
     try:
-        _require_grad_cam()
+        require_grad_cam_or_exit()
         args = build_parser().parse_args(argv)
         return run(args)
     except UserError as exc:

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from .adapters import Detections
+from .checks import check_int
 from .drise import BatchedDetector, image_outputs, model_score_thr, similarity
 from .engine import CAMEngine, ImageLike, load_image
 from .faithfulness import ScoreFn, box_maps, check_fill, deletion_insertion, random_maps
@@ -214,9 +215,7 @@ class EvalSettings:
         self.protocols = check_protocols(self.protocols)
         check_fill(self.fill)
         for arg in ('steps', 'batch_size'):
-            value = getattr(self, arg)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f'`{arg}` must be a positive int, got {value!r}')
+            check_int(getattr(self, arg), arg)
 
     @property
     def all_methods(self) -> List[str]:

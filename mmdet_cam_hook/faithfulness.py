@@ -20,12 +20,13 @@ detection's) is the caller's ``score_fn``; this module only perturbs and integra
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Callable
 
 import cv2
 import numpy as np
+
+from .checks import check_int
 
 #: The fills, by name: what a removed pixel becomes.
 FILLS = ('blur', 'grey', 'noise')
@@ -80,12 +81,6 @@ def check_fill(fill: str) -> str:
     if fill not in FILLS:
         raise ValueError(f'`fill` must be one of {list(FILLS)}, got {fill!r}')
     return fill
-
-
-def _check_positive_int(arg: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f'`{arg}` must be a positive int, got {value!r}')
-    return int(value)
 
 
 def fill_image(image: np.ndarray, fill: str, seed: int = 0) -> np.ndarray:
@@ -148,8 +143,8 @@ def deletion_insertion(image: np.ndarray, cams: np.ndarray, score_fn: ScoreFn, *
         ValueError: On a bad ``steps``, ``fill`` or ``batch_size``, or maps whose size is not
             the image's.
     """
-    steps = _check_positive_int('steps', steps)
-    batch_size = _check_positive_int('batch_size', batch_size)
+    steps = check_int(steps, 'steps')
+    batch_size = check_int(batch_size, 'batch_size')
     check_fill(fill)
     image = np.asarray(image)
     cams = np.asarray(cams)

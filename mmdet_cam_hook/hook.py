@@ -37,7 +37,7 @@ from torch import nn
 
 from .adapters import build_adapter
 from .checks import check_bool, check_int, check_max_size, check_score_thr, check_topk, is_int
-from .engine import CAMEngine, CAMResult, load_image, renormalize_in_boxes
+from .engine import CAMEngine, load_image
 from .evaluation import probe_faithfulness
 from .files import IMAGE_EXTENSIONS, list_images
 from .layers import resolve_layers
@@ -588,7 +588,7 @@ class DetCAMHook(Hook):
             numbers[method] = (energy, hits, total, int(blank.sum()), {
                 f'{c}_auc_prior': faith[f'{method}_{c}_auc_prior']
                 for c in ('deletion', 'insertion') if f'{method}_{c}_auc_prior' in faith})
-            panel = render_panel(_renormalized(result) if self.renormalize else result,
+            panel = render_panel(result.renormalized() if self.renormalize else result,
                                  class_names=class_names, max_detections=self.max_detection_tiles,
                                  max_size=self.max_image_size, gt_bboxes=gt_bboxes)
             log.add_image(f'cam_{mode}_{_safe_name(method)}_{probe.name}',
@@ -705,14 +705,6 @@ def _file_stamp(path: str) -> Optional[Tuple[int, int, int]]:
     except OSError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns) if osp.isfile(path) else None
-
-
-def _renormalized(result: CAMResult) -> CAMResult:
-    """``result`` with each map min-max scaled inside its own box and zeroed outside."""
-    if not len(result):
-        return result
-    cams = renormalize_in_boxes(result.cams, result.bboxes)
-    return dataclasses.replace(result, cams=cams, combined=cams.max(0))
 
 
 @contextlib.contextmanager

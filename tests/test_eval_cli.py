@@ -95,11 +95,14 @@ def test_torchrun_two_processes_equal_one(ws):
            '2', '-m', 'mmdet_cam_hook.eval_cli', *args, '--out', str(two)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's workers (OMP_NUM_THREADS=1): the same numerics
     try:
         assert main([*args, '--out', str(one)]) == 0
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
+        torch.set_num_threads(threads)
     assert proc.returncode == 0, stderr[-3000:]
     assert stdout.count('| hirescam |') == 1  # rank 0 alone prints
     a, b = json.loads(one.read_text()), json.loads(two.read_text())

@@ -191,11 +191,11 @@ def test_bad_arguments(call, error, match):
         call()
 
 
-@pytest.mark.parametrize('kwargs, match', [
-    (dict(drise_masks=0), '`drise_masks` must be a positive int, got 0'),
-    (dict(drise_batch_size=1.5), '`drise_batch_size` must be a positive int, got 1.5'),
-    (dict(drise_seed='0'), "`drise_seed` must be an int, got '0'"),
+@pytest.mark.parametrize('kwargs, error, match', [
+    (dict(drise_masks=0), ValueError, '`drise_masks` must be a positive int, got 0'),
+    (dict(drise_batch_size=1.5), TypeError, '`drise_batch_size` must be a positive int, got 1.5'),
+    (dict(drise_seed='0'), TypeError, "`drise_seed` must be an int >= 0, got '0'"),
 ])
-def test_bad_engine_drise_arguments(model, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_engine_drise_arguments(model, kwargs, error, match):
+    with pytest.raises(error, match=match):
         CAMEngine(model, **kwargs)

@@ -98,16 +98,17 @@ def test_box_maps_use_pixel_centres():
     assert maps[1].sum() == 4 and maps[1, 0].sum() == 4
 
 
-@pytest.mark.parametrize('kwargs, match', [
-    (dict(steps=0), '`steps` must be a positive int, got 0'),
-    (dict(batch_size=True), '`batch_size` must be a positive int, got True'),
-    (dict(fill='black'), r"`fill` must be one of \['blur', 'grey', 'noise'\], got 'black'"),
-    (dict(cams=np.zeros((1, 5, 5))), r'`cams` must have shape \(K, 10, 10\)'),
+@pytest.mark.parametrize('kwargs, error, match', [
+    (dict(steps=0), ValueError, '`steps` must be a positive int, got 0'),
+    (dict(batch_size=True), TypeError, '`batch_size` must be a positive int, got True'),
+    (dict(fill='black'), ValueError,
+     r"`fill` must be one of \['blur', 'grey', 'noise'\], got 'black'"),
+    (dict(cams=np.zeros((1, 5, 5))), ValueError, r'`cams` must have shape \(K, 10, 10\)'),
 ])
-def test_bad_arguments(kwargs, match):
+def test_bad_arguments(kwargs, error, match):
     image, score_fn, _ = toy()
     cams = kwargs.pop('cams', np.zeros((1, 10, 10)))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         deletion_insertion(image, cams, score_fn, **kwargs)
 
 
