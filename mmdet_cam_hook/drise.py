@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .checks import check_int
+from .metrics import box_iou
 
 #: ``detect_fn(images) -> [(bboxes (M, 4), labels (M,), scores (M,)), ...]``, one tuple per
 #: image of the (B, H, W, 3) uint8 batch, boxes in the image's pixels.
@@ -95,17 +96,6 @@ def rise_masks(num: int, shape: Tuple[int, int], grid: int = 16, p: float = 0.5,
     return sampler.masks(0, sampler.num)
 
 
-def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
-    x1 = np.maximum(box[0], others[:, 0])
-    y1 = np.maximum(box[1], others[:, 1])
-    x2 = np.minimum(box[2], others[:, 2])
-    y2 = np.minimum(box[3], others[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    union = ((box[2] - box[0]) * (box[3] - box[1])
-             + (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1]) - inter)
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
 def similarity(bboxes: np.ndarray, labels: np.ndarray, det_bboxes: np.ndarray,
                det_labels: np.ndarray, det_scores: np.ndarray) -> np.ndarray:
     """D-RISE weight of one masked image for each target: ``max_j IoU * [same class] * score_j``.
@@ -122,7 +112,7 @@ def similarity(bboxes: np.ndarray, labels: np.ndarray, det_bboxes: np.ndarray,
     for k, (box, label) in enumerate(zip(np.asarray(bboxes, np.float64), labels)):
         same = det_labels == label
         if same.any():
-            out[k] = (_iou(box, det_bboxes[same]) * det_scores[same]).max()
+            out[k] = (box_iou(box, det_bboxes[same]) * det_scores[same]).max()
     return out
 
 

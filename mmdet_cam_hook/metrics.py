@@ -74,7 +74,8 @@ def energy_in_box(cams, bboxes) -> np.ndarray:
     return shares
 
 
-def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+def box_iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """IoU of one box ``x1, y1, x2, y2`` with each of ``others`` (N, 4); 0 for an empty union."""
     x1 = np.maximum(box[0], others[:, 0])
     y1 = np.maximum(box[1], others[:, 1])
     x2 = np.minimum(box[2], others[:, 2])
@@ -185,7 +186,7 @@ def match_to_ground_truth(bboxes, labels, gt_bboxes, gt_labels,
         candidates = ~taken & (gt_labels == label)
         if not candidates.any():
             continue
-        ious = np.where(candidates, _iou(box, gt_bboxes), -1.0)
+        ious = np.where(candidates, box_iou(box, gt_bboxes), -1.0)
         best = int(np.argmax(ious))
         if ious[best] >= iou_thr:
             taken[best] = True
