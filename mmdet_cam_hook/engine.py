@@ -64,7 +64,8 @@ class CAMResult:
         labels (np.ndarray): (K,) int64 class indices.
         scores (np.ndarray): (K,) float32, the scores ``model.predict`` reports (the head's own
             formula, e.g. ``sigmoid(cls) * sigmoid(obj)`` for YOLOX).
-        levels (np.ndarray): (K,) int64 FPN level of each detection (0 = the finest).
+        levels (np.ndarray): (K,) int64 level of each detection, in the head's own order (0 is
+            the finest for YOLOX, RTMDet and FPN heads; YOLOv3 puts stride 32 first).
         cams (np.ndarray): (K, H, W) float32 in [0, 1], one map per detection, original size.
         combined (np.ndarray): (H, W) float32 in [0, 1], the pixel-wise maximum of ``cams``.
         method (str): The CAM method.

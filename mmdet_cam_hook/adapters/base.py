@@ -61,7 +61,8 @@ class Detections:
         bboxes (torch.Tensor): (K, 4) x1y1x2y2 in original-image pixels.
         scores (torch.Tensor): (K,) the scores ``model.predict`` reports.
         labels (torch.Tensor): (K,) class indices.
-        levels (torch.Tensor): (K,) FPN level of the prior (0 = finest).
+        levels (torch.Tensor): (K,) level of the prior, in the head's own order of its maps
+            (0 is the finest for most heads; YOLOv3 puts stride 32 first).
         ys (torch.Tensor): (K,) row of the prior on its level's grid.
         xs (torch.Tensor): (K,) column of the prior on its level's grid.
         anchors (torch.Tensor): (K,) index of the prior among the priors at that location
