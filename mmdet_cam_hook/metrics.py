@@ -144,7 +144,7 @@ def is_blank(cams) -> np.ndarray:
         np.ndarray: ``(K,)`` bool.
     """
     cams = _check_cams(cams)
-    return cams.reshape(len(cams), -1).max(1, initial=0.0) <= 0
+    return cams.reshape(len(cams), cams.shape[1] * cams.shape[2]).max(1, initial=0.0) <= 0
 
 
 def match_to_ground_truth(bboxes, labels, gt_bboxes, gt_labels,

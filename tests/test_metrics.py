@@ -160,6 +160,7 @@ def test_energy_pointing_game_and_off_target_share_golden():
     np.testing.assert_allclose(off_target_share(cams, unmatched, gt),
                                [np.nan, 0.25, np.nan, np.nan])
     np.testing.assert_array_equal(is_blank(cams), [False, False, False, True])
+    assert is_blank(np.zeros((0, 8, 8))).shape == (0, )  # an image without detections
 
 
 def test_off_target_share_does_not_count_the_overlap_with_the_own_box():
