@@ -210,8 +210,9 @@ class BatchedDetector:
             batch = self.model.data_preprocessor(
                 dict(inputs=[d['inputs'] for d in data],
                      data_samples=[d['data_samples'] for d in data]), False)
-            outs = self.adapter.head_outputs(self.adapter.features(batch['inputs']))
-        return outs, [sample.metainfo for sample in batch['data_samples']]
+            metas = [sample.metainfo for sample in batch['data_samples']]
+            outs = self.adapter.head_outputs(self.adapter.features(batch['inputs']), metas)
+        return outs, metas
 
     def detect(self, images: Sequence[np.ndarray],
                score_thr: float) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -281,6 +281,8 @@ class CAMEngine:
         self._head_modules = {id(m) for m in self.adapter.head.modules()}
         resolved = resolve_layers(model, self._level_names if self.level_aware else target_layers)
         self.layers = [self._resolve(name, module) for name, module in resolved]
+        # every level map feeds every detection (DETR): the default is all of them, averaged
+        self.level_aware = self.level_aware and not self.adapter.levels_shared
         if test_pipeline is None:
             if getattr(model, 'cfg', None) is None:
                 raise ValueError('`model` has no `.cfg` to take the test pipeline from; build it '
@@ -401,7 +403,7 @@ class CAMEngine:
                 if graph:
                     inputs = inputs.detach().requires_grad_(True)
                 feats = adapter.features(inputs)
-                outs = adapter.head_outputs(feats)
+                outs = adapter.head_outputs(feats, [metainfo])
             missing = [layer.name for layer in self.layers if layer.name not in acts]
             if missing:
                 raise ValueError(f'target layer(s) {missing} did not run in the forward pass of '

@@ -6,7 +6,7 @@ how much faster the engine is. Generic over heads: the model is wrapped so that 
 the head's raw outputs, and the target is the adapter's own score of one detection. Not used by
 the hook or the CLI.
 """
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -21,15 +21,17 @@ class HeadOutputs(nn.Module):
     """Wraps a detector so that grad-cam can call it: input tensor -> a one-element list (one
     image) holding the head's raw outputs."""
 
-    def __init__(self, adapter: DetectorAdapter) -> None:
+    def __init__(self, adapter: DetectorAdapter, metainfo: Optional[dict] = None) -> None:
         super().__init__()
         self.detector = adapter.model
         self.adapter = adapter
+        self.metainfo = metainfo
 
     def forward(self, inputs: torch.Tensor):
         if inputs.shape[0] != 1:
             raise ValueError(f'the reference explains one image at a time, got {inputs.shape[0]}')
-        return [self.adapter.head_outputs(self.adapter.features(inputs))]
+        metainfo = None if self.metainfo is None else [self.metainfo]
+        return [self.adapter.head_outputs(self.adapter.features(inputs), metainfo)]
 
 
 class DetectionScoreTarget:
@@ -43,7 +45,8 @@ class DetectionScoreTarget:
 
 
 def reference_input_cams(model: nn.Module, inputs: torch.Tensor, method: str,
-                         layers_per_det: List[List[str]], dets: Detections) -> np.ndarray:
+                         layers_per_det: List[List[str]], dets: Detections,
+                         metainfo: Optional[dict] = None) -> np.ndarray:
     """One grad-cam call per detection; maps on the network-input grid, (K, H_in, W_in).
 
     The caller owns the model's state (grad-cam puts it in eval mode and leaves ``.grad`` on its
@@ -55,9 +58,11 @@ def reference_input_cams(model: nn.Module, inputs: torch.Tensor, method: str,
         method (str): A key of :data:`METHODS`.
         layers_per_det (list[list[str]]): The target layers of each detection.
         dets (Detections): The detections (the engine's decoding).
+        metainfo (dict, optional): The image's metainfo, for heads whose forward needs it
+            (DETR's padding masks). Defaults to None.
     """
     adapter = build_adapter(model)
-    wrapper = HeadOutputs(adapter)
+    wrapper = HeadOutputs(adapter, metainfo)
     out = []
     for k, names in enumerate(layers_per_det):
         modules = [m for _, m in resolve_layers(model, names)]

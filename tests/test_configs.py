@@ -38,6 +38,7 @@ CONFIGS = {
                                      'TwoStageAdapter'),
     'cascade-rcnn_r50_fpn_gradcam.py': ('cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py',
                                         'CascadeRCNNAdapter'),
+    'dino-4scale_r50_gradcam.py': ('dino/dino-4scale_r50_8xb2-12e_coco.py', 'DETRAdapter'),
 }
 
 

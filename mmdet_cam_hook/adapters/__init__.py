@@ -1,5 +1,6 @@
 """One adapter per detector family (see :mod:`.base`); importing this package registers them."""
 from . import (  # noqa: F401  (register the adapters)
+    detr,
     fcos,
     gfl,
     retinanet,

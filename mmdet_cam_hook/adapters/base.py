@@ -40,6 +40,9 @@ Interface changes since the first commit (all backward compatible):
 - :meth:`DetectorAdapter.level_gradient`: an adapter may supply its own exact d score / d level
   map (two-stage: one backward through the RoI head, then RoIAlign's own backward per
   detection) in place of the engine's local window.
+- ``head_outputs(feats, metainfo=None)``: the images' metainfo (one dict each) for heads whose
+  forward needs it (DETR's padding masks); ``levels_shared``: every level map feeds every
+  detection (DETR), so the level-aware default uses all level layers together.
 """
 from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -104,6 +107,9 @@ class DetectorAdapter:
     head_types: Tuple[str, ...] = ()
     #: Subclasses of ``head_types`` this adapter must not take (they decode differently).
     excluded_types: Tuple[str, ...] = ()
+    #: True when every level map feeds every detection (DETR's encoder mixes the levels): the
+    #: level-aware default then averages the maps of all level layers for each detection.
+    levels_shared: bool = False
     #: ``named_modules()`` path of the module whose class is matched against ``head_types``
     #: (``roi_head.bbox_head`` for two-stage detectors); it becomes ``self.head``.
     head_path: str = 'bbox_head'
@@ -124,8 +130,11 @@ class DetectorAdapter:
         """The per-level feature maps the head reads (the neck outputs)."""
         return tuple(self.model.extract_feat(inputs))
 
-    def head_outputs(self, feats: Sequence[torch.Tensor]) -> tuple:
-        """The head's raw outputs for all levels (``bbox_head.forward``)."""
+    def head_outputs(self, feats: Sequence[torch.Tensor],
+                     metainfo: Optional[Sequence[dict]] = None) -> tuple:
+        """The head's raw outputs for all levels (``bbox_head.forward``). ``metainfo`` (one
+        dict per image, optional) is for heads whose forward needs it (DETR's padding masks);
+        ignored here."""
         return self.head(tuple(feats))
 
     # ------------------------------------------------------------------ (a) decoding

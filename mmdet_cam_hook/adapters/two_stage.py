@@ -78,7 +78,8 @@ class TwoStageAdapter(DetectorAdapter):
                                    ('_predict_by_feat_single', )))
 
     # ------------------------------------------------------------------ forward
-    def head_outputs(self, feats: Sequence[torch.Tensor]) -> RoIOutputs:
+    def head_outputs(self, feats: Sequence[torch.Tensor],
+                     metainfo: Optional[Sequence[dict]] = None) -> RoIOutputs:
         """The live level maps and the RPN's raw outputs (without gradients)."""
         with torch.no_grad():
             rpn = self.model.rpn_head(tuple(f.detach() for f in feats))
