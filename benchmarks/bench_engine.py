@@ -7,16 +7,19 @@ For each model / layer setting and K detections, measured side by side in this r
   max |diff|        largest difference between the two sets of maps (network-input grid)
 
 Random-init models (no weights can be downloaded here) with raised cls/obj biases (YOLOX) or
-calibrated BatchNorms and a perturbed head (RTMDet, RetinaNet, FCOS) so that there are at least
-100 detections; timings are the best of ``--repeats`` runs (the baseline: one run). The layers
-column names the gradient route the engine takes (``local`` window, ``chain`` of VJPs, ``exact``
-backward per detection; see ``mmdet_cam_hook/engine.py``). Run it on a quiet machine, e.g. with
-``OMP_NUM_THREADS=1``.
+calibrated BatchNorms and a perturbed head (RTMDet, RetinaNet, FCOS; Faster R-CNN's RPN
+regression and RoI classifier, as in tests/test_two_stage.py) so that there are at least
+100 detections (DINO: stock random init, its 300 queries); timings are the best of
+``--repeats`` runs (the baseline: one run). The layers column names the gradient route the
+engine takes (``local`` window, ``chain`` of VJPs, ``exact`` backward per detection; see
+``mmdet_cam_hook/engine.py``). Run it on a quiet machine, e.g. with ``OMP_NUM_THREADS=1``.
 
     .venv/bin/python benchmarks/bench_engine.py                  # every model, K = 1 8 32 100
     .venv/bin/python benchmarks/bench_engine.py --models rtmdet-s
     .venv/bin/python benchmarks/bench_engine.py --quick          # nano@256, K = 1 8 32
     .venv/bin/python benchmarks/bench_engine.py --models retinanet-r50 fcos-r50 --baseline-max 8
+    .venv/bin/python benchmarks/bench_engine.py --models faster-rcnn-r50 --ks 8 32
+    .venv/bin/python benchmarks/bench_engine.py --models dino-4scale-r50 --ks 8 --repeats 1
 """
 import argparse
 import time
@@ -37,8 +40,11 @@ RETINANET = dict(weights={'conv.weight': 0.03, 'retina_cls': 0.03, 'retina_reg':
 FCOS = dict(weights={'conv.weight': 0.03, 'conv_cls': 0.03, 'conv_centerness': 0.03,
                      'conv_reg': 0.03},
             biases={'conv_cls': (0., 0.5), 'conv_centerness': (0., 0.5)})
+FASTER_RCNN = dict(weights={'rpn_reg': 0.2, 'fc_cls': 0.05, 'fc_reg': 0.01},
+                   biases={'fc_cls': (0., 0.5)})
 
-#: name -> (builder(input_size), input size, a layer upstream of the level maps)
+#: name -> (builder(input_size), input size, a layer upstream of the level maps or None: the
+#: level-aware default only)
 MODELS = {
     'yolox-nano': (lambda size: build_yolox('nano', input_size=size, num_classes=80), 416,
                    'backbone.stage4'),
@@ -55,17 +61,24 @@ MODELS = {
     'fcos-r50': (lambda size: build_detector(
         'fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py', size, num_classes=80, perturb=FCOS),
         512, 'backbone.layer4'),
+    # Two-stage and DETR at CPU-sized inputs: Faster R-CNN at 512x384 (as RetinaNet), DINO at
+    # 320x240 (its exact route costs one backward through the transformer per detection).
+    'faster-rcnn-r50': (lambda size: build_detector(
+        'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', size, num_classes=80,
+        perturb=FASTER_RCNN), 512, 'backbone.layer4'),
+    'dino-4scale-r50': (lambda size: build_detector(
+        'dino/dino-4scale_r50_8xb2-12e_coco.py', size, num_classes=80), 320, None),
 }
 # RTMDet keeps every (prior, class) pair above the score threshold before NMS (nms_pre=30000 per
 # level); a random-init model scores all 8400 x 80 of them ~0.5, which makes NMS, not the CAMs,
 # the cost. nms_pre=1000 (RetinaNet's, FCOS's) keeps the decode at a trained model's size.
 
 
-def forward_backward(engine, inputs, dets):
+def forward_backward(engine, inputs, meta, dets):
     """One plain forward and one full backward (parameter gradients included) of one score."""
     model, adapter = engine.model, engine.adapter
     with read_only(model), torch.enable_grad():
-        outs = adapter.head_outputs(adapter.features(inputs))
+        outs = adapter.head_outputs(adapter.features(inputs), [meta])
         adapter.scores(outs, dets.select(slice(0, 1))).sum().backward()
     model.zero_grad(set_to_none=True)
 
@@ -89,12 +102,13 @@ def bench(model, input_size, layers, ks, repeats, method, baseline_max=None):
     inputs, meta = preprocess(model, engine.pipeline, image)
     adapter = engine.adapter
     with torch.no_grad():
-        dets = adapter.decode(adapter.head_outputs(adapter.features(inputs)), meta, 0.0)
+        dets = adapter.decode(adapter.head_outputs(adapter.features(inputs), [meta]), meta,
+                              0.0)
     rows = []
     route = '/'.join(sorted({layer.route for layer in engine.layers}))
     for k in ks:
         engine.topk = k
-        t_fb, _ = timed(lambda: forward_backward(engine, inputs, dets), repeats)
+        t_fb, _ = timed(lambda: forward_backward(engine, inputs, meta, dets), repeats)
         t_ours, res = timed(lambda: engine.explain(image, methods=method)[method],  # noqa: B023
                             repeats)
         # The baseline costs one forward+backward per detection: on the first ``baseline_max``
@@ -131,7 +145,7 @@ def main(argv=None):
     for name, input_size, ks in settings:
         build, _, upstream = MODELS[name]
         model = build(input_size)
-        for layers in (None, [upstream]):
+        for layers in (None, [upstream]) if upstream else (None, ):
             route, rows = bench(model, input_size, layers, ks, args.repeats, args.method,
                                 args.baseline_max)
             label = 'level-aware default' if layers is None else layers[0]

@@ -71,8 +71,9 @@ def detector_config(config: str, input_size: int = 128, num_classes: int = 3,
     cfg = Config.fromfile(mmdet_config(config))
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
-    cfg.model.bbox_head.num_classes = num_classes
-    cfg.model.test_cfg.score_thr = 0.0
+    _set_num_classes(cfg.model, num_classes)
+    test_cfg = cfg.model.test_cfg
+    (test_cfg.rcnn if 'rcnn' in test_cfg else test_cfg).score_thr = 0.0
     _drop_pretrained(cfg.model)
     for key in ('test_dataloader', 'val_dataloader'):
         for t in cfg[key].dataset.pipeline:
@@ -81,6 +82,18 @@ def detector_config(config: str, input_size: int = 128, num_classes: int = 3,
             elif t.type == 'Pad' and t.get('size') is not None:
                 t.size = (input_size, input_size)
     return cfg
+
+
+def _set_num_classes(model_cfg, num_classes: int) -> None:
+    """``num_classes`` of the model's ``bbox_head``, or of a two-stage model's RoI heads
+    (every Cascade stage's, and the mask head's)."""
+    if 'roi_head' not in model_cfg:
+        model_cfg.bbox_head.num_classes = num_classes
+        return
+    for key in ('bbox_head', 'mask_head'):
+        heads = model_cfg.roi_head.get(key)
+        for head in (heads if isinstance(heads, list) else [heads] if heads else []):
+            head.num_classes = num_classes
 
 
 def _drop_pretrained(node) -> None:
@@ -98,7 +111,8 @@ def _drop_pretrained(node) -> None:
 def perturb_head(model: torch.nn.Module, seed: int = 0, noise: float = 0.0,
                  weights: Optional[Dict[str, float]] = None,
                  biases: Optional[Dict[str, Tuple[float, float]]] = None) -> None:
-    """Deterministic changes to ``model.bbox_head``'s parameters, in ``named_parameters`` order.
+    """Deterministic changes to ``model.bbox_head``'s parameters (a two-stage model's
+    ``rpn_head``'s, then its ``roi_head``'s), in ``named_parameters`` order.
 
     Args:
         model (nn.Module): The detector.
@@ -114,8 +128,10 @@ def perturb_head(model: torch.nn.Module, seed: int = 0, noise: float = 0.0,
             that its boxes have a size). Defaults to None.
     """
     gen = torch.Generator().manual_seed(seed)
+    heads = [model.bbox_head] if hasattr(model, 'bbox_head') else [model.rpn_head, model.roi_head]
+    params = [p for head in heads for p in head.named_parameters()]
     with torch.no_grad():
-        for name, param in model.bbox_head.named_parameters():
+        for name, param in params:
             if noise:
                 param.add_(torch.randn(param.shape, generator=gen) * noise)
             for part, std in (weights or {}).items():
@@ -223,6 +239,19 @@ TINY_METHODS = ('gradcam', 'hirescam')
 TINY_CONFIGS = {
     'yolox': 'yolox/yolox_nano_8xb8-300e_coco.py',
     'rtmdet': 'rtmdet/rtmdet_tiny_8xb32-300e_coco.py',
+    'faster-rcnn': 'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
+}
+#: How :func:`tiny_cfg` shrinks Faster R-CNN (as tests/test_two_stage.py does): ResNet-18, few
+#: proposals and sampled RoIs.
+TINY_FASTER_RCNN = {
+    'model.backbone.depth': 18,
+    'model.neck.in_channels': [64, 128, 256, 512],
+    'model.train_cfg.rpn.sampler.num': 64,
+    'model.train_cfg.rpn_proposal.nms_pre': 200,
+    'model.train_cfg.rpn_proposal.max_per_img': 50,
+    'model.train_cfg.rcnn.sampler.num': 64,
+    'model.test_cfg.rpn.nms_pre': 200,
+    'model.test_cfg.rpn.max_per_img': 50,
 }
 
 
@@ -245,8 +274,9 @@ def _tiny_dataset(data, split: str, pipeline: list) -> dict:
 
 def tiny_cfg(data, work_dir, *, hooks=(), backends=('LocalVisBackend', ), max_epochs: int = 2,
              max_iters: Optional[int] = None, detector: str = 'yolox') -> Config:
-    """mmdet's YOLOX-nano (or RTMDet-tiny) config, with its own custom hooks (YOLOX: mode
-    switch, SyncNorm, EMA; RTMDet: EMA, pipeline switch), shrunk to a :data:`TINY_SIZE` input,
+    """mmdet's YOLOX-nano (or RTMDet-tiny, or Faster R-CNN shrunk by
+    :data:`TINY_FASTER_RCNN`) config, with its own custom hooks (YOLOX: mode switch, SyncNorm,
+    EMA; RTMDet: EMA, pipeline switch; Faster R-CNN: none), shrunk to a :data:`TINY_SIZE` input,
     the dataset's classes, batches of 2, no data workers, and a validation after every epoch (or
     every iteration with ``max_iters``). The training pipeline flips at random, so anything that
     consumed the global numpy RNG would change the trained weights.
@@ -260,8 +290,8 @@ def tiny_cfg(data, work_dir, *, hooks=(), backends=('LocalVisBackend', ), max_ep
         max_epochs (int): Epochs of an epoch-based run. Defaults to 2.
         max_iters (int, optional): Iterations of an iteration-based run instead. Defaults to
             None.
-        detector (str): ``'yolox'`` or ``'rtmdet'`` (a key of :data:`TINY_CONFIGS`). Defaults
-            to 'yolox'.
+        detector (str): ``'yolox'``, ``'rtmdet'`` or ``'faster-rcnn'`` (a key of
+            :data:`TINY_CONFIGS`). Defaults to 'yolox'.
 
     Returns:
         Config: The config for ``Runner.from_cfg``; its experiment name is unique (it names
@@ -279,7 +309,9 @@ def tiny_cfg(data, work_dir, *, hooks=(), backends=('LocalVisBackend', ), max_ep
     _drop_pretrained(cfg.model)
     cfg.work_dir = str(work_dir)
     cfg.experiment_name = f'tiny_{uuid.uuid4().hex[:8]}'
-    cfg.model.bbox_head.num_classes = len(data.classes)
+    if detector == 'faster-rcnn':
+        cfg.merge_from_dict(TINY_FASTER_RCNN)
+    _set_num_classes(cfg.model, len(data.classes))
     cfg.model.data_preprocessor.batch_augments = None
     size = (TINY_SIZE, TINY_SIZE)
     if detector == 'yolox':
@@ -306,6 +338,8 @@ def tiny_cfg(data, work_dir, *, hooks=(), backends=('LocalVisBackend', ), max_ep
     else:
         train_set = _tiny_dataset(data, 'train', load + augment)
         cfg.train_cfg.pop('dynamic_intervals', None)
+        if detector == 'faster-rcnn':
+            cfg.optim_wrapper.optimizer.lr = 0.005  # no warm-up in so short a run
     cfg.train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
                                 sampler=dict(type='DefaultSampler', shuffle=True),
                                 dataset=train_set)
@@ -323,7 +357,7 @@ def tiny_cfg(data, work_dir, *, hooks=(), backends=('LocalVisBackend', ), max_ep
     cfg.param_scheduler = None
     cfg.default_hooks.logger = dict(type='LoggerHook', interval=1)
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1000, save_last=False)
-    cfg.custom_hooks = [*cfg.custom_hooks, *hooks]
+    cfg.custom_hooks = [*(cfg.get('custom_hooks') or []), *hooks]
     cfg.visualizer = dict(type='DetLocalVisualizer',
                           vis_backends=[dict(type=b) for b in backends])
     cfg.randomness = dict(seed=0)

@@ -234,6 +234,53 @@ def test_rtmdet_run_in_tensorboard(shapes, tmp_path):
     assert 'runs without' not in log and 'failed after' not in log
 
 
+def test_faster_rcnn_run_in_tensorboard(shapes, tmp_path):
+    """The hook end to end on a two-stage run: a tiny Faster R-CNN (mmdet's config shrunk as in
+    tests/test_two_stage.py: ResNet-18, 50 proposals) trained for 2 epochs; the two-stage adapter
+    explains every probe with every method at each validation in TensorBoard, with per-method
+    scalars. The gradient-free Eigen-CAM's maps are not blank; Grad-CAM's energy is checked
+    whenever this barely trained RoI head gives it non-blank maps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    methods = ['eigencam', 'gradcam']
+    cfg = tiny_cfg(shapes, tmp_path, detector='faster-rcnn', hooks=[cam_hook(methods=methods)],
+                   backends=('LocalVisBackend', 'TensorboardVisBackend'))
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+
+    (hook, ) = hooks_of(runner, DetCAMHook)
+    assert type(hook._engine.adapter).__name__ == 'TwoStageAdapter'
+    probes = hook._probes['val']
+    assert len(probes) == 2
+    events = EventAccumulator(str(run_log_dir(runner) / 'vis_data'),
+                              size_guidance={'images': 0, 'scalars': 0})
+    events.Reload()
+    names = {f'cam_val_{m}_{p.name}' for m in methods for p in probes}
+    assert names <= set(events.Tags()['images'])
+    for name in names:
+        images = events.Images(name)
+        assert [e.step for e in images] == [1, 2]
+        decoded = cv2.imdecode(np.frombuffer(images[-1].encoded_image_string, np.uint8),
+                               cv2.IMREAD_COLOR)
+        assert decoded.shape[:2] == (images[-1].height, images[-1].width)
+        assert decoded.shape[1] > 3 * SIZE  # original, detections, combined map, ...
+    scalars = set(events.Tags()['scalars'])
+    for method in methods:
+        shares = events.Scalars(f'cam_val/{method}_blank_share')
+        assert [s.step for s in shares] == [1, 2]
+        assert all(0.0 <= s.value <= 1.0 for s in shares)
+        if any(s.value < 1.0 for s in shares):
+            energy = events.Scalars(f'cam_val/{method}_energy_in_box')
+            assert [s.step for s in energy] == [s.step for s in shares if s.value < 1.0]
+            assert all(0 <= s.value <= 1 for s in energy)
+        else:
+            assert f'cam_val/{method}_energy_in_box' not in scalars
+    assert [s.value for s in events.Scalars('cam_val/eigencam_blank_share')] == [0.0, 0.0]
+    log = run_log_text(runner)
+    assert log.count('DetCAMHook: explained 2/2 probe image(s) x 2 method(s)') == 2
+    assert 'runs without' not in log and 'failed after' not in log
+
+
 def test_local_pngs_and_scalars(runs):
     runner = runs[True]['runner']
     vis_data = run_log_dir(runner) / 'vis_data'
