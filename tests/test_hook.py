@@ -172,12 +172,16 @@ def test_tensorboard_images_and_scalars(runs):
                               size_guidance={'images': 0, 'scalars': 0})
     events.Reload()
     assert names <= set(events.Tags()['images'])
+    vis_image = run_log_dir(runner) / 'vis_data' / 'vis_image'
     for name in names:
         images = events.Images(name)
         assert [e.step for e in images] == [1, 2]  # one per validation, step = epoch
-        decoded = cv2.imdecode(np.frombuffer(images[-1].encoded_image_string, np.uint8),
-                               cv2.IMREAD_COLOR)
-        assert decoded.shape[:2] == (images[-1].height, images[-1].width)
+        for event in images:  # the same pixels as the local PNG of that step
+            decoded = cv2.imdecode(np.frombuffer(event.encoded_image_string, np.uint8),
+                                   cv2.IMREAD_COLOR)
+            assert decoded.shape[:2] == (event.height, event.width)
+            local = cv2.imread(str(vis_image / f'{name}_{event.step}.png'), cv2.IMREAD_COLOR)
+            np.testing.assert_array_equal(decoded, local)
     # runner.test() after training: its own names, at the last epoch
     for name in {f'cam_test_{m}_{p.name}' for m in METHODS for p in hook._probes['test']}:
         assert [e.step for e in events.Images(name)] == [2]
