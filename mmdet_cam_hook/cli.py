@@ -254,7 +254,9 @@ def layer_table(model) -> str:
     else:
         default = ', '.join(f'{layer.name} (level {level}, {layer.route})'
                             for level, layer in enumerate(engine.layers))
-        lines.append(f'# level-aware default (each detection on its own level): {default}')
+        how = ('every detection on all of them, maps averaged: each reads every level'
+               if engine.adapter.levels_shared else 'each detection on its own level')
+        lines.append(f'# default layers ({how}): {default}')
         lines.append('# route: how --target-layers LAYER gets its per-detection gradients: local '
                      '(window, fastest), chain (pulled back from the level maps), exact (one '
                      'backward per detection)')

@@ -252,7 +252,7 @@ def test_list_layers(ws, capsys, monkeypatch):
     assert rows['bbox_head.multi_level_conv_obj.2'][2:] == ['1x1x4x4', '32', 'exact']
     assert rows['backbone.stem'][2:] == ['1x16x64x64', '2', 'chain']
     assert 'input 1x3x128x128' in out
-    assert ('level-aware default (each detection on its own level): neck.out_convs.0 (level 0, '
+    assert ('default layers (each detection on its own level): neck.out_convs.0 (level 0, '
             'local), neck.out_convs.1 (level 1, local)') in out
 
     # The form the engine's unknown-layer error suggests; the image is not read.
