@@ -191,27 +191,11 @@ def test_tensorboard_images_and_scalars(runs):
         assert all(0.0 <= s.value <= 1.0 for s in scalars)
 
 
-def test_rtmdet_run_in_tensorboard(shapes, tmp_path):
-    """The hook on a tiny RTMDet-tiny (mmdet's config, its EMA and pipeline-switch hooks kept)
-    trained for 2 epochs: every probe and method has a panel at each validation in TensorBoard,
-    and per-method scalars; the hook runs before RTMDet's EMAHook swaps the weights back.
-
-    Two epochs on 4 images leave RTMDet's classifier at its prior (scores ~0.01): the
-    gradient-weighted maps are blank (counted in ``blank_share``, no energy mean), the
-    gradient-free Eigen-CAM's are not."""
+def _panels_at_steps_1_and_2(runner, hook, methods):
+    """Read the run's TensorBoard events back; every probe (2) and method has a decodable panel
+    at steps 1 and 2. Returns the loaded EventAccumulator."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    methods = ['eigencam', 'hirescam']
-    cfg = tiny_cfg(shapes, tmp_path, detector='rtmdet', hooks=[cam_hook(methods=methods)],
-                   backends=('LocalVisBackend', 'TensorboardVisBackend'))
-    runner = Runner.from_cfg(cfg)
-    runner.train()
-
-    order = [type(h).__name__ for h in runner.hooks]
-    assert {'EMAHook', 'PipelineSwitchHook'} <= set(order)
-    assert order.index('DetCAMHook') < order.index('EMAHook')
-    (hook, ) = hooks_of(runner, DetCAMHook)
-    assert type(hook._engine.adapter).__name__ == 'RTMDetAdapter'
     probes = hook._probes['val']
     assert len(probes) == 2
     events = EventAccumulator(str(run_log_dir(runner) / 'vis_data'),
@@ -226,6 +210,29 @@ def test_rtmdet_run_in_tensorboard(shapes, tmp_path):
                                cv2.IMREAD_COLOR)
         assert decoded.shape[:2] == (images[-1].height, images[-1].width)
         assert decoded.shape[1] > 3 * SIZE  # original, detections, combined map, ...
+    return events
+
+
+def test_rtmdet_run_in_tensorboard(shapes, tmp_path):
+    """The hook on a tiny RTMDet-tiny (mmdet's config, its EMA and pipeline-switch hooks kept)
+    trained for 2 epochs: every probe and method has a panel at each validation in TensorBoard,
+    and per-method scalars; the hook runs before RTMDet's EMAHook swaps the weights back.
+
+    Two epochs on 4 images leave RTMDet's classifier at its prior (scores ~0.01): the
+    gradient-weighted maps are blank (counted in ``blank_share``, no energy mean), the
+    gradient-free Eigen-CAM's are not."""
+    methods = ['eigencam', 'hirescam']
+    cfg = tiny_cfg(shapes, tmp_path, detector='rtmdet', hooks=[cam_hook(methods=methods)],
+                   backends=('LocalVisBackend', 'TensorboardVisBackend'))
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+
+    order = [type(h).__name__ for h in runner.hooks]
+    assert {'EMAHook', 'PipelineSwitchHook'} <= set(order)
+    assert order.index('DetCAMHook') < order.index('EMAHook')
+    (hook, ) = hooks_of(runner, DetCAMHook)
+    assert type(hook._engine.adapter).__name__ == 'RTMDetAdapter'
+    events = _panels_at_steps_1_and_2(runner, hook, methods)
     for method in methods:
         shares = events.Scalars(f'cam_val/{method}_blank_share')
         assert [s.step for s in shares] == [1, 2]
@@ -244,8 +251,6 @@ def test_faster_rcnn_run_in_tensorboard(shapes, tmp_path):
     explains every probe with every method at each validation in TensorBoard, with per-method
     scalars. The gradient-free Eigen-CAM's maps are not blank; Grad-CAM's energy is checked
     whenever this barely trained RoI head gives it non-blank maps."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     methods = ['eigencam', 'gradcam']
     cfg = tiny_cfg(shapes, tmp_path, detector='faster-rcnn', hooks=[cam_hook(methods=methods)],
                    backends=('LocalVisBackend', 'TensorboardVisBackend'))
@@ -254,20 +259,7 @@ def test_faster_rcnn_run_in_tensorboard(shapes, tmp_path):
 
     (hook, ) = hooks_of(runner, DetCAMHook)
     assert type(hook._engine.adapter).__name__ == 'TwoStageAdapter'
-    probes = hook._probes['val']
-    assert len(probes) == 2
-    events = EventAccumulator(str(run_log_dir(runner) / 'vis_data'),
-                              size_guidance={'images': 0, 'scalars': 0})
-    events.Reload()
-    names = {f'cam_val_{m}_{p.name}' for m in methods for p in probes}
-    assert names <= set(events.Tags()['images'])
-    for name in names:
-        images = events.Images(name)
-        assert [e.step for e in images] == [1, 2]
-        decoded = cv2.imdecode(np.frombuffer(images[-1].encoded_image_string, np.uint8),
-                               cv2.IMREAD_COLOR)
-        assert decoded.shape[:2] == (images[-1].height, images[-1].width)
-        assert decoded.shape[1] > 3 * SIZE  # original, detections, combined map, ...
+    events = _panels_at_steps_1_and_2(runner, hook, methods)
     scalars = set(events.Tags()['scalars'])
     for method in methods:
         shares = events.Scalars(f'cam_val/{method}_blank_share')
