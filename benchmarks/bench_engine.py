@@ -20,6 +20,13 @@ engine takes (``local`` window, ``chain`` of VJPs, ``exact`` backward per detect
     .venv/bin/python benchmarks/bench_engine.py --models retinanet-r50 fcos-r50 --baseline-max 8
     .venv/bin/python benchmarks/bench_engine.py --models faster-rcnn-r50 --ks 8 32
     .venv/bin/python benchmarks/bench_engine.py --models dino-4scale-r50 --ks 8 --repeats 1
+    .venv/bin/python benchmarks/bench_engine.py --models yolox-s --ks 100 --chunk-sizes 4 16 64
+    .venv/bin/python benchmarks/bench_engine.py --device cuda:0          # the same on a GPU
+
+``peak MB`` is the memory one ``explain`` call adds at its peak (on a GPU
+``torch.cuda.max_memory_allocated``; on the CPU the process's peak resident size, Linux only),
+maps of the K detections included; ``--chunk-sizes`` repeats the K rows with each
+``CAMEngine(chunk_size=...)`` (how many detections' gradients are held at once).
 """
 import argparse
 import time
@@ -31,7 +38,7 @@ from mmdet_cam_hook import CAMEngine
 from mmdet_cam_hook.engine import read_only
 from mmdet_cam_hook.pipeline import preprocess
 from mmdet_cam_hook.reference import reference_input_cams
-from mmdet_cam_hook.testing import build_detector, build_yolox, synthetic_image
+from mmdet_cam_hook.testing import build_detector, build_yolox, peak_memory, synthetic_image
 
 RTMDET = dict(calibrate=True, weights={'rtm_cls': 0.02, 'rtm_reg': 0.02},
               biases={'rtm_cls': (0.0, 0.5), 'rtm_reg': (2.0, 0.3)})
@@ -83,22 +90,32 @@ def forward_backward(engine, inputs, meta, dets):
     model.zero_grad(set_to_none=True)
 
 
-def timed(fn, repeats, budget=20.0):
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, repeats, device, budget=20.0):
     """Best of up to ``repeats`` runs (as ``timeit`` reports: on a shared machine the other
-    runs measure the neighbours); no more runs once ``budget`` seconds are spent."""
+    runs measure the neighbours); no more runs once ``budget`` seconds are spent. The device
+    is synchronised before and after each run."""
     times = []
     for _ in range(repeats):
+        synchronize(device)
         t0 = time.perf_counter()
         out = fn()
+        synchronize(device)
         times.append(time.perf_counter() - t0)
         if sum(times) > budget:
             break
     return min(times), out
 
 
-def bench(model, input_size, layers, ks, repeats, method, baseline_max=None):
+def bench(model, input_size, layers, ks, repeats, method, baseline_max=None, chunk_size=16):
     image = synthetic_image(int(input_size * 0.75), input_size, seed=0)
-    engine = CAMEngine(model, target_layers=layers, score_thr=0.0, topk=max(ks))
+    device = next(model.parameters()).device
+    engine = CAMEngine(model, target_layers=layers, score_thr=0.0, topk=max(ks),
+                       chunk_size=chunk_size)
     inputs, meta = preprocess(model, engine.pipeline, image)
     adapter = engine.adapter
     with torch.no_grad():
@@ -108,20 +125,21 @@ def bench(model, input_size, layers, ks, repeats, method, baseline_max=None):
     route = '/'.join(sorted({layer.route for layer in engine.layers}))
     for k in ks:
         engine.topk = k
-        t_fb, _ = timed(lambda: forward_backward(engine, inputs, meta, dets), repeats)
+        t_fb, _ = timed(lambda: forward_backward(engine, inputs, meta, dets), repeats, device)
         t_ours, res = timed(lambda: engine.explain(image, methods=method)[method],  # noqa: B023
-                            repeats)
+                            repeats, device)
+        _, peak = peak_memory(engine.explain, image, methods=method, device=device)
         # The baseline costs one forward+backward per detection: on the first ``baseline_max``
         # detections only, scaled to K (and compared with ours on those).
         n = len(res) if baseline_max is None else min(len(res), baseline_max)
         sub = dets.select(slice(0, n))
         args = (model, inputs, method, res.layers[:n], sub)
         with read_only(model):
-            t_base, ref = timed(lambda: reference_input_cams(*args), 1)  # noqa: B023
+            t_base, ref = timed(lambda: reference_input_cams(*args), 1, device)  # noqa: B023
         model.zero_grad(set_to_none=True)
         t_base *= len(res) / max(n, 1)
         diff = float(np.abs(res.input_cams[:n] - ref).max()) if n else 0.0
-        rows.append((k, len(res), t_fb, t_ours, t_base, diff, n < len(res)))
+        rows.append((k, len(res), t_fb, t_ours, t_base, diff, n < len(res), peak / 2**20))
     return route, rows
 
 
@@ -132,29 +150,34 @@ def main(argv=None):
     parser.add_argument('--ks', nargs='+', type=int, default=[1, 8, 32, 100])
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--method', default='gradcam')
+    parser.add_argument('--device', default='cpu', help='torch device, e.g. cuda:0')
+    parser.add_argument('--chunk-sizes', nargs='+', type=int, default=[16],
+                        help='CAMEngine(chunk_size=...) values to measure (default 16)')
     parser.add_argument('--baseline-max', type=int, default=None,
                         help='time the baseline on at most this many detections and scale it '
                         'to K (marked ~); default: all K')
     args = parser.parse_args(argv)
     settings = [('yolox-nano', 256, [1, 8, 32])] if args.quick else \
         [(name, MODELS[name][1], args.ks) for name in args.models]
-    print(f'method={args.method}, torch threads={torch.get_num_threads()}')
-    print('| model | layers | K | ours (s) | fwd+bwd (s) | ours / fwd+bwd | baseline (s) '
-          '| baseline / ours | max abs diff |')
-    print('|---|---|---|---|---|---|---|---|---|')
+    device = torch.device(args.device)
+    print(f'method={args.method}, device={device}, torch threads={torch.get_num_threads()}')
+    print('| model | layers | chunk | K | ours (s) | fwd+bwd (s) | ours / fwd+bwd | peak MB '
+          '| baseline (s) | baseline / ours | max abs diff |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|')
     for name, input_size, ks in settings:
         build, _, upstream = MODELS[name]
-        model = build(input_size)
+        model = build(input_size).to(device)
         for layers in (None, [upstream]) if upstream else (None, ):
-            route, rows = bench(model, input_size, layers, ks, args.repeats, args.method,
-                                args.baseline_max)
-            label = 'level-aware default' if layers is None else layers[0]
-            label = f'{label} ({route})'
-            for _k, got, t_fb, t_ours, t_base, diff, scaled in rows:
-                est = '~' if scaled else ''
-                print(f'| {name}@{input_size} | {label} | {got} | {t_ours:.3f} | {t_fb:.3f} | '
-                      f'{t_ours / t_fb:.2f} | {est}{t_base:.2f} | {est}{t_base / t_ours:.1f} | '
-                      f'{diff:.1e} |', flush=True)
+            for chunk in args.chunk_sizes:
+                route, rows = bench(model, input_size, layers, ks, args.repeats, args.method,
+                                    args.baseline_max, chunk)
+                label = 'level-aware default' if layers is None else layers[0]
+                label = f'{label} ({route})'
+                for _k, got, t_fb, t_ours, t_base, diff, scaled, peak in rows:
+                    est = '~' if scaled else ''
+                    print(f'| {name}@{input_size} | {label} | {chunk} | {got} | {t_ours:.3f} | '
+                          f'{t_fb:.3f} | {t_ours / t_fb:.2f} | {peak:.0f} | {est}{t_base:.2f} | '
+                          f'{est}{t_base / t_ours:.1f} | {diff:.1e} |', flush=True)
 
 
 if __name__ == '__main__':

@@ -1,67 +1,205 @@
-"""CAM maths on the network-input grid, through pytorch-grad-cam's own classes.
+"""CAM maths on the network-input grid, batched over detections in torch on the model's device.
 
-For a batch of K detections and one target layer, grad-cam's ``compute_cam_per_layer`` is run on
-the layer's activation (the same for every detection of an image) and the K per-detection
-gradients, exactly as grad-cam's ``BaseCAM.forward`` would after one backward per detection. The
-per-layer maps are then averaged by grad-cam's ``aggregate_multi_layers``.
+One implementation per method of :data:`~mmdet_cam_hook.methods.METHODS`, written to give what
+pytorch-grad-cam's class gives (``compute_cam_per_layer`` then ``aggregate_multi_layers`` after
+one backward per detection), for K detections at once: the channel weights or element-wise
+products, the sum over channels, ReLU, min-max scaling (``scale_cam_image``: ``m - min`` then
+``/ (1e-7 + max)``) and the bilinear resize to the input grid (``cv2.resize``'s ``INTER_LINEAR``
+is ``F.interpolate(mode='bilinear', align_corners=False)``). The tests check every method
+against grad-cam's own class, detection by detection.
+
+Only the first principal component of the Eigen methods leaves the device: its sign is arbitrary,
+and grad-cam takes the one numpy's LAPACK returns, so the singular vectors are computed with
+numpy as grad-cam does (but with the reduced SVD, which has the same first singular vector and
+sign as grad-cam's ``full_matrices=True`` and costs O(hw C^2) instead of O(hw^2 C): 0.15 s
+against 15.6 s on a 12288 x 256 map). Eigen-CAM reads no gradient, so its map is computed once
+per layer and shared by every detection.
 """
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from .methods import new_cam_object
+from .methods import check_method
 
-
-class CAMMath:
-    """Per-method grad-cam objects, created once and reused (they hold no model)."""
-
-    def __init__(self) -> None:
-        self._objects: Dict[str, object] = {}
-
-    def _get(self, method: str):
-        if method not in self._objects:
-            self._objects[method] = new_cam_object(method)
-        return self._objects[method]
-
-    def layer_maps(self, method: str, activation: torch.Tensor, grads: Optional[torch.Tensor],
-                   input_hw: tuple, num: int) -> np.ndarray:
-        """Maps of ``num`` detections on one layer, min-max scaled and resized to the input grid.
-
-        Args:
-            method (str): A key of :data:`~mmdet_cam_hook.methods.METHODS`.
-            activation (torch.Tensor): (1, C, h, w) layer output for the image.
-            grads (torch.Tensor | None): (num, C, h, w) gradient of each detection's score with
-                respect to ``activation``; None for gradient-free methods.
-            input_hw (tuple[int, int]): (H_in, W_in) of the network input.
-            num (int): Number of detections.
-
-        Returns:
-            np.ndarray: (num, H_in, W_in) float32, each map in [0, 1].
-        """
-        cam = self._get(method)
-        acts = activation.detach().float().expand(num, *activation.shape[1:])
-        cam.activations_and_grads.activations = [acts]
-        cam.activations_and_grads.gradients = [] if grads is None else [grads.detach().float()]
-        cam.target_layers = [None]
-        try:
-            per_layer = cam.compute_cam_per_layer(
-                _SizeOnly(input_hw), None, eigen_smooth=False)
-        finally:
-            cam.activations_and_grads.activations = []
-            cam.activations_and_grads.gradients = []
-        return per_layer[0][:, 0]
-
-    def aggregate(self, method: str, per_layer: List[np.ndarray]) -> np.ndarray:
-        """Average per-layer maps (each (K, H_in, W_in)) with grad-cam's aggregation."""
-        return self._get(method).aggregate_multi_layers([m[:, None] for m in per_layer])
+#: grad-cam's epsilons (``scale_cam_image``, ``GradCAMPlusPlus``, ``XGradCAM``).
+_SCALE_EPS = 1e-7
+_PLUSPLUS_EPS = 1e-6
+_XGRAD_EPS = 1e-7
 
 
-class _SizeOnly:
-    """Stands in for the input tensor: grad-cam's maths only reads its spatial size."""
+def _spatial_sum(t: torch.Tensor) -> torch.Tensor:
+    return t.sum(dim=(2, 3))
 
-    def __init__(self, hw: tuple) -> None:
-        self.shape = (1, 1, int(hw[0]), int(hw[1]))
 
-    def size(self, dim: int) -> int:
-        return self.shape[dim]
+def _weighted(weights: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+    """sum_c weights[k, c] * A[c] -> (K, h, w)."""
+    return torch.einsum('kc,chw->khw', weights, acts[0])
+
+
+def _gradcam(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    return _weighted(grads.mean(dim=(2, 3)), acts)
+
+
+def _gradcam_plusplus(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    g2 = grads * grads
+    g3 = g2 * grads
+    sum_acts = _spatial_sum(acts)[:, :, None, None]
+    aij = g2 / (2 * g2 + sum_acts * g3 + _PLUSPLUS_EPS)
+    aij = torch.where(grads != 0, aij, torch.zeros((), dtype=aij.dtype, device=aij.device))
+    return _weighted(_spatial_sum(grads.clamp(min=0) * aij), acts)
+
+
+def _xgradcam(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    sum_acts = _spatial_sum(acts)[:, :, None, None]
+    return _weighted(_spatial_sum(grads * acts / (sum_acts + _XGRAD_EPS)), acts)
+
+
+def _layercam(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    return (grads.clamp(min=0) * acts).sum(dim=1)
+
+
+def _hirescam(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    return (grads * acts).sum(dim=1)
+
+
+def first_component_projection(maps: torch.Tensor) -> torch.Tensor:
+    """Projection of each (C, h, w) map's positions on their first principal component, as
+    grad-cam's ``get_2d_projection`` computes it (NaN set to 0, positions centred, numpy's SVD,
+    so the same sign).
+
+    Args:
+        maps (torch.Tensor): (K, C, h, w).
+
+    Returns:
+        torch.Tensor: (K, h, w) float32 on ``maps``' device.
+    """
+    k, c, h, w = maps.shape
+    x = maps.detach().float().cpu().numpy().copy()
+    x[np.isnan(x)] = 0
+    out = np.empty((k, h * w), np.float32)
+    for i in range(k):
+        flat = x[i].reshape(c, -1).T
+        flat = flat - flat.mean(axis=0)
+        _, _, vt = np.linalg.svd(flat, full_matrices=False)
+        out[i] = flat @ vt[0]
+    return torch.from_numpy(out.reshape(k, h, w)).to(maps.device)
+
+
+def _eigencam(acts: torch.Tensor, grads: Optional[torch.Tensor]) -> torch.Tensor:
+    return first_component_projection(acts)  # (1, h, w): the same for every detection
+
+
+def _eigengradcam(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    return first_component_projection(grads * acts)
+
+
+#: method -> (activation (1, C, h, w), gradients (K, C, h, w) or None) -> raw maps (K|1, h, w)
+_CAM_IMAGES: Dict[str, Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]] = {
+    'gradcam': _gradcam,
+    'gradcam++': _gradcam_plusplus,
+    'xgradcam': _xgradcam,
+    'eigencam': _eigencam,
+    'layercam': _layercam,
+    'hirescam': _hirescam,
+    'eigengradcam': _eigengradcam,
+}
+
+
+def scale_maps(maps: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """grad-cam's ``scale_cam_image`` on a (K, h, w) batch: each map minus its minimum, divided
+    by ``1e-7 +`` its maximum, then resized bilinearly to ``size`` (H, W) if given."""
+    low, high = torch.aminmax(maps.flatten(1), dim=1)
+    maps = (maps - low[:, None, None]) / (_SCALE_EPS + (high - low))[:, None, None]
+    return resize(maps, size) if size is not None else maps
+
+
+def resize(maps: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """(K, h, w) -> (K, H, W), bilinear without antialiasing (``cv2.INTER_LINEAR``)."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(maps.shape[-2:]) == size:
+        return maps
+    return F.interpolate(maps[:, None], size=size, mode='bilinear', align_corners=False)[:, 0]
+
+
+def _extreme_samples(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """(n_keep, n_in) rows of the bilinear resize matrix from ``n_in`` to ``n_out`` points
+    (``F.interpolate``'s ``align_corners=False`` sampling): only the first and the last output
+    point inside each source cell, where a bilinear map's extremes over the cell are."""
+    dst = torch.arange(n_out, dtype=torch.float64)
+    src = ((dst + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    lo = src.floor().long().clamp(max=n_in - 1)
+    hi = (lo + 1).clamp(max=n_in - 1)
+    frac = src - lo
+    edge = torch.ones(n_out, dtype=torch.bool)
+    edge[1:-1] = (lo[1:-1] != lo[:-2]) | (lo[1:-1] != lo[2:])
+    keep = edge.nonzero()[:, 0]
+    weights = torch.zeros((len(keep), n_in), dtype=torch.float64)
+    rows = torch.arange(len(keep))
+    weights.index_put_((rows, lo[keep]), 1 - frac[keep], accumulate=True)
+    weights.index_put_((rows, hi[keep]), frac[keep], accumulate=True)
+    return weights.to(device=device, dtype=torch.float32)
+
+
+def resized_extremes(maps: torch.Tensor, size: Tuple[int, int]) -> Tuple[torch.Tensor,
+                                                                         torch.Tensor]:
+    """The minimum and maximum of each map after :func:`resize` to ``size``, without resizing.
+
+    Inside one source cell a bilinear resize is a bilinear function of the two sampling
+    fractions, so its extremes over the sampled points lie on the cell's first or last sampled
+    row and column: only those (about 2h x 2w points) are computed.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: (K,) minima and (K,) maxima.
+    """
+    rows = _extreme_samples(maps.shape[-2], int(size[0]), maps.device)
+    cols = _extreme_samples(maps.shape[-1], int(size[1]), maps.device)
+    corners = rows @ maps @ cols.T  # (K, ~2h, ~2w)
+    return torch.aminmax(corners.flatten(1), dim=1)
+
+
+def cam_maps(method: str, activation: torch.Tensor, grads: Optional[torch.Tensor],
+             num: int) -> torch.Tensor:
+    """Maps of ``num`` detections on one layer's own grid, after grad-cam's ReLU and min-max
+    scaling (what ``compute_cam_per_layer`` resizes to the input grid).
+
+    Args:
+        method (str): A ``cam`` key of :data:`~mmdet_cam_hook.methods.METHODS`.
+        activation (torch.Tensor): (1, C, h, w) layer output for the image.
+        grads (torch.Tensor | None): (num, C, h, w) gradient of each detection's score with
+            respect to ``activation``; None for gradient-free methods.
+        num (int): Number of detections.
+
+    Returns:
+        torch.Tensor: (num, h, w) float32 on ``activation``'s device, each map in [0, 1].
+    """
+    check_method(method)
+    acts = activation.detach().float()
+    grads = None if grads is None else grads.detach().float()
+    maps = scale_maps(_CAM_IMAGES[method](acts, grads).clamp(min=0))
+    return maps.expand(num, *maps.shape[1:]) if len(maps) != num else maps
+
+
+def input_maps(per_layer: List[torch.Tensor], input_hw: Tuple[int, int]) -> torch.Tensor:
+    """grad-cam's resize of each layer's maps (:func:`cam_maps`) to the input grid and its
+    ``aggregate_multi_layers`` (clip at 0, average over layers, min-max scale again).
+
+    With one layer, clipping and averaging change nothing, and the final scaling is affine, so
+    it commutes with the resize: it is applied on the layer's grid with the extremes the resized
+    maps would have (:func:`resized_extremes`), and the input-sized maps are written once.
+
+    Args:
+        per_layer (list[torch.Tensor]): (K, h_i, w_i) maps of each layer.
+        input_hw (tuple[int, int]): (H_in, W_in) of the network input.
+
+    Returns:
+        torch.Tensor: (K, H_in, W_in) float32 maps in [0, 1].
+    """
+    if len(per_layer) == 1:
+        (maps, ) = per_layer
+        low, high = resized_extremes(maps, input_hw)
+        scale = 1.0 / (_SCALE_EPS + (high - low))
+        return resize((maps - low[:, None, None]) * scale[:, None, None], input_hw)
+    resized = torch.stack([resize(m, input_hw) for m in per_layer])
+    return scale_maps(resized.clamp(min=0).mean(dim=0))

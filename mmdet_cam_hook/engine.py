@@ -34,20 +34,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import cam_math
 from .adapters import Detections, DetectorAdapter, build_adapter
-from .cam_math import CAMMath
 from .checks import (  # noqa: F401 (check_max_size, check_score_thr, check_topk re-exported)
     check_int,
     check_max_size,
     check_score_thr,
     check_topk,
 )
-from .drise import BatchedDetector, drise_input_maps
+from .drise import BatchedDetector, drise_input_maps, image_outputs
 from .geometry import Letterbox
 from .layers import resolve_layers
 from .local import LocalGradient
 from .methods import METHODS, check_method, check_methods
-from .pipeline import build_pipeline, preprocess, test_pipeline_cfg
+from .pipeline import build_pipeline, test_pipeline_cfg
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
 
@@ -247,6 +247,9 @@ class CAMEngine:
             through the network). Defaults to 1000.
         drise_batch_size (int): Masked images per forward pass for ``drise``. Defaults to 16.
         drise_seed (int): Seed of ``drise``'s masks. Defaults to 0.
+        chunk_size (int): Detections whose gradients are held at once (``chunk_size`` x C x h
+            x w per target layer): bounds the memory at large K; larger chunks batch more work
+            per call. Defaults to 16.
 
     Raises:
         ValueError: On a head no adapter supports (naming it and the supported heads), an
@@ -264,7 +267,8 @@ class CAMEngine:
                  test_pipeline: Optional[Sequence[dict]] = None,
                  drise_masks: int = 1000,
                  drise_batch_size: int = 16,
-                 drise_seed: int = 0) -> None:
+                 drise_seed: int = 0,
+                 chunk_size: int = _CHUNK) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f'`model` must be an mmdet detector nn.Module, '
                             f'got {type(model).__name__}')
@@ -289,10 +293,10 @@ class CAMEngine:
                                  'with mmdet.apis.init_detector or pass `test_pipeline`')
             test_pipeline = test_pipeline_cfg(model.cfg)
         self.pipeline = build_pipeline(test_pipeline)
-        self.math = CAMMath()
         check_int(drise_masks, 'drise_masks')
         check_int(drise_batch_size, 'drise_batch_size')
         check_int(drise_seed, 'drise_seed', low=0)
+        self.chunk_size = check_int(chunk_size, 'chunk_size')
         self.drise = dict(num_masks=drise_masks, batch_size=drise_batch_size, seed=drise_seed)
         self.detector = BatchedDetector(model, self.adapter, self.pipeline)
         # Batched VJPs (``is_grads_batched``, vmap over the backward) are exact but measured
@@ -379,55 +383,132 @@ class CAMEngine:
             raise TypeError(f'`detections` must be None or a Detections, '
                             f'got {type(detections).__name__}')
         with torch.inference_mode(False):
-            return self._explain(img, methods, renormalize, max_size, detections)
+            return self._explain([img], methods, renormalize, max_size, detections)[0]
 
-    def _explain(self, img: np.ndarray, methods: List[str], renormalize: bool,
-                 max_size: Optional[int],
-                 given: Optional[Detections] = None) -> Dict[str, CAMResult]:
-        model, adapter = self.model, self.adapter
-        with read_only(model):
+    @property
+    def batchable(self) -> bool:
+        """Whether :meth:`explain_batch` runs several images through the network at once: when
+        every target layer takes the ``local`` route. The ``chain`` and ``exact`` routes pull
+        each detection's gradient back through the graph of the forward pass, and through a
+        batch's graph that costs as many images as the batch holds, so their images go one at
+        a time."""
+        return all(layer.route == 'local' for layer in self.layers)
+
+    def explain_batch(self,
+                      images: Sequence[ImageLike],
+                      methods: Union[str, Sequence[str]] = ('gradcam', ),
+                      renormalize: bool = False,
+                      max_size: Optional[int] = None) -> List[Dict[str, CAMResult]]:
+        """:meth:`explain` for several images, through the network as one batch when the
+        engine is :attr:`batchable` (one at a time otherwise).
+
+        The batch goes through the model's data preprocessor as ``model.predict`` batches do,
+        padded to its largest image: with a test pipeline that pads every image to one size
+        (YOLOX, RTMDet) the results equal :meth:`explain`'s; with keep-ratio pipelines padded
+        only to a multiple of 32 (the FPN detectors) images of other shapes get the extra
+        padding a batched ``model.predict`` gives them too.
+
+        Args:
+            images (Sequence[str | PathLike | np.ndarray]): Paths or HxWx3 uint8 BGR arrays.
+            methods, renormalize, max_size: As for :meth:`explain`.
+
+        Returns:
+            list[dict[str, CAMResult]]: One :meth:`explain` result per image, in order.
+
+        Raises:
+            ValueError: As :meth:`explain`, for the first image that cannot be read or
+                resized (its index in ``images`` is in the message).
+        """
+        methods = check_methods(methods)
+        max_size = check_max_size(max_size)
+        imgs = []
+        for i, image in enumerate(images):
             try:
-                inputs, metainfo = preprocess(model, self.pipeline, img)
+                imgs.append(load_image(image))
+            except ValueError as exc:
+                raise ValueError(f'image {i} of the batch: {exc}') from exc
+        groups = [imgs] if self.batchable else [[img] for img in imgs]
+        with torch.inference_mode(False):
+            return [res for group in groups if group
+                    for res in self._explain(group, methods, renormalize, max_size)]
+
+    def _preprocess(self, imgs: List[np.ndarray]) -> Tuple[torch.Tensor, List[dict]]:
+        """The test pipeline on each image, the data preprocessor on the batch."""
+        data = []
+        for i, img in enumerate(imgs):
+            try:
+                data.append(self.pipeline(dict(img=img, img_id=0)))
             except cv2.error as exc:
                 h, w = img.shape[:2]
+                where = f'image {i} of the batch: ' if len(imgs) > 1 else ''
                 raise ValueError(
-                    f'the test pipeline could not resize the {w}x{h} (width x height) image to the '
-                    'network input: one side would shrink to 0 pixels. Crop or pad the image to '
-                    'a less extreme aspect ratio') from exc
-            letterbox = Letterbox.from_metainfo(metainfo)
-            black_box = [m for m in methods if METHODS[m].black_box]
+                    f'{where}the test pipeline could not resize the {w}x{h} (width x height) '
+                    'image to the network input: one side would shrink to 0 pixels. Crop or '
+                    'pad the image to a less extreme aspect ratio') from exc
+        batch = self.model.data_preprocessor(
+            dict(inputs=[d['inputs'] for d in data],
+                 data_samples=[d['data_samples'] for d in data]), False)
+        return batch['inputs'], [sample.metainfo for sample in batch['data_samples']]
+
+    def _explain(self, imgs: List[np.ndarray], methods: List[str], renormalize: bool,
+                 max_size: Optional[int],
+                 given: Optional[Detections] = None) -> List[Dict[str, CAMResult]]:
+        """One forward pass for ``imgs`` (one image unless every layer is ``local``), then
+        each image's detections and maps."""
+        model, adapter = self.model, self.adapter
+        with read_only(model):
+            inputs, metas = self._preprocess(imgs)
             need_grad = any(METHODS[m].uses_gradients for m in methods)
-            graph = need_grad and any(layer.route != 'local' for layer in self.layers)
+            graph = need_grad and not self.batchable
+            assert not graph or len(imgs) == 1, 'a graph is pulled back one image at a time'
             acts: Dict[str, torch.Tensor] = {}
             with self._capture(acts), torch.set_grad_enabled(graph):
                 if graph:
                     inputs = inputs.detach().requires_grad_(True)
                 feats = adapter.features(inputs)
-                outs = adapter.head_outputs(feats, [metainfo])
+                outs = adapter.head_outputs(feats, metas)
             missing = [layer.name for layer in self.layers if layer.name not in acts]
             if missing:
                 raise ValueError(f'target layer(s) {missing} did not run in the forward pass of '
                                  'the backbone, neck and head; choose layers that do '
                                  '(`mmdet-cam CONFIG CKPT IMG --list-layers` lists them)')
-            if given is not None:
-                dets = Detections(*(None if getattr(given, f.name) is None else
-                                    getattr(given, f.name).to(inputs.device)
-                                    for f in fields(Detections)))
+            input_hw = tuple(inputs.shape[-2:])
+            if len(imgs) == 1:  # as they are: the chain and exact routes pull back through them
+                forwards = [_Forward(tuple(feats), outs, acts, input_hw)]
             else:
-                with torch.no_grad():
-                    dets = adapter.decode(outs, metainfo, self.score_thr)
-                if self.topk is not None:
-                    dets = dets.select(slice(0, self.topk))
-            fwd = _Forward(tuple(feats), outs, acts, tuple(inputs.shape[-2:]))
-            with torch.enable_grad():
-                input_maps, used = self._maps([m for m in methods if m not in black_box], dets,
-                                              fwd, need_grad)
-            del fwd, feats, outs, acts
-            for m in black_box:  # drise: the detector on masked images, no gradients
-                input_maps[m] = drise_input_maps(
-                    self.detector, img, dets.bboxes.detach().cpu().numpy(),
-                    dets.labels.cpu().numpy(), letterbox.resized_shape, letterbox.input_shape,
-                    **self.drise)
+                forwards = [_Forward(tuple(f[i:i + 1] for f in feats), image_outputs(outs, i),
+                                     {name: a[i:i + 1] for name, a in acts.items()}, input_hw)
+                            for i in range(len(imgs))]
+            del feats, outs, acts
+            return [self._explain_one(img, meta, forwards.pop(0), methods, renormalize,
+                                      max_size, given) for img, meta in zip(imgs, metas)]
+
+    def _explain_one(self, img: np.ndarray, metainfo: dict, fwd: '_Forward', methods: List[str],
+                     renormalize: bool, max_size: Optional[int],
+                     given: Optional[Detections]) -> Dict[str, CAMResult]:
+        """One image's detections and maps, from its part of the forward pass."""
+        letterbox = Letterbox.from_metainfo(metainfo)
+        black_box = [m for m in methods if METHODS[m].black_box]
+        need_grad = any(METHODS[m].uses_gradients for m in methods)
+        device = fwd.feats[0].device
+        if given is not None:
+            dets = Detections(*(None if getattr(given, f.name) is None else
+                                getattr(given, f.name).to(device)
+                                for f in fields(Detections)))
+        else:
+            with torch.no_grad():
+                dets = self.adapter.decode(fwd.outs, metainfo, self.score_thr)
+            if self.topk is not None:
+                dets = dets.select(slice(0, self.topk))
+        with torch.enable_grad():
+            input_maps, used = self._maps([m for m in methods if m not in black_box], dets, fwd,
+                                          need_grad)
+        del fwd
+        for m in black_box:  # drise: the detector on masked images, no gradients
+            input_maps[m] = drise_input_maps(
+                self.detector, img, dets.bboxes.detach().cpu().numpy(),
+                dets.labels.cpu().numpy(), letterbox.resized_shape, letterbox.input_shape,
+                **self.drise)
         scale, shown = _shrink(img, max_size)
         return {
             m: self._result(m, shown, scale, dets, input_maps[m],
@@ -456,34 +537,50 @@ class CAMEngine:
         return self.layers
 
     def _maps(self, methods, dets: Detections, fwd: '_Forward',
-              need_grad: bool) -> Tuple[Dict[str, np.ndarray], List[List[str]]]:
+              need_grad: bool) -> Tuple[Dict[str, torch.Tensor], List[List[str]]]:
+        """(K, H_in, W_in) maps per method on the model's device, and each detection's layers.
+
+        Detections are taken level by level in chunks of ``chunk_size``, so the gradients held
+        at once are at most ``chunk_size`` x C x h x w per layer; a gradient-free method's map is
+        computed once per layer and shared by every detection."""
         num = len(dets)
-        maps = {m: np.zeros((num, *fwd.input_hw), np.float32) for m in methods}
-        used = [[layer.name for layer in self._layers_for(int(lv))]
-                for lv in dets.levels.tolist()]
+        device = fwd.feats[0].device
+        maps = {m: torch.empty((num, *fwd.input_hw), dtype=torch.float32, device=device)
+                for m in methods}  # every row is written below
+        levels = dets.levels.tolist()  # the one host read of the detections' levels
+        used = [[layer.name for layer in self._layers_for(lv)] for lv in levels]
         if num == 0:
             return maps, used
-        groups = sorted(set(dets.levels.tolist())) if self.level_aware else [None]
+        groups = sorted(set(levels)) if self.level_aware else [None]
         no_path: Dict[str, List[int]] = {}
+        shared: Dict[Tuple[str, str], torch.Tensor] = {}  # (method, layer): gradient-free maps
         for level in groups:
-            idx_all = torch.arange(num) if level is None else \
-                (dets.levels == level).nonzero()[:, 0].cpu()
+            idx_all = [k for k, lv in enumerate(levels) if level is None or lv == level]
             layers = self._layers_for(level)
-            for start in range(0, len(idx_all), _CHUNK):
-                idx = idx_all[start:start + _CHUNK]
-                sub = dets.select(idx.to(dets.levels.device))
+            for start in range(0, len(idx_all), self.chunk_size):
+                idx = torch.tensor(idx_all[start:start + self.chunk_size],
+                                   device=dets.levels.device)
+                sub = dets.select(idx)
                 grads = self._grads(layers, sub, fwd, no_path) if need_grad else {}
                 for m in methods:
-                    per_layer = [
-                        self.math.layer_maps(m, fwd.acts[layer.name],
-                                             grads[layer.name] if METHODS[m].uses_gradients
-                                             else None, fwd.input_hw, len(sub))
-                        for layer in layers
-                    ]
-                    maps[m][idx.numpy()] = self.math.aggregate(m, per_layer)
+                    per_layer = [self._layer_maps(m, layer, fwd, grads, len(sub), shared)
+                                 for layer in layers]
+                    maps[m][idx.to(device)] = cam_math.input_maps(per_layer, fwd.input_hw)
         if no_path and need_grad:
             self._warn_no_path(no_path)
         return maps, used
+
+    @staticmethod
+    def _layer_maps(method: str, layer: 'TargetLayer', fwd: '_Forward',
+                    grads: Dict[str, torch.Tensor], num: int,
+                    shared: Dict[Tuple[str, str], torch.Tensor]) -> torch.Tensor:
+        """The chunk's maps on ``layer``'s own grid (:func:`cam_math.cam_maps`)."""
+        act = fwd.acts[layer.name]
+        if METHODS[method].uses_gradients:
+            return cam_math.cam_maps(method, act, grads[layer.name], num)
+        if (method, layer.name) not in shared:
+            shared[method, layer.name] = cam_math.cam_maps(method, act, None, 1)
+        return shared[method, layer.name].expand(num, *act.shape[-2:])
 
     def _grads(self, layers: List[TargetLayer], sub: Detections, fwd: '_Forward',
                no_path: Dict[str, List[int]]) -> Dict[str, torch.Tensor]:
@@ -608,23 +705,25 @@ class CAMEngine:
                     UserWarning, stacklevel=4)
 
     def _result(self, method: str, img: np.ndarray, scale: float, dets: Detections,
-                input_maps: np.ndarray, used: List[List[str]], letterbox: Letterbox,
-                renormalize: bool) -> CAMResult:
-        # to_original returns new float32 maps: clip them in place (no second K x H x W copy)
-        cams = letterbox.to_original(input_maps, img.shape[:2])
-        np.clip(cams, 0.0, 1.0, out=cams)
+                input_maps: Union[torch.Tensor, np.ndarray], used: List[List[str]],
+                letterbox: Letterbox, renormalize: bool) -> CAMResult:
+        """The result of one method: the maps are put back on the original image on their
+        device, and only the finished maps leave it."""
+        maps = torch.as_tensor(input_maps)
+        cams = letterbox.to_original(maps, img.shape[:2]).clamp_(0.0, 1.0)
+        combined = cams.max(dim=0).values if len(cams) else cams.new_zeros(img.shape[:2])
         bboxes = dets.bboxes.detach().cpu().numpy().astype(np.float32) * np.float32(scale)
         result = CAMResult(
             bboxes=bboxes,
             labels=dets.labels.cpu().numpy().astype(np.int64),
             scores=dets.scores.detach().cpu().numpy().astype(np.float32),
             levels=dets.levels.cpu().numpy().astype(np.int64),
-            cams=cams,
-            combined=_combined(cams, img.shape[:2]),
+            cams=cams.cpu().numpy(),
+            combined=combined.cpu().numpy(),
             method=method,
             layers=used,
             image=img,
-            input_cams=input_maps,
+            input_cams=maps.cpu().numpy(),
             letterbox=letterbox,
             scale=scale)
         return result.renormalized(copy=False) if renormalize else result

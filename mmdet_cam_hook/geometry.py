@@ -5,10 +5,14 @@ YOLOX's test pipeline resizes with ``keep_ratio`` and pads at the bottom and rig
 network input is ``round(ori_h * sy) x round(ori_w * sx)`` at the top left.
 """
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, TypeVar
 
-import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+#: Maps as a tensor (on any device) or a numpy array; the geometry keeps the type.
+MapsT = TypeVar('MapsT', torch.Tensor, np.ndarray)
 
 
 @dataclass(frozen=True)
@@ -42,26 +46,32 @@ class Letterbox:
         return (min(int(round(h * sy)), self.input_shape[0]),
                 min(int(round(w * sx)), self.input_shape[1]))
 
-    def to_original(self, maps: np.ndarray,
-                    out_shape: Optional[Tuple[int, int]] = None) -> np.ndarray:
-        """Crop the padding off maps on the network-input grid and resize them to the original
-        image size (or to ``out_shape``, the original image scaled).
+    def to_original(self, maps: MapsT, out_shape: Optional[Tuple[int, int]] = None) -> MapsT:
+        """Crop the padding off maps on the network-input grid and resize them bilinearly (as
+        ``cv2.resize``'s ``INTER_LINEAR``, without antialiasing) to the original image size (or
+        to ``out_shape``, the original image scaled), all K at once, on the maps' device.
 
         Args:
-            maps (np.ndarray): (K, H_in, W_in) float maps on the network-input grid.
+            maps (torch.Tensor | np.ndarray): (K, H_in, W_in) float maps on the network-input
+                grid.
             out_shape (tuple[int, int], optional): (H, W) to resize to. Defaults to None (the
                 original size).
 
         Returns:
-            np.ndarray: (K, H, W) float32 maps aligned with the original image.
+            torch.Tensor | np.ndarray: (K, H, W) float32 maps aligned with the original image,
+            of the type ``maps`` has (new memory, also when no resize is needed).
         """
+        as_numpy = isinstance(maps, np.ndarray)
+        t = torch.from_numpy(np.asarray(maps, np.float32)) if as_numpy else maps.float()
         h_r, w_r = self.resized_shape
         h, w = self.ori_shape if out_shape is None else out_shape
-        out = np.empty((len(maps), h, w), np.float32)
-        for k, m in enumerate(maps):
-            out[k] = cv2.resize(np.ascontiguousarray(m[:h_r, :w_r], np.float32), (w, h),
-                                interpolation=cv2.INTER_LINEAR)
-        return out
+        t = t[:, :h_r, :w_r]
+        if (h, w) == (h_r, w_r) or not len(t):
+            out = t.new_zeros((len(t), h, w)) if not len(t) else t.clone()
+        else:
+            out = F.interpolate(t[:, None], size=(int(h), int(w)), mode='bilinear',
+                                align_corners=False)[:, 0]
+        return out.numpy() if as_numpy else out
 
     def point_to_input(self, x: float, y: float) -> Tuple[float, float]:
         """Map a point in original pixel coordinates to network-input coordinates."""

@@ -151,16 +151,3 @@ def check_methods(methods: Union[str, Iterable[str]], arg: str = 'methods') -> L
     if not names:
         raise ValueError(f'`{arg}` must name at least one of {sorted(METHODS)}, got {methods!r}')
     return list(dict.fromkeys(names))
-
-
-def new_cam_object(method: str):
-    """Return an instance of the method's grad-cam class whose maths can be called directly.
-
-    grad-cam's classes attach their hooks at construction. They are attached here to a private
-    one-parameter module, never to the detector, so the detector is never hooked by grad-cam.
-    """
-    import torch
-
-    holder = torch.nn.Module()
-    holder.anchor = torch.nn.Linear(1, 1)
-    return METHODS[check_method(method)].cam_class(model=holder, target_layers=[holder.anchor])

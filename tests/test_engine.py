@@ -61,18 +61,21 @@ def test_gradcam_golden_values():
     weights = mean of each gradient channel = [0.5, -0.25];
     cam = ReLU(0.5 * A0 - 0.25 * A1) = ReLU([[0.5-0.5, 1-0], [0-0.25, 2-1]]) = [[0, 1], [0, 1]]
     (before min-max: [[0, 1], [-0.25->0, 1]]), then scaled to [0, 1] and resized to 2x2."""
-    from mmdet_cam_hook.cam_math import CAMMath
+    from mmdet_cam_hook.cam_math import cam_maps, input_maps
+
+    def layer_maps(method, acts, grads, size, num):
+        return input_maps([cam_maps(method, acts, grads, num)], size)
 
     acts = torch.tensor([[[[1., 2.], [0., 4.]], [[2., 0.], [1., 4.]]]])
     grads = torch.tensor([[[[1., 0.], [0., 1.]], [[-1., 0.], [0., 0.]]]])
-    cam = CAMMath().layer_maps('gradcam', acts, grads, (2, 2), 1)
+    cam = layer_maps('gradcam', acts, grads, (2, 2), 1)
     np.testing.assert_allclose(cam[0], [[0., 1.], [0., 1.]], atol=1e-6)
     # HiResCAM keeps the location: sum_c G*A = [[1-2, 0], [0, 4]] -> ReLU -> [[0,0],[0,4]] -> [0,1]
-    cam = CAMMath().layer_maps('hirescam', acts, grads, (2, 2), 1)
+    cam = layer_maps('hirescam', acts, grads, (2, 2), 1)
     np.testing.assert_allclose(cam[0], [[0., 0.], [0., 1.]], atol=1e-6)
     # XGrad-CAM: w_c = sum(G*A)/sum(A): c0 = (1+4)/7, c1 = -2/7 -> 5/7*A0 - 2/7*A1
     # = [[1/7, 10/7], [-2/7, 12/7]] -> ReLU -> min-max over [0, 12/7] -> [[1/12, 10/12], [0, 1]]
-    cam = CAMMath().layer_maps('xgradcam', acts, grads, (2, 2), 1)
+    cam = layer_maps('xgradcam', acts, grads, (2, 2), 1)
     np.testing.assert_allclose(cam[0], [[1 / 12, 10 / 12], [0., 1.]], atol=1e-5)
 
 
@@ -283,3 +286,33 @@ def test_every_yolox_size(make_yolox, make_image, size):
     idx = _two_per_level(res.levels)[:2]
     np.testing.assert_allclose(res.input_cams[idx], _reference(model, engine, image, res, idx),
                                atol=1e-4)
+
+
+@pytest.mark.parametrize('layers', [None, ['backbone.stage4']])
+def test_explain_batch_equals_explain(make_yolox, make_image, layers):
+    """Three images of different sizes through the network as one batch (YOLOX pads every image
+    to one size): each image's results equal its own ``explain``. With a chain-route layer the
+    engine is not batchable and explains them one at a time, with the same results."""
+    model = make_yolox('nano', input_size=128)
+    engine = CAMEngine(model, target_layers=layers, score_thr=0.0, topk=4)
+    assert engine.batchable == (layers is None)
+    images = [make_image(96, 160, seed=0), make_image(120, 90, seed=1), make_image(64, 64, 2)]
+    methods = ['gradcam', 'hirescam', 'eigencam']
+    batch = engine.explain_batch(images, methods=methods)
+    assert len(batch) == 3
+    for image, got in zip(images, batch):
+        want = engine.explain(image, methods=methods)
+        for m in methods:
+            assert len(got[m]) == 4 and got[m].image.shape == image.shape
+            np.testing.assert_allclose(got[m].scores, want[m].scores, rtol=1e-5)
+            np.testing.assert_allclose(got[m].bboxes, want[m].bboxes, atol=1e-3)
+            np.testing.assert_allclose(got[m].cams, want[m].cams, atol=1e-4, err_msg=m)
+    assert engine.explain_batch([]) == []
+
+
+def test_explain_batch_names_the_bad_image(make_yolox, make_image):
+    engine = CAMEngine(make_yolox('nano', input_size=128), score_thr=0.0, topk=2)
+    with pytest.raises(ValueError, match='image 1 of the batch.*2000x1'):
+        engine.explain_batch([make_image(96, 160), np.zeros((1, 2000, 3), np.uint8)])
+    with pytest.raises(ValueError, match='image 0 of the batch.*uint8'):
+        engine.explain_batch([np.zeros((8, 8, 3), np.float32)])

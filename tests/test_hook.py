@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tracemalloc
 import uuid
 from pathlib import Path
 from typing import List
@@ -592,10 +591,12 @@ def test_unsupported_detector_fails_before_training(shapes, tmp_path):
 
 
 def test_large_probe_is_explained_at_max_image_size(shapes, tmp_path):
-    """A 3000x2000 probe: the panel and the maps stay within ``max_image_size``. numpy's
-    allocations are traced (tracemalloc), so a full-size float map (24 MB) would show."""
+    """A 3000x2000 probe: the panel and the maps stay within ``max_image_size``. The peak
+    resident memory of the call is read back (numpy's and torch's allocations both count), so
+    full-size float maps (24 MB each) would show."""
     from mmdet_cam_hook import CAMEngine
     from mmdet_cam_hook.pipeline import test_pipeline_cfg
+    from mmdet_cam_hook.testing import peak_memory
 
     scene = cv2.imread(str(next(iter(sorted(shapes.img_dir('val').iterdir())))))
     big = tmp_path / 'big.png'
@@ -610,19 +611,13 @@ def test_large_probe_is_explained_at_max_image_size(shapes, tmp_path):
     hook = hooks_of(runner, DetCAMHook)[0]
     assert list(hook._images) == [str(big)]  # decoded once, kept once
     full_map = 3000 * 2000 * 4
-    tracemalloc.start()
-    try:
-        hook.after_val_epoch(runner)  # the image is cached: only the maps and panels count
-        _, bounded = tracemalloc.get_traced_memory()
-        tracemalloc.reset_peak()
-        engine = CAMEngine(unwrap_model(runner.model), score_thr=0.0, topk=3,
-                           test_pipeline=test_pipeline_cfg(runner.cfg))
-        results = engine.explain(hook._images[str(big)], methods=METHODS)  # full size
-        _, unbounded = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    hook.after_val_epoch(runner)  # warm-up: the allocator's first pages
+    _, bounded = peak_memory(hook.after_val_epoch, runner)  # only the maps and panels count
+    engine = CAMEngine(unwrap_model(runner.model), score_thr=0.0, topk=3,
+                       test_pipeline=test_pipeline_cfg(runner.cfg))
+    results, unbounded = peak_memory(engine.explain, hook._images[str(big)], methods=METHODS)
     assert len(results[METHODS[0]]) == 3
-    assert unbounded > 3 * full_map  # the tracer sees full-size maps ...
+    assert unbounded > 3 * full_map, unbounded  # the reading sees full-size maps ...
     assert bounded < full_map, bounded  # ... and the hook made none
 
 
