@@ -711,7 +711,7 @@ class CAMEngine:
         device, and only the finished maps leave it."""
         maps = torch.as_tensor(input_maps)
         cams = letterbox.to_original(maps, img.shape[:2]).clamp_(0.0, 1.0)
-        combined = cams.max(dim=0).values if len(cams) else cams.new_zeros(img.shape[:2])
+        combined = cam_math.pixelwise_max(cams) if len(cams) else cams.new_zeros(img.shape[:2])
         bboxes = dets.bboxes.detach().cpu().numpy().astype(np.float32) * np.float32(scale)
         result = CAMResult(
             bboxes=bboxes,

@@ -174,18 +174,21 @@ class LocalGradient:
             raise ValueError(f'level {level} has no exact local window')
         _, c, h, w = feat.shape
         size = 2 * r + 1
-        ys, xs = dets.ys.tolist(), dets.xs.tolist()
-        padded = F.pad(feat.detach(), (r, r, r, r))
-        patches = torch.stack([padded[0, :, y:y + size, x:x + size] for y, x in zip(ys, xs)])
+        # rows and columns of each detection's window in the map padded by r: (K, size, 1)
+        # and (K, 1, size); one gather and one scatter for all K (no per-detection indexing)
+        offsets = torch.arange(size, device=feat.device)
+        rows = (dets.ys.to(feat.device).long()[:, None] + offsets)[:, :, None]
+        cols = (dets.xs.to(feat.device).long()[:, None] + offsets)[:, None, :]
+        padded = F.pad(feat.detach(), (r, r, r, r))[0]
+        patches = padded[:, rows, cols].permute(1, 0, 2, 3).contiguous()  # (K, C, size, size)
         patches.requires_grad_(True)
-        inside = F.pad(torch.ones((1, 1, h, w), dtype=feat.dtype, device=feat.device),
-                       (r, r, r, r))
-        mask = torch.stack([inside[0, :, y:y + size, x:x + size] for y, x in zip(ys, xs)])
+        inside = F.pad(torch.ones((h, w), dtype=feat.dtype, device=feat.device), (r, r, r, r))
+        mask = inside[rows, cols][:, None]  # (K, 1, size, size)
         with torch.enable_grad(), _zero_off_map(_spatial_convs(self.branches[level]), mask):
             scores = self.adapter.window_scores(level, patches, dets)
             (grad, ) = torch.autograd.grad(scores.sum(), patches)
-        full = F.pad(torch.zeros((len(dets), c, h, w), dtype=feat.dtype, device=feat.device),
-                     (r, r, r, r))
-        for k, (y, x) in enumerate(zip(ys, xs)):
-            full[k, :, y:y + size, x:x + size] = grad[k]
+        full = torch.zeros((len(dets), c, h + 2 * r, w + 2 * r), dtype=feat.dtype,
+                           device=feat.device)
+        k = torch.arange(len(dets), device=feat.device)[:, None, None]
+        full.permute(0, 2, 3, 1)[k, rows, cols] = grad.permute(0, 2, 3, 1)
         return full[:, :, r:r + h, r:r + w]

@@ -90,3 +90,9 @@ def test_resized_extremes_equal_those_of_the_resized_maps(size):
     np.testing.assert_allclose(high.numpy(), full.max(1).values.numpy(), atol=1e-6)
     if size[0] > 7:  # upsampled: the isolated zero falls between samples
         assert 0 < low[0] < 0.5
+
+
+@pytest.mark.parametrize('num', [1, 2, 5, 8, 100])
+def test_pixelwise_max(num):
+    maps = torch.rand((num, 6, 7), generator=torch.Generator().manual_seed(num))
+    assert torch.equal(cam_math.pixelwise_max(maps), maps.amax(dim=0))
