@@ -236,3 +236,17 @@ def test_roi_gradient_equals_the_full_backward():
         for k in range(min(len(on), 3)):
             (expected, ) = torch.autograd.grad(scores[k], feats[level], retain_graph=True)
             torch.testing.assert_close(grads[k:k + 1], expected, rtol=1e-4, atol=1e-7)
+
+
+def test_explain_batch_equals_explain():
+    """The RoI route takes a batch: two images through the network at once (same size, so the
+    same padding) give each image's own ``explain`` results."""
+    model = _model('faster-rcnn')
+    engine = CAMEngine(model, score_thr=0.0, topk=4)
+    assert engine.batchable
+    images = [synthetic_image(96, 160, seed=4), synthetic_image(96, 160, seed=5)]
+    for image, got in zip(images, engine.explain_batch(images, methods=['gradcam'])):
+        want = engine.explain(image)['gradcam']
+        assert len(got['gradcam']) == len(want) == 4
+        np.testing.assert_allclose(got['gradcam'].scores, want.scores, rtol=1e-5)
+        np.testing.assert_allclose(got['gradcam'].cams, want.cams, atol=1e-4)
