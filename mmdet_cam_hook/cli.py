@@ -3,8 +3,19 @@ RTMDet, RetinaNet, FCOS, ATSS, GFL, YOLOv3, ...) for an image, a folder or a glo
 
 The arguments are the seed tool's (``config checkpoint img``, ``--out-dir``, ``--method``,
 ``--target-layers``, ``--score-thr``, ``--topk``, ``--device``, ``--renormalize``,
-``--save-all``) with its defaults, plus ``--list-layers``, ``--save-raw`` and
+``--save-all``) with its defaults, plus ``--list-layers``, ``--save-raw``, ``--batch-size`` and
 ``--trust-checkpoint``. ``tools/analysis_tools/demo_yolox_gradcam.py`` calls :func:`main`.
+
+Many images: ``--batch-size N`` explains N images per forward pass
+(:meth:`~mmdet_cam_hook.engine.CAMEngine.explain_batch`; one at a time inside it unless every
+target layer takes the ``local`` route). Whatever N, one background thread reads and decodes
+the next batch while the current one is explained, and another writes the previous batch's
+outputs. Several processes: ``torchrun --nproc_per_node P -m mmdet_cam_hook.cli ...`` gives
+each rank (``RANK`` of ``WORLD_SIZE``) its share of the images, whole groups of one file stem
+round-robin in sorted order, so no file is written by two ranks; the ranks do not communicate
+(a failing rank cannot hang the others), each reports its own share (the exit code of each
+rank, and the no-detections error only for a single process), and ``--device cuda`` (or the
+default with CUDA) means ``cuda:LOCAL_RANK``.
 
 Outputs, for each image ``{stem}.*`` with at least one detection (``k`` is the detection's index
 in score order, starting at 0)::
@@ -38,16 +49,20 @@ import logging
 import os
 import sys
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from .checks import fraction_arg, positive_int_arg
 from .files import IMAGE_EXTENSIONS, list_images, write_atomically
 
-logger = logging.getLogger(__name__)
+# Named, not __name__: under `python -m mmdet_cam_hook.cli` (and torchrun's `-m`) this module
+# is __main__, outside the package's logger that _console() shows.
+logger = logging.getLogger('mmdet_cam_hook.cli')
 
 PROG = 'mmdet-cam'
 
@@ -79,7 +94,11 @@ def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
         '{stem}_det{k}_{method}.jpg per detection (k = 0, 1, ... by score); --save-all adds '
         '{stem}_original.jpg, {stem}_detection.jpg and {stem}_panel.jpg; --save-raw adds '
         '{stem}_{method}.npz. Grad-CAM averages gradients over the whole map, so it may also '
-        'light up other objects of the same class; hirescam and layercam stay on the instance.')
+        'light up other objects of the same class; hirescam and layercam stay on the instance. '
+        'Several processes: torchrun --nproc_per_node P -m mmdet_cam_hook.cli ARGS splits the '
+        'images between P processes (whole groups of one file stem each, so no file is written '
+        'twice; no communication between them); with --device cuda, each takes '
+        'cuda:LOCAL_RANK.')
     parser.add_argument('config', help='Path to model config file (or a package path such as '
                         'mmdet::yolox/yolox_s_8xb8-300e_coco.py, or a config shipped with this '
                         'package such as mmdet_cam_hook::yolox_s_gradcam.py)')
@@ -114,6 +133,12 @@ def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
     parser.add_argument('--save-raw', action='store_true',
                         help='Also save detections and per-detection maps to '
                         '{stem}_{method}.npz')
+    parser.add_argument('--batch-size', type=positive_int_arg, default=1, metavar='N',
+                        help='Images per forward pass. Faster when every target layer takes the '
+                        'local route (the default layers of YOLOX, RTMDet, RetinaNet, ...; see '
+                        '--list-layers), else the images still go one at a time. Reading the '
+                        'next images and writing outputs overlap with the computation whatever '
+                        'N. Defaults to %(default)s')
     parser.add_argument('--list-layers', action='store_true',
                         help='Print the layer names with output shape, stride and the gradient '
                         "route the engine takes for each, at the config's test input size, "
@@ -127,8 +152,9 @@ def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------
 # Inputs
-def resolve_device(device: Optional[str]) -> str:
-    """``cuda:0`` if CUDA is available and ``device`` is None, else the checked ``device``.
+def resolve_device(device: Optional[str], local_rank: Optional[int] = None) -> str:
+    """The checked ``device``; for None, ``cuda`` if CUDA is available, else ``cpu``. ``cuda``
+    without an index is ``cuda:0``, or ``cuda:{local_rank}`` under torchrun.
 
     Raises:
         UserError: If ``device`` is not ``cpu``/``cuda[:N]`` or names a missing CUDA device.
@@ -136,7 +162,9 @@ def resolve_device(device: Optional[str]) -> str:
     import torch
 
     if device is None:
-        return 'cuda:0' if torch.cuda.is_available() else 'cpu'
+        if not torch.cuda.is_available():
+            return 'cpu'
+        device = 'cuda'
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -148,11 +176,71 @@ def resolve_device(device: Optional[str]) -> str:
     if not torch.cuda.is_available():
         raise UserError(f'--device {device!r}: CUDA is not available on this machine (torch '
                         f'{torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu')
-    index = dev.index or 0
+    index = dev.index if dev.index is not None else local_rank or 0
     if index >= torch.cuda.device_count():
-        raise UserError(f'--device {device!r}: this machine has {torch.cuda.device_count()} CUDA '
-                        f'device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}')
+        how = f' (LOCAL_RANK={local_rank})' if dev.index is None and local_rank else ''
+        raise UserError(f'--device {device!r}{how}: this machine has {torch.cuda.device_count()} '
+                        f'CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}')
     return f'cuda:{index}'
+
+
+def _env_int(environ, name: str, low: int, high: Optional[int] = None,
+             default: Optional[int] = None) -> int:
+    """The integer in environment variable ``name``, in ``[low, high]``."""
+    text = environ.get(name, '').strip()
+    if not text and default is not None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        accepted = f'an integer >= {low}' if high is None else f'an integer from {low} to {high}'
+        got = f'got {text!r}' if text else 'it is not set'
+        raise UserError(f'environment variable {name} must be {accepted} (torchrun sets RANK, '
+                        f'WORLD_SIZE and LOCAL_RANK), {got}')
+    return value
+
+
+def distributed_env(environ=None) -> tuple[int, int, int]:
+    """This process's place in a torchrun job, from ``RANK``, ``WORLD_SIZE`` and
+    ``LOCAL_RANK``.
+
+    Args:
+        environ (Mapping[str, str], optional): The environment. Defaults to None
+            (``os.environ``).
+
+    Returns:
+        tuple[int, int, int]: ``(rank, world_size, local_rank)``; ``(0, 1, 0)`` when
+        ``WORLD_SIZE`` is unset or 1.
+
+    Raises:
+        UserError: If ``WORLD_SIZE`` is not an integer >= 1, or, when it is > 1, ``RANK`` is not
+            in ``[0, WORLD_SIZE)`` or ``LOCAL_RANK`` (default 0) is not an integer >= 0.
+    """
+    environ = os.environ if environ is None else environ
+    world = _env_int(environ, 'WORLD_SIZE', 1, default=1)
+    if world == 1:
+        return 0, 1, 0
+    return (_env_int(environ, 'RANK', 0, world - 1), world,
+            _env_int(environ, 'LOCAL_RANK', 0, default=0))
+
+
+def rank_share(paths: Sequence[Path], rank: int, world_size: int) -> list[Path]:
+    """The images rank ``rank`` of ``world_size`` explains: the groups of images with one file
+    stem (they write the same output names), in sorted stem order, dealt round-robin.
+
+    Args:
+        paths (Sequence[Path]): Every image of the run.
+        rank (int): This process's rank, ``0 <= rank < world_size``.
+        world_size (int): The number of processes.
+
+    Returns:
+        list[Path]: This rank's images, in the order of ``paths``. The shares of all ranks
+        partition ``paths``.
+    """
+    turn = {stem: i % world_size for i, stem in enumerate(sorted({p.stem for p in paths}))}
+    return [p for p in paths if turn[p.stem] == rank]
 
 
 def collect_images(img: str) -> list[Path]:
@@ -386,6 +474,179 @@ def _explain(engine, image, args, source: Path):
         raise _ImageError(f'{source}: {exc}') from exc
 
 
+class _Loaded(NamedTuple):
+    """One image as read by :func:`_read_batch`: the pixels, or why there are none."""
+
+    path: Path
+    image: Optional[np.ndarray]
+    error: Optional[Exception]
+
+
+def _read_batch(paths: Sequence[Path]) -> list[_Loaded]:
+    """:func:`~mmdet_cam_hook.engine.load_image` on each path, keeping the errors."""
+    from mmdet_cam_hook.engine import load_image
+
+    loaded = []
+    for path in paths:
+        try:
+            loaded.append(_Loaded(path, load_image(path), None))
+        except (OSError, ValueError) as exc:  # missing, 0-byte, corrupt, unsupported
+            loaded.append(_Loaded(path, None, exc))
+    return loaded
+
+
+class _Overlap:
+    """The two background threads around the loop over batches: one reads and decodes the next
+    batch while the current one is explained, the other writes each batch's outputs while the
+    next one is explained (OpenCV releases the GIL while it decodes and encodes).
+
+    At most one batch is read ahead and one batch's outputs wait for the writer, so about three
+    batches are in memory. Leaving the ``with`` block shuts both threads down; after an error
+    or Ctrl-C, the write in progress is completed (each output is written atomically anyway)
+    and the queued ones never start.
+
+    Args:
+        batches (Sequence[Sequence[Path]]): The images, batch by batch.
+    """
+
+    def __init__(self, batches: Sequence[Sequence[Path]]):
+        self._batches = batches
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix='mmdet-cam-read')
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix='mmdet-cam-write')
+        self._writes: list[Future] = []  # the current batch's
+        self._previous: list[Future] = []  # the batch before's
+        self._written: list[Path] = []
+
+    def __enter__(self) -> _Overlap:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        for executor in (self._reader, self._writer):
+            executor.shutdown(wait=True, cancel_futures=exc_type is not None)
+
+    def read(self) -> Iterator[list[_Loaded]]:
+        """The batches, read in order; the next one is read while the caller works on this
+        one. Before it reads on, the writes of the batch before this one are waited for."""
+        ahead = self._reader.submit(_read_batch, self._batches[0]) if self._batches else None
+        for i in range(len(self._batches)):
+            loaded = ahead.result()
+            if i + 1 < len(self._batches):
+                ahead = self._reader.submit(_read_batch, self._batches[i + 1])
+            yield loaded
+            self._collect(self._previous)
+            self._previous, self._writes = self._writes, []
+
+    def write(self, save: Callable[[], list[Path]]) -> None:
+        """Queue ``save()``, which writes one image's outputs and returns their paths."""
+        self._writes.append(self._writer.submit(save))
+
+    def finish(self) -> list[Path]:
+        """Wait for the queued writes.
+
+        Returns:
+            list[Path]: Every file written, in the order of the images.
+
+        Raises:
+            UserError: The first error of a write (e.g. a full disk).
+        """
+        self._collect(self._previous + self._writes)
+        self._previous, self._writes = [], []
+        return self._written
+
+    def _collect(self, futures: list[Future]) -> None:
+        for future in futures:
+            self._written += future.result()
+
+
+class _Tally:
+    """What became of each image; raises the :class:`UserError` that ends the run when an
+    image's problem is the run's (a single image, or the same error for the first images).
+
+    Args:
+        single (bool): The run has one image: its problem is a user error.
+    """
+
+    def __init__(self, single: bool):
+        self.single = single
+        self.unreadable: list[Path] = []
+        self.failed: list[Path] = []
+        self.empty: list[Path] = []
+        self.done: list[Path] = []
+        self._errors: list[str] = []  # the explain errors since the last image that worked
+
+    def not_read(self, path: Path, exc: Exception) -> None:
+        if self.single:
+            raise UserError(str(exc)) from exc
+        logger.error('skipping %s: %s', path, exc)
+        self.unreadable.append(path)
+
+    def not_explained(self, path: Path, exc: _ImageError) -> None:
+        if self.single:
+            raise UserError(str(exc)) from exc
+        cause = str(exc.__cause__)
+        if (not self.done and not self.empty and len(self._errors) == _SAME_ERROR_LIMIT - 1
+                and all(e == cause for e in self._errors)):
+            raise UserError(f'{cause} (the same error for the first {_SAME_ERROR_LIMIT} '
+                            'images; stopping)') from exc
+        logger.error('skipping %s', exc)
+        self.failed.append(path)
+        self._errors.append(cause)
+
+    def explained(self, path: Path, result, score_thr: float) -> bool:
+        """Whether ``result`` has detections (outputs to write)."""
+        self._errors.clear()
+        if len(result) == 0:
+            self.empty.append(path)
+            if not self.single:
+                logger.warning('%s: no detections with score >= %g', path, score_thr)
+            return False
+        self.done.append(path)
+        return True
+
+
+def _explain_batch(engine, loaded: list[_Loaded], args) -> Optional[dict]:
+    """The results of a batch's readable images from one
+    :meth:`~mmdet_cam_hook.engine.CAMEngine.explain_batch`, by path; None for fewer than two
+    images, or when the engine refuses an image (the caller then explains them one at a time,
+    which names the image and keeps the others).
+
+    Raises:
+        UserError: On CUDA out of memory.
+    """
+    import torch
+
+    good = [item for item in loaded if item.error is None]
+    if len(good) < 2:
+        return None
+    try:
+        results = engine.explain_batch([item.image for item in good], methods=[args.method],
+                                       renormalize=args.renormalize)
+    except torch.OutOfMemoryError as exc:
+        raise UserError(f'CUDA out of memory on {args.device} while processing a batch of '
+                        f'{len(good)} images from {good[0].path}; try a smaller --batch-size, '
+                        '--device cpu (or fewer detections with --topk)') from exc
+    except ValueError:  # one image (named again when it goes alone), or the run's settings
+        return None
+    return {item.path: res[args.method] for item, res in zip(good, results)}
+
+
+def _result(engine, item: _Loaded, batch: Optional[dict], args, tally: _Tally):
+    """``item``'s result to write, from ``batch`` or explained alone; None (and counted in
+    ``tally``) when it cannot be read or explained or has no detections."""
+    if item.error is not None:
+        tally.not_read(item.path, item.error)
+        return None
+    if batch is not None:
+        result = batch[item.path]
+    else:
+        try:
+            result = _explain(engine, item.image, args, item.path)
+        except _ImageError as exc:
+            tally.not_explained(item.path, exc)
+            return None
+    return result if tally.explained(item.path, result, args.score_thr) else None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the tool on parsed arguments.
 
@@ -398,9 +659,14 @@ def run(args: argparse.Namespace) -> int:
     """
     from mmdet_cam_hook.checkpoint import CheckpointError, init_model
 
-    args.device = resolve_device(args.device)
+    rank, world, local_rank = distributed_env()
+    args.device = resolve_device(args.device, local_rank)
     config = resolve_config(args.config)
     images = [] if args.list_layers else collect_images(args.img)
+    total, where = len(images), f'rank {rank}/{world}: ' if world > 1 else ''
+    if world > 1 and not args.list_layers:
+        images = rank_share(images, rank, world)
+        logger.info('%s%d of %d images', where, len(images), total)
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f'--out-dir {args.out_dir!r} exists and is not a folder')
@@ -417,7 +683,6 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from mmdet_cam_hook import CAMEngine
-    from mmdet_cam_hook.engine import load_image
 
     try:
         engine = CAMEngine(model, target_layers=args.target_layers, score_thr=args.score_thr,
@@ -425,53 +690,39 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:
         raise UserError(str(exc)) from exc
     class_names = (getattr(model, 'dataset_meta', None) or {}).get('classes')
-    unreadable, failed, empty, written = [], [], [], []
-    errors: list[str] = []  # the explain errors since the last image that worked
-    with logging_redirect_tqdm(loggers=[logging.getLogger('mmdet_cam_hook')]):
-        for path in tqdm(images, unit='img', file=sys.stderr, disable=len(images) < 2,
-                         dynamic_ncols=True):
-            try:
-                image = load_image(path)
-            except (OSError, ValueError) as exc:  # missing, 0-byte, corrupt, unsupported
-                if len(images) == 1:
-                    raise UserError(str(exc)) from exc
-                logger.error('skipping %s: %s', path, exc)
-                unreadable.append(path)
-                continue
-            try:
-                result = _explain(engine, image, args, path)
-            except _ImageError as exc:
-                if len(images) == 1:
-                    raise UserError(str(exc)) from exc
-                cause = str(exc.__cause__)
-                if (not written and not empty and len(errors) == _SAME_ERROR_LIMIT - 1
-                        and all(e == cause for e in errors)):
-                    raise UserError(f'{cause} (the same error for the first '
-                                    f'{_SAME_ERROR_LIMIT} images; stopping)') from exc
-                logger.error('skipping %s', exc)
-                failed.append(path)
-                errors.append(cause)
-                continue
-            errors.clear()
-            if len(result) == 0:
-                empty.append(path)
-                if len(images) > 1:
-                    logger.warning('%s: no detections with score >= %g', path, args.score_thr)
-                continue
-            written += save_outputs(result, path.stem, out_dir, class_names, args.save_all,
-                                    args.save_raw, path)
-    done = len(images) - len(unreadable) - len(failed) - len(empty)
-    if done == 0 and empty:
-        where = repr(str(images[0])) if len(images) == 1 else f'any of the {len(empty)} images'
+    tally = _Tally(single=total == 1)
+    batches = [images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)]
+    with logging_redirect_tqdm(loggers=[logging.getLogger('mmdet_cam_hook')]), \
+            _Overlap(batches) as overlap, \
+            tqdm(total=len(images), unit='img', file=sys.stderr, disable=total < 2,
+                 dynamic_ncols=True, desc=where.rstrip(': ') or None) as progress:
+        for loaded in overlap.read():
+            batch = _explain_batch(engine, loaded, args)
+            for item in loaded:
+                result = _result(engine, item, batch, args, tally)
+                if result is not None:
+                    overlap.write(partial(save_outputs, result, item.path.stem, out_dir,
+                                          class_names, args.save_all, args.save_raw, item.path))
+                progress.update()
+        written = overlap.finish()
+    done = len(tally.done)
+    if done == 0 and tally.empty:
+        what = repr(str(images[0])) if total == 1 else f'any of the {len(tally.empty)} images'
         hint = (f'; try a lower --score-thr, e.g. --score-thr {min(0.1, args.score_thr / 3):.2g}'
                 if args.score_thr > 0 else '')
-        raise UserError(f'no detections with score >= {args.score_thr:g} in {where}{hint}')
-    logger.info('%s: %d file(s) for %d image(s) in %s', args.method, len(written), done, out_dir)
-    if unreadable:
-        logger.error('%d of %d images could not be read', len(unreadable), len(images))
-    if failed:
-        logger.error('%d of %d images could not be explained', len(failed), len(images))
-    return 1 if unreadable or failed else 0
+        if world == 1:
+            raise UserError(f'no detections with score >= {args.score_thr:g} in {what}{hint}')
+        logger.warning('%sno detections with score >= %g in %s%s', where, args.score_thr, what,
+                       hint)
+    logger.info('%s%s: %d file(s) for %d image(s) in %s', where, args.method, len(written), done,
+                out_dir)
+    if tally.unreadable:
+        logger.error('%s%d of %d images could not be read', where, len(tally.unreadable),
+                     len(images))
+    if tally.failed:
+        logger.error('%s%d of %d images could not be explained', where, len(tally.failed),
+                     len(images))
+    return 1 if tally.unreadable or tally.failed else 0
 
 
 class _Formatter(logging.Formatter):

@@ -103,6 +103,17 @@ def ws(tmp_path_factory):
     cv2.imwrite(str(mixed / 'd.png'), shapes_image(128, 100, 2))
     cv2.imwrite(str(mixed / 'e_strip.png'), np.full((2, 4000, 3), 200, np.uint8))
     cv2.imwrite(str(root / 'strip.png'), np.full((1, 2000, 3), 200, np.uint8))
+    # Six images of different shapes for --batch-size; five in two subfolders for torchrun.
+    batch = root / 'batch'
+    batch.mkdir()
+    for i, (h, w) in enumerate([(96, 160), (128, 100), (80, 120), (128, 128), (60, 90),
+                                (100, 140)]):
+        cv2.imwrite(str(batch / f'img{i}.jpg'), shapes_image(h, w, 10 + i))
+    for sub, stems in (('x', 'ace'), ('y', 'bd')):
+        (root / 'tree' / sub).mkdir(parents=True)
+        for stem in stems:
+            cv2.imwrite(str(root / 'tree' / sub / f'{stem}.jpg'),
+                        shapes_image(96, 120, ord(stem)))
     (root / 'broken_config.py').write_text('model = dict(\n')
     from mmengine.registry import DefaultScope
     DefaultScope._instance_dict.clear()
@@ -147,8 +158,9 @@ def test_help_lists_the_seed_options(capsys):
     text = ' '.join(capsys.readouterr().out.split())
     for option in ('--out-dir', '--method', '--target-layers', '--score-thr', '--topk',
                    '--device', '--renormalize', '--save-all', '--save-raw', '--list-layers',
-                   '--trust-checkpoint', 'config', 'checkpoint', 'img'):
+                   '--trust-checkpoint', '--batch-size', 'config', 'checkpoint', 'img'):
         assert option in text
+    assert 'torchrun --nproc_per_node P -m mmdet_cam_hook.cli' in text
     assert 'Defaults to outputs/gradcam' in text and 'Defaults to 0.3' in text
     assert 'Defaults to cuda:0 when CUDA is available, else cpu' in text
     for method in METHODS:
@@ -312,13 +324,16 @@ def test_other_heads(head, tmp_path, capsys, monkeypatch):
         *(f'street_det{k}_hirescam.jpg' for k in range(3))}
 
 
-def test_folder_with_unreadable_and_thin_images(ws, capsys, monkeypatch):
+@pytest.mark.parametrize('batch_size', ['1', '4'])
+def test_folder_with_unreadable_and_thin_images(ws, capsys, monkeypatch, batch_size):
     """A 0-byte file and 2000x1 / 4000x2 strips do not stop the run: each is skipped with one
-    line naming it, the good images are processed, and the exit code says some failed."""
+    line naming it, the good images are processed, and the exit code says some failed. With
+    --batch-size 4 the first batch holds the 0-byte file (never read) and a strip that the
+    batch cannot take: its images are explained one at a time instead."""
     monkeypatch.chdir(ws)
-    out = ws / 'out_mixed'
+    out = ws / f'out_mixed_{batch_size}'
     assert main(['yolox_nano_128.py', 'yolox.pth', 'mixed', '--out-dir', str(out), '--topk',
-                 '1', '--device', 'cpu']) == 1
+                 '1', '--device', 'cpu', '--batch-size', batch_size]) == 1
     err = capsys.readouterr().err
     assert 'Traceback' not in err and 'cv2.error' not in err, err
     skipped = [line for line in err.splitlines() if 'skipping' in line]
@@ -348,9 +363,118 @@ def test_folder_stops_on_the_runs_own_error(ws, capsys, monkeypatch):
     assert not (ws / 'out_stop').exists()
 
 
-#: Run in a subprocess: the Nth output write is cut short by a real SIGINT, as Ctrl-C does.
+def _raw(out):
+    """The ``--save-raw`` arrays of each npz in ``out``, by file name."""
+    raw = {}
+    for path in sorted(out.glob('*.npz')):
+        with np.load(path) as data:
+            raw[path.name] = {key: data[key] for key in ('cams', 'bboxes', 'scores', 'labels')}
+    return raw
+
+
+def _assert_same_raw(a, b, atol):
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name]['labels'], b[name]['labels'], err_msg=name)
+        for key in ('cams', 'bboxes', 'scores'):
+            np.testing.assert_allclose(a[name][key], b[name][key], atol=atol, rtol=0,
+                                       err_msg=f'{name}: {key}')
+
+
+def test_batch_size_equals_one_at_a_time(ws, capsys, monkeypatch):
+    """Six images of different shapes in batches of 3 (one forward pass each: the default
+    layers take the local route) give the files and maps of one image at a time."""
+    monkeypatch.chdir(ws)
+    outs = {}
+    for batch_size in ('1', '3'):
+        outs[batch_size] = ws / f'out_batch_{batch_size}'
+        assert main(['yolox_nano_128.py', 'yolox.pth', 'batch', '--out-dir',
+                     str(outs[batch_size]), '--topk', '2', '--save-raw', '--device', 'cpu',
+                     '--batch-size', batch_size]) == 0, capsys.readouterr().err
+        assert '24 file(s) for 6 image(s)' in capsys.readouterr().err
+    names = {p.name for p in outs['1'].iterdir()}
+    assert names == {p.name for p in outs['3'].iterdir()}
+    assert len(names) == 6 * 4
+    raw = _raw(outs['1'])
+    assert len(raw) == 6 and all(len(r['scores']) == 2 for r in raw.values())
+    _assert_same_raw(raw, _raw(outs['3']), atol=1e-5)
+
+
+def test_torchrun_two_processes_equal_one(ws):
+    """torchrun with 2 processes on a recursive glob: each rank explains and writes its share
+    (the stems a, c, e and b, d in sorted order, whatever their folders), and together they
+    write the files and maps of one process."""
+    args = ['yolox_nano_128.py', 'yolox.pth', 'tree/**/*.jpg', '--topk', '2', '--save-raw',
+            '--device', 'cpu', '--batch-size', '2']
+    one, two = ws / 'out_rank_one', ws / 'out_rank_two'
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1')
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+         '-m', 'mmdet_cam_hook.cli', *args, '--out-dir', str(two)],
+        cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    threads, cwd = torch.get_num_threads(), os.getcwd()
+    torch.set_num_threads(1)  # as torchrun's workers (OMP_NUM_THREADS=1): the same numerics
+    os.chdir(ws)
+    try:
+        assert main([*args, '--out-dir', str(one)]) == 0
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        torch.set_num_threads(threads)
+        os.chdir(cwd)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert 'Traceback' not in stderr
+    assert 'mmdet-cam: rank 0/2: 3 of 5 images' in stderr
+    assert 'mmdet-cam: rank 1/2: 2 of 5 images' in stderr
+    assert 'mmdet-cam: rank 0/2: gradcam: 12 file(s) for 3 image(s)' in stderr
+    assert 'mmdet-cam: rank 1/2: gradcam: 8 file(s) for 2 image(s)' in stderr
+    names = {p.name for p in two.iterdir()}
+    assert names == {p.name for p in one.iterdir()}
+    assert names == {f'{stem}_{kind}' for stem in 'abcde'
+                     for kind in ('gradcam.jpg', 'det0_gradcam.jpg', 'det1_gradcam.jpg',
+                                  'gradcam.npz')}
+    _assert_same_raw(_raw(one), _raw(two), atol=1e-4)
+
+
+def test_rank_share():
+    """Images with one stem (in different folders they would write the same files) go to one
+    rank; groups are dealt round-robin in sorted stem order; the shares partition the run."""
+    from mmdet_cam_hook.cli import rank_share
+
+    paths = [Path(p) for p in ('x/a.jpg', 'x/b.jpg', 'x/c.png', 'y/a.png', 'y/d.jpg',
+                               'y/e.jpg', 'z/a.bmp')]
+    assert rank_share(paths, 0, 2) == [Path(p) for p in ('x/a.jpg', 'x/c.png', 'y/a.png',
+                                                         'y/e.jpg', 'z/a.bmp')]
+    assert rank_share(paths, 1, 2) == [Path('x/b.jpg'), Path('y/d.jpg')]
+    for world in (1, 2, 3, 8):
+        shares = [rank_share(paths, rank, world) for rank in range(world)]
+        assert sorted(p for share in shares for p in share) == sorted(paths)
+        for stem in 'abcde':
+            assert sum(any(p.stem == stem for p in share) for share in shares) == 1
+
+
+@pytest.mark.parametrize('env, needle', [
+    (dict(WORLD_SIZE='two'), "WORLD_SIZE must be an integer >= 1 (torchrun sets RANK, "
+     "WORLD_SIZE and LOCAL_RANK), got 'two'"),
+    (dict(WORLD_SIZE='0'), "WORLD_SIZE must be an integer >= 1"),
+    (dict(WORLD_SIZE='2'), 'RANK must be an integer from 0 to 1 (torchrun sets RANK, '
+     'WORLD_SIZE and LOCAL_RANK), it is not set'),
+    (dict(WORLD_SIZE='2', RANK='2'), "RANK must be an integer from 0 to 1"),
+    (dict(WORLD_SIZE='2', RANK='1', LOCAL_RANK='-1'), "LOCAL_RANK must be an integer >= 0"),
+], ids=['world-text', 'world-0', 'rank-unset', 'rank-too-large', 'local-rank'])
+def test_bad_torchrun_environment(ws, capsys, monkeypatch, env, needle):
+    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    line = run_main(ws, capsys, 'yolox_nano_128.py', 'yolox.pth', 'street.jpg')
+    assert 'environment variable ' + needle in line, line
+
+
+#: Run in a subprocess: Ctrl-C comes (a real SIGINT to the main thread, as a terminal sends it)
+#: during the Nth output write, which the background writer thread is doing.
 INTERRUPT_AT_NTH_WRITE = """
-import os, signal, sys
+import os, signal, sys, threading, time
 import cv2
 import numpy as np
 
@@ -359,14 +483,11 @@ calls = []
 
 def interrupting(write):
     def wrapper(path, *args, **kwargs):
-        result = write(path, *args, **kwargs)
         calls.append(path)
         if len(calls) == int(os.environ['INTERRUPT_AT']):
-            path = str(path) if str(path).endswith(('.jpg', '.npz')) else f'{path}.npz'
-            with open(path, 'r+b') as f:  # the write is half done ...
-                f.truncate(os.path.getsize(path) // 2)
-            signal.raise_signal(signal.SIGINT)  # ... when Ctrl-C comes
-        return result
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            time.sleep(1.0)  # the main thread stops while this write is still in progress
+        return write(path, *args, **kwargs)
     return wrapper
 
 
@@ -380,12 +501,12 @@ sys.exit(main())
 """
 
 
-@pytest.mark.parametrize('interrupt_at, missing', [(10, 'b_det1_gradcam.jpg'),
-                                                   (14, 'b_gradcam.npz')],
-                         ids=['jpg', 'npz'])
-def test_interrupt_leaves_no_truncated_output(ws, interrupt_at, missing):
+@pytest.mark.parametrize('interrupt_at, finished', [(3, 'a'), (14, 'ab')], ids=['jpg', 'npz'])
+def test_interrupt_leaves_no_truncated_output(ws, interrupt_at, finished):
     """Per image: combined map, 2 detections, original, detections, panel, npz = 7 writes;
-    the 10th and 14th are the second image's detection 1 and its npz."""
+    the 3rd is the first image's detection 1 (while the second is explained), the 14th the
+    second image's npz (while the third is explained). The image being written when Ctrl-C
+    comes is finished, no later one is started, and nothing is left half-written."""
     out = ws / f'out_interrupt_{interrupt_at}'
     env = dict(os.environ, CUDA_VISIBLE_DEVICES='', INTERRUPT_AT=str(interrupt_at))
     proc = subprocess.run(
@@ -396,8 +517,9 @@ def test_interrupt_leaves_no_truncated_output(ws, interrupt_at, missing):
     assert 'interrupted' in proc.stderr and 'Traceback' not in proc.stderr
     names = sorted(p.name for p in out.iterdir())
     assert not [n for n in names if n.startswith('.')], 'temporary files left behind'
-    assert missing not in names
-    assert len(names) == interrupt_at - 1, names
+    assert names == sorted(f'{stem}_{kind}' for stem in finished for kind in (
+        'gradcam.jpg', 'det0_gradcam.jpg', 'det1_gradcam.jpg', 'original.jpg', 'detection.jpg',
+        'panel.jpg', 'gradcam.npz'))
     for name in names:  # every file under its final name is complete
         if name.endswith('.npz'):
             with np.load(out / name) as raw:
@@ -505,6 +627,8 @@ def test_grad_cam_missing(ws):
     (['--method', 'gradcm'], "invalid choice: 'gradcm' (choose from 'gradcam', 'gradcam++'"),
     (['--score-thr', '1.5'], "--score-thr: must be a number in [0, 1], got '1.5'"),
     (['--topk', '0'], "--topk: must be an integer >= 1, got '0'"),
+    (['--batch-size', '0'], "--batch-size: must be an integer >= 1, got '0'"),
+    (['--batch-size', 'all'], "--batch-size: must be an integer >= 1, got 'all'"),
 ])
 def test_argparse_errors(ws, capsys, args, needle):
     with pytest.raises(SystemExit) as info:
@@ -566,3 +690,9 @@ def test_duplicate_stems(tmp_path, capsys):
         cv2.imwrite(str(tmp_path / name), shapes_image(40, 40, 0))
     assert main(['cfg.py', 'ckpt.pth', str(tmp_path)]) == 1
     assert "share the name 'x'" in error_line(capsys.readouterr().err)
+    # In two folders of a recursive glob, too (under torchrun, too: every rank says it).
+    (tmp_path / 'sub').mkdir()
+    cv2.imwrite(str(tmp_path / 'sub' / 'y.jpg'), shapes_image(40, 40, 0))
+    cv2.imwrite(str(tmp_path / 'y.bmp'), shapes_image(40, 40, 0))
+    assert main(['cfg.py', 'ckpt.pth', str(tmp_path / '**' / 'y.*')]) == 1
+    assert "share the name 'y'" in error_line(capsys.readouterr().err)
