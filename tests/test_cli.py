@@ -453,6 +453,20 @@ def test_rank_share():
             assert sum(any(p.stem == stem for p in share) for share in shares) == 1
 
 
+def test_device_under_torchrun(monkeypatch):
+    """--device cuda (or the default with CUDA) is cuda:LOCAL_RANK; an explicit index is kept.
+    No GPU here: torch.cuda is made to report two devices."""
+    from mmdet_cam_hook.cli import UserError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert [resolve_device(d, 1) for d in (None, 'cuda', 'cuda:0', 'cpu')] == [
+        'cuda:1', 'cuda:1', 'cuda:0', 'cpu']
+    assert resolve_device('cuda') == resolve_device(None) == 'cuda:0'
+    with pytest.raises(UserError, match=r"--device 'cuda' \(LOCAL_RANK=2\): this machine has 2"):
+        resolve_device('cuda', 2)
+
+
 @pytest.mark.parametrize('env, needle', [
     (dict(WORLD_SIZE='two'), "WORLD_SIZE must be an integer >= 1 (torchrun sets RANK, "
      "WORLD_SIZE and LOCAL_RANK), got 'two'"),
