@@ -134,11 +134,12 @@ def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
                         help='Also save detections and per-detection maps to '
                         '{stem}_{method}.npz')
     parser.add_argument('--batch-size', type=positive_int_arg, default=1, metavar='N',
-                        help='Images per forward pass. Faster when every target layer takes the '
-                        'local route (the default layers of YOLOX, RTMDet, RetinaNet, ...; see '
-                        '--list-layers), else the images still go one at a time. Reading the '
-                        'next images and writing outputs overlap with the computation whatever '
-                        'N. Defaults to %(default)s')
+                        help='Images per forward pass, when every target layer takes the local '
+                        'route (the default layers of YOLOX, RTMDet, RetinaNet, ...; see '
+                        '--list-layers); else they still go one at a time. Meant for GPUs: on a '
+                        'CPU, batches were no faster than 1 (benchmarks/bench_folder.py). '
+                        'Reading the next images and writing outputs overlap with the '
+                        'computation whatever N. Defaults to %(default)s')
     parser.add_argument('--list-layers', action='store_true',
                         help='Print the layer names with output shape, stride and the gradient '
                         "route the engine takes for each, at the config's test input size, "
