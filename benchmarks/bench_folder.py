@@ -53,7 +53,7 @@ def plain_loop(config: Path, checkpoint: Path, folder: Path, out: Path, topk: in
                score_thr: float) -> None:
     """One image after the other, nothing in the background."""
     model = init_model(str(config), str(checkpoint), device='cpu')
-    engine = CAMEngine(model, score_thr=score_thr, topk=topk)
+    engine = CAMEngine(model, score_thr=score_thr, topk=topk, keep_input_cams=False)  # as the CLI
     classes = model.dataset_meta['classes']
     for path in sorted(folder.iterdir()):
         result = engine.explain(load_image(path), methods=['gradcam'])['gradcam']

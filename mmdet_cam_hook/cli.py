@@ -687,7 +687,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         engine = CAMEngine(model, target_layers=args.target_layers, score_thr=args.score_thr,
-                           topk=args.topk)
+                           topk=args.topk, keep_input_cams=False)
     except (ValueError, TypeError) as exc:
         raise UserError(str(exc)) from exc
     class_names = (getattr(model, 'dataset_meta', None) or {}).get('classes')

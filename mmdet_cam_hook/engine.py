@@ -71,8 +71,9 @@ class CAMResult:
         method (str): The CAM method.
         layers (list[list[str]]): The target layers used for each detection.
         image (np.ndarray): (H, W, 3) uint8 BGR, the original image.
-        input_cams (np.ndarray): (K, H_in, W_in) the maps on the network-input grid, before the
-            letterbox is undone (the grid on which they equal grad-cam's own output).
+        input_cams (np.ndarray | None): (K, H_in, W_in) the maps on the network-input grid,
+            before the letterbox is undone (the grid on which they equal grad-cam's own
+            output); None from an engine built with ``keep_input_cams=False``.
         letterbox (Letterbox): Where the image sits inside the network input.
         scale (float): Size of ``image`` (and ``cams``, ``combined``, ``bboxes``) relative to the
             original image: 1.0 unless ``explain(max_size=...)`` downscaled them.
@@ -87,7 +88,7 @@ class CAMResult:
     method: str
     layers: List[List[str]]
     image: np.ndarray = field(repr=False)
-    input_cams: np.ndarray = field(repr=False)
+    input_cams: Optional[np.ndarray] = field(repr=False)
     letterbox: Letterbox = field(repr=False)
     scale: float = 1.0
 
@@ -247,6 +248,10 @@ class CAMEngine:
             through the network). Defaults to 1000.
         drise_batch_size (int): Masked images per forward pass for ``drise``. Defaults to 16.
         drise_seed (int): Seed of ``drise``'s masks. Defaults to 0.
+        keep_input_cams (bool): Also return each detection's map on the network-input grid
+            (``CAMResult.input_cams``, where the maps equal grad-cam's output): K more maps of
+            the input's size in memory and in time. False (what the hook and the CLI use)
+            leaves ``input_cams`` None. Defaults to True.
         chunk_size (int): Detections whose gradients are held at once (``chunk_size`` x C x h
             x w per target layer): bounds the memory at large K; larger chunks batch more work
             per call. Defaults to 16.
@@ -268,6 +273,7 @@ class CAMEngine:
                  drise_masks: int = 1000,
                  drise_batch_size: int = 16,
                  drise_seed: int = 0,
+                 keep_input_cams: bool = True,
                  chunk_size: int = _CHUNK) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f'`model` must be an mmdet detector nn.Module, '
@@ -297,6 +303,7 @@ class CAMEngine:
         check_int(drise_batch_size, 'drise_batch_size')
         check_int(drise_seed, 'drise_seed', low=0)
         self.chunk_size = check_int(chunk_size, 'chunk_size')
+        self.keep_input_cams = bool(keep_input_cams)
         self.drise = dict(num_masks=drise_masks, batch_size=drise_batch_size, seed=drise_seed)
         self.detector = BatchedDetector(model, self.adapter, self.pipeline)
         # Batched VJPs (``is_grads_batched``, vmap over the backward) are exact but measured
@@ -500,18 +507,21 @@ class CAMEngine:
                 dets = self.adapter.decode(fwd.outs, metainfo, self.score_thr)
             if self.topk is not None:
                 dets = dets.select(slice(0, self.topk))
+        scale, shown = _shrink(img, max_size)
+        out_hw = shown.shape[:2]
         with torch.enable_grad():
-            input_maps, used = self._maps([m for m in methods if m not in black_box], dets, fwd,
-                                          need_grad)
+            maps, used = self._maps([m for m in methods if m not in black_box], dets, fwd,
+                                    need_grad, letterbox, out_hw)
         del fwd
         for m in black_box:  # drise: the detector on masked images, no gradients
-            input_maps[m] = drise_input_maps(
+            on_input = torch.from_numpy(drise_input_maps(
                 self.detector, img, dets.bboxes.detach().cpu().numpy(),
                 dets.labels.cpu().numpy(), letterbox.resized_shape, letterbox.input_shape,
-                **self.drise)
-        scale, shown = _shrink(img, max_size)
+                **self.drise)).to(device)
+            maps[m] = (letterbox.to_original(on_input, out_hw).clamp_(0.0, 1.0),
+                       on_input if self.keep_input_cams else None)
         return {
-            m: self._result(m, shown, scale, dets, input_maps[m],
+            m: self._result(m, shown, scale, dets, *maps[m],
                             [[] for _ in used] if m in black_box else used, letterbox,
                             renormalize)
             for m in methods
@@ -536,17 +546,25 @@ class CAMEngine:
             return [self.layers[level]]
         return self.layers
 
-    def _maps(self, methods, dets: Detections, fwd: '_Forward',
-              need_grad: bool) -> Tuple[Dict[str, torch.Tensor], List[List[str]]]:
-        """(K, H_in, W_in) maps per method on the model's device, and each detection's layers.
+    def _maps(self, methods, dets: Detections, fwd: '_Forward', need_grad: bool,
+              letterbox: Letterbox, out_hw: Tuple[int, int]
+              ) -> Tuple[Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]], List[List[str]]]:
+        """Per method, the (K, H, W) maps on the returned image (``out_hw``) and, with
+        ``keep_input_cams``, the (K, H_in, W_in) maps on the input grid, both on the model's
+        device; and each detection's layers.
 
-        Detections are taken level by level in chunks of ``chunk_size``, so the gradients held
-        at once are at most ``chunk_size`` x C x h x w per layer; a gradient-free method's map is
+        Detections are taken level by level in chunks of ``chunk_size``: the gradients held at
+        once are at most ``chunk_size`` x C x h x w per layer, and each chunk's maps go from the
+        input grid to the returned image before the next chunk. A gradient-free method's map is
         computed once per layer and shared by every detection."""
         num = len(dets)
         device = fwd.feats[0].device
-        maps = {m: torch.empty((num, *fwd.input_hw), dtype=torch.float32, device=device)
-                for m in methods}  # every row is written below
+
+        def new(hw):  # every row is written below
+            return torch.empty((num, *hw), dtype=torch.float32, device=device)
+
+        maps = {m: (new(out_hw), new(fwd.input_hw) if self.keep_input_cams else None)
+                for m in methods}
         levels = dets.levels.tolist()  # the one host read of the detections' levels
         used = [[layer.name for layer in self._layers_for(lv)] for lv in levels]
         if num == 0:
@@ -562,10 +580,15 @@ class CAMEngine:
                                    device=dets.levels.device)
                 sub = dets.select(idx)
                 grads = self._grads(layers, sub, fwd, no_path) if need_grad else {}
+                idx = idx.to(device)
                 for m in methods:
                     per_layer = [self._layer_maps(m, layer, fwd, grads, len(sub), shared)
                                  for layer in layers]
-                    maps[m][idx.to(device)] = cam_math.input_maps(per_layer, fwd.input_hw)
+                    on_input = cam_math.input_maps(per_layer, fwd.input_hw)
+                    shown, kept = maps[m]
+                    shown[idx] = letterbox.to_original(on_input, out_hw).clamp_(0.0, 1.0)
+                    if kept is not None:
+                        kept[idx] = on_input
         if no_path and need_grad:
             self._warn_no_path(no_path)
         return maps, used
@@ -705,12 +728,9 @@ class CAMEngine:
                     UserWarning, stacklevel=4)
 
     def _result(self, method: str, img: np.ndarray, scale: float, dets: Detections,
-                input_maps: Union[torch.Tensor, np.ndarray], used: List[List[str]],
+                cams: torch.Tensor, input_maps: Optional[torch.Tensor], used: List[List[str]],
                 letterbox: Letterbox, renormalize: bool) -> CAMResult:
-        """The result of one method: the maps are put back on the original image on their
-        device, and only the finished maps leave it."""
-        maps = torch.as_tensor(input_maps)
-        cams = letterbox.to_original(maps, img.shape[:2]).clamp_(0.0, 1.0)
+        """The result of one method: only the finished maps leave the device."""
         combined = cam_math.pixelwise_max(cams) if len(cams) else cams.new_zeros(img.shape[:2])
         bboxes = dets.bboxes.detach().cpu().numpy().astype(np.float32) * np.float32(scale)
         result = CAMResult(
@@ -723,7 +743,7 @@ class CAMEngine:
             method=method,
             layers=used,
             image=img,
-            input_cams=maps.cpu().numpy(),
+            input_cams=None if input_maps is None else input_maps.cpu().numpy(),
             letterbox=letterbox,
             scale=scale)
         return result.renormalized(copy=False) if renormalize else result

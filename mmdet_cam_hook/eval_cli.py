@@ -225,7 +225,8 @@ def run(args: argparse.Namespace) -> int:
                                 seed=args.seed)
         engine = CAMEngine(model, target_layers=args.target_layers, score_thr=args.score_thr,
                            topk=args.topk, drise_masks=args.drise_masks,
-                           drise_batch_size=args.batch_size, drise_seed=args.seed)
+                           drise_batch_size=args.batch_size, drise_seed=args.seed,
+                           keep_input_cams=False)
     except (ValueError, TypeError) as exc:
         raise UserError(str(exc)) from exc
     randomized = None

@@ -486,7 +486,7 @@ class DetCAMHook(Hook):
         if self._engine is None:  # built once, on the main process, at the first use
             self._engine = CAMEngine(self._unwrap(runner.model), target_layers=self.target_layers,
                                      score_thr=self.score_thr, topk=self.topk,
-                                     test_pipeline=self._pipeline)
+                                     test_pipeline=self._pipeline, keep_input_cams=False)
         return self._engine
 
     def _image(self, probe: _Probe) -> np.ndarray:

@@ -401,8 +401,9 @@ def peak_memory(fn, *args, device: Optional[torch.device] = None, **kwargs) -> T
 
     On a CUDA device: ``torch.cuda.max_memory_allocated`` above the level before the call. On
     the CPU: the process's peak resident set size (Linux's ``VmHWM``, reset through
-    ``/proc/self/clear_refs`` before the call) above the resident size before it, so numpy's and
-    torch's allocations both count.
+    ``/proc/self/clear_refs`` before the call) above the resident size before it, after glibc's
+    ``malloc_trim`` has returned the heap's free memory, so numpy's and torch's allocations both
+    count.
 
     Raises:
         RuntimeError: On a CPU outside Linux (no resettable peak to read).
@@ -425,8 +426,13 @@ def peak_memory(fn, *args, device: Optional[torch.device] = None, **kwargs) -> T
                     return int(line.split()[1]) * 1024
         raise RuntimeError(f'/proc/self/status has no {key}')
 
+    import ctypes
     import gc
     gc.collect()
+    try:  # hand the heap's free memory back, so that the peak counts what ``fn`` allocates
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the reading may then be lower
+        pass
     with open('/proc/self/clear_refs', 'w') as f:
         f.write('5')  # reset the peak resident set size to the current one
     before = status('VmRSS')

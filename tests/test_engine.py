@@ -316,3 +316,17 @@ def test_explain_batch_names_the_bad_image(make_yolox, make_image):
         engine.explain_batch([make_image(96, 160), np.zeros((1, 2000, 3), np.uint8)])
     with pytest.raises(ValueError, match='image 0 of the batch.*uint8'):
         engine.explain_batch([np.zeros((8, 8, 3), np.float32)])
+
+
+def test_without_input_cams(make_yolox, make_image):
+    """``keep_input_cams=False`` (the hook's and the CLI's engines): the same maps on the image,
+    no maps on the input grid."""
+    model = make_yolox('nano', input_size=128)
+    image = make_image(96, 160)
+    kept = CAMEngine(model, score_thr=0.0, topk=5).explain(image, ['gradcam', 'eigencam'])
+    lean = CAMEngine(model, score_thr=0.0, topk=5, keep_input_cams=False).explain(
+        image, ['gradcam', 'eigencam'])
+    for m in kept:
+        assert kept[m].input_cams.shape == (5, 128, 128) and lean[m].input_cams is None
+        np.testing.assert_array_equal(lean[m].cams, kept[m].cams)
+        np.testing.assert_array_equal(lean[m].combined, kept[m].combined)
