@@ -34,6 +34,7 @@ import torch
 
 from .checks import check_int
 from .metrics import box_iou
+from .pipeline import preprocess_batch
 
 #: ``detect_fn(images) -> [(bboxes (M, 4), labels (M,), scores (M,)), ...]``, one tuple per
 #: image of the (B, H, W, 3) uint8 batch, boxes in the image's pixels.
@@ -205,13 +206,10 @@ class BatchedDetector:
         """
         from .engine import read_only
 
-        data = [self.pipeline(dict(img=np.ascontiguousarray(img), img_id=0)) for img in images]
         with read_only(self.model), torch.no_grad():
-            batch = self.model.data_preprocessor(
-                dict(inputs=[d['inputs'] for d in data],
-                     data_samples=[d['data_samples'] for d in data]), False)
-            metas = [sample.metainfo for sample in batch['data_samples']]
-            outs = self.adapter.head_outputs(self.adapter.features(batch['inputs']), metas)
+            inputs, metas = preprocess_batch(self.model, self.pipeline,
+                                             [np.ascontiguousarray(img) for img in images])
+            outs = self.adapter.head_outputs(self.adapter.features(inputs), metas)
         return outs, metas
 
     def detect(self, images: Sequence[np.ndarray],

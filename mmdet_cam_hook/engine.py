@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import cam_math
+from . import cam_math, packing
 from .adapters import Detections, DetectorAdapter, build_adapter
 from .checks import (  # noqa: F401 (check_max_size, check_score_thr, check_topk re-exported)
     check_int,
@@ -47,7 +47,7 @@ from .geometry import Letterbox
 from .layers import resolve_layers
 from .local import LocalGradient
 from .methods import METHODS, check_method, check_methods
-from .pipeline import build_pipeline, test_pipeline_cfg
+from .pipeline import build_pipeline, preprocess_batch, test_pipeline_cfg
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
 
@@ -311,6 +311,10 @@ class CAMEngine:
         # chain 0.92 s vs 0.54 s, exact 0.81 s vs 0.71 s), so the loop is the default; set a
         # route to True to batch it (falls back to the loop if vmap cannot handle an op).
         self._batched = {'chain': False, 'exact': False}
+        # The chain route packs detections whose regions of the layer do not meet into one VJP
+        # (mmdet_cam_hook/packing.py); the regions are probed once per layer.
+        self.pack_chain = True
+        self._reach: Dict[str, Dict[int, Optional[packing.Reach]]] = {}
 
     def _level_layers_if_any(self) -> List[str]:
         """The level maps' layers, or [] when no module outputs them (no ``local`` route)."""
@@ -439,24 +443,6 @@ class CAMEngine:
             return [res for group in groups if group
                     for res in self._explain(group, methods, renormalize, max_size)]
 
-    def _preprocess(self, imgs: List[np.ndarray]) -> Tuple[torch.Tensor, List[dict]]:
-        """The test pipeline on each image, the data preprocessor on the batch."""
-        data = []
-        for i, img in enumerate(imgs):
-            try:
-                data.append(self.pipeline(dict(img=img, img_id=0)))
-            except cv2.error as exc:
-                h, w = img.shape[:2]
-                where = f'image {i} of the batch: ' if len(imgs) > 1 else ''
-                raise ValueError(
-                    f'{where}the test pipeline could not resize the {w}x{h} (width x height) '
-                    'image to the network input: one side would shrink to 0 pixels. Crop or '
-                    'pad the image to a less extreme aspect ratio') from exc
-        batch = self.model.data_preprocessor(
-            dict(inputs=[d['inputs'] for d in data],
-                 data_samples=[d['data_samples'] for d in data]), False)
-        return batch['inputs'], [sample.metainfo for sample in batch['data_samples']]
-
     def _explain(self, imgs: List[np.ndarray], methods: List[str], renormalize: bool,
                  max_size: Optional[int],
                  given: Optional[Detections] = None) -> List[Dict[str, CAMResult]]:
@@ -464,7 +450,7 @@ class CAMEngine:
         each image's detections and maps."""
         model, adapter = self.model, self.adapter
         with read_only(model):
-            inputs, metas = self._preprocess(imgs)
+            inputs, metas = preprocess_batch(model, self.pipeline, imgs)
             need_grad = any(METHODS[m].uses_gradients for m in methods)
             graph = need_grad and not self.batchable
             assert not graph or len(imgs) == 1, 'a graph is pulled back one image at a time'
@@ -649,19 +635,89 @@ class CAMEngine:
     def _chain_route(self, layers: List[TargetLayer], levels: List[int], local_at,
                      fwd: '_Forward', rows: Dict[str, list]) -> None:
         """Pull the local gradient at each level's map back to the layers with
-        vector-Jacobian products, level by level (no backward through the head)."""
-        acts = [fwd.acts[layer.name] for layer in layers]
+        vector-Jacobian products, level by level (no backward through the head): one per
+        group of detections whose regions of the layers do not meet
+        (:mod:`mmdet_cam_hook.packing`), one per detection where they cannot be packed."""
         for level in sorted(set(levels)):
             on = [k for k, lv in enumerate(levels) if lv == level]
-            wanted = [i for i, layer in enumerate(layers) if layer.level in (None, level)]
+            wanted = [layer for layer in layers if layer.level in (None, level)]
             if not wanted:
                 continue
-            v = local_at(level)[:, None]  # (K_l, 1, C, h, w): one cotangent per detection
-            grads = self._vjp('chain', [fwd.feats[level]], [acts[i] for i in wanted], [v])
-            for i, g in zip(wanted, grads):
-                if g is not None:
-                    for j, k in enumerate(on):
-                        rows[layers[i].name][k] = g[j, 0]
+            v = local_at(level)  # (K_l, C, h, w): one cotangent per detection
+            inputs = [fwd.acts[layer.name] for layer in wanted]
+            boxes = self._chain_boxes(wanted, level, v, fwd)
+            groups = packing.pack(boxes) if boxes is not None else [[j] for j in range(len(on))]
+            for group in groups:
+                cot = v[group].sum(dim=0)[None, None]  # (1, 1, C, h, w): the group's sum
+                grads = self._vjp('chain', [fwd.feats[level]], inputs, [cot])
+                split = self._split_group(grads, group, boxes, wanted, level)
+                if split is None:  # not exact: one VJP per detection from now on
+                    grads = self._vjp('chain', [fwd.feats[level]], inputs, [v[group][:, None]])
+                    split = [[None if g is None else g[j, 0] for j in range(len(group))]
+                             for g in grads]
+                for layer, per_det in zip(wanted, split):
+                    for j, g in zip(group, per_det):
+                        if g is not None:
+                            rows[layer.name][on[j]] = g
+
+    def _chain_boxes(self, layers: List[TargetLayer], level: int, v: torch.Tensor,
+                     fwd: '_Forward') -> Optional[List[List[Tuple[int, int, int, int]]]]:
+        """Per detection, per layer, the box of the layer's positions its window depends on;
+        None when some layer cannot be packed on this level (or packing is off)."""
+        if not self.pack_chain or len(v) < 2:
+            return None
+        reaches = []
+        for layer in layers:
+            if layer.name not in self._reach:
+                self._reach[layer.name] = packing.probe_reach(
+                    self.adapter.features, layer.module, (1, 3, *fwd.input_hw),
+                    fwd.feats[0].device)
+            reach = self._reach[layer.name].get(level)
+            if reach is None:
+                return None
+            reaches.append((reach, tuple(fwd.acts[layer.name].shape[-2:])))
+        support = v.abs().sum(dim=1) != 0  # (K_l, h, w): where each cotangent is nonzero
+        rows_any, cols_any = support.any(dim=2), support.any(dim=1)
+        out = []
+        for k in range(len(v)):
+            ys, xs = rows_any[k].nonzero()[:, 0], cols_any[k].nonzero()[:, 0]
+            if not len(ys):  # a zero cotangent: a zero gradient, meets nothing
+                out.append([(0, -1, 0, -1)] * len(reaches))
+                continue
+            y0, y1, x0, x1 = int(ys[0]), int(ys[-1]), int(xs[0]), int(xs[-1])
+            out.append([reach.box(y0, y1, x0, x1, shape) for reach, shape in reaches])
+        return out
+
+    def _split_group(self, grads: List[Optional[torch.Tensor]], group: List[int],
+                     boxes: Optional[list], layers: List[TargetLayer],
+                     level: int) -> Optional[List[List[Optional[torch.Tensor]]]]:
+        """Each member's gradient from its group's one VJP: the part inside its box. None if
+        the VJP is not exactly zero outside the members' boxes (then the layer is not packed
+        on this level again)."""
+        if len(group) == 1:
+            return [[None if g is None else g[0, 0]] for g in grads]
+        split = []
+        for i, (layer, g) in enumerate(zip(layers, grads)):
+            if g is None:
+                split.append([None] * len(group))
+                continue
+            g = g[0, 0]
+            parts, covered = [], torch.zeros(g.shape[-2:], dtype=torch.bool, device=g.device)
+            for j in group:
+                y0, y1, x0, x1 = boxes[j][i]
+                part = torch.zeros_like(g)
+                part[:, y0:y1 + 1, x0:x1 + 1] = g[:, y0:y1 + 1, x0:x1 + 1]
+                covered[y0:y1 + 1, x0:x1 + 1] = True
+                parts.append(part)
+            if bool((g[:, ~covered] != 0).any()):
+                self._reach[layer.name][level] = None
+                warnings.warn(
+                    f'the gradients at {layer.name!r} reach beyond the regions the NaN probes '
+                    f'gave for level {level}; its detections there are pulled back one at a '
+                    'time from now on', UserWarning, stacklevel=2)
+                return None
+            split.append(parts)
+        return split
 
     def _exact_route(self, layers: List[TargetLayer], sub: Detections, fwd: '_Forward',
                      rows: Dict[str, list]) -> None:

@@ -5,8 +5,9 @@ loader, no annotations) and the model's data preprocessor, exactly as ``model.pr
 it. The metainfo it returns is what :class:`~mmdet_cam_hook.geometry.Letterbox` undoes.
 """
 import copy
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
+import cv2
 import numpy as np
 import torch
 from mmcv.transforms import Compose
@@ -51,14 +52,42 @@ def build_pipeline(pipeline_cfg: Sequence[dict]) -> Compose:
                     for t in pipeline_cfg])
 
 
+def preprocess_batch(model: nn.Module, pipeline: Compose,
+                     images: Sequence[np.ndarray]) -> Tuple[torch.Tensor, List[dict]]:
+    """Run HxWx3 BGR uint8 images through the test pipeline one by one and through the model's
+    data preprocessor as one batch (``training=False``: no batch augmentation, no collective),
+    padded as a batched ``model.predict`` pads them.
+
+    Returns:
+        tuple[torch.Tensor, list[dict]]: (N, 3, H_in, W_in) float input and each sample's
+        metainfo.
+
+    Raises:
+        ValueError: If the pipeline cannot resize an image (one side would shrink to 0 pixels,
+            e.g. 4000x2); the message names its size, and its index when there are several.
+    """
+    data = []
+    for i, image in enumerate(images):
+        try:
+            data.append(pipeline(dict(img=image, img_id=0)))
+        except cv2.error as exc:
+            h, w = image.shape[:2]
+            where = f'image {i} of the batch: ' if len(images) > 1 else ''
+            raise ValueError(
+                f'{where}the test pipeline could not resize the {w}x{h} (width x height) image '
+                'to the network input: one side would shrink to 0 pixels. Crop or pad the image '
+                'to a less extreme aspect ratio') from exc
+    batch = model.data_preprocessor(
+        dict(inputs=[d['inputs'] for d in data],
+             data_samples=[d['data_samples'] for d in data]), False)
+    return batch['inputs'], [sample.metainfo for sample in batch['data_samples']]
+
+
 def preprocess(model: nn.Module, pipeline: Compose, image: np.ndarray) -> Tuple[torch.Tensor, dict]:
-    """Run an HxWx3 BGR uint8 image through the test pipeline and the model's data preprocessor
-    (``training=False``: no batch augmentation, no collective).
+    """:func:`preprocess_batch` for one image.
 
     Returns:
         tuple[torch.Tensor, dict]: (1, 3, H_in, W_in) float input and the sample's metainfo.
     """
-    data = pipeline(dict(img=image, img_id=0))
-    batch = model.data_preprocessor(
-        dict(inputs=[data['inputs']], data_samples=[data['data_samples']]), False)
-    return batch['inputs'], batch['data_samples'][0].metainfo
+    inputs, metas = preprocess_batch(model, pipeline, [image])
+    return inputs, metas[0]

@@ -17,6 +17,7 @@ import torch
 
 from mmdet_cam_hook import METHODS
 from mmdet_cam_hook.cli import main
+from mmdet_cam_hook.testing import torchrun_beside
 
 REPO = Path(__file__).resolve().parents[1]
 MMDET_CAM = Path(sys.executable).parent / 'mmdet-cam'
@@ -407,22 +408,11 @@ def test_torchrun_two_processes_equal_one(ws):
     args = ['yolox_nano_128.py', 'yolox.pth', 'tree/**/*.jpg', '--topk', '2', '--save-raw',
             '--device', 'cpu', '--batch-size', '2']
     one, two = ws / 'out_rank_one', ws / 'out_rank_two'
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1')
-    proc = subprocess.Popen(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-         '-m', 'mmdet_cam_hook.cli', *args, '--out-dir', str(two)],
-        cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    threads, cwd = torch.get_num_threads(), os.getcwd()
-    torch.set_num_threads(1)  # as torchrun's workers (OMP_NUM_THREADS=1): the same numerics
-    os.chdir(ws)
-    try:
-        assert main([*args, '--out-dir', str(one)]) == 0
-        _, stderr = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-        torch.set_num_threads(threads)
-        os.chdir(cwd)
-    assert proc.returncode == 0, stderr[-3000:]
+    code, returncode, _, stderr = torchrun_beside(
+        'mmdet_cam_hook.cli', [*args, '--out-dir', two],
+        lambda: main([*args, '--out-dir', str(one)]), cwd=ws)
+    assert code == 0
+    assert returncode == 0, stderr[-3000:]
     assert 'Traceback' not in stderr
     assert 'mmdet-cam: rank 0/2: 3 of 5 images' in stderr
     assert 'mmdet-cam: rank 1/2: 2 of 5 images' in stderr

@@ -3,13 +3,12 @@ YOLOX-nano checkpoint; torchrun with 2 gloo processes equals one process."""
 import contextlib
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from mmdet_cam_hook.eval_cli import main
+from mmdet_cam_hook.testing import torchrun_beside
 
 #: Scores 0.3-0.5 that depend on the pixels (see tests/test_evaluation.py).
 PERTURB = dict(calibrate=True, weights={'multi_level_conv_': 0.002},
@@ -90,20 +89,10 @@ def test_torchrun_two_processes_equal_one(ws):
     root = ws[0]
     args = _args(ws, '--methods', 'hirescam', '--topk', '1', '--num-images', '4')
     one, two = root / 'one.json', root / 'two.json'
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
-           '2', '-m', 'mmdet_cam_hook.eval_cli', *args, '--out', str(two)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun's workers (OMP_NUM_THREADS=1): the same numerics
-    try:
-        assert main([*args, '--out', str(one)]) == 0
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-        torch.set_num_threads(threads)
-    assert proc.returncode == 0, stderr[-3000:]
+    code, returncode, stdout, stderr = torchrun_beside(
+        'mmdet_cam_hook.eval_cli', [*args, '--out', two], lambda: main([*args, '--out', str(one)]))
+    assert code == 0
+    assert returncode == 0, stderr[-3000:]
     assert stdout.count('| hirescam |') == 1  # rank 0 alone prints
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     for result in (a, b):
