@@ -677,16 +677,11 @@ class CAMEngine:
                 return None
             reaches.append((reach, tuple(fwd.acts[layer.name].shape[-2:])))
         support = v.abs().sum(dim=1) != 0  # (K_l, h, w): where each cotangent is nonzero
-        rows_any, cols_any = support.any(dim=2), support.any(dim=1)
-        out = []
-        for k in range(len(v)):
-            ys, xs = rows_any[k].nonzero()[:, 0], cols_any[k].nonzero()[:, 0]
-            if not len(ys):  # a zero cotangent: a zero gradient, meets nothing
-                out.append([(0, -1, 0, -1)] * len(reaches))
-                continue
-            y0, y1, x0, x1 = int(ys[0]), int(ys[-1]), int(xs[0]), int(xs[-1])
-            out.append([reach.box(y0, y1, x0, x1, shape) for reach, shape in reaches])
-        return out
+        extents = torch.stack([_first_last(support.any(dim=2)), _first_last(support.any(dim=1))],
+                              dim=1).flatten(1).tolist()  # one host read: (K_l, 4) y0 y1 x0 x1
+        return [[(0, -1, 0, -1)] * len(reaches) if y1 < y0 else  # zero cotangent: meets nothing
+                [reach.box(y0, y1, x0, x1, shape) for reach, shape in reaches]
+                for y0, y1, x0, x1 in extents]
 
     def _split_group(self, grads: List[Optional[torch.Tensor]], group: List[int],
                      boxes: Optional[list], layers: List[TargetLayer],
@@ -803,6 +798,16 @@ class CAMEngine:
             letterbox=letterbox,
             scale=scale)
         return result.renormalized(copy=False) if renormalize else result
+
+
+def _first_last(mask: torch.Tensor) -> torch.Tensor:
+    """(K, 2) first and last True index of each row of a (K, n) boolean mask; (0, -1) for a
+    row with none."""
+    n = mask.shape[1]
+    index = torch.arange(n, device=mask.device)
+    first = torch.where(mask, index, n).amin(dim=1)
+    last = torch.where(mask, index, -1).amax(dim=1)
+    return torch.stack([torch.where(last >= 0, first, 0), last], dim=1)
 
 
 def _combined(cams: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:

@@ -105,3 +105,10 @@ def test_probe_reach_on_a_toy_network():
 
     reach = packing.probe_reach(features, t_layer, (1, 3, 64, 64), torch.device('cpu'))
     assert reach[0] == Reach((2.0, 2.0), (-1, -1), (2, 2))
+
+
+def test_first_last_rows():
+    from mmdet_cam_hook.engine import _first_last
+
+    mask = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    assert _first_last(mask).tolist() == [[1, 4], [0, -1], [0, 0]]
