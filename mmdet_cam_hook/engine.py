@@ -15,8 +15,9 @@ route (how its K per-detection gradients are computed):
   no backward through the head.
 - ``chain``: the layer is upstream of the level maps (backbone, neck; also a level map that
   other levels read) and every level has an exact window: the local gradient is pulled back
-  with vector-Jacobian products (one per detection; batched with ``is_grads_batched`` on
-  request).
+  with vector-Jacobian products: one per group of detections whose regions of the layer do
+  not meet (:mod:`mmdet_cam_hook.packing`), else one per detection (batched with
+  ``is_grads_batched`` on request).
 - ``exact``: anything else (layers inside the head, heads without an exact window such as the
   GroupNorm heads): per-detection gradients of the scores through the full graph of the one
   forward pass, only for the detections a per-level layer can influence.
