@@ -649,10 +649,14 @@ class CAMEngine:
             boxes = self._chain_boxes(wanted, level, v, fwd)
             groups = packing.pack(boxes) if boxes is not None else [[j] for j in range(len(on))]
             for group in groups:
-                cot = v[group].sum(dim=0)[None, None]  # (1, 1, C, h, w): the group's sum
-                grads = self._vjp('chain', [fwd.feats[level]], inputs, [cot])
-                split = self._split_group(grads, group, boxes, wanted, level)
-                if split is None:  # not exact: one VJP per detection from now on
+                split = None
+                if boxes is not None:
+                    cot = v[group].sum(dim=0)[None, None]  # (1, 1, C, h, w): the group's sum
+                    grads = self._vjp('chain', [fwd.feats[level]], inputs, [cot])
+                    split = self._split_group(grads, group, boxes, wanted, level)
+                    if split is None:  # not exact: one VJP per detection from now on
+                        boxes = None
+                if split is None:
                     grads = self._vjp('chain', [fwd.feats[level]], inputs, [v[group][:, None]])
                     split = [[None if g is None else g[j, 0] for j in range(len(group))]
                              for g in grads]
