@@ -19,8 +19,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .geometry import resize_maps as resize
 from .methods import check_method
 
 #: grad-cam's epsilons (``scale_cam_image``, ``GradCAMPlusPlus``, ``XGradCAM``).
@@ -113,14 +113,6 @@ def scale_maps(maps: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> to
     low, high = torch.aminmax(maps.flatten(1), dim=1)
     maps = (maps - low[:, None, None]) / (_SCALE_EPS + (high - low))[:, None, None]
     return resize(maps, size) if size is not None else maps
-
-
-def resize(maps: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """(K, h, w) -> (K, H, W), bilinear without antialiasing (``cv2.INTER_LINEAR``)."""
-    size = (int(size[0]), int(size[1]))
-    if tuple(maps.shape[-2:]) == size:
-        return maps
-    return F.interpolate(maps[:, None], size=size, mode='bilinear', align_corners=False)[:, 0]
 
 
 def _extreme_samples(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:

@@ -66,11 +66,10 @@ class Letterbox:
         h_r, w_r = self.resized_shape
         h, w = self.ori_shape if out_shape is None else out_shape
         t = t[:, :h_r, :w_r]
-        if (h, w) == (h_r, w_r) or not len(t):
-            out = t.new_zeros((len(t), h, w)) if not len(t) else t.clone()
+        if not len(t):
+            out = t.new_zeros((0, h, w))
         else:
-            out = F.interpolate(t[:, None], size=(int(h), int(w)), mode='bilinear',
-                                align_corners=False)[:, 0]
+            out = t.clone() if (h, w) == (h_r, w_r) else resize_maps(t, (h, w))
         return out.numpy() if as_numpy else out
 
     def point_to_input(self, x: float, y: float) -> Tuple[float, float]:
@@ -78,3 +77,14 @@ class Letterbox:
         h_r, w_r = self.resized_shape
         h, w = self.ori_shape
         return x * w_r / w, y * h_r / h
+
+
+def resize_maps(maps: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """(K, h, w) maps -> (K, H, W), bilinear without antialiasing, as ``cv2.resize``'s
+    ``INTER_LINEAR`` (pixel centres aligned, ``align_corners=False``), on the maps' device; the
+    maps themselves when they already have that size. The one resize of maps: grad-cam's (input
+    grid) and the letterbox's (original image)."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(maps.shape[-2:]) == size:
+        return maps
+    return F.interpolate(maps[:, None], size=size, mode='bilinear', align_corners=False)[:, 0]
