@@ -15,18 +15,22 @@ sign as grad-cam's ``full_matrices=True`` and costs O(hw C^2) instead of O(hw^2 
 against 15.6 s on a 12288 x 256 map). Eigen-CAM reads no gradient, so its map is computed once
 per layer and shared by every detection.
 """
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from .geometry import resize_maps as resize
+from .local import WindowGradients
 from .methods import check_method
 
 #: grad-cam's epsilons (``scale_cam_image``, ``GradCAMPlusPlus``, ``XGradCAM``).
 _SCALE_EPS = 1e-7
 _PLUSPLUS_EPS = 1e-6
 _XGRAD_EPS = 1e-7
+
+
+Grads = Union[torch.Tensor, WindowGradients]
 
 
 def _spatial_sum(t: torch.Tensor) -> torch.Tensor:
@@ -38,30 +42,45 @@ def _weighted(weights: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
     return torch.einsum('kc,chw->khw', weights, acts[0])
 
 
-def _gradcam(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    return _weighted(grads.mean(dim=(2, 3)), acts)
+def _parts(acts: torch.Tensor, grads: Grads) -> Tuple[torch.Tensor, torch.Tensor, Callable]:
+    """``(G, A, to_map)``: the gradients, the activations at the same positions, and what turns
+    a (K, ., .) map on those positions into a (K, h, w) map. For window gradients the positions
+    are the windows' (the gradients are zero elsewhere, so every sum over positions is the
+    window's); for full gradients, the whole map."""
+    if isinstance(grads, WindowGradients):
+        return grads.values, grads.gather(acts), lambda m: grads.scatter(m[:, None])[:, 0]
+    return grads, acts, lambda m: m
 
 
-def _gradcam_plusplus(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    g2 = grads * grads
-    g3 = g2 * grads
+def _gradcam(acts: torch.Tensor, grads: Grads) -> torch.Tensor:
+    g, _, _ = _parts(acts, grads)
+    return _weighted(_spatial_sum(g) / (acts.shape[-2] * acts.shape[-1]), acts)
+
+
+def _gradcam_plusplus(acts: torch.Tensor, grads: Grads) -> torch.Tensor:
+    g, _, _ = _parts(acts, grads)
+    g2 = g * g
+    g3 = g2 * g
     sum_acts = _spatial_sum(acts)[:, :, None, None]
     aij = g2 / (2 * g2 + sum_acts * g3 + _PLUSPLUS_EPS)
-    aij = torch.where(grads != 0, aij, torch.zeros((), dtype=aij.dtype, device=aij.device))
-    return _weighted(_spatial_sum(grads.clamp(min=0) * aij), acts)
+    aij = torch.where(g != 0, aij, torch.zeros((), dtype=aij.dtype, device=aij.device))
+    return _weighted(_spatial_sum(g.clamp(min=0) * aij), acts)
 
 
-def _xgradcam(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+def _xgradcam(acts: torch.Tensor, grads: Grads) -> torch.Tensor:
+    g, a, _ = _parts(acts, grads)
     sum_acts = _spatial_sum(acts)[:, :, None, None]
-    return _weighted(_spatial_sum(grads * acts / (sum_acts + _XGRAD_EPS)), acts)
+    return _weighted(_spatial_sum(g * a / (sum_acts + _XGRAD_EPS)), acts)
 
 
-def _layercam(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    return (grads.clamp(min=0) * acts).sum(dim=1)
+def _layercam(acts: torch.Tensor, grads: Grads) -> torch.Tensor:
+    g, a, to_map = _parts(acts, grads)
+    return to_map((g.clamp(min=0) * a).sum(dim=1))
 
 
-def _hirescam(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    return (grads * acts).sum(dim=1)
+def _hirescam(acts: torch.Tensor, grads: Grads) -> torch.Tensor:
+    g, a, to_map = _parts(acts, grads)
+    return to_map((g * a).sum(dim=1))
 
 
 def first_component_projection(maps: torch.Tensor) -> torch.Tensor:
@@ -91,12 +110,14 @@ def _eigencam(acts: torch.Tensor, grads: Optional[torch.Tensor]) -> torch.Tensor
     return first_component_projection(acts)  # (1, h, w): the same for every detection
 
 
-def _eigengradcam(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    return first_component_projection(grads * acts)
+def _eigengradcam(acts: torch.Tensor, grads: Grads) -> torch.Tensor:
+    dense = grads.dense() if isinstance(grads, WindowGradients) else grads
+    return first_component_projection(dense * acts)
 
 
-#: method -> (activation (1, C, h, w), gradients (K, C, h, w) or None) -> raw maps (K|1, h, w)
-_CAM_IMAGES: Dict[str, Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]] = {
+#: method -> (activation (1, C, h, w), gradients (K, C, h, w), as windows, or None) -> raw maps
+#: (K or 1, h, w)
+_CAM_IMAGES: Dict[str, Callable[[torch.Tensor, Optional[Grads]], torch.Tensor]] = {
     'gradcam': _gradcam,
     'gradcam++': _gradcam_plusplus,
     'xgradcam': _xgradcam,
@@ -159,8 +180,9 @@ def cam_maps(method: str, activation: torch.Tensor, grads: Optional[torch.Tensor
     Args:
         method (str): A ``cam`` key of :data:`~mmdet_cam_hook.methods.METHODS`.
         activation (torch.Tensor): (1, C, h, w) layer output for the image.
-        grads (torch.Tensor | None): (num, C, h, w) gradient of each detection's score with
-            respect to ``activation``; None for gradient-free methods.
+        grads (torch.Tensor | WindowGradients | None): (num, C, h, w) gradient of each
+            detection's score with respect to ``activation``, or the same kept as windows
+            (the local route's); None for gradient-free methods.
         num (int): Number of detections.
 
     Returns:
@@ -168,7 +190,8 @@ def cam_maps(method: str, activation: torch.Tensor, grads: Optional[torch.Tensor
     """
     check_method(method)
     acts = activation.detach().float()
-    grads = None if grads is None else grads.detach().float()
+    if isinstance(grads, torch.Tensor):
+        grads = grads.detach().float()
     maps = scale_maps(_CAM_IMAGES[method](acts, grads).clamp(min=0))
     return maps.expand(num, *maps.shape[1:]) if len(maps) != num else maps
 

@@ -46,7 +46,7 @@ from .checks import (  # noqa: F401 (check_max_size, check_score_thr, check_topk
 from .drise import BatchedDetector, drise_input_maps, image_outputs
 from .geometry import Letterbox
 from .layers import resolve_layers
-from .local import LocalGradient
+from .local import LocalGradient, WindowGradients
 from .methods import METHODS, check_method, check_methods
 from .pipeline import build_pipeline, preprocess_batch, test_pipeline_cfg
 
@@ -566,7 +566,7 @@ class CAMEngine:
                 idx = torch.tensor(idx_all[start:start + self.chunk_size],
                                    device=dets.levels.device)
                 sub = dets.select(idx)
-                grads = self._grads(layers, sub, fwd, no_path) if need_grad else {}
+                grads = self._grads(layers, sub, fwd, no_path, level) if need_grad else {}
                 idx = idx.to(device)
                 for m in methods:
                     per_layer = [self._layer_maps(m, layer, fwd, grads, len(sub), shared)
@@ -593,8 +593,15 @@ class CAMEngine:
         return shared[method, layer.name].expand(num, *act.shape[-2:])
 
     def _grads(self, layers: List[TargetLayer], sub: Detections, fwd: '_Forward',
-               no_path: Dict[str, List[int]]) -> Dict[str, torch.Tensor]:
-        """Gradient of each detection's score w.r.t. each layer, (K, C, h, w) per layer."""
+               no_path: Dict[str, List[int]],
+               level: Optional[int] = None) -> Dict[str, Union[torch.Tensor, WindowGradients]]:
+        """Gradient of each detection's score w.r.t. each layer, (K, C, h, w) per layer; kept
+        as windows (:class:`~mmdet_cam_hook.local.WindowGradients`) when ``sub`` is all on
+        ``level`` and the one layer is that level's map on the local route (the level-aware
+        default)."""
+        if (level is not None and len(layers) == 1 and layers[0].route == 'local'
+                and layers[0].level == level and isinstance(self.local_grad, LocalGradient)):
+            return {layers[0].name: self.local_grad.windows(fwd.feats[level], level, sub)}
         cache: Dict[int, torch.Tensor] = {}
 
         def local_at(level: int) -> torch.Tensor:

@@ -169,6 +169,11 @@ class LocalGradient:
         Returns:
             torch.Tensor: (K, C, h, w), zero outside each detection's window.
         """
+        return self.windows(feat, level, dets).dense()
+
+    def windows(self, feat: torch.Tensor, level: int, dets: Detections) -> 'WindowGradients':
+        """:meth:`__call__`'s gradients kept as their windows (what the maths of most methods
+        reads; :meth:`WindowGradients.dense` gives the full maps)."""
         r = self.radii[level]
         if r is None:
             raise ValueError(f'level {level} has no exact local window')
@@ -179,16 +184,53 @@ class LocalGradient:
         offsets = torch.arange(size, device=feat.device)
         rows = (dets.ys.to(feat.device).long()[:, None] + offsets)[:, :, None]
         cols = (dets.xs.to(feat.device).long()[:, None] + offsets)[:, None, :]
-        padded = F.pad(feat.detach(), (r, r, r, r))[0]
-        patches = padded[:, rows, cols].permute(1, 0, 2, 3).contiguous()  # (K, C, size, size)
+        windows = WindowGradients(feat.new_zeros((len(dets), 0, size, size)), rows, cols, r,
+                                  (h, w))
+        patches = windows.gather(feat.detach())  # (K, C, size, size), zero off the map
         patches.requires_grad_(True)
-        inside = F.pad(torch.ones((h, w), dtype=feat.dtype, device=feat.device), (r, r, r, r))
-        mask = inside[rows, cols][:, None]  # (K, 1, size, size)
+        mask = windows.gather(torch.ones((1, 1, h, w), dtype=feat.dtype, device=feat.device))
         with torch.enable_grad(), _zero_off_map(_spatial_convs(self.branches[level]), mask):
             scores = self.adapter.window_scores(level, patches, dets)
             (grad, ) = torch.autograd.grad(scores.sum(), patches)
-        full = torch.zeros((len(dets), c, h + 2 * r, w + 2 * r), dtype=feat.dtype,
-                           device=feat.device)
-        k = torch.arange(len(dets), device=feat.device)[:, None, None]
-        full.permute(0, 2, 3, 1)[k, rows, cols] = grad.permute(0, 2, 3, 1)
+        return WindowGradients(grad, rows, cols, r, (h, w))
+
+
+class WindowGradients:
+    """K gradients w.r.t. a (1, C, h, w) map that are zero outside a (2r+1) x (2r+1) window
+    each, kept as the windows.
+
+    Args:
+        values (torch.Tensor): (K, C, s, s) the gradients inside the windows (zero off the map).
+        rows (torch.Tensor): (K, s, 1) each window's rows in the map zero-padded by ``radius``.
+        cols (torch.Tensor): (K, 1, s) its columns there.
+        radius (int): r.
+        shape (tuple[int, int]): (h, w) of the map.
+    """
+
+    def __init__(self, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                 radius: int, shape: Tuple[int, int]) -> None:
+        self.values, self.rows, self.cols = values, rows, cols
+        self.radius, self.shape = radius, (int(shape[0]), int(shape[1]))
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def gather(self, maps: torch.Tensor) -> torch.Tensor:
+        """(1, C', h, w) maps -> (K, C', s, s): their values at each window's positions, zero
+        off the map."""
+        r = self.radius
+        padded = F.pad(maps, (r, r, r, r))[0]
+        return padded[:, self.rows, self.cols].permute(1, 0, 2, 3)
+
+    def scatter(self, values: torch.Tensor) -> torch.Tensor:
+        """(K, C', s, s) values at the windows' positions -> (K, C', h, w) maps, zero
+        elsewhere."""
+        (h, w), r = self.shape, self.radius
+        full = values.new_zeros((len(values), values.shape[1], h + 2 * r, w + 2 * r))
+        k = torch.arange(len(values), device=values.device)[:, None, None]
+        full.permute(0, 2, 3, 1)[k, self.rows, self.cols] = values.permute(0, 2, 3, 1)
         return full[:, :, r:r + h, r:r + w]
+
+    def dense(self) -> torch.Tensor:
+        """(K, C, h, w): the gradients on the whole map."""
+        return self.scatter(self.values)

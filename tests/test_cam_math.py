@@ -96,3 +96,27 @@ def test_resized_extremes_equal_those_of_the_resized_maps(size):
 def test_pixelwise_max(num):
     maps = torch.rand((num, 6, 7), generator=torch.Generator().manual_seed(num))
     assert torch.equal(cam_math.pixelwise_max(maps), maps.amax(dim=0))
+
+
+@pytest.mark.parametrize('method', [m for m in CAM_METHODS if METHODS[m].uses_gradients])
+def test_window_gradients_equal_full_gradients(method):
+    """The local route's gradients kept as windows (also at the map's borders) give the maps
+    of the same gradients on the whole map."""
+    from mmdet_cam_hook.local import WindowGradients
+
+    rng = np.random.default_rng(1)
+    h, w, r, num = 9, 11, 2, 6
+    acts = torch.from_numpy(rng.standard_normal((1, 5, h, w)).astype(np.float32)).relu()
+    ys = torch.tensor([0, 8, 4, 0, 8, 3])  # corners, edges and the middle
+    xs = torch.tensor([0, 10, 5, 10, 0, 2])
+    offsets = torch.arange(2 * r + 1)
+    rows, cols = (ys[:, None] + offsets)[:, :, None], (xs[:, None] + offsets)[:, None, :]
+    inside = WindowGradients(torch.zeros((num, 0, 5, 5)), rows, cols, r, (h, w)).gather(
+        torch.ones((1, 1, h, w)))
+    values = torch.from_numpy(rng.standard_normal((num, 5, 5, 5)).astype(np.float32)) * inside
+    grads = WindowGradients(values, rows, cols, r, (h, w))
+    dense = grads.dense()
+    assert dense.shape == (num, 5, h, w) and float(dense[0, :, 3:, :].abs().sum()) == 0
+    np.testing.assert_allclose(grads.gather(dense[:1])[0].numpy(), values[0].numpy())
+    np.testing.assert_allclose(cam_math.cam_maps(method, acts, grads, num).numpy(),
+                               cam_math.cam_maps(method, acts, dense, num).numpy(), atol=1e-5)
