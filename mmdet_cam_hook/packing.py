@@ -93,6 +93,17 @@ def probe_reach(features, module: nn.Module, inputs_shape: Sequence[int],
     return reach
 
 
+def _hooked(features, inputs: torch.Tensor, module: nn.Module, hook) -> tuple:
+    """``features(inputs)`` without gradients, with ``hook`` as a forward hook of ``module``
+    for the call."""
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return features(inputs)
+    finally:
+        handle.remove()
+
+
 def _probe_at(features, module: nn.Module, size: Tuple[int, int],
               device: torch.device) -> Dict[int, Optional[Reach]]:
     """:func:`probe_reach` at one input size."""
@@ -102,12 +113,7 @@ def _probe_at(features, module: nn.Module, size: Tuple[int, int],
         shape_t.append(tuple(output.shape[-2:]))
 
     inputs = torch.zeros((1, 3, *size), device=device)
-    handle = module.register_forward_hook(measure)
-    try:
-        with torch.no_grad():
-            plain = features(inputs)
-    finally:
-        handle.remove()
+    plain = _hooked(features, inputs, module, measure)
     if not shape_t:
         return {}
     h_t, w_t = shape_t[0]
@@ -127,13 +133,8 @@ def _probe_at(features, module: nn.Module, size: Tuple[int, int],
             out[b, :, py, px] = float('nan')
         return out
 
-    batch = inputs.expand(len(probes), *inputs.shape[1:]).contiguous()
-    handle = module.register_forward_hook(inject)
-    try:
-        with torch.no_grad():
-            maps = features(batch)
-    finally:
-        handle.remove()
+    maps = _hooked(features, inputs.expand(len(probes), *inputs.shape[1:]).contiguous(),
+                   module, inject)
     reach: Dict[int, Optional[Reach]] = {}
     for level, fmap in enumerate(maps):
         h, w = fmap.shape[-2:]
