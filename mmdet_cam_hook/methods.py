@@ -4,8 +4,10 @@ The hook, the command-line tools (``choices=``), the evaluation and the tests al
 :data:`METHODS`. Two kinds of method share it:
 
 - ``cam``: a layer's activations (and the detection's gradients there) weighted into a map. The
-  maths of each is pytorch-grad-cam's own class: this package only supplies what that library
-  lacks (per-detection targets, batching over detections, the letterbox geometry).
+  maths of each is pytorch-grad-cam's class (``cam_class``), written again in torch in
+  :mod:`mmdet_cam_hook.cam_math` to run batched over detections on the model's device, and
+  tested equal to that class; the class itself serves as the reference
+  (:mod:`mmdet_cam_hook.reference`).
 - ``black_box``: the detector is only run, never differentiated, and no target layer is read
   (``drise``, :mod:`mmdet_cam_hook.drise`). The engine routes these past the CAM maths.
 """
@@ -38,7 +40,7 @@ class CAMMethod:
 
     Args:
         name (str): The name users type (``--method``, ``methods=``).
-        class_name (str): The pytorch-grad-cam class whose weight maths is used ('' for a
+        class_name (str): The pytorch-grad-cam class the maths equals ('' for a
             ``black_box`` method).
         uses_gradients (bool): Whether the method needs gradients of the detection score.
         spatial (bool): Whether the map keeps the location of the evidence (element-wise
