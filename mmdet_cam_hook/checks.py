@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import numbers
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 __all__ = [
     'is_int', 'check_int', 'check_bool', 'check_fraction', 'check_choice', 'check_score_thr',
-    'check_topk', 'check_max_size', 'positive_int_arg', 'fraction_arg'
+    'check_topk', 'check_max_size', 'positive_int_arg', 'nonnegative_int_arg', 'fraction_arg'
 ]
 
 
@@ -137,43 +137,26 @@ def check_max_size(max_size: Any, arg: str = 'max_size') -> Optional[int]:
     return check_int(max_size, arg, low=1, none_ok=True)
 
 
-def positive_int_arg(text: str) -> int:
-    """``argparse`` type: an integer >= 1.
+def _arg_type(convert: Callable[[str], Any], ok: Callable[[Any], bool],
+              expected: str) -> Callable[[str], Any]:
+    """An ``argparse`` type: ``convert(text)`` when it succeeds and ``ok`` accepts it, else an
+    ``ArgumentTypeError`` saying ``must be {expected}, got {text!r}``."""
 
-    Args:
-        text (str): The command-line text.
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f'must be {expected}, got {text!r}')
+        return value
 
-    Returns:
-        int: The value.
-
-    Raises:
-        argparse.ArgumentTypeError: If ``text`` is not an integer >= 1.
-    """
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be an integer >= 1, got {text!r}')
-    return value
+    return parse
 
 
-def fraction_arg(text: str) -> float:
-    """``argparse`` type: a number in ``[0, 1]`` (a score threshold).
-
-    Args:
-        text (str): The command-line text.
-
-    Returns:
-        float: The value.
-
-    Raises:
-        argparse.ArgumentTypeError: If ``text`` is not a number in ``[0, 1]``.
-    """
-    try:
-        value = float(text)
-    except ValueError:
-        value = float('nan')
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f'must be a number in [0, 1], got {text!r}')
-    return value
+#: ``argparse`` type: an integer >= 1 (``--topk``, ``--batch-size``, ...).
+positive_int_arg = _arg_type(int, lambda v: v >= 1, 'an integer >= 1')
+#: ``argparse`` type: an integer >= 0 (``--seed``).
+nonnegative_int_arg = _arg_type(int, lambda v: v >= 0, 'an integer >= 0')
+#: ``argparse`` type: a number in ``[0, 1]`` (a score threshold).
+fraction_arg = _arg_type(float, lambda v: 0.0 <= v <= 1.0, 'a number in [0, 1]')

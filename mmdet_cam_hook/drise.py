@@ -81,14 +81,7 @@ class MaskSampler:
 
 def rise_masks(num: int, shape: Tuple[int, int], grid: int = 16, p: float = 0.5,
                seed: int = 0) -> np.ndarray:
-    """RISE's random smooth masks, all at once (see :class:`MaskSampler`).
-
-    Args:
-        num (int): Number of masks.
-        shape (tuple[int, int]): (H, W) of the image.
-        grid (int): Cells per side of the binary grid. Defaults to 16.
-        p (float): Probability that a cell is kept. Defaults to 0.5.
-        seed (int): Seed. Defaults to 0.
+    """RISE's random smooth masks, all at once (arguments as :class:`MaskSampler`'s).
 
     Returns:
         np.ndarray: (num, H, W) float32 in [0, 1].

@@ -30,23 +30,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .checks import fraction_arg, positive_int_arg
+from .checks import fraction_arg, nonnegative_int_arg, positive_int_arg
 from .cli import UserError, require_grad_cam_or_exit, resolve_config, resolve_device
 from .files import write_atomically
 
 PROG = 'mmdet-cam-eval'
 
 logger = logging.getLogger(__name__)
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'must be an integer >= 0, got {text!r}')
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--batch-size', type=positive_int_arg, default=16,
                         help='Perturbed (or masked) images per forward pass. Defaults to '
                         '%(default)s')
-    parser.add_argument('--seed', type=_nonnegative_int, default=0,
+    parser.add_argument('--seed', type=nonnegative_int_arg, default=0,
                         help='Seed of the baselines, tie-breaks, noise fill, drise masks and '
                         'randomisation. Defaults to %(default)s')
     parser.add_argument('--randomization', action='store_true',
