@@ -15,6 +15,7 @@ sign as grad-cam's ``full_matrices=True`` and costs O(hw C^2) instead of O(hw^2 
 against 15.6 s on a 12288 x 256 map). Eigen-CAM reads no gradient, so its map is computed once
 per layer and shared by every detection.
 """
+import functools
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -136,10 +137,12 @@ def scale_maps(maps: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> to
     return resize(maps, size) if size is not None else maps
 
 
-def _extreme_samples(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
-    """(n_keep, n_in) rows of the bilinear resize matrix from ``n_in`` to ``n_out`` points
-    (``F.interpolate``'s ``align_corners=False`` sampling): only the first and the last output
-    point inside each source cell, where a bilinear map's extremes over the cell are."""
+@functools.lru_cache(maxsize=64)
+def _extreme_samples(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_keep, n_in) float32 rows of the bilinear resize matrix from ``n_in`` to ``n_out``
+    points (``F.interpolate``'s ``align_corners=False`` sampling): only the first and the last
+    output point inside each source cell, where a bilinear map's extremes over the cell are.
+    On the CPU, computed once per pair of sizes."""
     dst = torch.arange(n_out, dtype=torch.float64)
     src = ((dst + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
     lo = src.floor().long().clamp(max=n_in - 1)
@@ -152,7 +155,7 @@ def _extreme_samples(n_in: int, n_out: int, device: torch.device) -> torch.Tenso
     rows = torch.arange(len(keep))
     weights.index_put_((rows, lo[keep]), 1 - frac[keep], accumulate=True)
     weights.index_put_((rows, hi[keep]), frac[keep], accumulate=True)
-    return weights.to(device=device, dtype=torch.float32)
+    return weights.float()
 
 
 def resized_extremes(maps: torch.Tensor, size: Tuple[int, int]) -> Tuple[torch.Tensor,
@@ -166,8 +169,8 @@ def resized_extremes(maps: torch.Tensor, size: Tuple[int, int]) -> Tuple[torch.T
     Returns:
         tuple[torch.Tensor, torch.Tensor]: (K,) minima and (K,) maxima.
     """
-    rows = _extreme_samples(maps.shape[-2], int(size[0]), maps.device)
-    cols = _extreme_samples(maps.shape[-1], int(size[1]), maps.device)
+    rows = _extreme_samples(maps.shape[-2], int(size[0])).to(maps.device)
+    cols = _extreme_samples(maps.shape[-1], int(size[1])).to(maps.device)
     corners = rows @ maps @ cols.T  # (K, ~2h, ~2w)
     return torch.aminmax(corners.flatten(1), dim=1)
 

@@ -794,7 +794,8 @@ class CAMEngine:
                 cams: torch.Tensor, input_maps: Optional[torch.Tensor], used: List[List[str]],
                 letterbox: Letterbox, renormalize: bool) -> CAMResult:
         """The result of one method: only the finished maps leave the device."""
-        combined = cam_math.pixelwise_max(cams) if len(cams) else cams.new_zeros(img.shape[:2])
+        combined = (cam_math.pixelwise_max(cams) if len(cams) else
+                    cams.new_zeros(img.shape[:2]))  # on the device, as the maps
         bboxes = dets.bboxes.detach().cpu().numpy().astype(np.float32) * np.float32(scale)
         result = CAMResult(
             bboxes=bboxes,
@@ -823,10 +824,11 @@ def _first_last(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _combined(cams: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
-    """The pixel-wise maximum of the (K, H, W) maps, float32; zeros of ``shape`` if K = 0."""
+    """The pixel-wise maximum of the (K, H, W) maps (:func:`cam_math.pixelwise_max`), float32;
+    zeros of ``shape`` if K = 0."""
     if not len(cams):
         return np.zeros(shape, np.float32)
-    return cams.max(0).astype(np.float32, copy=False)
+    return cam_math.pixelwise_max(torch.from_numpy(np.asarray(cams, np.float32))).numpy()
 
 
 def _shrink(img: np.ndarray, max_size: Optional[int]) -> Tuple[float, np.ndarray]:

@@ -184,11 +184,10 @@ class LocalGradient:
         offsets = torch.arange(size, device=feat.device)
         rows = (dets.ys.to(feat.device).long()[:, None] + offsets)[:, :, None]
         cols = (dets.xs.to(feat.device).long()[:, None] + offsets)[:, None, :]
-        windows = WindowGradients(feat.new_zeros((len(dets), 0, size, size)), rows, cols, r,
-                                  (h, w))
-        patches = windows.gather(feat.detach())  # (K, C, size, size), zero off the map
+        patches = _gather(feat.detach(), rows, cols, r)  # (K, C, size, size), zero off the map
         patches.requires_grad_(True)
-        mask = windows.gather(torch.ones((1, 1, h, w), dtype=feat.dtype, device=feat.device))
+        mask = _gather(torch.ones((1, 1, h, w), dtype=feat.dtype, device=feat.device), rows,
+                       cols, r)
         with torch.enable_grad(), _zero_off_map(_spatial_convs(self.branches[level]), mask):
             scores = self.adapter.window_scores(level, patches, dets)
             (grad, ) = torch.autograd.grad(scores.sum(), patches)
@@ -218,9 +217,7 @@ class WindowGradients:
     def gather(self, maps: torch.Tensor) -> torch.Tensor:
         """(1, C', h, w) maps -> (K, C', s, s): their values at each window's positions, zero
         off the map."""
-        r = self.radius
-        padded = F.pad(maps, (r, r, r, r))[0]
-        return padded[:, self.rows, self.cols].permute(1, 0, 2, 3)
+        return _gather(maps, self.rows, self.cols, self.radius)
 
     def scatter(self, values: torch.Tensor) -> torch.Tensor:
         """(K, C', s, s) values at the windows' positions -> (K, C', h, w) maps, zero
@@ -234,3 +231,11 @@ class WindowGradients:
     def dense(self) -> torch.Tensor:
         """(K, C, h, w): the gradients on the whole map."""
         return self.scatter(self.values)
+
+
+def _gather(maps: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+            radius: int) -> torch.Tensor:
+    """(1, C', h, w) maps -> (K, C', s, s), their values at the windows ``rows`` (K, s, 1) x
+    ``cols`` (K, 1, s) of the map zero-padded by ``radius``."""
+    padded = F.pad(maps, (radius, radius, radius, radius))[0]
+    return padded[:, rows, cols].permute(1, 0, 2, 3)
