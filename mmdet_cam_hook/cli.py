@@ -27,6 +27,9 @@ in score order, starting at 0)::
                  {stem}_panel.jpg (everything in one labelled image)
     --save-raw:  {stem}_{method}.npz (bboxes, labels, scores, levels, cams, combined, ...)
 
+Inputs whose outputs would share a name are refused before the model is loaded: two images with
+one stem, or (with ``--method gradcam``) images ``a`` and ``a_det0``.
+
 User errors (bad arguments, missing files, unsafe checkpoint, unknown layer, no detections, no
 CUDA, CUDA out of memory, grad-cam not installed) print one line on stderr and exit with 1
 (argparse's own errors with 2). With several images, one that cannot be read or explained (a
@@ -47,6 +50,7 @@ import errno
 import glob
 import logging
 import os
+import re
 import sys
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -244,15 +248,27 @@ def rank_share(paths: Sequence[Path], rank: int, world_size: int) -> list[Path]:
     return [p for p in paths if turn[p.stem] == rank]
 
 
-def collect_images(img: str) -> list[Path]:
+# The name of the all-detections image, {stem}_gradcam.jpg whatever --method is (the seed's);
+# {stem}_det{k}_{method}.jpg is detection k's.
+COMBINED_NAME = 'gradcam'
+_DETECTION_STEM = re.compile(r'(.+)_det(0|[1-9][0-9]*)')
+
+
+def collect_images(img: str, method: str = 'gradcam') -> list[Path]:
     """The images named by ``img``: a file, a folder (its images, not recursive) or a glob.
+
+    Args:
+        img (str): The tool's ``img`` argument.
+        method (str): ``--method``; it decides which output names two stems can share.
 
     Returns:
         list[Path]: Sorted paths.
 
     Raises:
-        UserError: If nothing matches, or two inputs share a file stem (their outputs would
-            overwrite each other).
+        UserError: If nothing matches, or two inputs' outputs would overwrite each other: they
+            share a file stem, or (with ``--method gradcam``) one's stem is the other's plus
+            ``_det{k}`` (``a_det0_gradcam.jpg`` is both ``a_det0``'s combined map and ``a``'s
+            detection 0).
     """
     path = Path(img)
     if path.is_file():
@@ -274,6 +290,13 @@ def collect_images(img: str) -> list[Path]:
             raise UserError(f'{seen[p.stem]} and {p} share the name {p.stem!r}: their outputs '
                             'would overwrite each other; process them separately')
         seen[p.stem] = p
+    for stem, p in seen.items():
+        base = _DETECTION_STEM.fullmatch(stem)
+        if method == COMBINED_NAME and base and base[1] in seen:
+            raise UserError(
+                f'{seen[base[1]]} and {p} would both write {stem}_{COMBINED_NAME}.jpg (the '
+                f'first one\'s detection {int(base[2])}, the second one\'s combined map); '
+                'process them separately or rename one')
     return paths
 
 
@@ -407,7 +430,7 @@ def save_outputs(result, stem: str, out_dir: Path, class_names, save_all: bool,
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f'cannot create --out-dir {str(out_dir)!r}: {exc}') from exc
-    written = [_write_image(out_dir / f'{stem}_gradcam.jpg',
+    written = [_write_image(out_dir / f'{stem}_{COMBINED_NAME}.jpg',
                             draw_detections(overlay_cam(image, result.combined), boxes, labels,
                                             scores, class_names))]
     for k in range(len(result)):
@@ -663,7 +686,7 @@ def run(args: argparse.Namespace) -> int:
     rank, world, local_rank = distributed_env()
     args.device = resolve_device(args.device, local_rank)
     config = resolve_config(args.config)
-    images = [] if args.list_layers else collect_images(args.img)
+    images = [] if args.list_layers else collect_images(args.img, args.method)
     total, where = len(images), f'rank {rank}/{world}: ' if world > 1 else ''
     if world > 1 and not args.list_layers:
         images = rank_share(images, rank, world)
@@ -677,7 +700,8 @@ def run(args: argparse.Namespace) -> int:
     except (CheckpointError, OSError, ValueError) as exc:  # OSError: missing file, a folder
         raise UserError(str(exc)) from exc
     if args.list_layers:
-        sys.stdout.write(layer_table(model))
+        if rank == 0:  # one table for the job, not one per rank
+            sys.stdout.write(layer_table(model))
         return 0
 
     from tqdm import tqdm

@@ -700,3 +700,19 @@ def test_duplicate_stems(tmp_path, capsys):
     cv2.imwrite(str(tmp_path / 'y.bmp'), shapes_image(40, 40, 0))
     assert main(['cfg.py', 'ckpt.pth', str(tmp_path / '**' / 'y.*')]) == 1
     assert "share the name 'y'" in error_line(capsys.readouterr().err)
+
+
+def test_output_name_clash(tmp_path, capsys):
+    """Image ``a_det0`` writes ``a_det0_gradcam.jpg``, which is also image ``a``'s detection-0
+    map with --method gradcam: refused before anything is loaded; other methods (and names
+    the tool never writes, like ``a_det01``) are fine."""
+    for name in ('a.jpg', 'a_det10.png', 'a_det01.jpg'):
+        cv2.imwrite(str(tmp_path / name), shapes_image(40, 40, 0))
+    assert main(['cfg.py', 'ckpt.pth', str(tmp_path)]) == 1
+    line = error_line(capsys.readouterr().err)
+    assert 'a.jpg and ' in line and 'a_det10.png would both write a_det10_gradcam.jpg' in line
+    assert "first one's detection 10" in line
+    from mmdet_cam_hook.cli import collect_images
+    assert len(collect_images(str(tmp_path), 'eigencam')) == 3
+    (tmp_path / 'a_det10.png').unlink()
+    assert len(collect_images(str(tmp_path), 'gradcam')) == 2
