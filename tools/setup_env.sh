@@ -38,6 +38,13 @@ fi
 PY="$VENV/bin/python"
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q -c "$CONSTRAINTS" "$@"; }
 
+# The registry's torch 2.9.1 for x86_64 is a CUDA build (it runs on the CPU): ~7.7 GB installed,
+# plus pip's temporary copies while it installs. Say so up front rather than leave only pip's
+# "No space left on device" halfway through.
+free_kb=$(df -Pk "$(dirname "$VENV")" | awk 'NR == 2 {print $4}')
+if [ -n "$free_kb" ] && [ "$free_kb" -lt $((10 * 1024 * 1024)) ]; then
+  log "warning: $((free_kb / 1024)) MB free on the disk of $VENV; the environment needs about 10 GB while it installs"
+fi
 log "torch + torchvision (first time: a few minutes)"
 pip_install torch torchvision
 log "build tools, mmengine, grad-cam, visualizer backends (tensorboard, mlflow, wandb), opencv, test tools"
