@@ -571,11 +571,13 @@ class CAMEngine:
                 for m in methods:
                     per_layer = [self._layer_maps(m, layer, fwd, grads, len(sub), shared)
                                  for layer in layers]
-                    on_input = cam_math.input_maps(per_layer, fwd.input_hw)
                     shown, kept = maps[m]
+                    if kept is None:
+                        shown[idx] = cam_math.image_maps(per_layer, letterbox, out_hw)
+                        continue
+                    on_input = cam_math.input_maps(per_layer, fwd.input_hw)
                     shown[idx] = letterbox.to_original(on_input, out_hw).clamp_(0.0, 1.0)
-                    if kept is not None:
-                        kept[idx] = on_input
+                    kept[idx] = on_input
         if no_path and need_grad:
             self._warn_no_path(no_path)
         return maps, used

@@ -4,6 +4,7 @@ YOLOX's test pipeline resizes with ``keep_ratio`` and pads at the bottom and rig
 (mmcv's ``Pad`` then overwrites ``img_shape`` with the padded size), so the unpadded part of the
 network input is ``round(ori_h * sy) x round(ori_w * sx)`` at the top left.
 """
+import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple, TypeVar
 
@@ -72,6 +73,30 @@ class Letterbox:
             out = t.clone() if (h, w) == (h_r, w_r) else resize_maps(t, (h, w))
         return out.numpy() if as_numpy else out
 
+    def grid_to_original(self, maps: torch.Tensor,
+                         out_shape: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Maps on a coarser grid that spans the network input (a layer's h x w) straight to the
+        original image: what :func:`resize_maps` to the input grid followed by
+        :meth:`to_original` gives (to float rounding), without writing the input-sized maps.
+
+        Each of the three steps (resize, crop, resize) is linear and acts on rows and columns
+        separately, so together they are one (H, h) matrix on the rows and one (W, w) on the
+        columns, built once per set of sizes; each map costs two small matrix products.
+
+        Args:
+            maps (torch.Tensor): (K, h, w) float maps.
+            out_shape (tuple[int, int], optional): (H, W) to resize to. Defaults to None (the
+                original size).
+
+        Returns:
+            torch.Tensor: (K, H, W) float32 maps on ``maps``' device (new memory).
+        """
+        h, w = self.ori_shape if out_shape is None else out_shape
+        (h_r, w_r), (h_in, w_in) = self.resized_shape, self.input_shape
+        rows = _resample_matrix(maps.shape[-2], h_in, h_r, int(h)).to(maps.device)
+        cols = _resample_matrix(maps.shape[-1], w_in, w_r, int(w)).to(maps.device)
+        return torch.matmul(torch.matmul(rows, maps.float()), cols.T)
+
     def point_to_input(self, x: float, y: float) -> Tuple[float, float]:
         """Map a point in original pixel coordinates to network-input coordinates."""
         h_r, w_r = self.resized_shape
@@ -88,3 +113,18 @@ def resize_maps(maps: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     if tuple(maps.shape[-2:]) == size:
         return maps
     return F.interpolate(maps[:, None], size=size, mode='bilinear', align_corners=False)[:, 0]
+
+
+@functools.lru_cache(maxsize=256)
+def _resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) float64 weights of :func:`resize_maps` along one axis (it is separable)."""
+    eye = torch.eye(n_in, dtype=torch.float64)[None]
+    return F.interpolate(eye, size=n_out, mode='linear', align_corners=False)[0].T
+
+
+@functools.lru_cache(maxsize=64)
+def _resample_matrix(n_map: int, n_input: int, n_kept: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_map) float32: resize ``n_map`` points to the input's ``n_input``, keep the
+    first ``n_kept`` (the letterbox's crop), resize those to ``n_out``; on the CPU, once per
+    set of sizes."""
+    return (_resize_matrix(n_kept, n_out) @ _resize_matrix(n_map, n_input)[:n_kept]).float()
