@@ -15,8 +15,14 @@ from typing import Any, Callable, Optional, Sequence
 
 __all__ = [
     'is_int', 'check_int', 'check_bool', 'check_fraction', 'check_choice', 'check_score_thr',
-    'check_topk', 'check_max_size', 'positive_int_arg', 'nonnegative_int_arg', 'fraction_arg'
+    'check_topk', 'check_max_size', 'positive_int_arg', 'nonnegative_int_arg', 'fraction_arg',
+    'UserError'
 ]
+
+
+class UserError(Exception):
+    """A problem with a command line or its inputs, which the command-line tools report in one
+    line (exit code 1)."""
 
 
 def is_int(value: Any) -> bool:

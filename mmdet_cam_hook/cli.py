@@ -6,7 +6,8 @@ The arguments are the seed tool's (``config checkpoint img``, ``--out-dir``, ``-
 ``--save-all``) with its defaults, plus ``--list-layers``, ``--save-raw``, ``--batch-size`` and
 ``--trust-checkpoint``. ``tools/analysis_tools/demo_yolox_gradcam.py`` calls :func:`main`.
 
-Many images: ``--batch-size N`` explains N images per forward pass
+Many images (the reading, writing and sharing among ranks are :mod:`mmdet_cam_hook.folder`'s):
+``--batch-size N`` explains N images per forward pass
 (:meth:`~mmdet_cam_hook.engine.CAMEngine.explain_batch`; one at a time inside it unless every
 target layer takes the ``local`` route). Whatever N, one background thread reads and decodes
 the next batch while the current one is explained, and another writes the previous batch's
@@ -47,22 +48,20 @@ from __future__ import annotations
 
 import argparse
 import errno
-import glob
 import logging
 import os
-import re
 import sys
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from .checks import fraction_arg, positive_int_arg
-from .files import IMAGE_EXTENSIONS, list_images, write_atomically
+from .checks import UserError, fraction_arg, positive_int_arg
+from .files import write_atomically
+from .folder import COMBINED_NAME, Loaded, Overlap, collect_images, distributed_env, rank_share
 
 # Named, not __name__: under `python -m mmdet_cam_hook.cli` (and torchrun's `-m`) this module
 # is __main__, outside the package's logger that _console() shows.
@@ -70,9 +69,6 @@ logger = logging.getLogger('mmdet_cam_hook.cli')
 
 PROG = 'mmdet-cam'
 
-
-class UserError(Exception):
-    """A problem with the command line or its inputs, reported in one line (exit code 1)."""
 
 
 
@@ -187,117 +183,6 @@ def resolve_device(device: Optional[str], local_rank: Optional[int] = None) -> s
         raise UserError(f'--device {device!r}{how}: this machine has {torch.cuda.device_count()} '
                         f'CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}')
     return f'cuda:{index}'
-
-
-def _env_int(environ, name: str, low: int, high: Optional[int] = None,
-             default: Optional[int] = None) -> int:
-    """The integer in environment variable ``name``, in ``[low, high]``."""
-    text = environ.get(name, '').strip()
-    if not text and default is not None:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < low or (high is not None and value > high):
-        accepted = f'an integer >= {low}' if high is None else f'an integer from {low} to {high}'
-        got = f'got {text!r}' if text else 'it is not set'
-        raise UserError(f'environment variable {name} must be {accepted} (torchrun sets RANK, '
-                        f'WORLD_SIZE and LOCAL_RANK), {got}')
-    return value
-
-
-def distributed_env(environ=None) -> tuple[int, int, int]:
-    """This process's place in a torchrun job, from ``RANK``, ``WORLD_SIZE`` and
-    ``LOCAL_RANK``.
-
-    Args:
-        environ (Mapping[str, str], optional): The environment. Defaults to None
-            (``os.environ``).
-
-    Returns:
-        tuple[int, int, int]: ``(rank, world_size, local_rank)``; ``(0, 1, 0)`` when
-        ``WORLD_SIZE`` is unset or 1.
-
-    Raises:
-        UserError: If ``WORLD_SIZE`` is not an integer >= 1, or, when it is > 1, ``RANK`` is not
-            in ``[0, WORLD_SIZE)`` or ``LOCAL_RANK`` (default 0) is not an integer >= 0.
-    """
-    environ = os.environ if environ is None else environ
-    world = _env_int(environ, 'WORLD_SIZE', 1, default=1)
-    if world == 1:
-        return 0, 1, 0
-    return (_env_int(environ, 'RANK', 0, world - 1), world,
-            _env_int(environ, 'LOCAL_RANK', 0, default=0))
-
-
-def rank_share(paths: Sequence[Path], rank: int, world_size: int) -> list[Path]:
-    """The images rank ``rank`` of ``world_size`` explains: the groups of images with one file
-    stem (they write the same output names), in sorted stem order, dealt round-robin.
-
-    Args:
-        paths (Sequence[Path]): Every image of the run.
-        rank (int): This process's rank, ``0 <= rank < world_size``.
-        world_size (int): The number of processes.
-
-    Returns:
-        list[Path]: This rank's images, in the order of ``paths``. The shares of all ranks
-        partition ``paths``.
-    """
-    turn = {stem: i % world_size for i, stem in enumerate(sorted({p.stem for p in paths}))}
-    return [p for p in paths if turn[p.stem] == rank]
-
-
-# The name of the all-detections image, {stem}_gradcam.jpg whatever --method is (the seed's);
-# {stem}_det{k}_{method}.jpg is detection k's.
-COMBINED_NAME = 'gradcam'
-_DETECTION_STEM = re.compile(r'(.+)_det(0|[1-9][0-9]*)')
-
-
-def collect_images(img: str, method: str = 'gradcam') -> list[Path]:
-    """The images named by ``img``: a file, a folder (its images, not recursive) or a glob.
-
-    Args:
-        img (str): The tool's ``img`` argument.
-        method (str): ``--method``; it decides which output names two stems can share.
-
-    Returns:
-        list[Path]: Sorted paths.
-
-    Raises:
-        UserError: If nothing matches, or two inputs' outputs would overwrite each other: they
-            share a file stem, or (with ``--method gradcam``) one's stem is the other's plus
-            ``_det{k}`` (``a_det0_gradcam.jpg`` is both ``a_det0``'s combined map and ``a``'s
-            detection 0).
-    """
-    path = Path(img)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        paths = list_images(path)
-        if not paths:
-            raise UserError(f'folder {img!r} has no images (extensions: '
-                            f'{", ".join(IMAGE_EXTENSIONS)})')
-    elif any(c in img for c in '*?['):
-        paths = sorted(Path(p) for p in glob.glob(img, recursive=True) if os.path.isfile(p))
-        if not paths:
-            raise UserError(f'no files match {img!r}')
-    else:
-        raise UserError(f'image {img!r} does not exist')
-    seen: dict[str, Path] = {}
-    for p in paths:
-        if p.stem in seen:
-            raise UserError(f'{seen[p.stem]} and {p} share the name {p.stem!r}: their outputs '
-                            'would overwrite each other; process them separately')
-        seen[p.stem] = p
-    for stem, p in seen.items():
-        base = _DETECTION_STEM.fullmatch(stem)
-        if method == COMBINED_NAME and base and base[1] in seen:
-            raise UserError(
-                f'{seen[base[1]]} and {p} would both write {stem}_{COMBINED_NAME}.jpg (the '
-                f'first one\'s detection {int(base[2])}, the second one\'s combined map); '
-                'process them separately or rename one')
-    return paths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,90 +383,6 @@ def _explain(engine, image, args, source: Path):
         raise _ImageError(f'{source}: {exc}') from exc
 
 
-class _Loaded(NamedTuple):
-    """One image as read by :func:`_read_batch`: the pixels, or why there are none."""
-
-    path: Path
-    image: Optional[np.ndarray]
-    error: Optional[Exception]
-
-
-def _read_batch(paths: Sequence[Path]) -> list[_Loaded]:
-    """:func:`~mmdet_cam_hook.engine.load_image` on each path, keeping the errors."""
-    from mmdet_cam_hook.engine import load_image
-
-    loaded = []
-    for path in paths:
-        try:
-            loaded.append(_Loaded(path, load_image(path), None))
-        except (OSError, ValueError) as exc:  # missing, 0-byte, corrupt, unsupported
-            loaded.append(_Loaded(path, None, exc))
-    return loaded
-
-
-class _Overlap:
-    """The two background threads around the loop over batches: one reads and decodes the next
-    batch while the current one is explained, the other writes each batch's outputs while the
-    next one is explained (OpenCV releases the GIL while it decodes and encodes).
-
-    At most one batch is read ahead and one batch's outputs wait for the writer, so about three
-    batches are in memory. Leaving the ``with`` block shuts both threads down; after an error
-    or Ctrl-C, the write in progress is completed (each output is written atomically anyway)
-    and the queued ones never start.
-
-    Args:
-        batches (Sequence[Sequence[Path]]): The images, batch by batch.
-    """
-
-    def __init__(self, batches: Sequence[Sequence[Path]]):
-        self._batches = batches
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix='mmdet-cam-read')
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix='mmdet-cam-write')
-        self._writes: list[Future] = []  # the current batch's
-        self._previous: list[Future] = []  # the batch before's
-        self._written: list[Path] = []
-
-    def __enter__(self) -> _Overlap:
-        return self
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        for executor in (self._reader, self._writer):
-            executor.shutdown(wait=True, cancel_futures=exc_type is not None)
-
-    def read(self) -> Iterator[list[_Loaded]]:
-        """The batches, read in order; the next one is read while the caller works on this
-        one. Before it reads on, the writes of the batch before this one are waited for."""
-        ahead = self._reader.submit(_read_batch, self._batches[0]) if self._batches else None
-        for i in range(len(self._batches)):
-            loaded = ahead.result()
-            if i + 1 < len(self._batches):
-                ahead = self._reader.submit(_read_batch, self._batches[i + 1])
-            yield loaded
-            self._collect(self._previous)
-            self._previous, self._writes = self._writes, []
-
-    def write(self, save: Callable[[], list[Path]]) -> None:
-        """Queue ``save()``, which writes one image's outputs and returns their paths."""
-        self._writes.append(self._writer.submit(save))
-
-    def finish(self) -> list[Path]:
-        """Wait for the queued writes.
-
-        Returns:
-            list[Path]: Every file written, in the order of the images.
-
-        Raises:
-            UserError: The first error of a write (e.g. a full disk).
-        """
-        self._collect(self._previous + self._writes)
-        self._previous, self._writes = [], []
-        return self._written
-
-    def _collect(self, futures: list[Future]) -> None:
-        for future in futures:
-            self._written += future.result()
-
-
 class _Tally:
     """What became of each image; raises the :class:`UserError` that ends the run when an
     image's problem is the run's (a single image, or the same error for the first images).
@@ -628,7 +429,7 @@ class _Tally:
         return True
 
 
-def _explain_batch(engine, loaded: list[_Loaded], args) -> Optional[dict]:
+def _explain_batch(engine, loaded: list[Loaded], args) -> Optional[dict]:
     """The results of a batch's readable images from one
     :meth:`~mmdet_cam_hook.engine.CAMEngine.explain_batch`, by path; None for fewer than two
     images, or when the engine refuses an image (the caller then explains them one at a time,
@@ -654,7 +455,7 @@ def _explain_batch(engine, loaded: list[_Loaded], args) -> Optional[dict]:
     return {item.path: res[args.method] for item, res in zip(good, results)}
 
 
-def _result(engine, item: _Loaded, batch: Optional[dict], args, tally: _Tally):
+def _result(engine, item: Loaded, batch: Optional[dict], args, tally: _Tally):
     """``item``'s result to write, from ``batch`` or explained alone; None (and counted in
     ``tally``) when it cannot be read or explained or has no detections."""
     if item.error is not None:
@@ -718,7 +519,7 @@ def run(args: argparse.Namespace) -> int:
     tally = _Tally(single=total == 1)
     batches = [images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)]
     with logging_redirect_tqdm(loggers=[logging.getLogger('mmdet_cam_hook')]), \
-            _Overlap(batches) as overlap, \
+            Overlap(batches) as overlap, \
             tqdm(total=len(images), unit='img', file=sys.stderr, disable=total < 2,
                  dynamic_ncols=True, desc=where.rstrip(': ') or None) as progress:
         for loaded in overlap.read():
