@@ -6,17 +6,19 @@ The arguments are the seed tool's (``config checkpoint img``, ``--out-dir``, ``-
 ``--save-all``) with its defaults, plus ``--list-layers``, ``--save-raw``, ``--batch-size`` and
 ``--trust-checkpoint``. ``tools/analysis_tools/demo_yolox_gradcam.py`` calls :func:`main`.
 
-Many images (the reading, writing and sharing among ranks are :mod:`mmdet_cam_hook.folder`'s):
+Many images (reading, writing and each rank's share are :mod:`mmdet_cam_hook.folder`'s, the
+process group :mod:`mmdet_cam_hook.distributed`'s):
 ``--batch-size N`` explains N images per forward pass
 (:meth:`~mmdet_cam_hook.engine.CAMEngine.explain_batch`; one at a time inside it unless every
 target layer takes the ``local`` route). Whatever N, one background thread reads and decodes
 the next batch while the current one is explained, and another writes the previous batch's
 outputs. Several processes: ``torchrun --nproc_per_node P -m mmdet_cam_hook.cli ...`` gives
 each rank (``RANK`` of ``WORLD_SIZE``) its share of the images, whole groups of one file stem
-round-robin in sorted order, so no file is written by two ranks; the ranks do not communicate
-(a failing rank cannot hang the others), each reports its own share (the exit code of each
-rank, and the no-detections error only for a single process), and ``--device cuda`` (or the
-default with CUDA) means ``cuda:LOCAL_RANK``.
+round-robin in sorted order, so no file is written by two ranks. The ranks join a process
+group (gloo on the CPU, NCCL on CUDA) and wait for each other once, at the end: each reports
+its own share, rank 0 the job's total (and an error if a file was written by two ranks), and
+when no image of the whole job had a detection every rank exits with that error. ``--device
+cuda`` (or the default with CUDA) means ``cuda:LOCAL_RANK``.
 
 Outputs, for each image ``{stem}.*`` with at least one detection (``k`` is the detection's index
 in score order, starting at 0)::
@@ -52,6 +54,7 @@ import logging
 import os
 import sys
 import warnings
+from collections import Counter
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -60,8 +63,9 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from .checks import UserError, fraction_arg, positive_int_arg
+from .distributed import distributed_env, gather, join, leave
 from .files import write_atomically
-from .folder import COMBINED_NAME, Loaded, Overlap, collect_images, distributed_env, rank_share
+from .folder import COMBINED_NAME, Loaded, Overlap, collect_images, rank_share
 
 # Named, not __name__: under `python -m mmdet_cam_hook.cli` (and torchrun's `-m`) this module
 # is __main__, outside the package's logger that _console() shows.
@@ -487,11 +491,12 @@ def run(args: argparse.Namespace) -> int:
     rank, world, local_rank = distributed_env()
     args.device = resolve_device(args.device, local_rank)
     config = resolve_config(args.config)
-    images = [] if args.list_layers else collect_images(args.img, args.method)
-    total, where = len(images), f'rank {rank}/{world}: ' if world > 1 else ''
+    every = [] if args.list_layers else collect_images(args.img, args.method)
+    images, total, where = every, len(every), f'rank {rank}/{world}: ' if world > 1 else ''
     if world > 1 and not args.list_layers:
-        images = rank_share(images, rank, world)
+        images = rank_share(every, rank, world)
         logger.info('%s%d of %d images', where, len(images), total)
+        join(args.device)
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f'--out-dir {args.out_dir!r} exists and is not a folder')
@@ -532,16 +537,25 @@ def run(args: argparse.Namespace) -> int:
                 progress.update()
         written = overlap.finish()
     done = len(tally.done)
-    if done == 0 and tally.empty:
-        what = repr(str(images[0])) if total == 1 else f'any of the {len(tally.empty)} images'
+    # The job's totals: under torchrun the one time the ranks wait for each other.
+    job = gather((done, len(tally.empty), [str(p) for p in written]))
+    job_done, job_empty = sum(part[0] for part in job), sum(part[1] for part in job)
+    if job_done == 0 and job_empty:
+        what = repr(str(every[0])) if total == 1 else f'any of the {job_empty} images'
         hint = (f'; try a lower --score-thr, e.g. --score-thr {min(0.1, args.score_thr / 3):.2g}'
                 if args.score_thr > 0 else '')
-        if world == 1:
-            raise UserError(f'no detections with score >= {args.score_thr:g} in {what}{hint}')
-        logger.warning('%sno detections with score >= %g in %s%s', where, args.score_thr, what,
-                       hint)
+        raise UserError(f'no detections with score >= {args.score_thr:g} in {what}{hint}')
     logger.info('%s%s: %d file(s) for %d image(s) in %s', where, args.method, len(written), done,
                 out_dir)
+    if world > 1 and rank == 0:
+        files = Counter(path for part in job for path in part[2])
+        logger.info('all %d ranks: %s: %d file(s) for %d image(s) in %s', world, args.method,
+                    len(files), job_done, out_dir)
+        twice = sorted(path for path, n in files.items() if n > 1)
+        if twice:  # collect_images and rank_share exist so that this never happens
+            logger.error('%d file(s) written by more than one rank, e.g. %s', len(twice),
+                         twice[0])
+            return 1
     if tally.unreadable:
         logger.error('%s%d of %d images could not be read', where, len(tally.unreadable),
                      len(images))
@@ -615,6 +629,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except KeyboardInterrupt:
             logger.error('interrupted')
             return 130
+        finally:
+            leave()
 
 
 if __name__ == '__main__':

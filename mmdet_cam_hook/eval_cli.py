@@ -11,7 +11,7 @@ to ``--out`` as JSON.
 
 Scale out with torchrun: ``torchrun --nproc_per_node N mmdet-cam-eval ...`` (or
 ``python -m torch.distributed.run ... -m mmdet_cam_hook.eval_cli ...``) splits the images
-across the processes (gloo on CPU, NCCL on CUDA, through MMEngine's dist helpers); rank 0
+across the processes (gloo on CPU, NCCL on CUDA: :mod:`mmdet_cam_hook.distributed`); rank 0
 gathers the per-detection numbers and writes. Every number in the JSON equals a one-process
 run's except the timings (``seconds_per_image``).
 
@@ -32,6 +32,7 @@ import numpy as np
 
 from .checks import fraction_arg, nonnegative_int_arg, positive_int_arg
 from .cli import UserError, require_grad_cam_or_exit, resolve_config, resolve_device
+from .distributed import distributed_env, gather, join, leave
 from .files import write_atomically
 
 PROG = 'mmdet-cam-eval'
@@ -144,27 +145,6 @@ def sample(dataset, index: int) -> tuple[str, np.ndarray, np.ndarray]:
             np.asarray(labels, np.int64))
 
 
-# ---------------------------------------------------------------------------------------------
-# Distributed
-def _init_dist(device: Optional[str]) -> tuple[int, int]:
-    """``(rank, world_size)``: under torchrun (``WORLD_SIZE`` > 1) the process group is set up
-    from torchrun's environment: MMEngine's ``init_dist`` with NCCL on CUDA; gloo on CPU through
-    ``torch.distributed`` itself (``init_dist`` selects a CUDA device, which a CPU machine does
-    not have). Ranks and gathering then go through MMEngine's dist helpers."""
-    if int(os.environ.get('WORLD_SIZE', '1')) <= 1:
-        return 0, 1
-    import torch
-    import torch.distributed as dist
-    from mmengine.dist import get_rank, get_world_size, init_dist
-
-    cuda = (device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda')
-    if cuda:
-        init_dist('pytorch', backend='nccl')
-    else:
-        dist.init_process_group(backend='gloo')
-    return get_rank(), get_world_size()
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation on parsed arguments (see the module docstring).
 
@@ -181,10 +161,10 @@ def run(args: argparse.Namespace) -> int:
     from .engine import CAMEngine
     from .evaluation import EvalSettings, evaluate_image, markdown_table, summarize
 
-    rank, world = _init_dist(args.device)
-    if world > 1 and args.device is None and torch.cuda.is_available():
-        args.device = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
-    args.device = resolve_device(args.device)
+    rank, world, local_rank = distributed_env()
+    args.device = resolve_device(args.device, local_rank)
+    if world > 1:
+        join(args.device)
     config = resolve_config(args.config)
     out = Path(args.out)
     if out.is_dir():
@@ -241,10 +221,7 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             raise UserError(f'{path}: {exc}') from exc
         records.append((index, record))
-    if world > 1:
-        from mmengine.dist import all_gather_object
-
-        records = [r for part in all_gather_object(records) for r in part]
+    records = [r for part in gather(records) for r in part]
     if rank != 0:
         return 0
     records = [r for _, r in sorted(records, key=lambda item: item[0])]
@@ -294,14 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stderr.write(f'{PROG}: error: interrupted\n')
         return 130
     finally:
-        _destroy_dist()
-
-
-def _destroy_dist() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        leave()
 
 
 if __name__ == '__main__':

@@ -16,54 +16,11 @@ import numpy as np
 from .checks import UserError
 from .files import IMAGE_EXTENSIONS, list_images
 
-__all__ = ['COMBINED_NAME', 'collect_images', 'distributed_env', 'rank_share', 'Loaded',
-           'read_batch', 'Overlap']
+__all__ = ['COMBINED_NAME', 'collect_images', 'rank_share', 'Loaded', 'read_batch', 'Overlap']
 
 
 # ---------------------------------------------------------------------------------------------
 # Which images, and which of them this rank explains
-def _env_int(environ, name: str, low: int, high: Optional[int] = None,
-             default: Optional[int] = None) -> int:
-    """The integer in environment variable ``name``, in ``[low, high]``."""
-    text = environ.get(name, '').strip()
-    if not text and default is not None:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < low or (high is not None and value > high):
-        accepted = f'an integer >= {low}' if high is None else f'an integer from {low} to {high}'
-        got = f'got {text!r}' if text else 'it is not set'
-        raise UserError(f'environment variable {name} must be {accepted} (torchrun sets RANK, '
-                        f'WORLD_SIZE and LOCAL_RANK), {got}')
-    return value
-
-
-def distributed_env(environ=None) -> tuple[int, int, int]:
-    """This process's place in a torchrun job, from ``RANK``, ``WORLD_SIZE`` and
-    ``LOCAL_RANK``.
-
-    Args:
-        environ (Mapping[str, str], optional): The environment. Defaults to None
-            (``os.environ``).
-
-    Returns:
-        tuple[int, int, int]: ``(rank, world_size, local_rank)``; ``(0, 1, 0)`` when
-        ``WORLD_SIZE`` is unset or 1.
-
-    Raises:
-        UserError: If ``WORLD_SIZE`` is not an integer >= 1, or, when it is > 1, ``RANK`` is not
-            in ``[0, WORLD_SIZE)`` or ``LOCAL_RANK`` (default 0) is not an integer >= 0.
-    """
-    environ = os.environ if environ is None else environ
-    world = _env_int(environ, 'WORLD_SIZE', 1, default=1)
-    if world == 1:
-        return 0, 1, 0
-    return (_env_int(environ, 'RANK', 0, world - 1), world,
-            _env_int(environ, 'LOCAL_RANK', 0, default=0))
-
-
 def rank_share(paths: Sequence[Path], rank: int, world_size: int) -> list[Path]:
     """The images rank ``rank`` of ``world_size`` explains: the groups of images with one file
     stem (they write the same output names), in sorted stem order, dealt round-robin.
