@@ -5,7 +5,9 @@ Importing the package only registers things, through the frameworks' own extensi
 safe checkpoint loader for local files and ``http(s)://`` URLs into MMEngine's
 ``CheckpointLoader`` (so that MMEngine can load, with ``weights_only``, the checkpoints it
 writes: see :mod:`mmdet_cam_hook.checkpoint`).
-pytorch-grad-cam is imported when maps are first computed.
+pytorch-grad-cam is not needed to compute maps (:mod:`mmdet_cam_hook.cam_math` has the maths):
+only :mod:`mmdet_cam_hook.reference`, the per-detection comparison the tests and benchmarks run,
+imports it (``pip install mmdet-cam-hook[reference]``).
 """
 from .checkpoint import register_mmengine_loaders
 from .engine import CAMEngine, CAMResult, compute_cams

@@ -34,7 +34,7 @@ Inputs whose outputs would share a name are refused before the model is loaded: 
 one stem, or (with ``--method gradcam``) images ``a`` and ``a_det0``.
 
 User errors (bad arguments, missing files, unsafe checkpoint, unknown layer, no detections, no
-CUDA, CUDA out of memory, grad-cam not installed) print one line on stderr and exit with 1
+CUDA, CUDA out of memory) print one line on stderr and exit with 1
 (argparse's own errors with 2). With several images, one that cannot be read or explained (a
 0-byte or corrupt file, a 2000x1 strip) is skipped with one line, the others are processed, and
 the exit code is 1. Ctrl-C exits with 130.
@@ -348,16 +348,6 @@ def save_outputs(result, stem: str, out_dir: Path, class_names, save_all: bool,
 
 # ---------------------------------------------------------------------------------------------
 # Running
-def require_grad_cam_or_exit() -> None:
-    """grad-cam's import check as a :class:`UserError` (one line, exit code 1)."""
-    from mmdet_cam_hook.methods import require_grad_cam
-
-    try:
-        require_grad_cam()
-    except ImportError as exc:
-        raise UserError(str(exc)) from exc
-
-
 class _ImageError(Exception):
     """One image could not be explained (e.g. a 2000x1 strip); the message names it."""
 
@@ -616,7 +606,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             from mmdet_cam_hook.methods import METHODS
 
-            require_grad_cam_or_exit()
             parser = build_parser(list(METHODS))
             args = parser.parse_args(argv)
             if not args.list_layers and (args.checkpoint is None or args.img is None):

@@ -869,15 +869,13 @@ def renormalize_in_boxes(cams: np.ndarray, bboxes: np.ndarray,
     Returns:
         np.ndarray: (K, H, W) renormalised maps (``out`` if given).
     """
-    from pytorch_grad_cam.utils.image import scale_cam_image
-
     out = np.empty_like(cams) if out is None else out
     h, w = cams.shape[1:]
     for k, (cam, box) in enumerate(zip(cams, bboxes)):
         x1, y1 = max(int(np.floor(box[0])), 0), max(int(np.floor(box[1])), 0)
         x2, y2 = min(int(np.ceil(box[2])), w), min(int(np.ceil(box[3])), h)
-        inside = scale_cam_image(cam[None, y1:y2, x1:x2].copy())[0] \
-            if x2 > x1 and y2 > y1 else None
+        inside = cam_math.scale_maps(torch.from_numpy(cam[None, y1:y2, x1:x2].astype(
+            np.float32)))[0].numpy() if x2 > x1 and y2 > y1 else None
         out[k] = 0.0
         if inside is not None:
             out[k, y1:y2, x1:x2] = inside

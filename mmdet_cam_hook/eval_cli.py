@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .checks import fraction_arg, nonnegative_int_arg, positive_int_arg
-from .cli import UserError, require_grad_cam_or_exit, resolve_config, resolve_device
+from .cli import UserError, resolve_config, resolve_device
 from .distributed import distributed_env, gather, join, leave
 from .files import write_atomically
 
@@ -261,7 +261,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         130 on Ctrl-C.
     """
     try:
-        require_grad_cam_or_exit()
         args = build_parser().parse_args(argv)
         return run(args)
     except UserError as exc:

@@ -41,7 +41,7 @@ from .engine import CAMEngine, load_image
 from .evaluation import probe_faithfulness
 from .files import IMAGE_EXTENSIONS, list_images
 from .layers import resolve_layers
-from .methods import check_methods, require_grad_cam
+from .methods import check_methods
 from .metrics import energy_in_box, is_blank, pointing_game
 from .pipeline import test_pipeline_cfg
 from .render import render_panel
@@ -236,7 +236,6 @@ class DetCAMHook(Hook):
         self.probe_spec = self._check_probe_images(probe_images)
         self.interval = check_int(interval, 'interval')
         self.methods = check_methods(methods, arg='methods')
-        require_grad_cam()  # fail at config time, not at the first validation
         self.target_layers = self._check_target_layers(target_layers)
         self.score_thr = check_score_thr(score_thr)
         self.topk = check_topk(topk)

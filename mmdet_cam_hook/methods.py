@@ -21,8 +21,9 @@ KINDS = ('cam', 'black_box')
 
 
 def require_grad_cam() -> ModuleType:
-    """Import pytorch-grad-cam (only when maps are computed, so that importing this package,
-    and so registering the hook, works without it).
+    """Import pytorch-grad-cam, for its classes (:attr:`CAMMethod.cam_class`): only the
+    reference comparison (:mod:`mmdet_cam_hook.reference`) uses them; the engine, the hook and
+    the command-line tools do not need grad-cam.
 
     Raises:
         ImportError: If grad-cam is not installed, with the command that installs it.

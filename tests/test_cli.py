@@ -632,14 +632,26 @@ def test_cuda_out_of_memory(ws):
     assert_user_error(proc, 'out of memory', 'street.jpg', '--device cpu')
 
 
-def test_grad_cam_missing(ws):
+def test_without_grad_cam(ws):
+    """grad-cam is only the tests' reference: the tool runs, with --renormalize too, when it
+    cannot be imported; the reference then names the package to install."""
     code = ('import sys\n'
             "sys.modules['pytorch_grad_cam'] = None  # as if grad-cam were not installed\n"
             'from mmdet_cam_hook.cli import main\n'
-            'sys.exit(main())\n')
-    proc = run(ws, 'yolox_nano_128.py', 'yolox.pth', 'street.jpg',
-               cmd=(sys.executable, '-c', code))
-    assert_user_error(proc, 'grad-cam is not installed', 'pip install grad-cam')
+            'code = main()\n'
+            'from mmdet_cam_hook.methods import METHODS\n'
+            'try:\n'
+            "    METHODS['gradcam'].cam_class\n"
+            'except ImportError as exc:\n'
+            '    print(exc)\n'
+            'sys.exit(code)\n')
+    out = ws / 'out_without_grad_cam'
+    proc = run(ws, 'yolox_nano_128.py', 'yolox.pth', 'street.jpg', '--topk', '1',
+               '--renormalize', '--out-dir', out, cmd=(sys.executable, '-c', code))
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in out.iterdir()} == {'street_gradcam.jpg', 'street_det0_gradcam.jpg'}
+    assert 'grad-cam is not installed (no module pytorch_grad_cam): pip install grad-cam==1.5.7' \
+        in proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -248,6 +248,18 @@ def test_renormalize_within_boxes(make_yolox, make_image):
         assert outside.max() == 0
         # grad-cam's min-max divides by (1e-7 + max): faint maps peak just under 1
         assert cam.max() > 0.99 or cam.max() == 0
+    # Inside each box: grad-cam's own scale_cam_image of the plain map there.
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    plain = compute_cams(model, make_image(), score_thr=0.05, topk=4)
+    for cam, raw, (x1, y1, x2, y2) in zip(res.cams, plain.cams, plain.bboxes):
+        rows = slice(max(int(np.floor(y1)), 0), min(int(np.ceil(y2)), raw.shape[0]))
+        cols = slice(max(int(np.floor(x1)), 0), min(int(np.ceil(x2)), raw.shape[1]))
+        if raw[rows, cols].size == 0:  # a box wholly outside the image: nothing left
+            assert cam.max() == 0
+            continue
+        np.testing.assert_allclose(cam[rows, cols], scale_cam_image(raw[None, rows, cols])[0],
+                                   atol=1e-6)
 
 
 def _state(model):
