@@ -74,8 +74,6 @@ logger = logging.getLogger('mmdet_cam_hook.cli')
 PROG = 'mmdet-cam'
 
 
-
-
 def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
     """The argument parser.
 
@@ -537,6 +535,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f'no detections with score >= {args.score_thr:g} in {what}{hint}')
     logger.info('%s%s: %d file(s) for %d image(s) in %s', where, args.method, len(written), done,
                 out_dir)
+    twice = []
     if world > 1 and rank == 0:
         files = Counter(path for part in job for path in part[2])
         logger.info('all %d ranks: %s: %d file(s) for %d image(s) in %s', world, args.method,
@@ -545,14 +544,13 @@ def run(args: argparse.Namespace) -> int:
         if twice:  # collect_images and rank_share exist so that this never happens
             logger.error('%d file(s) written by more than one rank, e.g. %s', len(twice),
                          twice[0])
-            return 1
     if tally.unreadable:
         logger.error('%s%d of %d images could not be read', where, len(tally.unreadable),
                      len(images))
     if tally.failed:
         logger.error('%s%d of %d images could not be explained', where, len(tally.failed),
                      len(images))
-    return 1 if tally.unreadable or tally.failed else 0
+    return 1 if tally.unreadable or tally.failed or twice else 0
 
 
 class _Formatter(logging.Formatter):
