@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .geometry import Letterbox
+from .geometry import Letterbox, resize_matrix
 from .geometry import resize_maps as resize
 from .local import WindowGradients
 from .methods import check_method
@@ -139,24 +139,16 @@ def scale_maps(maps: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> to
 
 
 @functools.lru_cache(maxsize=64)
-def _extreme_samples(n_in: int, n_out: int) -> torch.Tensor:
+def _extreme_samples(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
     """(n_keep, n_in) float32 rows of the bilinear resize matrix from ``n_in`` to ``n_out``
-    points (``F.interpolate``'s ``align_corners=False`` sampling): only the first and the last
-    output point inside each source cell, where a bilinear map's extremes over the cell are.
-    On the CPU, computed once per pair of sizes."""
-    dst = torch.arange(n_out, dtype=torch.float64)
-    src = ((dst + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
-    lo = src.floor().long().clamp(max=n_in - 1)
-    hi = (lo + 1).clamp(max=n_in - 1)
-    frac = src - lo
+    points (:func:`~mmdet_cam_hook.geometry.resize_matrix`): only the first and the last output
+    point inside each source cell, where a bilinear map's extremes over the cell are. Built
+    once per pair of sizes and device."""
+    full = resize_matrix(n_in, n_out)
+    cell = (full > 0).to(torch.uint8).argmax(dim=1)  # the first source point each output reads
     edge = torch.ones(n_out, dtype=torch.bool)
-    edge[1:-1] = (lo[1:-1] != lo[:-2]) | (lo[1:-1] != lo[2:])
-    keep = edge.nonzero()[:, 0]
-    weights = torch.zeros((len(keep), n_in), dtype=torch.float64)
-    rows = torch.arange(len(keep))
-    weights.index_put_((rows, lo[keep]), 1 - frac[keep], accumulate=True)
-    weights.index_put_((rows, hi[keep]), frac[keep], accumulate=True)
-    return weights.float()
+    edge[1:-1] = (cell[1:-1] != cell[:-2]) | (cell[1:-1] != cell[2:])
+    return full[edge].float().to(device)
 
 
 def resized_extremes(maps: torch.Tensor, size: Tuple[int, int]) -> Tuple[torch.Tensor,
@@ -170,8 +162,8 @@ def resized_extremes(maps: torch.Tensor, size: Tuple[int, int]) -> Tuple[torch.T
     Returns:
         tuple[torch.Tensor, torch.Tensor]: (K,) minima and (K,) maxima.
     """
-    rows = _extreme_samples(maps.shape[-2], int(size[0])).to(maps.device)
-    cols = _extreme_samples(maps.shape[-1], int(size[1])).to(maps.device)
+    rows = _extreme_samples(maps.shape[-2], int(size[0]), maps.device)
+    cols = _extreme_samples(maps.shape[-1], int(size[1]), maps.device)
     corners = rows @ maps @ cols.T  # (K, ~2h, ~2w)
     return torch.aminmax(corners.flatten(1), dim=1)
 

@@ -93,8 +93,8 @@ class Letterbox:
         """
         h, w = self.ori_shape if out_shape is None else out_shape
         (h_r, w_r), (h_in, w_in) = self.resized_shape, self.input_shape
-        rows = _resample_matrix(maps.shape[-2], h_in, h_r, int(h)).to(maps.device)
-        cols = _resample_matrix(maps.shape[-1], w_in, w_r, int(w)).to(maps.device)
+        rows = _resample_matrix(maps.shape[-2], h_in, h_r, int(h), maps.device)
+        cols = _resample_matrix(maps.shape[-1], w_in, w_r, int(w), maps.device)
         return torch.matmul(torch.matmul(rows, maps.float()), cols.T)
 
     def point_to_input(self, x: float, y: float) -> Tuple[float, float]:
@@ -116,15 +116,19 @@ def resize_maps(maps: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def _resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
-    """(n_out, n_in) float64 weights of :func:`resize_maps` along one axis (it is separable)."""
+def resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) float64 weights of :func:`resize_maps` along one axis (it is separable),
+    on the CPU, computed once per pair of sizes: the one statement of the bilinear weights
+    wherever a resize is written as a matrix."""
     eye = torch.eye(n_in, dtype=torch.float64)[None]
     return F.interpolate(eye, size=n_out, mode='linear', align_corners=False)[0].T
 
 
 @functools.lru_cache(maxsize=64)
-def _resample_matrix(n_map: int, n_input: int, n_kept: int, n_out: int) -> torch.Tensor:
-    """(n_out, n_map) float32: resize ``n_map`` points to the input's ``n_input``, keep the
-    first ``n_kept`` (the letterbox's crop), resize those to ``n_out``; on the CPU, once per
-    set of sizes."""
-    return (_resize_matrix(n_kept, n_out) @ _resize_matrix(n_map, n_input)[:n_kept]).float()
+def _resample_matrix(n_map: int, n_input: int, n_kept: int, n_out: int,
+                     device: torch.device) -> torch.Tensor:
+    """(n_out, n_map) float32 on ``device``: resize ``n_map`` points to the input's
+    ``n_input``, keep the first ``n_kept`` (the letterbox's crop), resize those to ``n_out``;
+    built once per set of sizes and device."""
+    both = resize_matrix(n_kept, n_out) @ resize_matrix(n_map, n_input)[:n_kept]
+    return both.float().to(device)
