@@ -115,7 +115,7 @@ class CAMResult:
         res = dataclasses.replace(self) if copy else self
         res.cams = renormalize_in_boxes(self.cams, self.bboxes,
                                         out=None if copy else self.cams)
-        res.combined = _combined(res.cams, self.combined.shape)
+        res.combined = _combined(torch.from_numpy(res.cams), self.combined.shape).numpy()
         return res
 
 
@@ -796,8 +796,7 @@ class CAMEngine:
                 cams: torch.Tensor, input_maps: Optional[torch.Tensor], used: List[List[str]],
                 letterbox: Letterbox, renormalize: bool) -> CAMResult:
         """The result of one method: only the finished maps leave the device."""
-        combined = (cam_math.pixelwise_max(cams) if len(cams) else
-                    cams.new_zeros(img.shape[:2]))  # on the device, as the maps
+        combined = _combined(cams, img.shape[:2])  # on the device, as the maps
         bboxes = dets.bboxes.detach().cpu().numpy().astype(np.float32) * np.float32(scale)
         result = CAMResult(
             bboxes=bboxes,
@@ -825,12 +824,10 @@ def _first_last(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.where(last >= 0, first, 0), last], dim=1)
 
 
-def _combined(cams: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
-    """The pixel-wise maximum of the (K, H, W) maps (:func:`cam_math.pixelwise_max`), float32;
-    zeros of ``shape`` if K = 0."""
-    if not len(cams):
-        return np.zeros(shape, np.float32)
-    return cam_math.pixelwise_max(torch.from_numpy(np.asarray(cams, np.float32))).numpy()
+def _combined(cams: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
+    """The pixel-wise maximum of the (K, H, W) float32 maps (:func:`cam_math.pixelwise_max`), on
+    their device; zeros of ``shape`` if K = 0."""
+    return cam_math.pixelwise_max(cams) if len(cams) else cams.new_zeros(shape)
 
 
 def _shrink(img: np.ndarray, max_size: Optional[int]) -> Tuple[float, np.ndarray]:
