@@ -39,12 +39,12 @@ setup(
     # MLflowVisBackend uses by default).
     extras_require={
         # pytorch-grad-cam's own classes: the per-detection reference the tests and
-        # benchmarks compare the maps with (mmdet_cam_hook.reference); maps need none of it.
+        # benchmarks compare the maps with (mmdet_cam_hook.testing.reference); maps need none of it.
         'reference': ['grad-cam==1.5.7'],
         'tensorboard': ['tensorboard'],
         'mlflow': ['mlflow-skinny>=3,<3.13'],
         'wandb': ['wandb'],
     },
-    entry_points={'console_scripts': ['mmdet-cam=mmdet_cam_hook.cli:main',
-                                      'mmdet-cam-eval=mmdet_cam_hook.eval_cli:main']},
+    entry_points={'console_scripts': ['mmdet-cam=mmdet_cam_hook.cli.cam:main',
+                                      'mmdet-cam-eval=mmdet_cam_hook.cli.eval:main']},
 )

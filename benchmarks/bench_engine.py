@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 from mmdet_cam_hook import CAMEngine
-from mmdet_cam_hook.engine import read_only
-from mmdet_cam_hook.pipeline import preprocess
-from mmdet_cam_hook.reference import reference_input_cams
+from mmdet_cam_hook.runtime.pipeline import preprocess
+from mmdet_cam_hook.runtime.state import read_only
 from mmdet_cam_hook.testing import build_detector, build_yolox, peak_memory, synthetic_image
+from mmdet_cam_hook.testing.reference import reference_input_cams
 
 RTMDET = dict(calibrate=True, weights={'rtm_cls': 0.02, 'rtm_reg': 0.02},
               biases={'rtm_cls': (0.0, 0.5), 'rtm_reg': (2.0, 0.3)})

@@ -28,10 +28,10 @@ import cv2
 import torch
 
 from mmdet_cam_hook import CAMEngine
-from mmdet_cam_hook.checkpoint import init_model
-from mmdet_cam_hook.cli import build_parser, run, save_outputs
-from mmdet_cam_hook.engine import load_image
-from mmdet_cam_hook.methods import METHODS
+from mmdet_cam_hook.cam.methods import METHODS
+from mmdet_cam_hook.cli.cam import build_parser, run, save_outputs
+from mmdet_cam_hook.runtime.checkpoint import init_model
+from mmdet_cam_hook.runtime.io import load_image
 from mmdet_cam_hook.testing import SIZES, build_yolox, synthetic_image
 
 

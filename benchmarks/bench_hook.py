@@ -36,8 +36,8 @@ CAM_HOOKS = ('DetCAMHook', 'YOLOXGradCAMHook')
 
 def _config(work_dir, epochs, with_hook, model):
     from mmdet_cam_hook.configs import config_path
-    from mmdet_cam_hook.demo import MODELS, demo_config
-    from mmdet_cam_hook.shapes import ensure_shapes
+    from mmdet_cam_hook.demo.run import MODELS, demo_config
+    from mmdet_cam_hook.demo.shapes import ensure_shapes
 
     data = ensure_shapes(os.path.join(ROOT, 'data', 'shapes'))
     cfg = demo_config(data, work_dir, config=config_path(MODELS[model]), epochs=epochs)
@@ -47,7 +47,7 @@ def _config(work_dir, epochs, with_hook, model):
 
 
 def _cam_hook(runner):
-    from mmdet_cam_hook.hook import DetCAMHook
+    from mmdet_cam_hook.hooks.cam_hook import DetCAMHook
 
     return next(h for h in runner.hooks if isinstance(h, DetCAMHook))
 

@@ -4,15 +4,16 @@ Importing the package only registers things, through the frameworks' own extensi
 ``DetCAMHook`` (also under its first name, ``YOLOXGradCAMHook``) into mmdet's ``HOOKS``, and a
 safe checkpoint loader for local files and ``http(s)://`` URLs into MMEngine's
 ``CheckpointLoader`` (so that MMEngine can load, with ``weights_only``, the checkpoints it
-writes: see :mod:`mmdet_cam_hook.checkpoint`).
-pytorch-grad-cam is not needed to compute maps (:mod:`mmdet_cam_hook.cam_math` has the maths):
-only :mod:`mmdet_cam_hook.reference`, the per-detection comparison the tests and benchmarks run,
+writes: see :mod:`mmdet_cam_hook.runtime.checkpoint`).
+pytorch-grad-cam is not needed to compute maps (:mod:`mmdet_cam_hook.cam.maths` has the maths):
+only :mod:`.testing.reference`, the per-detection comparison the tests and benchmarks run,
 imports it (``pip install mmdet-cam-hook[reference]``).
 """
-from .checkpoint import register_mmengine_loaders
-from .engine import CAMEngine, CAMResult, compute_cams
-from .hook import DetCAMHook, YOLOXGradCAMHook
-from .methods import METHODS, check_method
+from .cam.engine import CAMEngine, compute_cams
+from .cam.methods import METHODS, check_method
+from .cam.result import CAMResult
+from .hooks.cam_hook import DetCAMHook, YOLOXGradCAMHook
+from .runtime.checkpoint import register_mmengine_loaders
 from .version import __version__
 
 register_mmengine_loaders()

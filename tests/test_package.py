@@ -80,7 +80,7 @@ def test_wheel_holds_the_package_and_its_configs(env):
         assert f'mmdet_cam_hook/{name}' in names, name
     assert not [n for n in names if n.startswith(('configs/', 'tests/', 'tools/'))]
     entry_points = next(n for n in names if n.endswith('.dist-info/entry_points.txt'))
-    assert 'mmdet-cam = mmdet_cam_hook.cli:main' in zipfile.ZipFile(wheel).read(
+    assert 'mmdet-cam = mmdet_cam_hook.cli.cam:main' in zipfile.ZipFile(wheel).read(
         entry_points).decode()
 
 
@@ -102,7 +102,7 @@ import mmdet_cam_hook
 from pathlib import Path
 from mmengine.config import Config
 from mmdet.registry import HOOKS
-import mmdet_cam_hook.demo as demo
+import mmdet_cam_hook.demo.run as demo
 
 venv = Path({str(venv)!r})
 assert Path(mmdet_cam_hook.__file__).is_relative_to(venv), mmdet_cam_hook.__file__

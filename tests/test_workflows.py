@@ -20,7 +20,7 @@ from pathlib import Path
 import mmdet
 import pytest
 
-from mmdet_cam_hook.shapes import generate_shapes
+from mmdet_cam_hook.demo.shapes import generate_shapes
 from mmdet_cam_hook.testing import TINY_SIZE as SIZE
 from mmdet_cam_hook.testing import cam_hook, tiny_cfg
 

@@ -5,7 +5,7 @@ The README's ``make demo`` runs this; it is the same as ``python -m mmdet_cam_ho
 (``make demo ARGS="--model rtmdet-tiny"``); run ``python tools/demo.py --help`` for the other
 options (``--epochs``, ``--num-train``, ``--threads``, ...).
 """
-from mmdet_cam_hook.demo import main
+from mmdet_cam_hook.demo.run import main
 
 if __name__ == '__main__':
     raise SystemExit(main())

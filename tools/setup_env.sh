@@ -49,7 +49,7 @@ log "torch + torchvision (first time: a few minutes)"
 pip_install torch torchvision
 log "build tools, mmengine, grad-cam, visualizer backends (tensorboard, mlflow, wandb), opencv, test tools"
 pip_install setuptools wheel numpy ninja mmengine opencv-python grad-cam tensorboard protobuf \
-  mlflow-skinny wandb pytest ruff psutil
+  mlflow-skinny wandb pytest ruff psutil import-linter
 
 # mmcv 2.1.0 has no wheel for this torch: it compiles its C++ ops against the installed torch
 # (about 15 minutes on 2 cores on a fresh machine; pip's wheel cache makes it seconds later).

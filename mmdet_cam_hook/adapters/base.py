@@ -206,7 +206,7 @@ class DetectorAdapter:
         RoIAlign's own backward per detection).
 
         Returns:
-            object | None: Like :class:`~mmdet_cam_hook.local.LocalGradient`: ``radii``
+            object | None: Like :class:`~mmdet_cam_hook.cam.local.LocalGradient`: ``radii``
             (``{level: int}``; not None where it applies), ``available`` (every level) and
             ``__call__(feat, level, dets) -> (K, C, h, w)``. None (default): the engine's
             local window from :meth:`window_branches`.
@@ -218,7 +218,7 @@ class DetectorAdapter:
         in the order they run (e.g. YOLOX: cls convs + cls predictor; reg convs + obj
         predictor); every module the score reads must be in one of them.
 
-        The engine (:mod:`mmdet_cam_hook.local`) checks them: only stride-1, 'same'
+        The engine (:mod:`mmdet_cam_hook.cam.local`) checks them: only stride-1, 'same'
         zero-padded convolutions (any dilation, any groups) and per-position modules (BatchNorm
         in eval mode with running statistics, activations, Identity, Dropout in eval, Scale)
         inside the containers it knows (Sequential, ConvModule, DepthwiseSeparableConvModule).

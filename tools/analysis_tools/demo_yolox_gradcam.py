@@ -6,7 +6,7 @@ Same as the ``mmdet-cam`` console script (see ``mmdet-cam --help``)::
 """
 import sys
 
-from mmdet_cam_hook.cli import main
+from mmdet_cam_hook.cli.cam import main
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -1,5 +1,5 @@
 # The demo with RTMDet: an RTMDet-tiny trained from scratch on the built-in shapes dataset
-# (`python -m mmdet_cam_hook.shapes --out data/shapes`), on CPU, with DetCAMHook logging
+# (`python -m mmdet_cam_hook.demo.shapes --out data/shapes`), on CPU, with DetCAMHook logging
 # per-detection CAMs of fixed validation images at every validation.
 #
 # Run it with `python -m mmdet_cam_hook.demo --model rtmdet-tiny` (or

@@ -1,5 +1,5 @@
 # The demo: a YOLOX-nano trained from scratch on the built-in shapes dataset
-# (`python -m mmdet_cam_hook.shapes --out data/shapes`), on CPU, in a few minutes, with
+# (`python -m mmdet_cam_hook.demo.shapes --out data/shapes`), on CPU, in a few minutes, with
 # DetCAMHook logging per-detection CAMs of fixed validation images at every validation.
 #
 # Run it with `python -m mmdet_cam_hook.demo` (or `make demo`): it generates the data, trains

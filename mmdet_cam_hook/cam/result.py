@@ -1,0 +1,112 @@
+"""What the engine returns: :class:`CAMResult`, one method's per-detection maps of one image,
+and the rules on finished maps (the combined map, renormalising inside boxes)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from . import maths
+from .geometry import Letterbox, box_slices
+
+__all__ = ['CAMResult', 'renormalize_in_boxes', 'combined_map']
+
+
+@dataclass
+class CAMResult:
+    """Per-detection CAMs of one image for one method (K detections, sorted by score).
+
+    Attributes:
+        bboxes (np.ndarray): (K, 4) float32 x1y1x2y2 in original-image pixels.
+        labels (np.ndarray): (K,) int64 class indices.
+        scores (np.ndarray): (K,) float32, the scores ``model.predict`` reports (the head's own
+            formula, e.g. ``sigmoid(cls) * sigmoid(obj)`` for YOLOX).
+        levels (np.ndarray): (K,) int64 level of each detection, in the head's own order (0 is
+            the finest for YOLOX, RTMDet and FPN heads; YOLOv3 puts stride 32 first).
+        cams (np.ndarray): (K, H, W) float32 in [0, 1], one map per detection, original size.
+        combined (np.ndarray): (H, W) float32 in [0, 1], the pixel-wise maximum of ``cams``.
+        method (str): The CAM method.
+        layers (list[list[str]]): The target layers used for each detection.
+        image (np.ndarray): (H, W, 3) uint8 BGR, the original image.
+        input_cams (np.ndarray | None): (K, H_in, W_in) the maps on the network-input grid,
+            before the letterbox is undone (the grid on which they equal grad-cam's own
+            output); None from an engine built with ``keep_input_cams=False``.
+        letterbox (Letterbox): Where the image sits inside the network input.
+        scale (float): Size of ``image`` (and ``cams``, ``combined``, ``bboxes``) relative to the
+            original image: 1.0 unless ``explain(max_size=...)`` downscaled them.
+    """
+
+    bboxes: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    levels: np.ndarray
+    cams: np.ndarray
+    combined: np.ndarray
+    method: str
+    layers: List[List[str]]
+    image: np.ndarray = field(repr=False)
+    input_cams: Optional[np.ndarray] = field(repr=False)
+    letterbox: Letterbox = field(repr=False)
+    scale: float = 1.0
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @property
+    def ori_shape(self) -> Tuple[int, int]:
+        return self.image.shape[:2]
+
+    def renormalized(self, copy: bool = True) -> CAMResult:
+        """This result with each map min-max scaled inside its own box and zeroed outside
+        (:func:`renormalize_in_boxes`) and ``combined`` recomputed: what ``explain(...,
+        renormalize=True)`` returns. ``input_cams`` keep the raw maps.
+
+        Args:
+            copy (bool): Leave this result's maps as they are (a new result with new maps).
+                False rescales ``cams`` in place and updates this result. Defaults to True.
+
+        Returns:
+            CAMResult: The renormalised result (``self`` when ``copy=False``).
+        """
+        res = dataclasses.replace(self) if copy else self
+        res.cams = renormalize_in_boxes(self.cams, self.bboxes,
+                                        out=None if copy else self.cams)
+        res.combined = combined_map(torch.from_numpy(res.cams), self.combined.shape).numpy()
+        return res
+
+
+def combined_map(cams: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
+    """The pixel-wise maximum of the (K, H, W) float32 maps (:func:`.maths.pixelwise_max`), on
+    their device; zeros of ``shape`` if K = 0: the one rule for ``CAMResult.combined``."""
+    return maths.pixelwise_max(cams) if len(cams) else cams.new_zeros(shape)
+
+
+def renormalize_in_boxes(cams: np.ndarray, bboxes: np.ndarray,
+                         out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Min-max each map inside its own box and zero it outside (grad-cam's
+    ``renormalize_cam_in_bounding_boxes``, applied per detection). The one implementation of
+    ``renormalize``: :meth:`CAMResult.renormalized` (and so ``explain(renormalize=True)``)
+    uses it.
+
+    Args:
+        cams (np.ndarray): (K, H, W) maps.
+        bboxes (np.ndarray): (K, 4) x1y1x2y2 boxes in the maps' pixels.
+        out (np.ndarray, optional): Where to write the result; may be ``cams`` itself (in
+            place). Defaults to None (a new array).
+
+    Returns:
+        np.ndarray: (K, H, W) renormalised maps (``out`` if given).
+    """
+    out = np.empty_like(cams) if out is None else out
+    h, w = cams.shape[1:]
+    for k, (cam, box) in enumerate(zip(cams, bboxes)):
+        rows, cols = box_slices(box, h, w)
+        inside = cam[None, rows, cols].astype(np.float32)
+        inside = maths.scale_maps(torch.from_numpy(inside))[0].numpy() if inside.size else None
+        out[k] = 0.0
+        if inside is not None:
+            out[k, rows, cols] = inside
+    return out

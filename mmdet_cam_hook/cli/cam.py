@@ -1,0 +1,574 @@
+"""``mmdet-cam``: per-detection CAMs of a detector checkpoint (any head with an adapter: YOLOX,
+RTMDet, RetinaNet, FCOS, ATSS, GFL, YOLOv3, ...) for an image, a folder or a glob.
+
+The arguments are the seed tool's (``config checkpoint img``, ``--out-dir``, ``--method``,
+``--target-layers``, ``--score-thr``, ``--topk``, ``--device``, ``--renormalize``,
+``--save-all``) with its defaults, plus ``--list-layers``, ``--save-raw``, ``--batch-size`` and
+``--trust-checkpoint``. ``tools/analysis_tools/demo_yolox_gradcam.py`` calls :func:`main`.
+
+Many images (reading, writing and each rank's share are :mod:`mmdet_cam_hook.cli.folder`'s, the
+process group :mod:`mmdet_cam_hook.cli.distributed`'s):
+``--batch-size N`` explains N images per forward pass
+(:meth:`~mmdet_cam_hook.cam.engine.CAMEngine.explain_batch`; one at a time inside it unless every
+target layer takes the ``local`` route). Whatever N, one background thread reads and decodes
+the next batch while the current one is explained, and another writes the previous batch's
+outputs. Several processes: ``torchrun --nproc_per_node P -m mmdet_cam_hook.cli ...`` gives
+each rank (``RANK`` of ``WORLD_SIZE``) its share of the images, whole groups of one file stem
+round-robin in sorted order, so no file is written by two ranks. The ranks join a process
+group (gloo on the CPU, NCCL on CUDA) and wait for each other once, at the end: each reports
+its own share, rank 0 the job's total (and an error if a file was written by two ranks), and
+when no image of the whole job had a detection every rank exits with that error. ``--device
+cuda`` (or the default with CUDA) means ``cuda:LOCAL_RANK``.
+
+Outputs, for each image ``{stem}.*`` with at least one detection (``k`` is the detection's index
+in score order, starting at 0)::
+
+    {stem}_gradcam.jpg           all detections' maps (pixel-wise max) with boxes and labels;
+                                 named as in the seed tool whatever --method is
+    {stem}_det{k}_{method}.jpg   detection k's own map with its box
+    --save-all:  {stem}_original.jpg, {stem}_detection.jpg (boxes only) and
+                 {stem}_panel.jpg (everything in one labelled image)
+    --save-raw:  {stem}_{method}.npz (bboxes, labels, scores, levels, cams, combined, ...)
+
+Inputs whose outputs would share a name are refused before the model is loaded: two images with
+one stem, or (with ``--method gradcam``) images ``a`` and ``a_det0``.
+
+User errors (bad arguments, missing files, unsafe checkpoint, unknown layer, no detections, no
+CUDA, CUDA out of memory) print one line on stderr and exit with 1
+(argparse's own errors with 2). With several images, one that cannot be read or explained (a
+0-byte or corrupt file, a 2000x1 strip) is skipped with one line, the others are processed, and
+the exit code is 1. Ctrl-C exits with 130.
+
+Every output is written to a hidden temporary name in the output folder and renamed into place
+when complete, so an interrupted run never leaves a truncated file under a final name. Existing
+files of the same name are replaced, nothing else in the output folder is touched.
+
+``config`` may be ``mmdet_cam_hook::yolox_s_gradcam.py``: a config shipped with the package
+(:mod:`mmdet_cam_hook.configs`).
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import sys
+import warnings
+from collections import Counter
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from ..checks import UserError, fraction_arg, positive_int_arg
+from ..runtime.io import write_atomically
+from .common import resolve_config, resolve_device
+from .distributed import distributed_env, gather, join, leave
+from .folder import COMBINED_NAME, Loaded, Overlap, collect_images, rank_share
+
+# Named, not __name__: under `python -m mmdet_cam_hook.cli` (and torchrun's `-m`) this module
+# is __main__, outside the package's logger that _console() shows.
+logger = logging.getLogger('mmdet_cam_hook.cli')
+
+PROG = 'mmdet-cam'
+
+
+def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
+    """The argument parser.
+
+    Args:
+        methods (Sequence[str]): The ``--method`` choices (the keys of ``METHODS``).
+
+    Returns:
+        argparse.ArgumentParser: The parser.
+    """
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        usage=f'{PROG} [options] config checkpoint img\n       {PROG} config [checkpoint] '
+        '--list-layers',
+        description='Per-detection class-activation maps (Grad-CAM and friends) for an '
+        'MMDetection checkpoint of a supported detector (YOLOX, RTMDet, RetinaNet, FCOS, ATSS, '
+        'GFL, YOLOv3, ...). Each detection is explained by its own score, with its head\'s '
+        'formula (e.g. sigmoid(cls) * sigmoid(obj) for YOLOX); by default on the neck output '
+        'of its own FPN level.',
+        epilog='Outputs per image: {stem}_gradcam.jpg (all maps, whatever --method), '
+        '{stem}_det{k}_{method}.jpg per detection (k = 0, 1, ... by score); --save-all adds '
+        '{stem}_original.jpg, {stem}_detection.jpg and {stem}_panel.jpg; --save-raw adds '
+        '{stem}_{method}.npz. Grad-CAM averages gradients over the whole map, so it may also '
+        'light up other objects of the same class; hirescam and layercam stay on the instance. '
+        'Several processes: torchrun --nproc_per_node P -m mmdet_cam_hook.cli ARGS splits the '
+        'images between P processes (whole groups of one file stem each, so no file is written '
+        'twice; no communication between them); with --device cuda, each takes '
+        'cuda:LOCAL_RANK.')
+    parser.add_argument('config', help='Path to model config file (or a package path such as '
+                        'mmdet::yolox/yolox_s_8xb8-300e_coco.py, or a config shipped with this '
+                        'package such as mmdet_cam_hook::yolox_s_gradcam.py)')
+    parser.add_argument('checkpoint', nargs='?',
+                        help='Path or http(s) URL to checkpoint file (required unless '
+                        '--list-layers)')
+    parser.add_argument('img', nargs='?',
+                        help='Path to input image, a folder of images or a quoted glob such as '
+                        '"data/*.jpg" (required unless --list-layers)')
+    parser.add_argument('--out-dir', default='outputs/gradcam',
+                        help='Output directory for visualizations (created if missing; existing '
+                        'files of the same name are overwritten). Defaults to %(default)s')
+    parser.add_argument('--method', default='gradcam', choices=list(methods),
+                        help='CAM method. Defaults to %(default)s')
+    parser.add_argument('--target-layers', nargs='+', default=None, metavar='LAYER',
+                        help='Target layer names (space-separated), as named_modules() paths '
+                        'such as neck.out_convs.2 or neck.out_convs[-1]; maps of several layers '
+                        'are averaged. Defaults to each detection\'s own neck output (YOLOX: '
+                        'neck.out_convs.0/1/2 for stride 8/16/32; FPN models: neck.fpn_convs.l). '
+                        'See --list-layers')
+    parser.add_argument('--score-thr', type=fraction_arg, default=0.3,
+                        help='Detection score threshold. Defaults to %(default)s')
+    parser.add_argument('--topk', type=positive_int_arg, default=None,
+                        help='Only show CAM for top-k detections. Defaults to all')
+    parser.add_argument('--device', default=None,
+                        help='Device for inference (cuda:0, cpu). Defaults to cuda:0 when CUDA '
+                        'is available, else cpu')
+    parser.add_argument('--renormalize', action='store_true',
+                        help='Renormalize CAM within bounding boxes (and zero it outside)')
+    parser.add_argument('--save-all', action='store_true',
+                        help='Save all intermediate results (original, detections, panel)')
+    parser.add_argument('--save-raw', action='store_true',
+                        help='Also save detections and per-detection maps to '
+                        '{stem}_{method}.npz')
+    parser.add_argument('--batch-size', type=positive_int_arg, default=1, metavar='N',
+                        help='Images per forward pass, when every target layer takes the local '
+                        'route (the default layers of YOLOX, RTMDet, RetinaNet, ...; see '
+                        '--list-layers); else they still go one at a time. Meant for GPUs: on a '
+                        'CPU, batches were no faster than 1 (benchmarks/bench_folder.py). '
+                        'Reading the next images and writing outputs overlap with the '
+                        'computation whatever N. Defaults to %(default)s')
+    parser.add_argument('--list-layers', action='store_true',
+                        help='Print the layer names with output shape, stride and the gradient '
+                        "route the engine takes for each, at the config's test input size, "
+                        'then exit')
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='Load a checkpoint that needs more than tensors and the allow-listed '
+                        'MMEngine objects (weights_only=False). Unpickling it can run arbitrary '
+                        'code: only for files from a source you trust')
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# --list-layers
+def _describe(output) -> tuple[str, Optional[tuple]]:
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return 'x'.join(map(str, output.shape)), tuple(output.shape)
+    if isinstance(output, (tuple, list)) and output:
+        parts = [_describe(o)[0] for o in output]
+        return '(' + ', '.join(parts) + ')', None
+    return type(output).__name__, None
+
+
+def layer_table(model) -> str:
+    """One line per module that runs in the engine's forward pass (backbone, neck, head) at the
+    config's test input size: name, type, output shape, stride (input height / output height)
+    and the route the engine takes for it as a target layer (``local`` window, ``chain`` of
+    vector-Jacobian products, ``exact`` backward per detection; ``-`` for an output that is
+    not a tensor). Header lines: the input, and the level-aware default layers; for a head no
+    adapter supports, the reason (naming the supported heads) instead of routes.
+
+    The dummy forward runs without gradients, with the engine's own forward hooks
+    (:func:`~mmdet_cam_hook.runtime.state.capture_outputs`), removed afterwards, and the model's
+    ``training`` flags restored (:func:`~mmdet_cam_hook.runtime.state.read_only`).
+    """
+    import torch
+
+    from ..cam.engine import CAMEngine
+    from ..runtime.pipeline import build_pipeline, preprocess, test_pipeline_cfg
+    from ..runtime.state import capture_outputs, read_only
+
+    try:
+        engine, problem = CAMEngine(model, score_thr=0.0), None
+    except ValueError as exc:  # no adapter for the head, or no level maps to trace
+        engine, problem = None, str(exc)
+    pipeline = engine.pipeline if engine else build_pipeline(test_pipeline_cfg(model.cfg))
+    # A square image comes out of the test pipeline at the config's (square or short-side) size.
+    image = np.full((32, 32, 3), 114, np.uint8)
+    rows: dict[str, tuple[str, str, str, str]] = {}
+
+    def store(name, module, output):
+        text, shape = _describe(output)
+        stride = '-'
+        if shape is not None and len(shape) == 4 and shape[2] > 0:
+            ratio = inputs.shape[2] / shape[2]
+            stride = str(int(ratio)) if ratio == int(ratio) else f'{ratio:.2f}'
+        route = engine.target_layer(name).route if engine and shape is not None else '-'
+        rows.setdefault(name, (type(module).__name__, text, stride, route))
+
+    with read_only(model), torch.no_grad():
+        inputs, _ = preprocess(model, pipeline, image)
+        with capture_outputs([(n, m) for n, m in model.named_modules() if n], store):
+            if engine is None:
+                model(inputs, mode='tensor')
+            else:
+                engine.adapter.head_outputs(engine.adapter.features(inputs))
+    header = ('layer', 'type', 'output shape', 'stride', 'route')
+    widths = [max(len(header[i]), *(len(r[i - 1]) for r in rows.values())) for i in (1, 2, 3)]
+    widths.insert(0, max(len(header[0]), *(len(n) for n in rows)))
+    widths[2] = min(widths[2], 24)  # a head's tuple of outputs overflows its column
+    lines = [f'# input {"x".join(map(str, inputs.shape))} at the test pipeline size; '
+             'layers in the order their outputs are computed']
+    if engine is None:
+        lines.append(f'# no routes: {problem}')
+    else:
+        default = ', '.join(f'{layer.name} (level {level}, {layer.route})'
+                            for level, layer in enumerate(engine.layers))
+        how = ('every detection on all of them, maps averaged: each reads every level'
+               if engine.adapter.levels_shared else 'each detection on its own level')
+        lines.append(f'# default layers ({how}): {default}')
+        lines.append('# route: how --target-layers LAYER gets its per-detection gradients: local '
+                     '(window, fastest), chain (pulled back from the level maps), exact (one '
+                     'backward per detection)')
+    fmt = ''.join(f'{{:<{w}}}  ' for w in widths) + '{}'
+    lines.append(fmt.format(*header))
+    lines += [fmt.format(name, *row) for name, row in rows.items()]
+    return '\n'.join(lines) + '\n'
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+def _write(path: Path, write) -> Path:
+    """``write(tmp)`` to a temporary name, renamed to ``path`` once complete."""
+    try:
+        return write_atomically(path, write)
+    except OSError as exc:
+        raise UserError(f'could not write {path}: {exc.strerror or exc}') from exc
+
+
+def _write_image(path: Path, image: np.ndarray) -> Path:
+    import cv2
+
+    def write(tmp: Path) -> None:
+        if not cv2.imwrite(str(tmp), image):
+            raise OSError(errno.EIO, 'OpenCV could not write the image', str(tmp))
+
+    return _write(path, write)
+
+
+def save_outputs(result, stem: str, out_dir: Path, class_names, save_all: bool,
+                 save_raw: bool, source: Path) -> list[Path]:
+    """Write the images (and ``.npz``) of one result; see the module docstring for names.
+
+    Returns:
+        list[Path]: The files written.
+    """
+    from ..visualization.render import draw_detections, overlay_cam, render_panel
+
+    image, method = result.image, result.method
+    boxes, labels, scores = result.bboxes, result.labels, result.scores
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f'cannot create --out-dir {str(out_dir)!r}: {exc}') from exc
+    written = [_write_image(out_dir / f'{stem}_{COMBINED_NAME}.jpg',
+                            draw_detections(overlay_cam(image, result.combined), boxes, labels,
+                                            scores, class_names))]
+    for k in range(len(result)):
+        written.append(_write_image(
+            out_dir / f'{stem}_det{k}_{method}.jpg',
+            draw_detections(overlay_cam(image, result.cams[k]), boxes[k:k + 1],
+                            labels[k:k + 1], scores[k:k + 1], class_names)))
+    if save_all:
+        written.append(_write_image(out_dir / f'{stem}_original.jpg', image))
+        written.append(_write_image(out_dir / f'{stem}_detection.jpg',
+                                    draw_detections(image, boxes, labels, scores, class_names)))
+        written.append(_write_image(out_dir / f'{stem}_panel.jpg',
+                                    render_panel(result, class_names=class_names)))
+    if save_raw:
+        arrays = dict(
+            bboxes=boxes, labels=labels, scores=scores, levels=result.levels, cams=result.cams,
+            combined=result.combined, method=np.array(method),
+            layers=np.array([','.join(names) for names in result.layers], dtype=str),
+            class_names=np.array([] if class_names is None else [str(c) for c in class_names],
+                                 dtype=str),
+            image=np.array(str(source)))
+        written.append(_write(out_dir / f'{stem}_{method}.npz',
+                              lambda tmp: np.savez_compressed(tmp, **arrays)))
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+class _ImageError(Exception):
+    """One image could not be explained (e.g. a 2000x1 strip); the message names it."""
+
+
+#: Stop a run when this many images in a row, and no image before them, failed with the same
+#: message: it is the run's problem (e.g. a target layer whose output is not a tensor), not the
+#: images'.
+_SAME_ERROR_LIMIT = 3
+
+
+def _explain(engine, image, args, source: Path):
+    """``engine.explain`` for one method.
+
+    Raises:
+        UserError: On CUDA out of memory.
+        _ImageError: If the engine refuses the image or the run's settings for it.
+    """
+    import torch
+
+    try:
+        return engine.explain(image, methods=[args.method],
+                              renormalize=args.renormalize)[args.method]
+    except torch.OutOfMemoryError as exc:
+        raise UserError(f'CUDA out of memory on {args.device} while processing {source}; try '
+                        '--device cpu (or fewer detections with --topk)') from exc
+    except ValueError as exc:  # a 2000x1 image, a target layer whose output is not a tensor
+        raise _ImageError(f'{source}: {exc}') from exc
+
+
+class _Tally:
+    """What became of each image; raises the :class:`UserError` that ends the run when an
+    image's problem is the run's (a single image, or the same error for the first images).
+
+    Args:
+        single (bool): The run has one image: its problem is a user error.
+    """
+
+    def __init__(self, single: bool):
+        self.single = single
+        self.unreadable: list[Path] = []
+        self.failed: list[Path] = []
+        self.empty: list[Path] = []
+        self.done: list[Path] = []
+        self._errors: list[str] = []  # the explain errors since the last image that worked
+
+    def not_read(self, path: Path, exc: Exception) -> None:
+        if self.single:
+            raise UserError(str(exc)) from exc
+        logger.error('skipping %s: %s', path, exc)
+        self.unreadable.append(path)
+
+    def not_explained(self, path: Path, exc: _ImageError) -> None:
+        if self.single:
+            raise UserError(str(exc)) from exc
+        cause = str(exc.__cause__)
+        if (not self.done and not self.empty and len(self._errors) == _SAME_ERROR_LIMIT - 1
+                and all(e == cause for e in self._errors)):
+            raise UserError(f'{cause} (the same error for the first {_SAME_ERROR_LIMIT} '
+                            'images; stopping)') from exc
+        logger.error('skipping %s', exc)
+        self.failed.append(path)
+        self._errors.append(cause)
+
+    def explained(self, path: Path, result, score_thr: float) -> bool:
+        """Whether ``result`` has detections (outputs to write)."""
+        self._errors.clear()
+        if len(result) == 0:
+            self.empty.append(path)
+            if not self.single:
+                logger.warning('%s: no detections with score >= %g', path, score_thr)
+            return False
+        self.done.append(path)
+        return True
+
+
+def _explain_batch(engine, loaded: list[Loaded], args) -> Optional[dict]:
+    """The results of a batch's readable images from one
+    :meth:`~mmdet_cam_hook.cam.engine.CAMEngine.explain_batch`, by path; None for fewer than two
+    images, or when the engine refuses an image (the caller then explains them one at a time,
+    which names the image and keeps the others).
+
+    Raises:
+        UserError: On CUDA out of memory.
+    """
+    import torch
+
+    good = [item for item in loaded if item.error is None]
+    if len(good) < 2:
+        return None
+    try:
+        results = engine.explain_batch([item.image for item in good], methods=[args.method],
+                                       renormalize=args.renormalize)
+    except torch.OutOfMemoryError as exc:
+        raise UserError(f'CUDA out of memory on {args.device} while processing a batch of '
+                        f'{len(good)} images from {good[0].path}; try a smaller --batch-size, '
+                        '--device cpu (or fewer detections with --topk)') from exc
+    except ValueError:  # one image (named again when it goes alone), or the run's settings
+        return None
+    return {item.path: res[args.method] for item, res in zip(good, results)}
+
+
+def _result(engine, item: Loaded, batch: Optional[dict], args, tally: _Tally):
+    """``item``'s result to write, from ``batch`` or explained alone; None (and counted in
+    ``tally``) when it cannot be read or explained or has no detections."""
+    if item.error is not None:
+        tally.not_read(item.path, item.error)
+        return None
+    if batch is not None:
+        result = batch[item.path]
+    else:
+        try:
+            result = _explain(engine, item.image, args, item.path)
+        except _ImageError as exc:
+            tally.not_explained(item.path, exc)
+            return None
+    return result if tally.explained(item.path, result, args.score_thr) else None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the tool on parsed arguments.
+
+    Returns:
+        int: Exit code: 0 when at least one image had a detection and every image could be
+        read and explained, else 1.
+
+    Raises:
+        UserError: On a user error (see the module docstring).
+    """
+    from ..runtime.checkpoint import CheckpointError, init_model
+
+    rank, world, local_rank = distributed_env()
+    args.device = resolve_device(args.device, local_rank)
+    config = resolve_config(args.config)
+    every = [] if args.list_layers else collect_images(args.img, args.method)
+    images, total, where = every, len(every), f'rank {rank}/{world}: ' if world > 1 else ''
+    if world > 1 and not args.list_layers:
+        images = rank_share(every, rank, world)
+        logger.info('%s%d of %d images', where, len(images), total)
+        join(args.device)
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f'--out-dir {args.out_dir!r} exists and is not a folder')
+    try:
+        model = init_model(config, args.checkpoint, device=args.device,
+                           trusted=args.trust_checkpoint)
+    except (CheckpointError, OSError, ValueError) as exc:  # OSError: missing file, a folder
+        raise UserError(str(exc)) from exc
+    if args.list_layers:
+        if rank == 0:  # one table for the job, not one per rank
+            sys.stdout.write(layer_table(model))
+        return 0
+
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from ..cam.engine import CAMEngine
+
+    try:
+        engine = CAMEngine(model, target_layers=args.target_layers, score_thr=args.score_thr,
+                           topk=args.topk, keep_input_cams=False)
+    except (ValueError, TypeError) as exc:
+        raise UserError(str(exc)) from exc
+    class_names = (getattr(model, 'dataset_meta', None) or {}).get('classes')
+    tally = _Tally(single=total == 1)
+    batches = [images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)]
+    with logging_redirect_tqdm(loggers=[logging.getLogger('mmdet_cam_hook')]), \
+            Overlap(batches) as overlap, \
+            tqdm(total=len(images), unit='img', file=sys.stderr, disable=total < 2,
+                 dynamic_ncols=True, desc=where.rstrip(': ') or None) as progress:
+        for loaded in overlap.read():
+            batch = _explain_batch(engine, loaded, args)
+            for item in loaded:
+                result = _result(engine, item, batch, args, tally)
+                if result is not None:
+                    overlap.write(partial(save_outputs, result, item.path.stem, out_dir,
+                                          class_names, args.save_all, args.save_raw, item.path))
+                progress.update()
+        written = overlap.finish()
+    done = len(tally.done)
+    # The job's totals: under torchrun the one time the ranks wait for each other.
+    job = gather((done, len(tally.empty), [str(p) for p in written]))
+    job_done, job_empty = sum(part[0] for part in job), sum(part[1] for part in job)
+    if job_done == 0 and job_empty:
+        what = repr(str(every[0])) if total == 1 else f'any of the {job_empty} images'
+        hint = (f'; try a lower --score-thr, e.g. --score-thr {min(0.1, args.score_thr / 3):.2g}'
+                if args.score_thr > 0 else '')
+        raise UserError(f'no detections with score >= {args.score_thr:g} in {what}{hint}')
+    logger.info('%s%s: %d file(s) for %d image(s) in %s', where, args.method, len(written), done,
+                out_dir)
+    twice = []
+    if world > 1 and rank == 0:
+        files = Counter(path for part in job for path in part[2])
+        logger.info('all %d ranks: %s: %d file(s) for %d image(s) in %s', world, args.method,
+                    len(files), job_done, out_dir)
+        twice = sorted(path for path, n in files.items() if n > 1)
+        if twice:  # collect_images and rank_share exist so that this never happens
+            logger.error('%d file(s) written by more than one rank, e.g. %s', len(twice),
+                         twice[0])
+    if tally.unreadable:
+        logger.error('%s%d of %d images could not be read', where, len(tally.unreadable),
+                     len(images))
+    if tally.failed:
+        logger.error('%s%d of %d images could not be explained', where, len(tally.failed),
+                     len(images))
+    return 1 if tally.unreadable or tally.failed or twice else 0
+
+
+class _Formatter(logging.Formatter):
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = record.levelname.lower()
+        return f'{PROG}: {level}: {record.getMessage()}' if record.levelno >= logging.WARNING \
+            else f'{PROG}: {record.getMessage()}'
+
+
+@contextmanager
+def _console() -> Iterator[None]:
+    """Log this package's records (and Python warnings) to stderr, one line each, for the
+    duration of the call; restored afterwards."""
+    pkg = logging.getLogger('mmdet_cam_hook')
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    old_level, old_propagate = pkg.level, pkg.propagate
+    pkg.addHandler(handler)
+    pkg.setLevel(logging.INFO)
+    pkg.propagate = False
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        logger.warning('%s', message)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            # Deprecation notices from torch / mmcv / mmdet internals are not for the user.
+            for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+                warnings.filterwarnings('ignore', category=category)
+            warnings.filterwarnings('ignore', message='torch.meshgrid')
+            yield
+    finally:
+        pkg.removeHandler(handler)
+        pkg.setLevel(old_level)
+        pkg.propagate = old_propagate
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``mmdet-cam`` and ``tools/analysis_tools/demo_yolox_gradcam.py``.
+
+    Args:
+        argv (Sequence[str], optional): Arguments without the program name. Defaults to None
+            (``sys.argv[1:]``).
+
+    Returns:
+        int: Exit code: 0 on success, 1 on a user error, 2 on a command-line syntax error.
+    """
+    with _console():
+        try:
+            from ..cam.methods import METHODS
+
+            parser = build_parser(list(METHODS))
+            args = parser.parse_args(argv)
+            if not args.list_layers and (args.checkpoint is None or args.img is None):
+                missing = [n for n in ('checkpoint', 'img') if getattr(args, n) is None]
+                parser.error(f'the following arguments are required: {", ".join(missing)}')
+            return run(args)
+        except UserError as exc:
+            logger.error('%s', exc)
+            return 1
+        except KeyboardInterrupt:
+            logger.error('interrupted')
+            return 130
+        finally:
+            leave()
+
+
+if __name__ == '__main__':
+    sys.exit(main())

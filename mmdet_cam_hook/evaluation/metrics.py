@@ -1,0 +1,300 @@
+"""Localisation numbers for per-detection maps: energy in the own box, the pointing game (peak,
+as a count or per detection, and energy-based) against ground truth, the share on *other*
+objects, and blank maps.
+
+A blank map (all zero: the layer has no gradient path to the detection) explains nothing; it is
+counted by :func:`is_blank` and scores NaN in the energy-based numbers, so that means over many
+maps (``np.nanmean``) are not dragged towards 0 by it.
+
+Which pixels lie inside a box is :func:`~mmdet_cam_hook.cam.geometry.box_slices` (pixel centres
+inside the box), the one rule that renormalising, the ``box`` baseline and these numbers share.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from ..cam.geometry import box_iou, box_mask
+
+
+def _check_cams(cams) -> np.ndarray:
+    cams = np.asarray(cams, dtype=np.float64)
+    if cams.ndim != 3:
+        raise ValueError(f'`cams` must have shape (K, H, W), got {cams.shape}')
+    if np.isnan(cams).any() or (cams < 0).any():
+        raise ValueError('`cams` must be non-negative and free of NaN (maps are in [0, 1])')
+    return cams
+
+
+def _check_boxes(bboxes, arg: str) -> np.ndarray:
+    bboxes = np.asarray(bboxes, dtype=np.float64)
+    if bboxes.size == 0:
+        return bboxes.reshape(0, 4)
+    if bboxes.ndim != 2 or bboxes.shape[1] != 4:
+        raise ValueError(f'`{arg}` must have shape (K, 4) (x1, y1, x2, y2), got {bboxes.shape}')
+    return bboxes
+
+
+def energy_in_box(cams, bboxes) -> np.ndarray:
+    """Share of each map's energy that lies inside its own box.
+
+    ``energy_k = sum(cam_k[pixels inside box_k]) / sum(cam_k)``, in ``[0, 1]``; a blank map
+    (sum 0) explains nothing and scores 0.
+
+    Args:
+        cams (array-like): ``(K, H, W)`` non-negative maps, one per detection.
+        bboxes (array-like): ``(K, 4)`` boxes ``x1, y1, x2, y2`` in the maps' pixels.
+
+    Returns:
+        np.ndarray: ``(K,)`` float64 shares.
+
+    Raises:
+        ValueError: If the shapes disagree or a map has negative or NaN values.
+    """
+    cams = _check_cams(cams)
+    bboxes = _check_boxes(bboxes, 'bboxes')
+    if len(cams) != len(bboxes):
+        raise ValueError(f'`cams` and `bboxes` must have the same length, got {len(cams)} and '
+                         f'{len(bboxes)}')
+    height, width = cams.shape[1:]
+    shares = np.zeros(len(cams), dtype=np.float64)
+    for k, (cam, box) in enumerate(zip(cams, bboxes)):
+        total = cam.sum()
+        if total > 0:
+            shares[k] = cam[box_mask(box, height, width)].sum() / total
+    return shares
+
+
+def pointing_game(cams, bboxes, labels, gt_bboxes, gt_labels,
+                  iou_thr: float = 0.5) -> tuple[int, int]:
+    """Pointing game (Zhang et al., ECCV 2016) for per-detection maps against ground truth.
+
+    Detections are taken in the given order, which must be by descending score (as in
+    :class:`~mmdet_cam_hook.CAMResult`). Each is matched greedily to the unmatched ground-truth
+    box of the same class with the highest IoU, if that IoU is at least ``iou_thr``; every GT box
+    is matched at most once. A matched detection is a hit when the peak of its map (the first
+    maximum in row-major order) lies inside its GT box; a blank map is a miss. Unmatched
+    detections are not counted. Unlike the original, there is no pixel tolerance around the box.
+
+    Args:
+        cams (array-like): ``(K, H, W)`` non-negative maps, one per detection.
+        bboxes (array-like): ``(K, 4)`` detection boxes ``x1, y1, x2, y2``.
+        labels (array-like): ``(K,)`` detection class indices.
+        gt_bboxes (array-like): ``(G, 4)`` ground-truth boxes.
+        gt_labels (array-like): ``(G,)`` ground-truth class indices.
+        iou_thr (float): Minimum IoU for a match, in ``(0, 1]``. Defaults to 0.5.
+
+    Returns:
+        tuple[int, int]: ``(hits, total)``, ``total`` being the number of matched detections.
+
+    Raises:
+        ValueError: If the shapes disagree, a map has negative or NaN values, or ``iou_thr`` is
+            outside ``(0, 1]``.
+    """
+    cams = _check_cams(cams)
+    match = match_to_ground_truth(bboxes, labels, gt_bboxes, gt_labels, iou_thr)
+    if len(cams) != len(match):
+        raise ValueError(f'`cams`, `bboxes` and `labels` must have the same length, got '
+                         f'{len(cams)}, {len(match)} and {len(np.asarray(labels).reshape(-1))}')
+    gt_bboxes = _check_boxes(gt_bboxes, 'gt_bboxes')
+    width = cams.shape[2]
+    hits = total = 0
+    for cam, g in zip(cams, match):
+        if g < 0:
+            continue
+        total += 1
+        if cam.max() <= 0:
+            continue
+        y, x = divmod(int(np.argmax(cam)), width)
+        gx1, gy1, gx2, gy2 = gt_bboxes[g]
+        if gx1 <= x + 0.5 <= gx2 and gy1 <= y + 0.5 <= gy2:
+            hits += 1
+    return hits, total
+
+
+def is_blank(cams) -> np.ndarray:
+    """``(K,)`` bool: which maps are all zero.
+
+    Args:
+        cams (array-like): ``(K, H, W)`` non-negative maps.
+
+    Returns:
+        np.ndarray: ``(K,)`` bool.
+    """
+    cams = _check_cams(cams)
+    return cams.reshape(len(cams), cams.shape[1] * cams.shape[2]).max(1, initial=0.0) <= 0
+
+
+def match_to_ground_truth(bboxes, labels, gt_bboxes, gt_labels,
+                          iou_thr: float = 0.5) -> np.ndarray:
+    """Match detections to ground truth, greedily in the given (score-descending) order.
+
+    Each detection takes the unmatched ground-truth box of its class with the highest IoU if
+    that IoU is at least ``iou_thr``; every ground-truth box is taken at most once.
+
+    Args:
+        bboxes (array-like): ``(K, 4)`` detection boxes ``x1, y1, x2, y2``.
+        labels (array-like): ``(K,)`` detection class indices.
+        gt_bboxes (array-like): ``(G, 4)`` ground-truth boxes.
+        gt_labels (array-like): ``(G,)`` ground-truth class indices.
+        iou_thr (float): Minimum IoU for a match, in ``(0, 1]``. Defaults to 0.5.
+
+    Returns:
+        np.ndarray: ``(K,)`` int64, the matched ground-truth index or -1.
+
+    Raises:
+        ValueError: If the shapes disagree or ``iou_thr`` is outside ``(0, 1]``.
+    """
+    if isinstance(iou_thr, bool) or not isinstance(iou_thr, numbers.Real) \
+            or not 0 < iou_thr <= 1:
+        raise ValueError(f'`iou_thr` must be a number in (0, 1], got {iou_thr!r}')
+    bboxes = _check_boxes(bboxes, 'bboxes')
+    gt_bboxes = _check_boxes(gt_bboxes, 'gt_bboxes')
+    labels = np.asarray(labels).reshape(-1)
+    gt_labels = np.asarray(gt_labels).reshape(-1)
+    if len(bboxes) != len(labels):
+        raise ValueError(f'`bboxes` and `labels` must have the same length, got {len(bboxes)} '
+                         f'and {len(labels)}')
+    if len(gt_bboxes) != len(gt_labels):
+        raise ValueError(f'`gt_bboxes` and `gt_labels` must have the same length, got '
+                         f'{len(gt_bboxes)} and {len(gt_labels)}')
+    taken = np.zeros(len(gt_bboxes), dtype=bool)
+    match = np.full(len(bboxes), -1, dtype=np.int64)
+    for k, (box, label) in enumerate(zip(bboxes, labels)):
+        candidates = ~taken & (gt_labels == label)
+        if not candidates.any():
+            continue
+        ious = np.where(candidates, box_iou(box, gt_bboxes), -1.0)
+        best = int(np.argmax(ious))
+        if ious[best] >= iou_thr:
+            taken[best] = True
+            match[k] = best
+    return match
+
+
+def peak_in_box(cams, match, gt_bboxes) -> np.ndarray:
+    """Pointing game per detection (Zhang et al., ECCV 2016): 1.0 when the peak of the map (the
+    first maximum in row-major order) lies inside the ground-truth box its detection matched,
+    else 0.0; NaN for an unmatched detection (``match_k == -1``) and for a blank map, so that
+    ``np.nanmean`` is the hit rate over the maps that point somewhere.
+
+    Args:
+        cams (array-like): ``(K, H, W)`` non-negative maps.
+        match (array-like): ``(K,)`` ground-truth index per detection, -1 for none.
+        gt_bboxes (array-like): ``(G, 4)`` ground-truth boxes in the maps' pixels.
+
+    Returns:
+        np.ndarray: ``(K,)`` float64 in ``{0, 1}`` or NaN.
+    """
+    cams, match, gt_bboxes = _check_matched(cams, match, gt_bboxes)
+    width = cams.shape[2]
+    out = np.full(len(cams), np.nan)
+    for k, (cam, g) in enumerate(zip(cams, match)):
+        if g < 0 or cam.max() <= 0:
+            continue
+        y, x = divmod(int(np.argmax(cam)), width)
+        gx1, gy1, gx2, gy2 = gt_bboxes[g]
+        out[k] = float(gx1 <= x + 0.5 <= gx2 and gy1 <= y + 0.5 <= gy2)
+    return out
+
+
+def energy_pointing_game(cams, match, gt_bboxes) -> np.ndarray:
+    """Energy-based pointing game (Wang et al., Score-CAM, CVPRW 2020): the share of each map's
+    energy inside the ground-truth box its detection matched.
+
+    ``epg_k = sum(cam_k[inside gt_box[match_k]]) / sum(cam_k)``; NaN for a detection without
+    a match (``match_k == -1``) and for a blank map.
+
+    Args:
+        cams (array-like): ``(K, H, W)`` non-negative maps.
+        match (array-like): ``(K,)`` ground-truth index per detection, -1 for none (as
+            :func:`match_to_ground_truth` returns).
+        gt_bboxes (array-like): ``(G, 4)`` ground-truth boxes in the maps' pixels.
+
+    Returns:
+        np.ndarray: ``(K,)`` float64 in ``[0, 1]`` or NaN.
+    """
+    cams, match, gt_bboxes = _check_matched(cams, match, gt_bboxes)
+    height, width = cams.shape[1:]
+    out = np.full(len(cams), np.nan)
+    for k, (cam, g) in enumerate(zip(cams, match)):
+        total = cam.sum()
+        if g >= 0 and total > 0:
+            out[k] = cam[box_mask(gt_bboxes[g], height, width)].sum() / total
+    return out
+
+
+def off_target_share(cams, match, gt_bboxes) -> np.ndarray:
+    """Share of each map's energy on *other* ground-truth objects (after ODAM's object
+    discrimination index, Zhao et al., ICLR 2023): the energy in the union of all other
+    ground-truth boxes, outside the detection's own matched box, over the map's total energy.
+
+    An instance-level map scores near 0; a class-level map that also lights up the other
+    objects scores high. NaN for an unmatched detection and for a blank map.
+
+    Args:
+        cams (array-like): ``(K, H, W)`` non-negative maps.
+        match (array-like): ``(K,)`` ground-truth index per detection, -1 for none.
+        gt_bboxes (array-like): ``(G, 4)`` ground-truth boxes in the maps' pixels.
+
+    Returns:
+        np.ndarray: ``(K,)`` float64 in ``[0, 1]`` or NaN.
+    """
+    cams, match, gt_bboxes = _check_matched(cams, match, gt_bboxes)
+    height, width = cams.shape[1:]
+    masks = [box_mask(b, height, width) for b in gt_bboxes]
+    out = np.full(len(cams), np.nan)
+    for k, (cam, g) in enumerate(zip(cams, match)):
+        total = cam.sum()
+        if g < 0 or total <= 0:
+            continue
+        others = np.zeros((height, width), dtype=bool)
+        for j, mask in enumerate(masks):
+            if j != g:
+                others |= mask
+        out[k] = cam[others & ~masks[g]].sum() / total
+    return out
+
+
+def _check_matched(cams, match, gt_bboxes):
+    cams = _check_cams(cams)
+    gt_bboxes = _check_boxes(gt_bboxes, 'gt_bboxes')
+    match = np.asarray(match, dtype=np.int64).reshape(-1)
+    if len(match) != len(cams):
+        raise ValueError(f'`cams` and `match` must have the same length, got {len(cams)} and '
+                         f'{len(match)}')
+    if ((match < -1) | (match >= len(gt_bboxes))).any():
+        raise ValueError(f'`match` holds indices outside [-1, {len(gt_bboxes) - 1}]: '
+                         f'{sorted(set(match[(match < -1) | (match >= len(gt_bboxes))]))}')
+    return cams, match, gt_bboxes
+
+
+def rank_correlations(maps: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation of each pair of maps (pixels as samples; average ranks for
+    ties). Where one map of a pair is constant (e.g. blank, as a fully randomised model often
+    gives) and the other is not, nothing of the ranking survived: 0. Where both are constant it
+    is undefined: NaN (left out of means).
+
+    Args:
+        maps (np.ndarray): (K, H, W).
+        others (np.ndarray): (K, H, W).
+
+    Returns:
+        np.ndarray: (K,) float64 in [-1, 1] or NaN.
+    """
+    from scipy.stats import rankdata
+
+    maps, others = np.asarray(maps), np.asarray(others)
+    if maps.shape != others.shape:
+        raise ValueError(f'maps of shape {maps.shape} and {others.shape} cannot be compared')
+    out = np.full(len(maps), np.nan)
+    for k, (a, b) in enumerate(zip(maps, others)):
+        ra = rankdata(a.ravel()) - (a.size + 1) / 2
+        rb = rankdata(b.ravel()) - (b.size + 1) / 2
+        norm = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+        if norm > 0:
+            out[k] = float((ra * rb).sum() / norm)
+        elif (ra * ra).sum() > 0 or (rb * rb).sum() > 0:
+            out[k] = 0.0
+    return out

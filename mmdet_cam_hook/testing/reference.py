@@ -1,0 +1,72 @@
+"""The slow reference: pytorch-grad-cam's own class, called once per detection.
+
+This is what the seed tool and mmyolo's Box AM effectively do (one forward and one full backward
+per detection). The engine must give the same maps; tests check that, and the benchmarks measure
+how much faster the engine is. Generic over heads: the model is wrapped so that grad-cam sees
+the head's raw outputs, and the target is the adapter's own score of one detection. Not used by
+the hook or the CLI.
+"""
+from typing import List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..adapters import Detections, DetectorAdapter, build_adapter
+from ..cam.layers import resolve_layers
+from ..cam.methods import METHODS
+
+
+class HeadOutputs(nn.Module):
+    """Wraps a detector so that grad-cam can call it: input tensor -> a one-element list (one
+    image) holding the head's raw outputs."""
+
+    def __init__(self, adapter: DetectorAdapter, metainfo: Optional[dict] = None) -> None:
+        super().__init__()
+        self.detector = adapter.model
+        self.adapter = adapter
+        self.metainfo = metainfo
+
+    def forward(self, inputs: torch.Tensor):
+        if inputs.shape[0] != 1:
+            raise ValueError(f'the reference explains one image at a time, got {inputs.shape[0]}')
+        metainfo = None if self.metainfo is None else [self.metainfo]
+        return [self.adapter.head_outputs(self.adapter.features(inputs), metainfo)]
+
+
+class DetectionScoreTarget:
+    """grad-cam target: the adapter's score of one detection (its prior, label and anchor)."""
+
+    def __init__(self, adapter: DetectorAdapter, det: Detections) -> None:
+        self.adapter, self.det = adapter, det
+
+    def __call__(self, outs) -> torch.Tensor:
+        return self.adapter.scores(outs, self.det)[0]
+
+
+def reference_input_cams(model: nn.Module, inputs: torch.Tensor, method: str,
+                         layers_per_det: List[List[str]], dets: Detections,
+                         metainfo: Optional[dict] = None) -> np.ndarray:
+    """One grad-cam call per detection; maps on the network-input grid, (K, H_in, W_in).
+
+    The caller owns the model's state (grad-cam puts it in eval mode and leaves ``.grad`` on its
+    parameters); the tests and benchmarks restore it.
+
+    Args:
+        model (nn.Module): The detector.
+        inputs (torch.Tensor): (1, 3, H_in, W_in) preprocessed input.
+        method (str): A key of :data:`METHODS`.
+        layers_per_det (list[list[str]]): The target layers of each detection.
+        dets (Detections): The detections (the engine's decoding).
+        metainfo (dict, optional): The image's metainfo, for heads whose forward needs it
+            (DETR's padding masks). Defaults to None.
+    """
+    adapter = build_adapter(model)
+    wrapper = HeadOutputs(adapter, metainfo)
+    out = []
+    for k, names in enumerate(layers_per_det):
+        modules = [m for _, m in resolve_layers(model, names)]
+        det = dets.select(slice(k, k + 1))
+        with METHODS[method].cam_class(model=wrapper, target_layers=modules) as cam:
+            out.append(cam(inputs, [DetectionScoreTarget(adapter, det)])[0])
+    return np.stack(out) if out else np.zeros((0, *inputs.shape[-2:]), np.float32)

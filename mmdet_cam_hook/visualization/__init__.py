@@ -1,0 +1,1 @@
+"""Drawing maps and detections into panels, and delivering them to MMEngine's visualizer."""

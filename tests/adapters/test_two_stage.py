@@ -1,0 +1,252 @@
+"""Two-stage detectors (Faster R-CNN, Mask R-CNN's box branch, Cascade R-CNN) on random-init
+models from mmdet's own configs at 128 px: adapter selection from the RoI bbox head, decoding
+equal to ``model.predict``, the RoI route and the exact route equal grad-cam's class run once
+per detection, non-blank level-aware maps on every RoI level.
+
+The models use ResNet-18 (mmdet's configs with ``backbone.depth=18``), 100 proposals, and a
+small RoI extractor ``finest_scale`` (5-8 instead of 56) so that 128 px RoIs land on all four
+levels (the extractor's own ``map_roi_levels`` still decides).
+"""
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+from torch import nn
+
+from mmdet_cam_hook import METHODS, CAMEngine
+from mmdet_cam_hook.adapters import build_adapter
+from mmdet_cam_hook.adapters.two_stage import CascadeRCNNAdapter, RoIGradient, TwoStageAdapter
+from mmdet_cam_hook.runtime.pipeline import preprocess
+from mmdet_cam_hook.testing import (
+    _drop_pretrained,
+    _quiet_init_weights,
+    mmdet_config,
+    synthetic_image,
+)
+from mmdet_cam_hook.testing.reference import reference_input_cams
+
+SMALL = {
+    'model.backbone.depth': 18,
+    'model.neck.in_channels': [64, 128, 256, 512],
+    'model.test_cfg.rpn.max_per_img': 100,
+}
+#: name: (mmdet config, adapter, route of the level layers, finest_scale that puts this
+#: random model's RoIs on all four levels for the test image)
+MODELS = {
+    'faster-rcnn': ('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', TwoStageAdapter, 'local', 5),
+    'mask-rcnn': ('mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', TwoStageAdapter, 'local', 8),
+    'cascade-rcnn': ('cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py', CascadeRCNNAdapter,
+                     'exact', 8),
+}
+CAM_METHODS = [m for m in sorted(METHODS) if not getattr(METHODS[m], 'black_box', False)]
+_BUILT = {}
+
+
+def build_two_stage(config: str, input_size: int = 128, num_classes: int = 3, seed: int = 0,
+                    cfg_options=None) -> nn.Module:
+    """A random-init two-stage detector from mmdet's ``config`` (no download), its RoI
+    classifiers and the RPN's regression set to Gaussian weights so that scores vary from RoI to
+    RoI and proposals have varied sizes."""
+    from mmdet.registry import MODELS as MMDET_MODELS
+    from mmengine.registry import DefaultScope
+
+    cfg = Config.fromfile(mmdet_config(config))
+    cfg.merge_from_dict(cfg_options or {})
+    roi = cfg.model.roi_head
+    for key in ('bbox_head', 'mask_head'):
+        heads = roi.get(key)
+        for head in (heads if isinstance(heads, list) else [heads] if heads else []):
+            head.num_classes = num_classes
+    _drop_pretrained(cfg.model)
+    for key in ('test_dataloader', 'val_dataloader'):
+        for t in cfg[key].dataset.pipeline:
+            if t.type == 'Resize':
+                t.scale = (input_size, input_size)
+    torch.manual_seed(seed)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MMDET_MODELS.build(cfg.model)
+    _quiet_init_weights(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        # proposals of varied sizes (RoIs on every level), then varied class scores
+        rpn_reg = model.rpn_head.rpn_reg.weight
+        rpn_reg.copy_(torch.randn(rpn_reg.shape, generator=gen) * 0.2)
+        for name, param in model.roi_head.named_parameters():
+            if 'fc_cls' in name:
+                std = 0.05 if name.endswith('weight') else 0.5
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+            elif 'fc_reg.weight' in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
+    model.cfg = cfg
+    model.dataset_meta = dict(classes=tuple(f'class{i}' for i in range(num_classes)))
+    return model.eval()
+
+
+def _model(name):
+    if name not in _BUILT:
+        torch.set_num_threads(1)
+        config, _, _, finest = MODELS[name]
+        _BUILT[name] = build_two_stage(config, cfg_options={
+            **SMALL, 'model.roi_head.bbox_roi_extractor.finest_scale': finest})
+    return _BUILT[name]
+
+
+@pytest.fixture(params=list(MODELS))
+def name(request):
+    return request.param
+
+
+def _decoded(model, engine, image):
+    inputs, meta = preprocess(model, engine.pipeline, image)
+    adapter = engine.adapter
+    with torch.no_grad():
+        dets = adapter.decode(adapter.head_outputs(adapter.features(inputs)), meta,
+                              engine.score_thr)
+    return inputs, meta, dets
+
+
+def _reference(model, engine, image, res, idx):
+    inputs, _, dets = _decoded(model, engine, image)
+    np.testing.assert_array_equal(dets.scores[:len(res)].numpy(), res.scores)
+    try:
+        return reference_input_cams(model, inputs, res.method, [res.layers[i] for i in idx],
+                                    dets.select(torch.tensor(idx, dtype=torch.long)))
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
+def _per_level(levels, per_level=1):
+    return [int(i) for lv in sorted(set(levels.tolist()))
+            for i in np.flatnonzero(levels == lv)[:per_level]]
+
+
+def test_adapter_is_chosen_from_the_roi_bbox_head(name):
+    model = _model(name)
+    adapter = build_adapter(model)
+    assert type(adapter) is MODELS[name][1]
+    assert adapter.head is model.roi_head
+    assert adapter.level_layers() == [f'neck.fpn_convs.{i}' for i in range(4)]
+    assert adapter.strides() == [4, 8, 16, 32]
+    expected = [None] * 4 if name == 'cascade-rcnn' else [0, 1, 2, 3]
+    assert [adapter.level_of_layer(n) for n in adapter.level_layers()] == expected
+
+
+def test_unsupported_roi_head_is_named():
+
+    class FooBBoxHead(nn.Module):
+        pass
+
+    class RoIHead(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.bbox_head = FooBBoxHead()
+
+    class Detector(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.roi_head = RoIHead()
+
+    with pytest.raises(ValueError, match=r'no adapter for the head RoIHead \(roi_head\), '
+                                         r'FooBBoxHead \(roi_head.bbox_head\); supported heads: '
+                                         r".*'BBoxHead'.*'CascadeRoIHead'"):
+        build_adapter(Detector())
+
+
+def test_detections_equal_model_predict(name):
+    """Boxes, scores, labels and order equal ``model.predict`` (Mask R-CNN: boxes rescaled
+    after NMS, as its mask branch does); each score re-read on the live maps for its RoI alone
+    equals the decoded one; detections come from RoIs on every level."""
+    from mmdet.structures import DetDataSample
+
+    model = _model(name)
+    engine = CAMEngine(model, score_thr=0.0)
+    image = synthetic_image(96, 160, seed=4)
+    inputs, meta, dets = _decoded(model, engine, image)
+    with torch.no_grad():
+        pred = model.predict(inputs, [DetDataSample(metainfo=meta)])[0].pred_instances
+    order = pred.scores.argsort(descending=True, stable=True)
+    assert len(dets) == len(pred) > 0
+    assert torch.equal(dets.bboxes, pred.bboxes[order])
+    assert torch.equal(dets.scores, pred.scores[order])
+    assert torch.equal(dets.labels, pred.labels[order])
+    assert len(dets.scores.unique()) == len(dets), 'scores tie: perturb the RoI classifier'
+    adapter = engine.adapter
+    outs = adapter.head_outputs(adapter.features(inputs))
+    scores = adapter.scores(outs, dets)
+    assert scores.requires_grad
+    torch.testing.assert_close(scores, dets.scores, rtol=0, atol=1e-6)
+    assert sorted(dets.levels.unique().tolist()) == [0, 1, 2, 3]
+    assert dets.rois.shape == (len(dets), 3 if name == 'cascade-rcnn' else 1, 4)
+
+
+def test_maps_equal_grad_cam(name):
+    """Level-aware default: one forward, then the RoI route (Faster/Mask) or the exact route
+    (Cascade); maps equal grad-cam's class run once per detection, one detection per level
+    (every CAM method on Faster R-CNN, two on the others), and every level has non-blank
+    maps."""
+    model = _model(name)
+    image = synthetic_image(96, 160, seed=4)
+    engine = CAMEngine(model, score_thr=0.0)
+    assert [layer.route for layer in engine.layers] == [MODELS[name][2]] * 4
+    methods = CAM_METHODS if name == 'faster-rcnn' else ['gradcam', 'hirescam']
+    results = engine.explain(image, methods=methods)
+    for method, res in results.items():
+        assert set(res.levels.tolist()) == {0, 1, 2, 3}, method
+        idx = _per_level(res.levels)
+        np.testing.assert_allclose(res.input_cams[idx],
+                                   _reference(model, engine, image, res, idx), atol=1e-4,
+                                   err_msg=method)
+    res = results['hirescam']
+    for level in range(4):
+        on = res.cams[res.levels == level]
+        assert (on.reshape(len(on), -1).max(1) > 0).any(), level
+
+
+@pytest.mark.parametrize('name', ['faster-rcnn'])
+def test_upstream_layer_equals_grad_cam(name):
+    """A backbone stage: the RoI gradient pulled back by the chain route."""
+    model = _model(name)
+    image = synthetic_image(96, 160, seed=2)
+    engine = CAMEngine(model, target_layers='backbone.layer3', score_thr=0.0, topk=12)
+    assert engine.layers[0].route == 'chain'
+    res = engine.explain(image, methods='hirescam')['hirescam']
+    idx = _per_level(res.levels)
+    np.testing.assert_allclose(res.input_cams[idx], _reference(model, engine, image, res, idx),
+                               atol=1e-4)
+
+
+def test_roi_gradient_equals_the_full_backward():
+    """The RoI route's gradient at a level map equals autograd through the RoI extractor and
+    head, detection by detection (raw gradients, not maps)."""
+    model = _model('faster-rcnn')
+    engine = CAMEngine(model, score_thr=0.0, topk=16)
+    inputs, _, dets = _decoded(model, engine, synthetic_image(96, 160, seed=4))
+    adapter = engine.adapter
+    assert isinstance(engine.local_grad, RoIGradient)
+    with torch.no_grad():
+        feats = adapter.features(inputs)
+    feats = tuple(f.detach().requires_grad_(True) for f in feats)
+    outs = adapter.head_outputs(feats)
+    for level in range(4):
+        on = dets.select(dets.levels == level)
+        grads = engine.local_grad(feats[level], level, on)
+        scores = adapter.scores(outs, on)
+        for k in range(min(len(on), 3)):
+            (expected, ) = torch.autograd.grad(scores[k], feats[level], retain_graph=True)
+            torch.testing.assert_close(grads[k:k + 1], expected, rtol=1e-4, atol=1e-7)
+
+
+def test_explain_batch_equals_explain():
+    """The RoI route takes a batch: two images through the network at once (same size, so the
+    same padding) give each image's own ``explain`` results."""
+    model = _model('faster-rcnn')
+    engine = CAMEngine(model, score_thr=0.0, topk=4)
+    assert engine.batchable
+    images = [synthetic_image(96, 160, seed=4), synthetic_image(96, 160, seed=5)]
+    for image, got in zip(images, engine.explain_batch(images, methods=['gradcam'])):
+        want = engine.explain(image)['gradcam']
+        assert len(got['gradcam']) == len(want) == 4
+        np.testing.assert_allclose(got['gradcam'].scores, want.scores, rtol=1e-5)
+        np.testing.assert_allclose(got['gradcam'].cams, want.cams, atol=1e-4)

@@ -1,0 +1,135 @@
+"""``mmdet-cam-eval`` end to end on a tiny generated dataset and a perturbed random-init
+YOLOX-nano checkpoint; torchrun with 2 gloo processes equals one process."""
+import contextlib
+import json
+import os
+
+import pytest
+import torch
+
+from mmdet_cam_hook.cli.eval import main
+from mmdet_cam_hook.testing import torchrun_beside
+
+#: Scores 0.3-0.5 that depend on the pixels (see tests/test_evaluation.py).
+PERTURB = dict(calibrate=True, weights={'multi_level_conv_': 0.002},
+               biases={'multi_level_conv_cls': (0.0, 0.5), 'multi_level_conv_obj': (0.0, 0.5)})
+KEYS = {'pointing_game', 'energy_pointing_game', 'off_target_share', 'blank_share',
+        'deletion_auc', 'insertion_auc', 'num_detections', 'num_matched', 'seconds_per_image'}
+
+
+@pytest.fixture(scope='module')
+def ws(tmp_path_factory):
+    """A 4-image val split of the shapes at 64 px, a YOLOX-nano config testing at 96 px, and a
+    checkpoint of a perturbed random-init YOLOX-nano."""
+    from mmengine.config import Config
+
+    from mmdet_cam_hook.demo.shapes import generate_shapes
+    from mmdet_cam_hook.testing import build_detector, mmdet_config
+
+    root = tmp_path_factory.mktemp('eval')
+    data = generate_shapes(root / 'shapes', num_train=1, num_val=4, image_size=64, seed=0)
+    cfg = Config.fromfile(mmdet_config('yolox/yolox_nano_8xb8-300e_coco.py'))
+    cfg.model.bbox_head.num_classes = len(data.classes)
+    cfg.model.data_preprocessor.batch_augments = None
+    pipeline = [dict(type='LoadImageFromFile'),
+                dict(type='Resize', scale=(96, 96), keep_ratio=True),
+                dict(type='Pad', pad_to_square=True, pad_val=dict(img=(114.0, 114.0, 114.0))),
+                dict(type='LoadAnnotations', with_bbox=True), dict(type='PackDetInputs')]
+    dataset = dict(type='CocoDataset', data_root=str(data.root),
+                   ann_file=str(data.ann_file('val')),
+                   data_prefix=dict(img=str(data.img_dir('val')) + os.sep),
+                   metainfo=dict(classes=data.classes), filter_cfg=dict(filter_empty_gt=False),
+                   pipeline=pipeline, test_mode=True)
+    cfg.val_dataloader = cfg.test_dataloader = dict(batch_size=1, num_workers=0,
+                                                    dataset=dataset)
+    cfg.train_dataloader = None
+    cfg.custom_hooks = []
+    config = root / 'tiny.py'
+    cfg.dump(str(config))
+    torch.manual_seed(0)
+    model = build_detector('yolox/yolox_nano_8xb8-300e_coco.py', input_size=96,
+                           num_classes=len(data.classes), perturb=PERTURB)
+    checkpoint = root / 'tiny.pth'
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, checkpoint)
+    return root, str(config), str(checkpoint)
+
+
+def _args(ws, *extra):
+    root, config, checkpoint = ws
+    return [config, checkpoint, '--score-thr', '0', '--topk', '2', '--steps', '1',
+            '--device', 'cpu', *extra]
+
+
+def test_end_to_end_writes_every_key(ws, capsys):
+    out = ws[0] / 'results.json'
+    code = main(_args(ws, '--num-images', '2', '--methods', 'hirescam', 'drise',
+                      '--drise-masks', '8', '--randomization', '--out', str(out)))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(out.read_text())
+    assert result['settings']['protocols'] == ['prior', 'matched']
+    assert result['settings']['num_images'] == 2
+    assert list(result['methods']) == ['hirescam', 'drise', 'random', 'box']
+    for method, numbers in result['methods'].items():
+        assert KEYS <= set(numbers), method
+        assert set(numbers['deletion_auc']) == set(numbers['insertion_auc']) == \
+            {'prior', 'matched'}
+        assert numbers['num_detections'] == 4
+        if method in ('hirescam', 'drise'):
+            assert set(numbers['randomization_similarity']) == \
+                {'head', 'head+neck', 'head+neck+backbone'}
+    for method in result['methods']:
+        assert f'| {method} |' in captured.out
+    assert 'del prior' in captured.out and 'wrote' in captured.err
+
+
+def test_torchrun_two_processes_equal_one(ws):
+    """2 gloo processes on CPU split the 4 images; the JSON equals a one-process run's (all
+    but the timings)."""
+    root = ws[0]
+    args = _args(ws, '--methods', 'hirescam', '--topk', '1', '--num-images', '4')
+    one, two = root / 'one.json', root / 'two.json'
+    code, returncode, stdout, stderr = torchrun_beside(
+        'mmdet_cam_hook.cli.eval', [*args, '--out', two], lambda: main([*args, '--out', str(one)]))
+    assert code == 0
+    assert returncode == 0, stderr[-3000:]
+    assert stdout.count('| hirescam |') == 1  # rank 0 alone prints
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    for result in (a, b):
+        for numbers in result['methods'].values():
+            numbers.pop('seconds_per_image')
+    a['settings'].pop('checkpoint'), b['settings'].pop('checkpoint')
+    assert a == b
+    assert a['methods']['hirescam']['num_detections'] == 4
+
+
+@pytest.mark.parametrize('extra, code, message', [
+    (['--steps', '0'], 2, "argument --steps: must be an integer >= 1, got '0'"),
+    (['--methods', 'gradcm'], 2, "argument --methods: invalid choice: 'gradcm'"),
+    (['--protocol', 'best'], 2, "argument --protocol: invalid choice: 'best'"),
+    (['--fill', 'black'], 2, "argument --fill: invalid choice: 'black'"),
+    (['--split', 'train'], 2, "argument --split: invalid choice: 'train'"),
+    (['--device', 'tpu'], 1, "mmdet-cam-eval: error: --device must be 'cpu' or 'cuda[:N]'"),
+    (['--out', '{root}'], 1, 'is a folder; give a file name'),
+    (['--out', '{root}/missing/r.json'], 1, 'does not exist'),
+])
+def test_bad_arguments(ws, capsys, extra, code, message):
+    extra = [e.format(root=ws[0]) for e in extra]
+    with pytest.raises(SystemExit) if code == 2 else contextlib.nullcontext() as exc:
+        result = main(_args(ws, *extra))
+    assert (exc.value.code if code == 2 else result) == code
+    assert message in capsys.readouterr().err
+
+
+def test_missing_checkpoint_and_split(ws, capsys, tmp_path):
+    root, config, _ = ws
+    assert main([config, str(root / 'nope.pth'), '--device', 'cpu']) == 1
+    assert 'nope.pth' in capsys.readouterr().err
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(config)
+    cfg.test_dataloader = None
+    no_test = tmp_path / 'no_test.py'
+    cfg.dump(str(no_test))
+    assert main([str(no_test), ws[2], '--split', 'test', '--device', 'cpu']) == 1
+    assert 'the config has no `test_dataloader.dataset`' in capsys.readouterr().err
