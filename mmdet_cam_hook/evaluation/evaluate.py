@@ -57,6 +57,7 @@ from .metrics import (
     match_to_ground_truth,
     off_target_share,
     peak_in_box,
+    rank_correlations,
 )
 
 #: The protocols, by name (see the module docstring).
@@ -421,7 +422,7 @@ def probe_faithfulness(engine: CAMEngine, image: ImageLike, results: Dict[str, o
 
 
 __all__ = [
-    'BASELINES', 'PROTOCOLS', 'EvalSettings', 'baseline_maps', 'check_protocols', 'detect',
+    'BASELINES', 'PROTOCOLS', 'EvalSettings', 'baseline_maps', 'check_protocols',
     'evaluate_image', 'image_seed', 'markdown_table', 'matched_score_fn', 'prior_score_fn',
     'probe_faithfulness', 'protocol_curves', 'summarize'
 ]
