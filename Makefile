@@ -11,6 +11,7 @@ demo: setup
 
 lint: setup
 	.venv/bin/ruff check .
+	.venv/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest $(ARGS)
