@@ -73,7 +73,8 @@ def env(tmp_path_factory):
 def test_wheel_holds_the_package_and_its_configs(env):
     _, wheel, _ = env
     names = set(zipfile.ZipFile(wheel).namelist())
-    for name in ('cli.py', 'demo.py', 'files.py', 'hook.py', 'configs/__init__.py',
+    for name in ('cli/cam.py', 'cli/__main__.py', 'demo/__main__.py', 'runtime/io.py',
+                 'hooks/cam_hook.py', 'testing/__init__.py', 'configs/__init__.py',
                  'configs/__main__.py', 'configs/yolox_s_gradcam.py',
                  'configs/yolox_nano_gradcam.py', 'configs/_base_/gradcam_hook.py',
                  'configs/demo/yolox_nano_shapes_gradcam.py'):

@@ -15,7 +15,7 @@ from mmdet_cam_hook.configs.__main__ import main as configs_main
 from mmdet_cam_hook.hooks.cam_hook import DetCAMHook
 from mmdet_cam_hook.testing import mmdet_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIZES = ('nano', 'tiny', 's', 'm', 'l', 'x')
 
 #: Each shipped config, the mmdet config it inherits, and its adapter.
