@@ -13,11 +13,10 @@ from torch import nn
 from mmdet_cam_hook.runtime.checkpoint import (
     CheckpointError,
     UnsafeCheckpointError,
-    init_model,
     load_checkpoint,
-    load_weights,
-    safe_globals,
 )
+from mmdet_cam_hook.runtime.model import init_model, load_weights
+from mmdet_cam_hook.runtime.unpickler import safe_globals
 
 
 # ---------------------------------------------------------------------------------------------
