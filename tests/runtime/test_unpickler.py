@@ -111,3 +111,14 @@ def test_allow_list_holds_torch_and_ours():
     assert 'mmengine.logging.history_buffer.HistoryBuffer' in allowed
     assert allowed['builtins.getattr'] is unpickler._restricted_getattr
     assert not any(name.startswith(('os.', 'posix.', 'subprocess.')) for name in allowed)
+
+
+def test_forced_weights_only_falls_back_to_torchs_list(tmp_path, monkeypatch, history_file):
+    """``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` makes torch refuse any pickle_module: a state dict
+    still loads (torch's own list), a HistoryBuffer is refused, nothing is widened."""
+    monkeypatch.setenv('TORCH_FORCE_WEIGHTS_ONLY_LOAD', '1')
+    path = tmp_path / 'plain.pth'
+    torch.save({'state_dict': {'w': torch.ones(3)}}, path)
+    assert torch.equal(load_checkpoint(path)['state_dict']['w'], torch.ones(3))
+    with pytest.raises(CheckpointError, match='HistoryBuffer|numpy'):
+        load_checkpoint(history_file)
