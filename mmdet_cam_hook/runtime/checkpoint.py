@@ -239,9 +239,8 @@ def _read(path: str, map_location, trusted: bool) -> dict:
         checkpoint = _torch_load(path, map_location, trusted)
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, TypeError,
             IndexError, AssertionError) as exc:
-        # (the Python unpickler raises KeyError on an unknown opcode, torch an AssertionError on
-        # a protocol-0 storage id): a file naming a global outside the allow-list is refused
-        # for that, whatever failed first
+        # (torch raises an AssertionError on a protocol-0 storage id): a file naming a global
+        # outside the allow-list is refused for that, whatever failed first
         if not trusted:
             names = _unsafe_globals(path, exc)
             if names:

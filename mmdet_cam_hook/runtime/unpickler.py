@@ -105,6 +105,15 @@ class Unpickler(pickle._Unpickler):  # the Python unpickler: its opcodes can be 
         self._allowed = allowed_globals()
         self._allowed_ids = {id(v) for v in self._allowed.values()}
 
+    def load(self) -> Any:
+        try:
+            return super().load()
+        except KeyError as exc:  # the Python unpickler's way of saying "unknown opcode"
+            if exc.args and isinstance(exc.args[0], int) and 0 <= exc.args[0] < 256:
+                raise pickle.UnpicklingError(
+                    f'invalid load key, {bytes([exc.args[0]])!r} (not a pickle)') from exc
+            raise
+
     def _check(self, obj: Any, what: str) -> None:
         if id(obj) not in self._allowed_ids:
             raise pickle.UnpicklingError(f'checkpoint tries to {what} {obj!r}, which is not in '

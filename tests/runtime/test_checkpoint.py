@@ -237,7 +237,7 @@ def test_numpy_values_load(tmp_path):
 
 @pytest.mark.parametrize('content, match', [
     (b'', 'empty or truncated'),
-    (b'not a checkpoint', 'not a readable torch checkpoint'),
+    (b'not a checkpoint', 'not a readable torch checkpoint: invalid load key'),
 ])
 def test_not_a_checkpoint(tmp_path, content, match):
     path = tmp_path / 'bad.pth'
