@@ -30,8 +30,8 @@ import torch
 from mmdet_cam_hook import CAMEngine
 from mmdet_cam_hook.cam.methods import METHODS
 from mmdet_cam_hook.cli.cam import build_parser, run, save_outputs
-from mmdet_cam_hook.runtime.checkpoint import init_model
 from mmdet_cam_hook.runtime.io import load_image
+from mmdet_cam_hook.runtime.model import init_model
 from mmdet_cam_hook.testing import SIZES, build_yolox, synthetic_image
 
 

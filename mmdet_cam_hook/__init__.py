@@ -2,9 +2,10 @@
 
 Importing the package only registers things, through the frameworks' own extension points:
 ``DetCAMHook`` (also under its first name, ``YOLOXGradCAMHook``) into mmdet's ``HOOKS``, and a
-safe checkpoint loader for local files and ``http(s)://`` URLs into MMEngine's
-``CheckpointLoader`` (so that MMEngine can load, with ``weights_only``, the checkpoints it
-writes: see :mod:`mmdet_cam_hook.runtime.checkpoint`).
+safe checkpoint loader for every scheme of MMEngine's ``CheckpointLoader`` (local files,
+``http(s)://``, ``torchvision://``, ``open-mmlab://``, ...), so that MMEngine loads the
+checkpoints it writes, and no others, without running code: see
+:mod:`mmdet_cam_hook.runtime.checkpoint`.
 pytorch-grad-cam is not needed to compute maps (:mod:`mmdet_cam_hook.cam.maths` has the maths):
 only :mod:`.testing.reference`, the per-detection comparison the tests and benchmarks run,
 imports it (``pip install mmdet-cam-hook[reference]``).

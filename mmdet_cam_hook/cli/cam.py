@@ -424,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         UserError: On a user error (see the module docstring).
     """
-    from ..runtime.checkpoint import CheckpointError, init_model
+    from ..runtime.model import CheckpointError, init_model
 
     rank, world, local_rank = distributed_env()
     args.device = resolve_device(args.device, local_rank)

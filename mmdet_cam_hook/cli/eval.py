@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..cam.engine import CAMEngine
     from ..evaluation.evaluate import EvalSettings, evaluate_image, markdown_table, summarize
-    from ..runtime.checkpoint import CheckpointError, init_model
+    from ..runtime.model import CheckpointError, init_model
 
     rank, world, local_rank = distributed_env()
     args.device = resolve_device(args.device, local_rank)

@@ -1,49 +1,57 @@
 """Safe loading of MMEngine / MMDetection checkpoints, for our CLI and for MMEngine itself.
 
-``torch.load(..., weights_only=True)`` only rebuilds tensors, containers and an allow-list of
-classes, so a checkpoint cannot run code while it is read. MMEngine training checkpoints hold a
-few more objects than tensors (the message hub's :class:`~mmengine.logging.HistoryBuffer`, numpy
-arrays and scalars of logged metrics); :func:`safe_globals` allows exactly those. A file that
-needs anything else is refused with :class:`UnsafeCheckpointError`, which names the offending
-globals and the opt-in for a file whose source the user trusts (``trusted=True``,
+A safe load only rebuilds tensors, containers and an allow-list of classes, so a checkpoint
+cannot run code while it is read. MMEngine training checkpoints hold a few more objects than
+tensors (the message hub's :class:`~mmengine.logging.HistoryBuffer`, numpy arrays and scalars of
+logged metrics); :func:`~mmdet_cam_hook.runtime.unpickler.safe_globals` allows exactly those, and
+:mod:`~mmdet_cam_hook.runtime.unpickler` enforces the list without touching torch's process-wide
+one. A file that needs anything else is refused with :class:`UnsafeCheckpointError`, which names
+the offending globals and the opt-in for a file whose source the user trusts (``trusted=True``,
 ``--trust-checkpoint`` on our command line, ``MMDET_CAM_TRUST_CHECKPOINT=1`` in the environment
-of any other program). ``weights_only`` is never turned off otherwise.
+of any other program). Nothing is unpickled unrestricted otherwise.
 
 MMEngine 0.10.7 calls ``torch.load`` without ``weights_only``, which torch >= 2.6 reads as True
-with torch's own allow-list only, so MMEngine cannot load the checkpoints it writes. Importing
-this package registers :func:`load_checkpoint` as MMEngine's loader for local files and
-``http(s)://`` URLs (``CheckpointLoader.register_scheme``, MMEngine's public extension point):
-``Runner.resume`` / ``--resume``, ``load_from``, mmdet's ``tools/test.py`` and
-``mmdet.apis.init_detector`` then all load through the same allow-list as ``mmdet-cam``.
+with torch's own allow-list only, so MMEngine cannot load the checkpoints it writes; and its
+model-zoo schemes (``torchvision://``, ``open-mmlab://``, ``mmcls://``, which mmdet's R50
+configs use for their backbones) go through ``torch.hub.load_state_dict_from_url``, which
+unpickles anything. Importing this package registers our loaders for every scheme MMEngine's
+``CheckpointLoader`` knows (``register_scheme``, MMEngine's public extension point):
+``Runner.resume`` / ``--resume``, ``load_from``, ``init_cfg=dict(type='Pretrained', ...)``,
+mmdet's ``tools/test.py`` and ``mmdet.apis.init_detector`` then all load through the same
+allow-list as ``mmdet-cam``.
 
-A checkpoint is a local path or an ``http(s)://`` URL; a URL is downloaded once into
-``torch.hub.get_dir()/checkpoints/mmdet_cam_hook/<hash of the whole URL>/`` (so ``TORCH_HOME``
-moves it, and two URLs never share a cached file), and an unreachable one is a
-:class:`CheckpointError` that says to download the file elsewhere.
+A checkpoint is a local path, an ``http(s)://`` URL or a model-zoo name. A URL is downloaded
+once into ``torch.hub.get_dir()/checkpoints/mmdet_cam_hook/<hash of the whole URL>/`` (so
+``TORCH_HOME`` moves it, and two URLs never share a cached file); a model-zoo name into
+``torch.hub.get_dir()/checkpoints/``, where torch and MMEngine cache those files too. A download
+goes to a temporary name and is kept only when it has the ``Content-Length`` the server
+announced and, when its file name carries one (``..._20211121_095711-4592a793.pth``), the
+sha256 prefix; a failed or unreachable one is a :class:`CheckpointError` that says what to do.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
+import http.client
 import io
 import logging
 import os
 import pickle
-import pickletools
 import re
-import shutil
 import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Callable, Optional, Union
 
-import numpy as np
 import torch
-from torch import nn
+
+from . import unpickler
+from .unpickler import safe_globals
+
+__all__ = ['CheckpointError', 'UnsafeCheckpointError', 'TRUST_ENV', 'download', 'is_url',
+           'load_checkpoint', 'register_mmengine_loaders', 'safe_globals']
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +67,13 @@ TRUST_ENV = 'MMDET_CAM_TRUST_CHECKPOINT'
 _TRUST_HINT = ('pass trusted=True (command line: --trust-checkpoint; mmdet\'s tools/train.py, '
                f'tools/test.py and other MMEngine programs: set {TRUST_ENV}=1) only if you trust '
                "the file's source: loading it then runs whatever code it names")
+
+#: MMEngine's model-zoo schemes, resolved with MMEngine's own tables (``mmengine/hub/*.json``).
+ZOO_SCHEMES = ('torchvision://', 'modelzoo://', 'open-mmlab://', 'openmmlab://', 'mmcls://')
+
+#: ``<name>-<first 8+ hex digits of the sha256>.<ext>``, as torch's and OpenMMLab's files are
+#: named. An all-digit suffix is taken for a date or a step count, not a hash.
+_HASH_IN_NAME = re.compile(r'-([0-9a-f]{8,64})\.[A-Za-z0-9]+$')
 
 
 class CheckpointError(RuntimeError):
@@ -83,89 +98,74 @@ class UnsafeCheckpointError(CheckpointError):
             f'numpy values and HistoryBuffer. To load it anyway, {_TRUST_HINT}')
 
 
-def _history_buffer():
-    from mmengine.logging import HistoryBuffer
-
-    return HistoryBuffer
-
-
-def _restricted_getattr(obj: Any, name: str) -> Any:
-    """Stands in for ``builtins.getattr`` while unpickling.
-
-    A pickled :class:`~mmengine.logging.HistoryBuffer` holds its statistics methods as
-    ``getattr(HistoryBuffer, 'mean')``; that, and nothing else, is allowed.
-    """
-    history_buffer = _history_buffer()
-    if obj is history_buffer and isinstance(name, str) and not name.startswith('_') \
-            and callable(getattr(history_buffer, name, None)):
-        return getattr(history_buffer, name)
-    raise pickle.UnpicklingError(
-        f'checkpoint calls getattr({obj!r}, {name!r}); only public HistoryBuffer methods are '
-        f'allowed. To load it anyway, {_TRUST_HINT}')
-
-
-def safe_globals() -> list:
-    """The allow-list for ``torch.serialization.safe_globals``.
-
-    Entries are the classes and functions themselves, or ``(object, 'pickled.name')`` pairs for
-    names that differ between library versions (numpy 2 pickles ``numpy._core``) and for
-    ``builtins.getattr``, which maps to :func:`_restricted_getattr`.
-
-    Returns:
-        list: Objects and ``(object, name)`` pairs.
-    """
-    reconstruct = np.core.multiarray._reconstruct
-    scalar = np.core.multiarray.scalar
-    entries: list = [
-        _history_buffer(),
-        np.ndarray,
-        np.dtype,
-        reconstruct,
-        scalar,
-        (reconstruct, 'numpy._core.multiarray._reconstruct'),
-        (scalar, 'numpy._core.multiarray.scalar'),
-        (_restricted_getattr, 'builtins.getattr'),
-    ]
-    dtypes = getattr(np, 'dtypes', None)
-    if dtypes is not None:
-        entries += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith('DType')]
-    return entries
-
-
 def is_url(filename: PathLike) -> bool:
     """Whether ``filename`` is an ``http://`` or ``https://`` URL."""
     return isinstance(filename, str) and re.match(r'https?://', filename) is not None
 
 
-def download(url: str, timeout: float = DOWNLOAD_TIMEOUT) -> Path:
-    """Download ``url`` into ``torch.hub.get_dir()/checkpoints/mmdet_cam_hook/<url hash>/``, or
-    return the file cached there for this exact URL.
+def url_cache_dir(url: str) -> Path:
+    """Where :func:`download` keeps ``url``: ``torch.hub.get_dir()/checkpoints/mmdet_cam_hook/``
+    and the first 16 hex digits of the sha256 of the whole URL."""
+    digest = hashlib.sha256(url.encode('utf-8')).hexdigest()[:16]
+    return Path(torch.hub.get_dir()) / 'checkpoints' / 'mmdet_cam_hook' / digest
+
+
+def hash_prefix(name: str) -> Optional[str]:
+    """The sha256 prefix a file name such as ``yolox_s_..._20211121_095711-4592a793.pth``
+    carries (``'4592a793'``), or None."""
+    found = _HASH_IN_NAME.search(name)
+    return found.group(1) if found and not found.group(1).isdigit() else None
+
+
+def download(url: str, timeout: float = DOWNLOAD_TIMEOUT,
+             folder: Optional[PathLike] = None) -> Path:
+    """Download ``url`` into ``folder``, or return the file already cached there.
+
+    The file is written under a temporary name and kept only when it is complete: as long as
+    the server's ``Content-Length`` and, when the file name carries one (:func:`hash_prefix`),
+    with that sha256 prefix. A partial file is never cached.
 
     Args:
         url (str): An ``http(s)://`` URL.
         timeout (float): Seconds to wait for the server. Defaults to :data:`DOWNLOAD_TIMEOUT`.
+        folder (str | PathLike, optional): The cache folder. Defaults to
+            :func:`url_cache_dir` of ``url``.
 
     Returns:
         Path: The local file.
 
     Raises:
-        CheckpointError: If the server cannot be reached or the transfer fails.
+        CheckpointError: If the server cannot be reached, the transfer fails or is cut short,
+            or the file does not have the sha256 prefix its name carries.
     """
     name = os.path.basename(urllib.parse.urlparse(url).path) or 'checkpoint.pth'
-    digest = hashlib.sha256(url.encode('utf-8')).hexdigest()[:16]
-    folder = Path(torch.hub.get_dir()) / 'checkpoints' / 'mmdet_cam_hook' / digest
+    folder = Path(folder) if folder is not None else url_cache_dir(url)
     target = folder / name
     if target.is_file():
         logger.info('using cached download %s', target)
         return target
     folder.mkdir(parents=True, exist_ok=True)
     logger.info('downloading %s to %s', url, target)
-    tmp = tempfile.NamedTemporaryFile(dir=folder, prefix=f'.{name}.', delete=False)
+    retry = ('; try again, or download the file elsewhere and pass its local path (nothing '
+             'was cached)')
+    tmp = tempfile.NamedTemporaryFile(dir=folder, prefix=f'.{name}.', suffix='.partial',
+                                      delete=False)
     try:
         with tmp, urllib.request.urlopen(url, timeout=timeout) as response:
-            shutil.copyfileobj(response, tmp)
+            length = response.headers.get('Content-Length', '')
+            size, sha = _copy(response, tmp)
+        if length.strip().isdigit() and size != int(length):
+            raise CheckpointError(f'download of {url!r} was cut short: {size} of '
+                                  f'{int(length)} bytes{retry}')
+        prefix = hash_prefix(name)
+        if prefix is not None and not sha.startswith(prefix):
+            raise CheckpointError(f'download of {url!r} is corrupt: its sha256 starts with '
+                                  f'{sha[:len(prefix)]}, its file name says {prefix}{retry}')
         os.replace(tmp.name, target)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except http.client.IncompleteRead as exc:
+        raise CheckpointError(f'download of {url!r} was cut short: {len(exc.partial)} bytes of '
+                              f'a chunk, then the connection closed{retry}') from exc
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         reason = getattr(exc, 'reason', None) or exc
         raise CheckpointError(
             f'could not download checkpoint {url!r}: {reason}. If this machine has no internet '
@@ -174,6 +174,18 @@ def download(url: str, timeout: float = DOWNLOAD_TIMEOUT) -> Path:
         if os.path.exists(tmp.name):
             os.unlink(tmp.name)
     return target
+
+
+def _copy(response, out) -> tuple[int, str]:
+    """Copy an HTTP response body to ``out``: (bytes copied, sha256 hex digest)."""
+    sha, size = hashlib.sha256(), 0
+    while True:
+        chunk = response.read(1 << 20)
+        if not chunk:
+            return size, sha.hexdigest()
+        out.write(chunk)
+        sha.update(chunk)
+        size += len(chunk)
 
 
 def _reason(exc: BaseException) -> str:
@@ -186,62 +198,8 @@ def _reason(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__ + ' (empty or truncated file)'
 
 
-_STRING_OPS = {'STRING', 'BINSTRING', 'SHORT_BINSTRING', 'UNICODE', 'BINUNICODE',
-               'SHORT_BINUNICODE', 'BINUNICODE8'}
-
-
-def _pickle_globals(stream: io.BufferedIOBase, limit: int = 8) -> list[str]:
-    """The ``module.name`` of every global the pickles at the start of ``stream`` import,
-    found by reading the opcodes (nothing is unpickled). Covers every protocol: ``GLOBAL`` and
-    ``INST`` (protocols 0-3) and ``STACK_GLOBAL`` (4-5, with its two strings possibly memoised).
-    A legacy torch file is several pickles in a row; reading stops at data that is no pickle."""
-    names: list[str] = []
-    for _ in range(limit):
-        memo: dict = {}
-        pushed: list = []
-        try:
-            for op, arg, _pos in pickletools.genops(stream):
-                if op.name in ('GLOBAL', 'INST'):
-                    names.append(arg.replace(' ', '.'))
-                    pushed.append(None)
-                elif op.name == 'STACK_GLOBAL':
-                    if len(pushed) >= 2 and all(isinstance(v, str) for v in pushed[-2:]):
-                        names.append(f'{pushed[-2]}.{pushed[-1]}')
-                    pushed.append(None)
-                elif op.name in _STRING_OPS:
-                    pushed.append(arg if isinstance(arg, str) else
-                                  arg.decode('latin-1') if isinstance(arg, bytes) else None)
-                elif op.name == 'MEMOIZE':
-                    memo[len(memo)] = pushed[-1] if pushed else None
-                elif op.name in ('PUT', 'BINPUT', 'LONG_BINPUT'):
-                    memo[arg] = pushed[-1] if pushed else None
-                elif op.name in ('GET', 'BINGET', 'LONG_BINGET'):
-                    pushed.append(memo.get(arg))
-                elif op.name == 'STOP':
-                    break
-                else:
-                    pushed.append(None)
-        except (ValueError, EOFError, pickle.UnpicklingError, UnicodeDecodeError):
-            break  # the raw tensor data of a legacy file, or the end of the file
-        if not pushed:
-            break
-    return names
-
-
-def _allowed_names() -> set:
-    """``module.name`` of every global a safe load allows: ours and torch's own."""
-    allowed = set()
-    for entry in safe_globals():
-        if isinstance(entry, tuple):
-            allowed.add(entry[1])
-        else:
-            allowed.add(f'{entry.__module__}.{entry.__qualname__}')
-    try:  # torch's default weights_only allow-list (tensors, storages, OrderedDict, ...)
-        from torch._weights_only_unpickler import _get_allowed_globals
-        allowed.update(_get_allowed_globals())
-    except (ImportError, AttributeError):  # only the message would be less precise
-        allowed.update(n for n in ('collections.OrderedDict', ))
-    return allowed
+def _trusted_by_environment() -> bool:
+    return os.environ.get(TRUST_ENV, '').strip().lower() in ('1', 'true', 'yes')
 
 
 def _unsafe_globals(path: str, exc: Exception) -> list[str]:
@@ -252,34 +210,68 @@ def _unsafe_globals(path: str, exc: Exception) -> list[str]:
             with zipfile.ZipFile(path) as archive:
                 for member in archive.namelist():
                     if member.endswith('.pkl'):
-                        names += _pickle_globals(io.BytesIO(archive.read(member)), limit=1)
+                        names += unpickler.pickle_globals(io.BytesIO(archive.read(member)),
+                                                          limit=1)
         else:
             with open(path, 'rb') as stream:
-                names = _pickle_globals(stream)
+                names = unpickler.pickle_globals(stream)
     except (OSError, zipfile.BadZipFile):
         names = []
-    allowed = _allowed_names()
-    unsafe = [n for n in names if n not in allowed and not n.startswith('torch.')]
-    call = re.search(r'checkpoint calls (getattr\(.*?\));', str(exc))
-    if call:
-        unsafe.append(f'builtins.getattr, as {call.group(1)}')
-    if not unsafe:
-        unsafe = re.findall(r'GLOBAL (\S+) was not an allowed', str(exc))
-    return sorted(set(unsafe))
+    return unpickler.unsafe_names(names, exc)
 
 
-def _trusted_by_environment() -> bool:
-    return os.environ.get(TRUST_ENV, '').strip().lower() in ('1', 'true', 'yes')
+def _torch_load(path: str, map_location, trusted: bool):
+    if trusted:
+        logger.warning('loading %s with weights_only=False (trusted): it may run code', path)
+        return torch.load(path, map_location=map_location, weights_only=False)
+    if os.environ.get('TORCH_FORCE_WEIGHTS_ONLY_LOAD', '0') in ('1', 'y', 'yes', 'true'):
+        # torch then refuses any pickle_module: its own weights-only list alone (stricter)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    # ``weights_only=False`` only lets torch take a pickle_module: ours allows less than torch's
+    # weights-only unpickler with safe_globals() added, and leaves torch's global list alone.
+    return torch.load(path, map_location=map_location, pickle_module=unpickler,
+                      weights_only=False)
+
+
+def _read(path: str, map_location, trusted: bool) -> dict:
+    """``torch.load`` a local file through the allow-list (or not, if ``trusted``)."""
+    try:
+        checkpoint = _torch_load(path, map_location, trusted)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, TypeError,
+            IndexError, AssertionError) as exc:
+        # (torch raises an AssertionError on a protocol-0 storage id): a file naming a global
+        # outside the allow-list is refused for that, whatever failed first
+        if not trusted:
+            names = _unsafe_globals(path, exc)
+            if names:
+                raise UnsafeCheckpointError(path, names) from exc
+        raise CheckpointError(f'checkpoint {path!r} is not a readable torch checkpoint: '
+                              f'{_reason(exc)}') from exc
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'checkpoint {path!r} holds a {type(checkpoint).__name__}, '
+                              'expected a dict (an MMEngine checkpoint or a state dict)')
+    return checkpoint
+
+
+def _local_path(filename: PathLike) -> str:
+    path = os.path.expanduser(os.fspath(filename))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f'checkpoint {path!r} is a directory, not a checkpoint file')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
+    return path
 
 
 def load_checkpoint(filename: PathLike,
-                    map_location: Union[str, torch.device] = 'cpu',
+                    map_location: Union[str, torch.device, Callable, None] = 'cpu',
                     trusted: bool = False) -> dict:
     """Read a checkpoint without running code from it (unless ``trusted``).
 
     Args:
-        filename (str | PathLike): A local file or an ``http(s)://`` URL.
-        map_location (str | torch.device): Where tensors go. Defaults to 'cpu'.
+        filename (str | PathLike): A local file, an ``http(s)://`` URL or a model-zoo name
+            (:data:`ZOO_SCHEMES`, e.g. ``torchvision://resnet50``).
+        map_location (str | torch.device | callable): Where tensors go, as ``torch.load``
+            takes it. Defaults to 'cpu'.
         trusted (bool): Unpickle anything the file names (``weights_only=False``). Only for
             files from a source you trust. Defaults to False.
 
@@ -290,204 +282,138 @@ def load_checkpoint(filename: PathLike,
         FileNotFoundError: If a local file does not exist.
         IsADirectoryError: If a local path is a directory.
         UnsafeCheckpointError: If the file needs globals outside :func:`safe_globals`.
-        CheckpointError: If a URL cannot be fetched or the file is not a torch checkpoint.
+        CheckpointError: If a URL cannot be fetched, a model-zoo name is unknown or the file
+            is not a torch checkpoint.
     """
     if is_url(filename):
-        path = str(download(filename))
+        return _read(str(download(filename)), map_location, trusted)
+    if isinstance(filename, str) and filename.startswith(ZOO_SCHEMES):
+        return _load_zoo(filename, map_location, trusted, fetch=download)
+    if isinstance(filename, str) and re.match(r'[a-z][a-z0-9+.-]*://', filename):
+        raise CheckpointError(f'checkpoint {filename!r}: only local paths and http(s):// URLs '
+                              f'are supported, and the model-zoo names {", ".join(ZOO_SCHEMES)}')
+    return _read(_local_path(filename), map_location, trusted)
+
+
+def zoo_url(filename: str) -> str:
+    """The URL (or the file under MMEngine's home) of a model-zoo name, from MMEngine's own
+    tables, as MMEngine's loaders resolve it (deprecated ``open-mmlab://`` names included).
+
+    Raises:
+        CheckpointError: If the name is unknown (with close matches).
+    """
+    import difflib
+
+    from mmengine.runner import checkpoint as mmengine_checkpoint
+
+    scheme, name = filename.split('://', 1)
+    if scheme in ('torchvision', 'modelzoo'):
+        urls = mmengine_checkpoint.get_torchvision_models()
+    elif scheme in ('open-mmlab', 'openmmlab'):
+        urls = mmengine_checkpoint.get_external_models()
+        deprecated = mmengine_checkpoint.get_deprecated_model_names()
+        if name in deprecated:
+            logger.warning('%s is deprecated in favour of %s://%s', filename, scheme,
+                           deprecated[name])
+            name = deprecated[name]
     else:
-        if isinstance(filename, str) and re.match(r'[a-z][a-z0-9+.-]*://', filename):
-            raise CheckpointError(f'checkpoint {filename!r}: only local paths and http(s):// '
-                                  'URLs are supported')
-        path = os.path.expanduser(os.fspath(filename))
-        if os.path.isdir(path):
-            raise IsADirectoryError(f'checkpoint {path!r} is a directory, not a checkpoint file')
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'checkpoint {path!r} does not exist')
-    try:
-        if trusted:
-            logger.warning('loading %s with weights_only=False (trusted): it may run code', path)
-            checkpoint = torch.load(path, map_location=map_location, weights_only=False)
-        else:
-            with torch.serialization.safe_globals(safe_globals()):
-                checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if not trusted:
-            names = _unsafe_globals(path, exc)
-            if names:
-                raise UnsafeCheckpointError(path, names) from exc
-        raise CheckpointError(f'checkpoint {path!r} is not a readable torch checkpoint: '
-                              f'{_reason(exc)}') from exc
-    except (RuntimeError, EOFError) as exc:
-        raise CheckpointError(f'checkpoint {path!r} is not a readable torch checkpoint: '
-                              f'{_reason(exc)}') from exc
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f'checkpoint {path!r} holds a {type(checkpoint).__name__}, '
-                              'expected a dict (an MMEngine checkpoint or a state dict)')
+        urls = mmengine_checkpoint.get_mmcls_models()
+    if name not in urls:
+        close = difflib.get_close_matches(name, list(urls), n=3)
+        raise CheckpointError(f'checkpoint {filename!r}: {scheme}:// has no model {name!r}'
+                              + (f'; close matches: {close}' if close else ''))
+    url = urls[name]
+    if is_url(url):
+        return url
+    return os.path.join(mmengine_checkpoint._get_mmengine_home(), url)
+
+
+def _load_zoo(filename: str, map_location, trusted: bool, fetch: Callable) -> dict:
+    """A model-zoo checkpoint: downloaded with ``fetch`` into torch hub's ``checkpoints/``
+    folder (where torch and MMEngine cache these files), then read safely."""
+    url = zoo_url(filename)
+    if is_url(url):
+        path = str(fetch(url, folder=Path(torch.hub.get_dir()) / 'checkpoints'))
+    else:
+        path = _local_path(url)
+    checkpoint = _read(path, map_location, trusted)
+    if filename.startswith('mmcls://'):
+        from mmengine.runner.checkpoint import _process_mmcls_checkpoint
+
+        checkpoint = _process_mmcls_checkpoint(checkpoint)
     return checkpoint
 
 
-def load_from_local_safe(filename: str, map_location=None) -> dict:
-    """MMEngine's loader for local files (``CheckpointLoader`` scheme ``''``): like MMEngine's
-    own ``load_from_local``, through :func:`load_checkpoint` (``weights_only`` with
-    :func:`safe_globals`; ``MMDET_CAM_TRUST_CHECKPOINT=1`` opts out)."""
-    return load_checkpoint(filename, map_location=map_location,
-                           trusted=_trusted_by_environment())
-
-
-def load_from_http_safe(filename: str, map_location=None) -> dict:
-    """MMEngine's loader for ``http(s)://`` URLs: rank 0 downloads first (as MMEngine's own
-    ``load_from_http`` does), then every rank reads the cached file through
-    :func:`load_checkpoint`."""
+# ---------------------------------------------------------------------------------------------
+# MMEngine's CheckpointLoader schemes
+def _download_rank0_first(url: str, folder: Optional[Path] = None) -> Path:
+    """:func:`download` on rank 0, then a barrier, then the cached file on every rank (as
+    MMEngine's own ``load_from_http`` does)."""
     from mmengine.dist import barrier, get_dist_info
 
     rank, world_size = get_dist_info()
     if rank == 0:
-        download(filename)
+        download(url, folder=folder)
     if world_size > 1:
         barrier()
-    return load_checkpoint(filename, map_location=map_location,
-                           trusted=_trusted_by_environment())
+    return download(url, folder=folder)
+
+
+def load_from_local_safe(filename: str, map_location=None) -> dict:
+    """MMEngine's loader for local files (``CheckpointLoader`` scheme ``''``): like MMEngine's
+    own ``load_from_local``, through the allow-list (``MMDET_CAM_TRUST_CHECKPOINT=1`` opts
+    out)."""
+    return _read(_local_path(filename), map_location, _trusted_by_environment())
+
+
+def load_from_http_safe(filename: str, map_location=None) -> dict:
+    """MMEngine's loader for ``http(s)://`` URLs: rank 0 downloads first, then every rank reads
+    the cached file through the allow-list."""
+    return _read(str(_download_rank0_first(filename)), map_location, _trusted_by_environment())
+
+
+def load_from_zoo_safe(filename: str, map_location=None) -> dict:
+    """MMEngine's loader for its model-zoo schemes (:data:`ZOO_SCHEMES`): resolved with
+    MMEngine's tables, cached where MMEngine caches them, read through the allow-list."""
+    return _load_zoo(filename, map_location, _trusted_by_environment(),
+                     fetch=_download_rank0_first)
+
+
+def _unsupported_scheme(prefix: str, original: Callable) -> Callable:
+    """A loader for a scheme we do not implement (``pavi://``, ``s3://``, ...): MMEngine's own
+    loader when the user trusts checkpoints (``MMDET_CAM_TRUST_CHECKPOINT=1``), else an error."""
+
+    def load_unsupported_scheme(filename: str, map_location=None) -> dict:
+        if _trusted_by_environment():
+            return original(filename, map_location)
+        raise CheckpointError(
+            f'checkpoint {filename!r}: the safe loader of mmdet_cam_hook does not read '
+            f'{prefix!r} checkpoints; copy the file to a local path, or {_TRUST_HINT}')
+
+    load_unsupported_scheme.scheme = prefix
+    load_unsupported_scheme.original = original
+    return load_unsupported_scheme
 
 
 def register_mmengine_loaders() -> None:
-    """Make MMEngine load local and ``http(s)://`` checkpoints through :func:`load_checkpoint`.
+    """Make MMEngine load every checkpoint through the allow-list.
 
     MMEngine's ``CheckpointLoader.register_scheme`` is its public extension point for this;
     ``Runner.resume``, ``load_from``, ``init_cfg=dict(type='Pretrained', ...)``, mmdet's
-    ``tools/test.py`` and ``init_detector`` all read checkpoints through it. Called when the
-    package is imported (every config of ours imports it through ``custom_imports``); a config
-    of your own needs ``custom_imports = dict(imports=['mmdet_cam_hook'])`` or, in a script,
+    ``tools/test.py`` and ``init_detector`` all read checkpoints through it. Local files,
+    ``http(s)://`` and the model-zoo schemes get our loaders; any other scheme registered by
+    then (MMEngine's ``pavi://``, ``s3://``, ``petrel://``) is refused unless
+    ``MMDET_CAM_TRUST_CHECKPOINT=1``. Called when the package is imported (every config of ours
+    imports it through ``custom_imports``); a config of your own needs
+    ``custom_imports = dict(imports=['mmdet_cam_hook'])`` or, in a script,
     ``import mmdet_cam_hook``. Idempotent.
     """
     from mmengine.runner.checkpoint import CheckpointLoader
 
-    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local_safe, force=True)
-    CheckpointLoader.register_scheme(prefixes=('http://', 'https://'),
-                                     loader=load_from_http_safe, force=True)
-
-
-def _state_dict(checkpoint: dict) -> dict:
-    state = checkpoint.get('state_dict', checkpoint)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"the checkpoint's `state_dict` is a {type(state).__name__}, "
-                              'expected a dict of tensors')
-    return {re.sub(r'^module\.', '', k): v for k, v in state.items()
-            if isinstance(v, torch.Tensor)}
-
-
-def load_weights(model: nn.Module, checkpoint: dict, filename: str = 'checkpoint') -> None:
-    """Copy a checkpoint's weights into ``model``.
-
-    Takes ``checkpoint['state_dict']`` (or the dict itself if it is a bare state dict) and strips
-    DDP's ``module.`` prefix. Every model parameter and buffer must be present with the same
-    shape: a partial load would explain a half-random network. Extra keys (e.g. MMDetection 2.x
-    EMA buffers) are logged and ignored.
-
-    Args:
-        model (nn.Module): The detector built from the config.
-        checkpoint (dict): As returned by :func:`load_checkpoint`.
-        filename (str): Name to quote in errors. Defaults to 'checkpoint'.
-
-    Raises:
-        CheckpointError: If keys are missing or shapes differ (with examples of each).
-    """
-    state = _state_dict(checkpoint)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    mismatched = [f'{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}'
-                  for k, v in own.items() if k in state and state[k].shape != v.shape]
-    unexpected = [k for k in state if k not in own]
-    if missing or mismatched:
-        parts = []
-        if mismatched:
-            parts.append(f'{len(mismatched)} shape mismatch(es), e.g. {mismatched[:3]}')
-        if missing:
-            parts.append(f'{len(missing)} missing key(s), e.g. {missing[:3]}')
-        raise CheckpointError(
-            f'{filename!r} does not fit the model built from the config: {"; ".join(parts)}. '
-            'Use the config the checkpoint was trained with (e.g. the same model size and '
-            'num_classes)')
-    if unexpected:
-        logger.info('ignoring %d checkpoint key(s) the model does not have, e.g. %s',
-                    len(unexpected), unexpected[:3])
-    model.load_state_dict({k: state[k] for k in own}, strict=True)
-
-
-def _dataset_meta(checkpoint: Optional[dict], cfg, num_classes: Optional[int]) -> dict:
-    meta = (checkpoint or {}).get('meta') or {}
-    if isinstance(meta.get('dataset_meta'), dict):
-        return {k.lower(): v for k, v in meta['dataset_meta'].items()}
-    if 'CLASSES' in meta:  # MMDetection 2.x checkpoints
-        return {'classes': meta['CLASSES']}
-    for key in ('test_dataloader', 'val_dataloader'):
-        metainfo = ((cfg.get(key) or {}).get('dataset') or {}).get('metainfo')
-        if metainfo and metainfo.get('classes'):
-            return dict(metainfo)
-    from mmdet.evaluation import get_classes
-
-    coco = tuple(get_classes('coco'))
-    if num_classes in (None, len(coco)):
-        return {'classes': coco}
-    return {'classes': tuple(str(i) for i in range(num_classes))}
-
-
-def init_model(config, checkpoint: Optional[PathLike] = None, device: str = 'cpu',
-               trusted: bool = False) -> nn.Module:
-    """Build a detector from its config and load a checkpoint safely.
-
-    Like ``mmdet.apis.init_detector`` (which builds the model), but the weights come from
-    :func:`load_checkpoint` and :func:`load_weights`. ``model.dataset_meta`` is the checkpoint's
-    (``meta.dataset_meta``, or MMDetection 2.x ``meta.CLASSES``), else the config's dataset
-    ``metainfo``, else COCO's class names when the head has 80 classes, else ``'0', '1', ...``.
-
-    Args:
-        config (str | PathLike | mmengine.Config): The model config: a file, a package path
-            such as ``mmdet::yolox/yolox_s_8xb8-300e_coco.py``, or a loaded config.
-        checkpoint (str | PathLike, optional): Local file or http(s) URL. Defaults to None
-            (random weights).
-        device (str): Device to put the model on. Defaults to 'cpu'.
-        trusted (bool): See :func:`load_checkpoint`. Defaults to False.
-
-    Returns:
-        nn.Module: The detector in eval mode, with ``.cfg`` and ``.dataset_meta``.
-
-    Raises:
-        FileNotFoundError: If the config or checkpoint file does not exist.
-        ValueError: If the config file cannot be parsed.
-        CheckpointError: See :func:`load_checkpoint` and :func:`load_weights`.
-    """
-    from mmdet.apis import init_detector
-    from mmengine.config import Config
-
-    if not isinstance(config, Config):
-        name = os.fspath(config)
-        if '::' not in name and not os.path.isfile(name):  # 'mmdet::yolox/...' is a package path
-            raise FileNotFoundError(f'config {name!r} does not exist')
-        try:
-            config = Config.fromfile(name)
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f'config {name!r}: {exc}') from exc
-        except (SyntaxError, NameError, KeyError, AttributeError, TypeError, ValueError,
-                ImportError) as exc:
-            raise ValueError(f'config {name!r} could not be read: {type(exc).__name__}: '
-                             f'{exc}') from exc
-    ckpt = None
-    if checkpoint is not None:
-        ckpt = load_checkpoint(checkpoint, map_location='cpu', trusted=trusted)
-    with warnings.catch_warnings(record=True) as caught:
-        # init_detector warns that it falls back to COCO names without a checkpoint (the names
-        # are set below) and that the config has no palette (not used here); it also sets a
-        # global 'once' filter, which this block undoes.
-        model = init_detector(copy.deepcopy(config), None, device='cpu')
-    for w in caught:
-        if not re.match('checkpoint is None|palette does not exist', str(w.message)):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if ckpt is not None:
-        load_weights(model, ckpt, os.fspath(checkpoint))
-    num_classes = getattr(getattr(model, 'bbox_head', None), 'num_classes', None)
-    model.dataset_meta = _dataset_meta(ckpt, config, num_classes)
-    classes = model.dataset_meta.get('classes')
-    if num_classes is not None and classes is not None and len(classes) != num_classes:
-        logger.warning('the model has %d classes but its class names list %d; labels may be '
-                       'misnamed', num_classes, len(classes))
-    return model.to(device).eval()
+    ours = {'': load_from_local_safe, 'http://': load_from_http_safe,
+            'https://': load_from_http_safe, **{p: load_from_zoo_safe for p in ZOO_SCHEMES}}
+    for prefix, loader in list(CheckpointLoader._schemes.items()):
+        if prefix not in ours and loader.__module__ != __name__:
+            ours[prefix] = _unsupported_scheme(prefix, loader)
+    for prefix, loader in ours.items():
+        CheckpointLoader.register_scheme(prefixes=prefix, loader=loader, force=True)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from mmcv.transforms import Compose
 from mmengine.config import Config, ConfigDict
+from mmengine.registry import DefaultScope
 from torch import nn
 
 
@@ -44,12 +45,24 @@ def test_pipeline_cfg(cfg: Config) -> list:
     return pipeline
 
 
-def build_pipeline(pipeline_cfg: Sequence[dict]) -> Compose:
-    """Build transforms from mmdet's registry, whatever the current default scope."""
+def build_pipeline(pipeline_cfg: Sequence[dict], scope: str = 'mmdet') -> Compose:
+    """Build transforms from mmdet's registry in the model's scope, whatever the current default
+    scope (a ``Runner`` or a script of another OpenMMLab library may have set one, e.g.
+    ``mmengine``, whose registry has no ``PackDetInputs``); the current scope is restored after.
+
+    Args:
+        pipeline_cfg (Sequence[dict]): Transform configs (or built transforms, kept as they are).
+        scope (str): The default scope to build in: the model config's ``default_scope``.
+            Defaults to 'mmdet'.
+
+    Returns:
+        mmcv.transforms.Compose: The pipeline.
+    """
     from mmdet.registry import TRANSFORMS
 
-    return Compose([TRANSFORMS.build(ConfigDict(t)) if isinstance(t, dict) else t
-                    for t in pipeline_cfg])
+    with DefaultScope.overwrite_default_scope(scope):
+        return Compose([TRANSFORMS.build(ConfigDict(t)) if isinstance(t, dict) else t
+                        for t in pipeline_cfg])
 
 
 def preprocess_batch(model: nn.Module, pipeline: Compose,

@@ -72,7 +72,7 @@ def training_checkpoint(model, path, extra_meta=None):
 def ws(tmp_path_factory):
     """Config, checkpoints and images. The random model's cls/obj biases are raised so that it
     scores priors at ~0.3-0.9 and detects things."""
-    from mmdet_cam_hook.runtime.checkpoint import init_model
+    from mmdet_cam_hook.runtime.model import init_model
 
     root = tmp_path_factory.mktemp('cli')
     (root / 'yolox_nano_128.py').write_text(CONFIG)

@@ -13,11 +13,10 @@ from torch import nn
 from mmdet_cam_hook.runtime.checkpoint import (
     CheckpointError,
     UnsafeCheckpointError,
-    init_model,
     load_checkpoint,
-    load_weights,
-    safe_globals,
 )
+from mmdet_cam_hook.runtime.model import load_weights
+from mmdet_cam_hook.runtime.unpickler import safe_globals
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +237,7 @@ def test_numpy_values_load(tmp_path):
 
 @pytest.mark.parametrize('content, match', [
     (b'', 'empty or truncated'),
-    (b'not a checkpoint', 'not a readable torch checkpoint'),
+    (b'not a checkpoint', 'not a readable torch checkpoint: invalid load key'),
 ])
 def test_not_a_checkpoint(tmp_path, content, match):
     path = tmp_path / 'bad.pth'
@@ -315,53 +314,6 @@ def test_url_cache_is_keyed_on_the_whole_url(tmp_path, monkeypatch, http_server)
         b = load_checkpoint(f'{url}/b/model.pth')['state_dict']['w']
         assert a.item() == 1.0 and b.item() == 2.0
     assert sorted(requests) == ['/a/model.pth', '/b/model.pth']
-
-
-# ---------------------------------------------------------------------------------------------
-# Weights into a model
-def test_load_weights_checks_keys_and_shapes(caplog):
-    model = _Toy()
-    state = {f'module.{k}': torch.full_like(v, 7.0) if v.is_floating_point() else v
-             for k, v in _Toy().state_dict().items()}
-    state['ema_extra'] = torch.ones(1)
-    with caplog.at_level('INFO', logger='mmdet_cam_hook'):
-        load_weights(model, {'state_dict': state, 'meta': {}})
-    assert (model.linear.weight == 7).all() and (model.norm.running_var == 7).all()
-    assert 'ema_extra' in caplog.text
-
-    wrong = {k: v for k, v in _Toy().state_dict().items() if k != 'norm.bias'}
-    wrong['linear.weight'] = torch.zeros(3, 2)
-    with pytest.raises(CheckpointError) as info:
-        load_weights(_Toy(), wrong, 'x.pth')
-    message = str(info.value)
-    assert 'linear.weight: checkpoint (3, 2) vs model (1, 2)' in message
-    assert "missing key(s), e.g. ['norm.bias']" in message and 'x.pth' in message
-
-
-def test_init_model_from_config_and_checkpoint(tmp_path, make_yolox):
-    source = make_yolox(num_classes=3)
-    path = tmp_path / 'yolox.pth'
-    torch.save({'meta': {'dataset_meta': {'CLASSES': ('a', 'b', 'c')}, 'seed': np.int64(3)},
-                'state_dict': source.state_dict()}, path)
-    model = init_model(source.cfg, path, device='cpu')
-    assert not model.training
-    assert model.dataset_meta == {'classes': ('a', 'b', 'c')}
-    for key, value in source.state_dict().items():
-        assert torch.equal(model.state_dict()[key], value), key
-
-    # MMDetection 2.x meta, then none at all (the head has 3 classes, not COCO's 80).
-    torch.save({'meta': {'CLASSES': ('x', 'y', 'z')}, 'state_dict': source.state_dict()}, path)
-    assert init_model(source.cfg, path).dataset_meta == {'classes': ('x', 'y', 'z')}
-    torch.save(source.state_dict(), path)
-    assert init_model(source.cfg, path).dataset_meta == {'classes': ('0', '1', '2')}
-
-    # A checkpoint of another model is refused, naming a mismatching key.
-    other = make_yolox(num_classes=5)
-    torch.save({'state_dict': other.state_dict()}, path)
-    with pytest.raises(CheckpointError, match='multi_level_conv_cls.*checkpoint \\(5'):
-        init_model(source.cfg, path)
-    with pytest.raises(FileNotFoundError, match='missing.py'):
-        init_model(str(tmp_path / 'missing.py'), path)
 
 
 # ---------------------------------------------------------------------------------------------
