@@ -30,7 +30,7 @@ import torch
 from mmengine.structures import InstanceData
 from torch import nn
 
-from .base import ADAPTERS, Detections, DetectorAdapter, trace_level_layers
+from .base import ADAPTERS, Detections, DetectorAdapter, complete_stages, trace_level_layers
 
 
 class RoIOutputs(NamedTuple):
@@ -219,6 +219,14 @@ class TwoStageAdapter(DetectorAdapter):
     # ------------------------------------------------------------------ (d) RoI route
     def level_gradient(self) -> Optional['RoIGradient']:
         return RoIGradient(self)
+
+    # ------------------------------------------------------------------ randomisation stages
+    def stages(self) -> Dict[str, List[str]]:
+        """``roi_head`` (every RoI stage, and the mask branch), ``rpn_head``, ``neck``,
+        ``backbone``: the RoI head reads the RPN's proposals, both read the neck."""
+        return complete_stages(self.model, {'roi_head': ['roi_head'], 'rpn_head': ['rpn_head'],
+                                            'neck': ['neck'], 'backbone': ['backbone']},
+                               rest='roi_head')
 
 
 class RoIGradient:
