@@ -15,11 +15,13 @@ from .base import (
     DetectorAdapter,
     build_adapter,
     locate_priors,
+    replace_table,
     supported_heads,
+    supported_table,
     trace_level_layers,
 )
 
 __all__ = [
     'ADAPTERS', 'DetectorAdapter', 'Detections', 'build_adapter', 'locate_priors',
-    'supported_heads', 'trace_level_layers'
+    'replace_table', 'supported_heads', 'supported_table', 'trace_level_layers'
 ]

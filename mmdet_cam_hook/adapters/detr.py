@@ -46,6 +46,13 @@ class DETRAdapter(DetectorAdapter):
     """
 
     head_types = ('DETRHead', )
+    family = 'DETR'
+    detectors = 'DINO, Deformable DETR, DETR'
+    doc_score = ('σ(cls[q, c]) (DINO, Deformable DETR); softmax(cls[q])[c] without no-object '
+                 '(DETR); last decoder layer')
+    doc_layers = ('all neck outputs together, maps averaged (`neck.convs.{0,1,2}`, '
+                  '`neck.extra_convs.0`, strides 8-64; DETR: `neck.convs.0`)')
+    doc_route = 'exact (one backward through the transformer per detection)'
     levels_shared = True
 
     @classmethod

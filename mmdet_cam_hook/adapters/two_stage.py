@@ -58,6 +58,12 @@ class TwoStageAdapter(DetectorAdapter):
     head_types = ('BBoxHead', )
     excluded_types = ('SABLHead', 'MultiInstanceBBoxHead')
     head_path = 'roi_head.bbox_head'
+    family = 'two-stage'
+    detectors = 'Faster R-CNN, Mask R-CNN (its box branch)'
+    doc_score = "softmax(cls[i])[c] of the kept RoI i (or the loss's own activation)"
+    doc_layers = 'the FPN output the RoI was pooled from, `neck.fpn_convs.{0..3}` (strides 4-32)'
+    doc_route = ("one backward through the RoI head for all detections, then RoIAlign's own "
+                 'backward per detection (exact)')
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -287,6 +293,11 @@ class CascadeRCNNAdapter(TwoStageAdapter):
     head_types = ('CascadeRoIHead', )
     excluded_types = ('HybridTaskCascadeRoIHead', 'SCNetRoIHead')
     head_path = 'roi_head'
+    family = 'two-stage'
+    detectors = 'Cascade R-CNN, Cascade Mask R-CNN (its box branch)'
+    doc_score = 'softmax(mean over stages of cls_s[i])[c], each stage on its own refined RoI'
+    doc_layers = "the FPN output the last stage's RoI was pooled from, `neck.fpn_convs.{0..3}`"
+    doc_route = 'exact (stages may pool one detection from several levels)'
 
     def __init__(self, model: nn.Module) -> None:
         DetectorAdapter.__init__(self, model)
