@@ -6,7 +6,7 @@ import pytest
 
 from mmdet_cam_hook.adapters import ADAPTERS, replace_table, supported_heads, supported_table
 from mmdet_cam_hook.adapters.__main__ import main
-from mmdet_cam_hook.adapters.base import TABLE_BEGIN, TABLE_END
+from mmdet_cam_hook.adapters.table import TABLE_BEGIN, TABLE_END, shipped_configs
 
 README = Path(__file__).resolve().parents[1] / 'README.md'
 
@@ -35,6 +35,18 @@ def test_table_has_one_documented_row_per_adapter():
             assert getattr(cls, attr), f'{name}.{attr} is empty'
     table = supported_table()
     assert all(f'`{head}`' in table for head in supported_heads())
+
+
+def test_every_shipped_config_is_in_the_table():
+    from mmdet_cam_hook.configs import list_configs
+
+    configs = shipped_configs()
+    listed = sorted(c for names in configs.values() for c in names)
+    assert listed == [c for c in list_configs() if not c.startswith('_base_/')]
+    assert 'yolox_s_gradcam.py' in configs['YOLOXAdapter']
+    assert configs['CascadeRCNNAdapter'] == ('cascade-rcnn_r50_fpn_gradcam.py', )
+    assert 'faster-rcnn_r50_fpn_gradcam.py' in configs['TwoStageAdapter']
+    assert 'demo/rtmdet_tiny_shapes_gradcam.py' in configs['RTMDetAdapter']
 
 
 def test_write_regenerates_between_the_markers(tmp_path, capsys):

@@ -15,11 +15,10 @@ from .base import (
     DetectorAdapter,
     build_adapter,
     locate_priors,
-    replace_table,
     supported_heads,
-    supported_table,
     trace_level_layers,
 )
+from .table import replace_table, supported_table
 
 __all__ = [
     'ADAPTERS', 'DetectorAdapter', 'Detections', 'build_adapter', 'locate_priors',

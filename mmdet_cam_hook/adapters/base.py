@@ -248,9 +248,9 @@ class DetectorAdapter:
                                             'backbone': ['backbone']}, rest='head')
 
     # ------------------------------------------------------------------ documentation
-    #: The generated table of supported detectors (:func:`supported_table`): the family, its
-    #: detectors, the score of one detection, the level-aware default layers and the gradient
-    #: route on them (Markdown).
+    #: For the generated table of supported detectors (:mod:`mmdet_cam_hook.adapters.table`):
+    #: the family, its detectors, the score of one detection, the level-aware default layers
+    #: and the gradient route on them (Markdown).
     family: str = ''
     detectors: str = ''
     doc_score: str = ''
@@ -340,63 +340,6 @@ def build_adapter(model: nn.Module) -> DetectorAdapter:
 def supported_heads() -> List[str]:
     """Every head class name some adapter supports, sorted."""
     return sorted({t for cls in ADAPTERS.module_dict.values() for t in cls.head_types})
-
-
-#: The markers around the generated table in README.md (:func:`replace_table`).
-TABLE_BEGIN = '<!-- supported-heads:begin -->'
-TABLE_END = '<!-- supported-heads:end -->'
-_COLUMNS = ('family', 'detectors', 'head classes', 'adapter', 'score of one detection',
-            'level-aware default layers', 'gradient route on the default layers')
-
-
-def _head_cell(cls: type) -> str:
-    heads = ', '.join(f'`{t}`' for t in cls.head_types)
-    if cls.head_path != 'bbox_head':
-        heads = f'`{cls.head_path}`: {heads}'
-    if cls.excluded_types:
-        heads += ' (not ' + ', '.join(f'`{t}`' for t in cls.excluded_types) + ')'
-    return heads
-
-
-def supported_table() -> str:
-    """The Markdown table of the supported detectors, one row per registered adapter (in
-    registration order), generated from :data:`ADAPTERS`: family, detectors, head classes
-    (subclasses included), adapter, score, default layers and route.
-
-    Returns:
-        str: The table and a line saying how it was made, ending with a newline.
-    """
-    rows = ['| ' + ' | '.join(_COLUMNS) + ' |', '|' + '---|' * len(_COLUMNS)]
-    for name, cls in ADAPTERS.module_dict.items():
-        source = cls.__module__.replace('.', '/').split('mmdet_cam_hook/', 1)[-1] + '.py'
-        cells = (cls.family or name, cls.detectors or '-', _head_cell(cls),
-                 f'`{name}` (`{source}`)', cls.doc_score or '-', cls.doc_layers or '-',
-                 cls.doc_route or '-')
-        rows.append('| ' + ' | '.join(c.replace('|', '\\|') for c in cells) + ' |')
-    rows += ['', 'Head classes include their subclasses. This table is generated from the '
-             'adapter registry: `python -m mmdet_cam_hook.adapters --write README.md`.']
-    return '\n'.join(rows) + '\n'
-
-
-def replace_table(text: str, table: Optional[str] = None) -> str:
-    """``text`` (README.md's) with the part between :data:`TABLE_BEGIN` and :data:`TABLE_END`
-    replaced by ``table``.
-
-    Args:
-        text (str): The document.
-        table (str, optional): The new table. Defaults to :func:`supported_table`.
-
-    Returns:
-        str: The new document.
-
-    Raises:
-        ValueError: If the markers are missing or out of order.
-    """
-    start, end = text.find(TABLE_BEGIN), text.find(TABLE_END)
-    if start < 0 or end < start:
-        raise ValueError(f'the document has no {TABLE_BEGIN} ... {TABLE_END} markers')
-    table = supported_table() if table is None else table
-    return text[:start + len(TABLE_BEGIN)] + '\n' + table + text[end:]
 
 
 def locate_priors(prior_idx: torch.Tensor, sizes: Sequence[Tuple[int, int]],
