@@ -4,7 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from mmdet_cam_hook.adapters import ADAPTERS, replace_table, supported_heads, supported_table
+from mmdet_cam_hook.adapters import (
+    ADAPTERS,
+    replace_table,
+    supported_detectors,
+    supported_heads,
+    supported_table,
+)
 from mmdet_cam_hook.adapters.__main__ import main
 from mmdet_cam_hook.adapters.table import TABLE_BEGIN, TABLE_END, shipped_configs
 
@@ -35,6 +41,15 @@ def test_table_has_one_documented_row_per_adapter():
             assert getattr(cls, attr), f'{name}.{attr} is empty'
     table = supported_table()
     assert all(f'`{head}`' in table for head in supported_heads())
+
+
+def test_supported_detectors_come_from_the_adapters():
+    names = supported_detectors()
+    assert len(names) == len(set(names))
+    assert {'YOLOX', 'RTMDet', 'RetinaNet', 'FCOS', 'ATSS', 'GFL', 'YOLOv3', 'Faster R-CNN',
+            'Mask R-CNN', 'Cascade R-CNN', 'DINO', 'Deformable DETR', 'DETR'} <= set(names)
+    table = supported_table()
+    assert all(name in table for name in names)
 
 
 def test_every_shipped_config_is_in_the_table():

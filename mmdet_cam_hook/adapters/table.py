@@ -15,6 +15,21 @@ _COLUMNS = ('family', 'detectors', 'head classes', 'adapter', 'configs shipped',
             'gradient route on the default layers')
 
 
+def supported_detectors() -> List[str]:
+    """The detectors the registered adapters explain, from their ``detectors`` (registration
+    order, without parenthesised remarks), for ``--help`` texts and messages, e.g.
+    ``['DINO', 'Deformable DETR', 'DETR', 'FCOS', ...]``.
+
+    Returns:
+        list[str]: Detector names, each once.
+    """
+    names: Dict[str, None] = {}
+    for name, cls in ADAPTERS.module_dict.items():
+        for det in (cls.detectors or cls.family or name).split(', '):
+            names.setdefault(det.split(' (')[0].strip(), None)
+    return list(names)
+
+
 def _head_cell(cls: type) -> str:
     heads = ', '.join(f'`{t}`' for t in cls.head_types)
     if cls.head_path != 'bbox_head':
