@@ -18,8 +18,10 @@ from .base import (
     supported_heads,
     trace_level_layers,
 )
+from .table import replace_table, supported_detectors, supported_table
 
 __all__ = [
     'ADAPTERS', 'DetectorAdapter', 'Detections', 'build_adapter', 'locate_priors',
-    'supported_heads', 'trace_level_layers'
+    'replace_table', 'supported_detectors', 'supported_heads', 'supported_table',
+    'trace_level_layers'
 ]

@@ -234,6 +234,29 @@ class DetectorAdapter:
         read at the centre ``(S // 2, S // 2)``, with detection k's label and anchor."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ randomisation stages
+    def stages(self) -> Dict[str, List[str]]:
+        """The detector's parts for the cascading randomisation check, in the order it
+        randomises them, from the head back to the input: ``{stage: [paths]}``, each path a
+        ``named_modules()`` or ``named_parameters()`` name. Every parameter of the model belongs
+        to exactly one stage.
+
+        Default: ``head`` (``bbox_head``), ``neck``, ``backbone``; any other top-level part
+        with parameters goes with the head (:func:`complete_stages`).
+        """
+        return complete_stages(self.model, {'head': ['bbox_head'], 'neck': ['neck'],
+                                            'backbone': ['backbone']}, rest='head')
+
+    # ------------------------------------------------------------------ documentation
+    #: For the generated table of supported detectors (:mod:`mmdet_cam_hook.adapters.table`):
+    #: the family, its detectors, the score of one detection, the level-aware default layers
+    #: and the gradient route on them (Markdown).
+    family: str = ''
+    detectors: str = ''
+    doc_score: str = ''
+    doc_layers: str = ''
+    doc_route: str = ''
+
 
 def module_at(model: nn.Module, path: str) -> Optional[nn.Module]:
     """The submodule at the dotted attribute ``path`` (``roi_head.bbox_head``), or None."""
@@ -243,6 +266,42 @@ def module_at(model: nn.Module, path: str) -> Optional[nn.Module]:
         if not isinstance(module, nn.Module):
             return None
     return module
+
+
+def complete_stages(model: nn.Module, stages: Dict[str, Sequence[str]],
+                    rest: str) -> Dict[str, List[str]]:
+    """``stages`` restricted to the paths ``model`` has and that hold parameters (stages left
+    empty are dropped), plus, in the stage ``rest``, every parameter no stage holds (as its
+    top-level module when no stage holds any of that module's parameters), so that no parameter
+    escapes the randomisation.
+
+    Args:
+        model (nn.Module): The detector.
+        stages (dict[str, Sequence[str]]): ``{stage: [module or parameter paths]}``, in
+            randomisation order.
+        rest (str): The stage (a key of ``stages``) that takes the parts no stage names.
+
+    Returns:
+        dict[str, list[str]]: The stages, in the same order.
+    """
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+
+    def own(path: str) -> List[nn.Parameter]:
+        if path in params:
+            return [params[path]]
+        return list(modules[path].parameters()) if path in modules else []
+
+    out = {name: [p for p in paths if own(p)] for name, paths in stages.items()}
+    taken = {id(p) for paths in out.values() for path in paths for p in own(path)}
+    for name, param in params.items():
+        if id(param) in taken:
+            continue
+        top = name.split('.')[0]
+        path = top if not any(id(p) in taken for p in own(top)) else name
+        out[rest].append(path)
+        taken.update(id(p) for p in own(path))
+    return {name: paths for name, paths in out.items() if paths}
 
 
 def build_adapter(model: nn.Module) -> DetectorAdapter:

@@ -14,13 +14,13 @@ level-aware default therefore takes all the neck outputs together (the maps of a
 averaged, as for several given layers; :attr:`DetectorAdapter.levels_shared`), and every layer
 takes the engine's exact route (one backward per detection through the transformer).
 """
-from typing import List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from mmengine.structures import InstanceData
 from torch import nn
 
-from .base import ADAPTERS, Detections, DetectorAdapter, trace_level_layers
+from .base import ADAPTERS, Detections, DetectorAdapter, complete_stages, trace_level_layers
 
 #: Side of the zero input used to find the level maps' strides and modules.
 _TRACE_SIZE = 256
@@ -46,6 +46,13 @@ class DETRAdapter(DetectorAdapter):
     """
 
     head_types = ('DETRHead', )
+    family = 'DETR'
+    detectors = 'DINO, Deformable DETR, DETR'
+    doc_score = ('σ(cls[q, c]) (DINO, Deformable DETR); softmax(cls[q])[c] without no-object '
+                 '(DETR); last decoder layer')
+    doc_layers = ('all neck outputs together, maps averaged (`neck.convs.{0,1,2}`, '
+                  '`neck.extra_convs.0`, strides 8-64; DETR: `neck.convs.0`)')
+    doc_route = 'exact (one backward through the transformer per detection)'
     levels_shared = True
 
     @classmethod
@@ -142,4 +149,18 @@ class DETRAdapter(DetectorAdapter):
     def level_of_layer(self, name: str) -> Optional[int]:
         """None: the encoder mixes the levels, so every layer feeds every detection."""
         return None
+
+    # ------------------------------------------------------------------ randomisation stages
+    def stages(self) -> Dict[str, List[str]]:
+        """``head`` (``bbox_head``), ``decoder`` (with what builds its queries and reference
+        points: ``query_embedding``, ``memory_trans_*``, ``reference_points_fc``,
+        ``pos_trans_*``, ``dn_query_generator``), ``encoder`` (with ``level_embed``, added to
+        its input), ``neck``, ``backbone``. Any other top-level part goes with the decoder."""
+        decoder = ['decoder', 'query_embedding', 'memory_trans_fc', 'memory_trans_norm',
+                   'reference_points_fc', 'pos_trans_fc', 'pos_trans_norm',
+                   'dn_query_generator']
+        return complete_stages(self.model, {'head': ['bbox_head'], 'decoder': decoder,
+                                            'encoder': ['encoder', 'level_embed'],
+                                            'neck': ['neck'], 'backbone': ['backbone']},
+                               rest='decoder')
 

@@ -24,6 +24,11 @@ class FCOSAdapter(DenseAdapter):
     """
 
     head_types = ('FCOSHead', )
+    family = 'FCOS'
+    detectors = 'FCOS'
+    doc_score = 'σ(cls[c]) · σ(centerness)'
+    doc_layers = '`neck.fpn_convs.{0..4}`'
+    doc_route = 'exact (GroupNorm head)'
 
     def _score_branches(self, level: int) -> Optional[List[List[nn.Module]]]:
         head = self.head
@@ -45,6 +50,11 @@ class ATSSAdapter(DenseAdapter):
     """
 
     head_types = ('ATSSHead', )
+    family = 'ATSS'
+    detectors = 'ATSS'
+    doc_score = 'σ(cls[a, c]) · σ(centerness[a])'
+    doc_layers = '`neck.fpn_convs.{0..4}`'
+    doc_route = 'exact (GroupNorm head)'
 
     def _score_branches(self, level: int) -> Optional[List[List[nn.Module]]]:
         head = self.head

@@ -23,6 +23,11 @@ class GFLAdapter(DenseAdapter):
     """
 
     head_types = ('GFLHead', )
+    family = 'GFL'
+    detectors = 'GFL'
+    doc_score = 'σ(cls[a, c]), a joint class-IoU quality'
+    doc_layers = '`neck.fpn_convs.{0..4}`'
+    doc_route = 'exact (GroupNorm head)'
 
     def _level_results(self, cls_score_list: List[torch.Tensor],
                        bbox_pred_list: List[torch.Tensor],

@@ -23,6 +23,11 @@ class RetinaNetAdapter(DenseAdapter):
     """
 
     head_types = ('RetinaHead', )
+    family = 'RetinaNet'
+    detectors = 'RetinaNet'
+    doc_score = 'σ(cls[a, c]), one of 9 anchors'
+    doc_layers = '`neck.fpn_convs.{0..4}` (P3-P7, strides 8-128)'
+    doc_route = 'local, 11x11 window (radius 5); P6 (`fpn_convs.3`) also feeds P7: chain'
 
     def _score_branches(self, level: int) -> Optional[List[List[nn.Module]]]:
         return [[*self.head.cls_convs, self.head.retina_cls]]

@@ -25,6 +25,11 @@ class RTMDetAdapter(DenseAdapter):
 
     head_types = ('RTMDetHead', 'RTMDetSepBNHead')
     excluded_types = ('RTMDetInsHead', )
+    family = 'RTMDet'
+    detectors = 'RTMDet'
+    doc_score = 'σ(cls[c])'
+    doc_layers = '`neck.out_convs.{0,1,2}` (strides 8, 16, 32)'
+    doc_route = 'local, 5x5 window (radius 2)'
 
     @property
     def _sep(self) -> bool:

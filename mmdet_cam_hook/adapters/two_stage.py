@@ -30,7 +30,7 @@ import torch
 from mmengine.structures import InstanceData
 from torch import nn
 
-from .base import ADAPTERS, Detections, DetectorAdapter, trace_level_layers
+from .base import ADAPTERS, Detections, DetectorAdapter, complete_stages, trace_level_layers
 
 
 class RoIOutputs(NamedTuple):
@@ -58,6 +58,12 @@ class TwoStageAdapter(DetectorAdapter):
     head_types = ('BBoxHead', )
     excluded_types = ('SABLHead', 'MultiInstanceBBoxHead')
     head_path = 'roi_head.bbox_head'
+    family = 'two-stage'
+    detectors = 'Faster R-CNN, Mask R-CNN (its box branch)'
+    doc_score = "softmax(cls[i])[c] of the kept RoI i (or the loss's own activation)"
+    doc_layers = 'the FPN output the RoI was pooled from, `neck.fpn_convs.{0..3}` (strides 4-32)'
+    doc_route = ("one backward through the RoI head for all detections, then RoIAlign's own "
+                 'backward per detection (exact)')
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -220,6 +226,14 @@ class TwoStageAdapter(DetectorAdapter):
     def level_gradient(self) -> Optional['RoIGradient']:
         return RoIGradient(self)
 
+    # ------------------------------------------------------------------ randomisation stages
+    def stages(self) -> Dict[str, List[str]]:
+        """``roi_head`` (every RoI stage, and the mask branch), ``rpn_head``, ``neck``,
+        ``backbone``: the RoI head reads the RPN's proposals, both read the neck."""
+        return complete_stages(self.model, {'roi_head': ['roi_head'], 'rpn_head': ['rpn_head'],
+                                            'neck': ['neck'], 'backbone': ['backbone']},
+                               rest='roi_head')
+
 
 class RoIGradient:
     """d score / d own level map for many detections of a single-stage RoI head, exactly.
@@ -279,6 +293,11 @@ class CascadeRCNNAdapter(TwoStageAdapter):
     head_types = ('CascadeRoIHead', )
     excluded_types = ('HybridTaskCascadeRoIHead', 'SCNetRoIHead')
     head_path = 'roi_head'
+    family = 'two-stage'
+    detectors = 'Cascade R-CNN, Cascade Mask R-CNN (its box branch)'
+    doc_score = 'softmax(mean over stages of cls_s[i])[c], each stage on its own refined RoI'
+    doc_layers = "the FPN output the last stage's RoI was pooled from, `neck.fpn_convs.{0..3}`"
+    doc_route = 'exact (stages may pool one detection from several levels)'
 
     def __init__(self, model: nn.Module) -> None:
         DetectorAdapter.__init__(self, model)

@@ -26,6 +26,12 @@ class YOLOv3Adapter(DenseAdapter):
     """
 
     head_types = ('YOLOV3Head', )
+    family = 'YOLOv3'
+    detectors = 'YOLOv3'
+    doc_score = 'σ(cls[a, c]) · σ(obj[a]), one of 3 anchors'
+    doc_layers = '`neck.detect{1,2,3}` (strides 32, 16, 8)'
+    doc_route = ('`detect3`: local, 3x3 window (radius 1); `detect1`, `detect2` also feed finer '
+                 'levels: chain')
 
     def _num_levels(self) -> int:
         return self.head.num_levels

@@ -29,6 +29,11 @@ class YOLOXAdapter(DetectorAdapter):
     """``YOLOXHead``: outputs ``(cls_scores, bbox_preds, objectnesses)`` per level."""
 
     head_types = ('YOLOXHead', )
+    family = 'YOLOX'
+    detectors = 'YOLOX'
+    doc_score = 'σ(cls[c]) · σ(obj)'
+    doc_layers = '`neck.out_convs.{0,1,2}` (strides 8, 16, 32)'
+    doc_route = 'local, 5x5 window (radius 2)'
 
     def decode(self, outs: tuple, metainfo: dict, score_thr: float) -> Detections:
         head = self.head

@@ -3,8 +3,11 @@ NeurIPS 2018), per detection.
 
 A map that explains the model must change when the model's learned parameters are destroyed.
 The check randomises the detector in cascade, from the top: the head, then the neck too, then
-the backbone too, each stage on a deep copy (the user's model is never touched), and compares
-each detection's map on the randomised copy with its map on the original model by the
+the backbone too (the stages come from the adapter, :meth:`DetectorAdapter.stages
+<mmdet_cam_hook.adapters.DetectorAdapter.stages>`, and hold every parameter: two-stage
+detectors' ``roi_head`` then ``rpn_head``, DETR's ``head``, ``decoder`` and ``encoder``, before
+the neck and the backbone), each stage on a deep copy (the user's model is never touched), and
+compares each detection's map on the randomised copy with its map on the original model by the
 Spearman rank correlation of their pixels,
 
     ``rho = pearson(rank(map_original), rank(map_randomised))`` (ties get their average rank).
@@ -23,20 +26,16 @@ knowledge of each layer's initialiser.) BatchNorm running statistics (buffers) a
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..adapters import build_adapter
 from ..cam.engine import CAMEngine
 from ..runtime.io import ImageLike, load_image
 from .metrics import rank_correlations
-
-#: The detector's parts, in the order they are randomised (top first), and their names in the
-#: results (cumulative: ``head+neck`` has both randomised).
-STAGES: Tuple[Tuple[str, str], ...] = (('head', 'bbox_head'), ('neck', 'neck'),
-                                       ('backbone', 'backbone'))
 
 #: ``randomize(module, generator)``: change the module's parameters in place.
 Randomizer = Callable[[nn.Module, torch.Generator], None]
@@ -53,7 +52,8 @@ def permute_parameters(module: nn.Module, generator: torch.Generator) -> None:
 
 def randomized_models(model: nn.Module, seed: int = 0,
                       randomize: Randomizer = permute_parameters,
-                      stages: Sequence[Tuple[str, str]] = STAGES) -> List[Tuple[str, nn.Module]]:
+                      stages: Optional[Mapping[str, Sequence[str]]] = None
+                      ) -> List[Tuple[str, nn.Module]]:
     """Cascading randomisation: one deep copy of ``model`` per stage, each with that stage's
     and all earlier stages' parameters randomised.
 
@@ -62,26 +62,50 @@ def randomized_models(model: nn.Module, seed: int = 0,
         seed (int): Seed of the randomisation. Defaults to 0.
         randomize (Randomizer): How a part is randomised. Defaults to
             :func:`permute_parameters`.
-        stages (Sequence[tuple[str, str]]): ``(name, attribute)`` pairs, top first. Defaults
-            to :data:`STAGES`; a part the model lacks (no ``neck``) is skipped.
+        stages (Mapping[str, Sequence[str]], optional): ``{stage: [module or parameter
+            paths]}``, top first. Defaults to None: the adapter's
+            :meth:`~mmdet_cam_hook.adapters.DetectorAdapter.stages` (e.g. ``head``, ``neck``,
+            ``backbone``; ``roi_head``, ``rpn_head``, ``neck``, ``backbone`` for two-stage
+            detectors), which hold every parameter.
 
     Returns:
         list[tuple[str, nn.Module]]: ``(cumulative stage name, randomised copy)``, e.g.
         ``('head', ...), ('head+neck', ...), ('head+neck+backbone', ...)``.
+
+    Raises:
+        ValueError: If a path of ``stages`` is neither a module nor a parameter of ``model``.
     """
+    stages = build_adapter(model).stages() if stages is None else stages
     generator = torch.Generator().manual_seed(int(seed))
     current = copy.deepcopy(model)
     names: List[str] = []
     out = []
-    for name, attr in stages:
-        part = getattr(current, attr, None)
-        if not isinstance(part, nn.Module):
-            continue
-        randomize(part, generator)
+    for name, paths in stages.items():
+        for part in _parts(current, paths, name):
+            randomize(part, generator)
         names.append(name)
         out.append(('+'.join(names), current))
         current = copy.deepcopy(current)
     return out
+
+
+def _parts(model: nn.Module, paths: Sequence[str], stage: str) -> List[nn.Module]:
+    """The modules at ``paths``; a parameter path comes as a module holding that very
+    parameter (so randomising the module changes the model's)."""
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    parts = []
+    for path in paths:
+        if path in modules:
+            parts.append(modules[path])
+        elif path in params:
+            holder = nn.Module()
+            holder.register_parameter(path.replace('.', '_'), params[path])
+            parts.append(holder)
+        else:
+            raise ValueError(f'stage {stage!r}: {type(model).__name__} has no module or '
+                             f'parameter {path!r}')
+    return parts
 
 
 def randomized_engines(engine: CAMEngine, seed: int = 0,
@@ -92,7 +116,8 @@ def randomized_engines(engine: CAMEngine, seed: int = 0,
     """
     layers = None if engine.level_aware else engine.layer_names
     out = []
-    for stage, model in randomized_models(engine.model, seed=seed, randomize=randomize):
+    for stage, model in randomized_models(engine.model, seed=seed, randomize=randomize,
+                                          stages=engine.adapter.stages()):
         other = CAMEngine(model, target_layers=layers, score_thr=engine.score_thr,
                           topk=engine.topk, drise_masks=engine.drise['num_masks'],
                           drise_batch_size=engine.drise['batch_size'],

@@ -114,8 +114,9 @@ def _put_label(image: np.ndarray, text: str, x: float, y: float, color, scale: f
     """Draws ``text`` on a filled ``color`` box whose bottom-left is at the box corner."""
     height, width = image.shape[:2]
     thickness = 1 if scale < 0.8 else 2
-    (tw, th), base = cv2.getTextSize(text, _FONT, scale, thickness)
     pad = 2
+    text = _shorten(text, width - 2 * pad, scale, thickness)
+    (tw, th), base = cv2.getTextSize(text, _FONT, scale, thickness)
     box_h = th + base + 2 * pad
     left = int(min(max(0, round(x)), max(0, width - tw - 2 * pad)))
     top = int(round(y)) - box_h
@@ -125,6 +126,26 @@ def _put_label(image: np.ndarray, text: str, x: float, y: float, color, scale: f
     cv2.rectangle(image, (left, top), (left + tw + 2 * pad, top + box_h), color, cv2.FILLED)
     cv2.putText(image, text, (left + pad, top + pad + th), _FONT, scale, _TEXT_COLOR, thickness,
                 cv2.LINE_AA)
+
+
+def _shorten(text: str, width: int, scale: float, thickness: int = 1) -> str:
+    """``text`` cut from the end, with ``~`` for the cut part, until it fits ``width`` pixels
+    (at worst the single character ``~``). A ``class: score`` label loses letters of the class
+    name first, so that the score stays readable."""
+    def fits(t: str) -> bool:
+        return cv2.getTextSize(t, _FONT, scale, thickness)[0][0] <= width
+
+    if fits(text):
+        return text
+    name, sep, tail = text.rpartition(': ')
+    if sep and name:
+        tail = sep + tail
+        for end in range(len(name) - 1, 0, -1):
+            if fits(name[:end] + '~' + tail):
+                return name[:end] + '~' + tail
+    while len(text) > 1 and not fits(text):
+        text = text[:-2] + '~'
+    return text
 
 
 def _class_name(label: int, class_names: Optional[Sequence[str]]) -> str:
@@ -185,26 +206,39 @@ def draw_detections(image: np.ndarray,
     return out
 
 
-def _fit_text(text: str, width: int, scale: float) -> tuple[str, float]:
-    """Shrinks the font down to the minimum, then shortens ``text`` until it fits ``width``."""
-    while scale > _MIN_FONT_SCALE and cv2.getTextSize(text, _FONT, scale, 1)[0][0] > width:
+def _caption_scale(captions: Sequence[str], width: int, height: int) -> float:
+    """One font scale for every caption of a panel: in proportion to the tile (``width / 600``,
+    but no more than ``height / 100`` so that a wide strip's caption does not dwarf it, and at
+    least 0.45), shrunk down to :data:`_MIN_FONT_SCALE` until the longest caption fits."""
+    scale = max(0.45, min(width / 600, height / 100))
+    longest = max((cv2.getTextSize(c, _FONT, scale, 1)[0][0] for c in captions), default=0)
+    while scale > _MIN_FONT_SCALE and longest > width - 4:
         scale = max(_MIN_FONT_SCALE, scale - 0.05)
-    while len(text) > 1 and cv2.getTextSize(text, _FONT, scale, 1)[0][0] > width:
-        text = text[:-2] + '~'
-    return text, scale
+        longest = max(cv2.getTextSize(c, _FONT, scale, 1)[0][0] for c in captions)
+    return scale
 
 
-def _captioned(tile: np.ndarray, caption: str) -> np.ndarray:
-    width = tile.shape[1]
-    text, scale = _fit_text(caption, width - 4, max(0.45, width / 600))
-    (_, th), base = cv2.getTextSize(text, _FONT, scale, 1)
-    bar = np.full((th + base + 8, width, 3), _BACKGROUND, dtype=np.uint8)
-    cv2.putText(bar, text, (2, 4 + th), _FONT, scale, _TEXT_COLOR, 1, cv2.LINE_AA)
-    return np.concatenate([bar, tile], axis=0)
+def _captioned_tiles(tiles: Sequence[np.ndarray], captions: Sequence[str]) -> list[np.ndarray]:
+    """Each tile under a caption bar; all bars have one height and one font scale (the bar's
+    height follows the font alone, never the text), so tiles of one size stay one size.
+    Captions that do not fit even at the smallest font are shortened with ``~``."""
+    height, width = tiles[0].shape[:2]
+    scale = _caption_scale(captions, width, height)
+    (_, th), base = cv2.getTextSize('Hg', _FONT, scale, 1)
+    out = []
+    for tile, caption in zip(tiles, captions):
+        bar = np.full((th + base + 8, tile.shape[1], 3), _BACKGROUND, dtype=np.uint8)
+        cv2.putText(bar, _shorten(caption, tile.shape[1] - 4, scale), (2, 4 + th), _FONT, scale,
+                    _TEXT_COLOR, 1, cv2.LINE_AA)
+        out.append(np.concatenate([bar, tile], axis=0))
+    return out
 
 
-def _grid(tiles: list[np.ndarray], columns: int) -> np.ndarray:
-    tile_h, tile_w = tiles[0].shape[:2]
+def _grid(tiles: Sequence[np.ndarray], columns: int) -> np.ndarray:
+    """Tiles in rows of ``columns``, each at the top-left of a cell as large as the largest tile
+    (so tiles of different sizes can never break the layout)."""
+    tile_h = max(t.shape[0] for t in tiles)
+    tile_w = max(t.shape[1] for t in tiles)
     rows = math.ceil(len(tiles) / columns)
     columns = min(columns, len(tiles))
     panel = np.full((rows * tile_h + (rows - 1) * _GAP, columns * tile_w + (columns - 1) * _GAP,
@@ -212,7 +246,7 @@ def _grid(tiles: list[np.ndarray], columns: int) -> np.ndarray:
     for i, tile in enumerate(tiles):
         r, c = divmod(i, columns)
         y, x = r * (tile_h + _GAP), c * (tile_w + _GAP)
-        panel[y:y + tile_h, x:x + tile_w] = tile
+        panel[y:y + tile.shape[0], x:x + tile.shape[1]] = tile
     return panel
 
 
@@ -279,17 +313,15 @@ def render_panel(result,
         det_caption += f' (GT: {len(gt)})'
     combined = overlay_cam(base, grow(np.asarray(result.combined, dtype=np.float32)))
     _draw_boxes(combined, boxes, DET_COLOR, thickness)
-    tiles = [
-        _captioned(base, 'original'),
-        _captioned(dets, det_caption),
-        _captioned(combined, f'{result.method}: combined'),
-    ]
+    tiles = [base, dets, combined]
+    captions = ['original', det_caption, f'{result.method}: combined']
     for k in range(min(int(max_detections), len(bboxes))):
         tile = overlay_cam(base, grow(cams[k].astype(np.float32)))
         _draw_boxes(tile, boxes[k:k + 1], DET_COLOR, thickness)
+        tiles.append(tile)
         name = _class_name(int(result.labels[k]), class_names)
-        tiles.append(_captioned(tile, f'#{k} {name} {float(result.scores[k]):.2f}'))
-    panel = _grid(tiles, PANEL_COLUMNS)
+        captions.append(f'#{k} {name} {float(result.scores[k]):.2f}')
+    panel = _grid(_captioned_tiles(tiles, captions), PANEL_COLUMNS)
     if max_size is not None and max(panel.shape[:2]) > max_size:
         factor = max_size / max(panel.shape[:2])
         panel = cv2.resize(panel, (max(1, round(panel.shape[1] * factor)),

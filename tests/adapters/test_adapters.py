@@ -497,3 +497,73 @@ def test_locate_priors_follows_mmdet_order():
     back = torch.where(levels == 0, (ys * 6 + xs) * 3 + a, 72 + (ys * 3 + xs) * 3 + a)
     assert torch.equal(back, flat)
     assert levels.tolist().count(1) == 18 and int(ys.max()) == 3 and int(a.max()) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomisation stages (issue 18 #5): every parameter in exactly one stage, head first.
+R18_FPN = {'model.backbone.depth': 18, 'model.neck.in_channels': [64, 128, 256, 512]}
+DETR_SMALL = {'model.backbone.depth': 18, 'model.backbone.base_channels': 16,
+              'model.num_queries': 30, 'model.test_cfg.max_per_img': 30,
+              'model.encoder.num_layers': 2, 'model.decoder.num_layers': 2,
+              'model.neck.in_channels': [32, 64, 128]}
+#: name: (mmdet config, cfg_options, the adapter's stages in order)
+STAGED = {
+    'yolox-nano': ('yolox/yolox_nano_8xb8-300e_coco.py', None, ['head', 'neck', 'backbone']),
+    'retinanet': ('retinanet/retinanet_r50_fpn_1x_coco.py', LIGHT_FPN,
+                  ['head', 'neck', 'backbone']),
+    'faster-rcnn': ('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', R18_FPN,
+                    ['roi_head', 'rpn_head', 'neck', 'backbone']),
+    'cascade-rcnn': ('cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py', R18_FPN,
+                     ['roi_head', 'rpn_head', 'neck', 'backbone']),
+    'dino': ('dino/dino-4scale_r50_8xb2-12e_coco.py', DETR_SMALL,
+             ['head', 'decoder', 'encoder', 'neck', 'backbone']),
+}
+
+
+def stage_params(model, stages):
+    """{stage: [id of each parameter]} of ``stages``' module and parameter paths."""
+    modules, params = dict(model.named_modules()), dict(model.named_parameters())
+    out = {}
+    for stage, paths in stages.items():
+        out[stage] = [id(p) for path in paths
+                      for p in ([params[path]] if path in params else
+                                modules[path].parameters())]
+    return out
+
+
+@pytest.mark.parametrize('name', list(STAGED))
+def test_stages_cover_every_parameter_once(name):
+    config, options, expected = STAGED[name]
+    model = build_detector(config, 320, cfg_options=options)
+    stages = build_adapter(model).stages()
+    assert list(stages) == expected
+    owned = [i for ids in stage_params(model, stages).values() for i in ids]
+    everything = [id(p) for p in model.parameters()]
+    assert sorted(owned) == sorted(everything), 'a parameter is in no stage or in two'
+    if name == 'dino':  # the transformer's own parts, not only head, neck and backbone
+        flat = {p for paths in stages.values() for p in paths}
+        assert {'encoder', 'decoder', 'query_embedding', 'level_embed', 'memory_trans_fc',
+                'memory_trans_norm', 'dn_query_generator'} <= flat
+        assert stages['encoder'] == ['encoder', 'level_embed']
+
+
+def test_parts_no_stage_names_go_to_the_rest_stage():
+    from mmdet_cam_hook.adapters.base import complete_stages
+
+    class Detector(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Conv2d(3, 4, 1)
+            self.extra = nn.Linear(2, 2)
+            self.mixed = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+            self.bbox_head = nn.Linear(4, 2)
+            self.scale = nn.Parameter(torch.ones(3))
+
+    model = Detector()
+    stages = complete_stages(model, {'head': ['bbox_head', 'missing'], 'mid': ['mixed.0'],
+                                     'neck': ['neck'], 'backbone': ['backbone']}, rest='head')
+    assert stages == {'head': ['bbox_head', 'scale', 'extra', 'mixed.1.weight', 'mixed.1.bias'],
+                      'mid': ['mixed.0'], 'backbone': ['backbone']}
+    owned = sorted(i for ids in stage_params(model, stages).values() for i in ids)
+    assert owned == sorted(id(p) for p in model.parameters())

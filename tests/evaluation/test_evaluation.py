@@ -133,6 +133,37 @@ def test_randomization_check(engine, model, image):
     assert torch.equal(head.backbone.stem.conv.conv.weight, model.backbone.stem.conv.conv.weight)
 
 
+def test_randomization_stages_of_a_two_stage_detector():
+    """Faster R-CNN: the RoI head, then the RPN, then the neck and the backbone are randomised
+    (the RPN and RoI head hold half the parameters), each named in the report."""
+    model = build_detector('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', input_size=96,
+                           cfg_options={'model.backbone.depth': 18,
+                                        'model.neck.in_channels': [64, 128, 256, 512],
+                                        'model.test_cfg.rpn.max_per_img': 50})
+    names = ['roi_head', 'roi_head+rpn_head', 'roi_head+rpn_head+neck',
+             'roi_head+rpn_head+neck+backbone']
+    copies = randomized_models(model, seed=0)
+    assert [name for name, _ in copies] == names
+
+    def changed(copy, part):
+        """Per parameter of ``part`` that a permutation can change (not all one value)."""
+        return [not torch.equal(p, q) for p, q in zip(getattr(copy, part).parameters(),
+                                                      getattr(model, part).parameters())
+                if q.min() < q.max()]
+
+    for (name, copy), done in zip(copies, range(1, 5)):
+        for k, part in enumerate(['roi_head', 'rpn_head', 'neck', 'backbone']):
+            assert all(changed(copy, part)) if k < done else not any(changed(copy, part)), \
+                (name, part)
+    engine = CAMEngine(model, score_thr=0.0, topk=2)
+    same = randomization_check(engine, synthetic_image(72, 96, seed=1), ['gradcam'],
+                               randomize=lambda module, gen: None)
+    assert list(same['gradcam']) == names
+    for corr in same['gradcam'].values():
+        assert len(corr) == 2
+        np.testing.assert_allclose(corr, 1.0, atol=1e-5)
+
+
 def test_rank_correlations():
     a = np.arange(12, dtype=np.float32).reshape(1, 3, 4)
     np.testing.assert_allclose(rank_correlations(a, a ** 2), [1.0])

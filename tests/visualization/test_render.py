@@ -210,3 +210,87 @@ def test_wild_boxes_of_an_untrained_model_are_drawn():
     boxes = np.array([[-np.inf, 5, np.inf, 30], [1e12, -1e12, 2e12, 1e12], [5, 5, 20, np.nan]])
     out = draw_detections(img, boxes, [0, 1, 0], [0.9, 0.5, 0.4], ['a', 'b'])
     assert out.shape == img.shape and out.any()
+
+
+# ---------------------------------------------------------------------------------------------
+# Narrow, tiny and strip images (issue 18 #1): every tile of a panel has one caption height.
+LONG_NAMES = ['a_class_name_much_wider_than_any_narrow_tile', 'another_very_long_class_name']
+
+
+def strip_result(h, w):
+    """Four detections on an ``h x w`` image, boxes covering its quarters and the whole."""
+    boxes = [(0, 0, max(1, w // 2), max(1, h // 2)), (w // 2, h // 2, w, h), (0, 0, w, h),
+             (0, h // 2, max(1, w // 2), h)]
+    cams = np.random.default_rng(0).random((4, h, w)).astype(np.float32)
+    return CAMResult(
+        bboxes=np.array(boxes, np.float32), labels=np.array([0, 1, 0, 1]),
+        scores=np.array([0.9, 0.8, 0.7, 0.6], np.float32), levels=np.zeros(4, np.int64),
+        cams=cams, combined=cams.max(0), method='gradcam', layers=[['neck.out_convs.0']] * 4,
+        image=gray(h, w), input_cams=cams, letterbox=None)
+
+
+@pytest.mark.parametrize('h, w', [(400, 100), (600, 150), (1, 1), (20, 4000), (4000, 20)])
+def test_render_panel_narrow_and_strip_images(h, w):
+    res = strip_result(h, w)
+    panel = render_panel(res, class_names=LONG_NAMES, gt_bboxes=[[0, 0, w, h]])
+    # 3 summary tiles + 4 detections: 4 columns, 2 rows of equal cells, no gap lost.
+    scale = max(1.0, MIN_TILE_SIZE / max(h, w))
+    tile_w, tile_img_h = int(round(w * scale)), int(round(h * scale))
+    assert panel.shape[1] == 4 * tile_w + 3 * 4
+    cell_h = (panel.shape[0] - 4) // 2
+    assert panel.shape[0] == 2 * cell_h + 4
+    caption_h = cell_h - tile_img_h
+    assert 8 < caption_h < 60, caption_h
+    # Every tile's image starts right under one common caption bar: the original tile is the
+    # gray image, the others are drawn on it; the bars above are white with dark text.
+    assert (panel[caption_h:cell_h, :tile_w] == 80).all()
+    for r in range(2):
+        for c in range(4 if r == 0 else 3):
+            y, x = r * (cell_h + 4), c * (tile_w + 4)
+            bar = panel[y:y + caption_h, x:x + tile_w]
+            assert (bar == 255).mean() > 0.3 and (bar < 128).any(), (r, c)
+            assert not (panel[y + caption_h:y + cell_h, x:x + tile_w] == 255).all(axis=2).all()
+    # The last cell of the second row stays background.
+    assert (panel[cell_h + 4:, 3 * (tile_w + 4):] == 255).all()
+    assert max(render_panel(res, class_names=LONG_NAMES, max_size=200).shape[:2]) == 200
+
+
+def test_caption_of_a_wide_strip_stays_small():
+    """A 4000 x 20 strip: the caption's font follows the tile's height, not only its width."""
+    panel = render_panel(strip_result(20, 4000), max_detections=0)
+    assert panel.shape[0] - 20 < 40
+
+
+@pytest.mark.parametrize('h, w', [(400, 100), (600, 150), (1, 1), (20, 4000), (4000, 20)])
+def test_draw_detections_long_names_on_narrow_images(h, w):
+    res = strip_result(h, w)
+    img = gray(h, w)
+    out = draw_detections(img, res.bboxes, res.labels, res.scores, LONG_NAMES)
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert (img == 80).all()  # input untouched
+    if min(h, w) >= 20:
+        assert (out == GREEN).all(axis=2).any()
+
+
+def test_long_label_is_shortened_but_keeps_its_score():
+    import cv2
+
+    from mmdet_cam_hook.visualization.render import _shorten
+
+    text = f'{LONG_NAMES[0]}: 0.93'
+    short = _shorten(text, 100, 0.35)
+    assert short.endswith('~: 0.93') and short.startswith('a_c')
+    assert cv2.getTextSize(short, cv2.FONT_HERSHEY_SIMPLEX, 0.35, 1)[0][0] <= 100
+    assert _shorten('fits', 100, 0.35) == 'fits'
+    assert _shorten(text, 1, 0.35) == '~'
+
+
+def test_grid_never_fails_on_tile_sizes():
+    from mmdet_cam_hook.visualization.render import _grid
+
+    tiles = [np.full((5, 3, 3), 10, np.uint8), np.full((2, 7, 3), 20, np.uint8),
+             np.full((9, 1, 3), 30, np.uint8)]
+    panel = _grid(tiles, 2)
+    assert panel.shape == (2 * 9 + 4, 2 * 7 + 4, 3)
+    assert (panel[:5, :3] == 10).all() and (panel[:2, 11:18] == 20).all()
+    assert (panel[13:22, :1] == 30).all() and (panel[5:9, :3] == 255).all()
