@@ -8,29 +8,21 @@ come from ``torch.autograd.grad`` on activations only, so the model's parameters
 call, also one that raised.
 
 Each target layer is resolved once, at construction, into a
-:class:`~mmdet_cam_hook.cam.routes.TargetLayer` with its route (how its K per-detection gradients
-are computed, :mod:`mmdet_cam_hook.cam.routes`); one dummy forward at construction decides which
-modules can be target layers at all (:meth:`CAMEngine.describe_layers`), so that an unusable
-``target_layers`` is refused then, naming why and a usable layer of the model:
+:class:`~mmdet_cam_hook.cam.routes.TargetLayer` with its route, ``local``, ``chain`` or ``exact``
+(how its K per-detection gradients are computed: :mod:`mmdet_cam_hook.cam.routes`). One dummy
+forward at construction decides which modules can be target layers at all
+(:meth:`CAMEngine.describe_layers`), so that an unusable ``target_layers`` is refused then,
+naming why and a usable layer of the model.
 
-- ``local``: the layer *is* a level's feature map, only that level reads it, and the head's
-  window there is exact: the window shortcut (:class:`~mmdet_cam_hook.cam.local.LocalGradient`),
-  no backward through the head.
-- ``chain``: the layer is upstream of the level maps (backbone, neck; also a level map that
-  other levels read) and every level has an exact window: the local gradient is pulled back
-  with vector-Jacobian products: one per group of detections whose regions of the layer do
-  not meet (:mod:`mmdet_cam_hook.cam.packing`), else one per detection (batched with
-  ``is_grads_batched`` on request).
-- ``exact``: anything else (layers inside the head, heads without an exact window such as the
-  GroupNorm heads): per-detection gradients of the scores through the full graph of the one
-  forward pass, only for the detections a per-level layer can influence.
+Methods are the objects of :data:`~mmdet_cam_hook.cam.methods.METHODS`: the engine gives each
+gradient method a layer's activations and gradients, and calls each perturbation method's
+``explain`` with the detector, without knowing their names.
 """
 import contextlib
 import dataclasses
 from dataclasses import fields
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -42,8 +34,8 @@ from ..runtime.io import ImageLike, load_image
 from ..runtime.pipeline import build_pipeline, preprocess, preprocess_batch, test_pipeline_cfg
 from ..runtime.state import capture_outputs, read_only
 from . import maths
-from .geometry import Letterbox
-from .layers import LayerInfo, probe_layers, resolve_layers, usable_hint
+from .geometry import Letterbox, shrink_image
+from .layers import LayerInfo, check_usable, probe_layers, resolve_layers, usable_hint
 from .local import LocalGradient
 from .methods import (
     DRISE,
@@ -54,7 +46,7 @@ from .methods import (
     method_from,
     methods_from,
 )
-from .result import CAMResult, combined_map
+from .result import CAMResult
 from .routes import ROUTES, Forward, GradientRoutes, TargetLayer
 
 __all__ = ['CAMEngine', 'compute_cams', 'ROUTES', 'TargetLayer']
@@ -128,18 +120,17 @@ class CAMEngine:
         self.adapter: DetectorAdapter = build_adapter(model)
         self.pipeline = build_pipeline(self._test_pipeline(test_pipeline))
         self.local_grad = self.adapter.level_gradient() or LocalGradient(self.adapter)
-        self.routes = GradientRoutes(self.adapter, self.local_grad)
         self.level_aware = target_layers is None
         if self.level_aware:
             self._level_names = self.adapter.level_layers()
         else:
             self._level_names = self._level_layers_if_any()
-        self._head_modules = {id(m) for m in self.adapter.head.modules()}
+        self.routes = GradientRoutes(self.adapter, self.local_grad, self._level_names)
         self._layer_info = self._probe_layers()
         resolved = resolve_layers(model, self._level_names if self.level_aware else target_layers)
         if not self.level_aware:
-            self._refuse_unusable([name for name, _ in resolved])
-        self.layers = [self._resolve(name, module) for name, module in resolved]
+            check_usable(self._layer_info, [name for name, _ in resolved], self._level_names)
+        self.layers = [self.routes.target(name, module) for name, module in resolved]
         # every level map feeds every detection (DETR): the default is all of them, averaged
         self.level_aware = self.level_aware and not self.adapter.levels_shared
         self.detector = BatchedDetector(model, self.adapter, self.pipeline)
@@ -160,38 +151,25 @@ class CAMEngine:
         with read_only(self.model), torch.no_grad():
             inputs, meta = preprocess(self.model, self.pipeline,
                                       np.full((32, 32, 3), 114, np.uint8))
-        self._dummy_hw = tuple(inputs.shape[-2:])
+        self.probe_shape = tuple(inputs.shape)
         return probe_layers(
             self.model, inputs,
             lambda x: self.adapter.head_outputs(self.adapter.features(x), [meta]))
-
-    def _refuse_unusable(self, names: List[str]) -> None:
-        for name in names:
-            info = self._layer_info.get(name)
-            reason = info.reason if info is not None else (
-                'does not run in the forward pass of the backbone, neck and head')
-            if info is not None and info.usable:
-                continue
-            hint = usable_hint(self._layer_info, name, self._level_names)
-            use = (f'; choose one of its submodules, e.g. {hint!r}' if hint.startswith(name + '.')
-                   else f'; a usable layer of this model: {hint!r}' if hint else '')
-            raise ValueError(
-                f'target layer {name!r} {reason}, so it cannot be explained{use} '
-                '(`mmdet-cam CONFIG CKPT IMG --list-layers` lists every layer and its route)')
 
     def describe_layers(self) -> List[LayerInfo]:
         """Per module that runs in the engine's forward pass (backbone, neck, head; in the
         order their outputs are computed, at the test pipeline's input size), what
         ``mmdet-cam --list-layers`` prints: type, output shape, stride, the gradient route
         it would take as a target layer, and whether it can be one (and why not), as decided
-        once when the engine was built.
+        once when the engine was built. The dummy input's shape is :attr:`probe_shape`
+        (``(1, 3, H_in, W_in)``).
 
         Returns:
             list[LayerInfo]: One row per module.
         """
         modules = dict(self.model.named_modules())
         return [info if not info.usable else
-                dataclasses.replace(info, route=self._resolve(name, modules[name]).route)
+                dataclasses.replace(info, route=self.routes.target(name, modules[name]).route)
                 for name, info in self._layer_info.items()]
 
     def _level_layers_if_any(self) -> List[str]:
@@ -210,19 +188,7 @@ class CAMEngine:
             ValueError: If the layer does not exist (with close matches).
         """
         ((canon, module), ) = resolve_layers(self.model, [name])
-        return self._resolve(canon, module)
-
-    def _resolve(self, name: str, module: nn.Module) -> TargetLayer:
-        level_names = self._level_names
-        level = self.adapter.level_of_layer(name)
-        if name in level_names and level == level_names.index(name) \
-                and self.local_grad.radii.get(level) is not None:
-            return TargetLayer(name, module, 'local', level)
-        # A level map that other levels read too (an FPN's P5 under 'on_output' extra convs,
-        # YOLOv3's detect blocks) is upstream of those levels' maps: chain or exact.
-        if id(module) not in self._head_modules and self.local_grad.available:
-            return TargetLayer(name, module, 'chain', level)
-        return TargetLayer(name, module, 'exact', level)
+        return self.routes.target(canon, module)
 
     @property
     def layer_names(self) -> List[str]:
@@ -414,7 +380,7 @@ class CAMEngine:
                                 for f in fields(Detections)))
         else:
             dets = self._decode(fwd.outs, metainfo)
-        scale, shown = _shrink(img, max_size)
+        scale, shown = shrink_image(img, max_size)
         out_hw = shown.shape[:2]
         with torch.enable_grad():
             maps, used = self._maps(gradient, dets, fwd, need_grad, letterbox, out_hw)
@@ -427,7 +393,7 @@ class CAMEngine:
                 maps[m.name] = (letterbox.to_original(on_input, out_hw).clamp_(0.0, 1.0),
                                 on_input if self.keep_input_cams else None)
         return {
-            m.name: self._result(m.name, shown, scale, dets, *maps[m.name],
+            m.name: CAMResult.from_tensors(m.name, shown, scale, dets, *maps[m.name],
                                  used if m in gradient else [[] for _ in used], letterbox,
                                  renormalize)
             for m in methods
@@ -513,39 +479,6 @@ class CAMEngine:
         if (method.name, layer.name) not in shared:
             shared[method.name, layer.name] = method.layer_maps(act, None, 1)
         return shared[method.name, layer.name].expand(num, *act.shape[-2:])
-
-    def _result(self, method: str, img: np.ndarray, scale: float, dets: Detections,
-                cams: torch.Tensor, input_maps: Optional[torch.Tensor], used: List[List[str]],
-                letterbox: Letterbox, renormalize: bool) -> CAMResult:
-        """The result of one method: only the finished maps leave the device."""
-        combined = combined_map(cams, img.shape[:2])  # on the device, as the maps
-        bboxes = dets.bboxes.detach().cpu().numpy().astype(np.float32) * np.float32(scale)
-        result = CAMResult(
-            bboxes=bboxes,
-            labels=dets.labels.cpu().numpy().astype(np.int64),
-            scores=dets.scores.detach().cpu().numpy().astype(np.float32),
-            levels=dets.levels.cpu().numpy().astype(np.int64),
-            cams=cams.cpu().numpy(),
-            combined=combined.cpu().numpy(),
-            method=method,
-            layers=used,
-            image=img,
-            input_cams=None if input_maps is None else input_maps.cpu().numpy(),
-            letterbox=letterbox,
-            scale=scale,
-            detections=dets)
-        return result.renormalized(copy=False) if renormalize else result
-
-
-def _shrink(img: np.ndarray, max_size: Optional[int]) -> Tuple[float, np.ndarray]:
-    """``(scale, image)``: the image downscaled so that its longer side is at most
-    ``max_size`` (unchanged, scale 1.0, when it already is or ``max_size`` is None)."""
-    h, w = img.shape[:2]
-    if max_size is None or max(h, w) <= max_size:
-        return 1.0, img
-    scale = max_size / max(h, w)
-    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
-    return scale, cv2.resize(img, size, interpolation=cv2.INTER_AREA)
 
 
 def compute_cams(model: nn.Module,

@@ -217,6 +217,28 @@ def usable_hint(rows: Dict[str, LayerInfo], name: str, preferred: Sequence[str] 
     return ''
 
 
+def check_usable(rows: Dict[str, LayerInfo], names: Sequence[str],
+                 preferred: Sequence[str] = ()) -> None:
+    """Refuse a target layer that :func:`probe_layers` found unusable (or did not see run).
+
+    Raises:
+        ValueError: Naming the layer, why, and a usable layer of this model to use instead
+            (:func:`usable_hint`).
+    """
+    for name in names:
+        info = rows.get(name)
+        if info is not None and info.usable:
+            continue
+        reason = info.reason if info is not None else (
+            'does not run in the forward pass of the backbone, neck and head')
+        hint = usable_hint(rows, name, preferred)
+        use = (f'; choose one of its submodules, e.g. {hint!r}' if hint.startswith(name + '.')
+               else f'; a usable layer of this model: {hint!r}' if hint else '')
+        raise ValueError(
+            f'target layer {name!r} {reason}, so it cannot be explained{use} '
+            '(`mmdet-cam CONFIG CKPT IMG --list-layers` lists every layer and its route)')
+
+
 def neck_output_layers(model: nn.Module) -> List[str]:
     """Names of the modules whose outputs are the level feature maps, one per FPN level (the
     level-aware default; ``neck.out_convs.l`` in YOLOX and RTMDet).

@@ -179,13 +179,13 @@ class DRISE(PerturbationMethod):
         ValueError, TypeError: On an option that is not a positive int (``seed``: int >= 0).
     """
 
-    name: str = 'drise'
-    uses_gradients: bool = False
-    spatial: bool = True
+    name: str = field(default='drise', init=False)
+    uses_gradients: bool = field(default=False, init=False)
+    spatial: bool = field(default=True, init=False)
     summary: str = field(default=(
         'D-RISE (Petsiuk et al., CVPR 2021): S_t = mean_M w_t(M) * M over random masks M, '
         'w_t(M) = max_j IoU(b_t, b_j) * [l_j == l_t] * s_j on the masked image; black-box (no '
-        'gradients, no target layer), N forwards per image.'), repr=False)
+        'gradients, no target layer), N forwards per image.'), repr=False, init=False)
     num_masks: int = 1000
     batch_size: int = 16
     seed: int = 0
@@ -328,19 +328,28 @@ def methods_from(methods: Union[MethodSpec, Iterable[MethodSpec]],
     return list(out.values())
 
 
-def check_methods(methods: Union[MethodSpec, Iterable[MethodSpec]],
-                  arg: str = 'methods') -> List[str]:
-    """The names of :func:`methods_from`'s methods (duplicates removed).
+def check_methods(methods: Union[str, Iterable[str]], arg: str = 'methods') -> List[str]:
+    """Validate one method name or a non-empty sequence of them (duplicates removed): the
+    names-only form, for the callers that store names (the hook, the evaluation); the engine
+    also takes method objects and dicts (:func:`methods_from`).
 
     Args:
-        methods (str | Iterable[str]): Method name(s) (method objects and dicts too).
+        methods (str | Iterable[str]): Method name(s).
         arg (str): The argument name to quote in errors. Defaults to 'methods'.
 
     Returns:
         list[str]: The validated names, in the given order.
 
     Raises:
-        TypeError: If ``methods`` is neither a spec nor an iterable of them.
+        TypeError: If ``methods`` is neither a str nor an iterable of str.
         ValueError: If it is empty or names an unknown method.
     """
-    return [m.name for m in methods_from(methods, arg)]
+    if isinstance(methods, str):
+        return [check_method(methods, arg)]
+    if not isinstance(methods, (Sequence, set, frozenset, tuple)):
+        raise TypeError(f'`{arg}` must be a method name or a list of them, one of '
+                        f'{sorted(METHODS)}, got {methods!r}')
+    names = [check_method(m, arg) for m in methods]
+    if not names:
+        raise ValueError(f'`{arg}` must name at least one of {sorted(METHODS)}, got {methods!r}')
+    return list(dict.fromkeys(names))

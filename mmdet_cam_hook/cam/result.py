@@ -65,6 +65,31 @@ class CAMResult:
     def ori_shape(self) -> Tuple[int, int]:
         return self.image.shape[:2]
 
+    @classmethod
+    def from_tensors(cls, method: str, img: np.ndarray, scale: float, dets: Detections,
+                     cams: torch.Tensor, input_maps: Optional[torch.Tensor],
+                     used: List[List[str]], letterbox: Letterbox,
+                     renormalize: bool) -> CAMResult:
+        """The engine's result of one method from its maps on the device: only the finished
+        maps leave it (``combined`` is computed there); ``renormalize`` as in ``explain``."""
+        combined = combined_map(cams, img.shape[:2])
+        bboxes = dets.bboxes.detach().cpu().numpy().astype(np.float32) * np.float32(scale)
+        result = cls(
+            bboxes=bboxes,
+            labels=dets.labels.cpu().numpy().astype(np.int64),
+            scores=dets.scores.detach().cpu().numpy().astype(np.float32),
+            levels=dets.levels.cpu().numpy().astype(np.int64),
+            cams=cams.cpu().numpy(),
+            combined=combined.cpu().numpy(),
+            method=method,
+            layers=used,
+            image=img,
+            input_cams=None if input_maps is None else input_maps.cpu().numpy(),
+            letterbox=letterbox,
+            scale=scale,
+            detections=dets)
+        return result.renormalized(copy=False) if renormalize else result
+
     def tensors(self, device: Optional[torch.device] = None) -> CAMTensors:
         """The maps as torch tensors, for GPU users (numpy stays the default form).
 

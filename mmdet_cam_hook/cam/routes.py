@@ -1,6 +1,17 @@
-"""The three gradient routes of the engine (``local``, ``chain``, ``exact``; see
-:mod:`mmdet_cam_hook.cam.engine`) and their packing state: how each target layer gets the K
-per-detection gradients of the detections' scores, from one forward pass.
+"""The three gradient routes of the engine and their packing state: how each target layer gets
+the K per-detection gradients of the detections' scores, from one forward pass.
+
+- ``local``: the layer *is* a level's feature map, only that level reads it, and the head's
+  window there is exact: the window shortcut (:class:`~mmdet_cam_hook.cam.local.LocalGradient`),
+  no backward through the head.
+- ``chain``: the layer is upstream of the level maps (backbone, neck; also a level map that
+  other levels read) and every level has an exact window: the local gradient is pulled back
+  with vector-Jacobian products: one per group of detections whose regions of the layer do
+  not meet (:mod:`mmdet_cam_hook.cam.packing`), else one per detection (batched with
+  ``is_grads_batched`` on request).
+- ``exact``: anything else (layers inside the head, heads without an exact window such as the
+  GroupNorm heads): per-detection gradients of the scores through the full graph of the one
+  forward pass, only for the detections a per-level layer can influence.
 
 :class:`GradientRoutes` holds what the routes learn while they run: which routes batch their
 vector-Jacobian products (``batched``), whether the chain route packs detections
@@ -56,6 +67,7 @@ class GradientRoutes:
         adapter (DetectorAdapter): The detector's adapter (scores, features, strides).
         local_grad (LevelGradient): The level gradient (the ``local`` route's window, the
             ``chain`` route's cotangents).
+        level_names (list[str]): The modules outputting the level maps ([] if none does).
 
     Attributes:
         batched (dict[str, bool]): Per route (``chain``, ``exact``), whether its VJPs run
@@ -70,12 +82,29 @@ class GradientRoutes:
             packable there).
     """
 
-    def __init__(self, adapter: DetectorAdapter, local_grad: LevelGradient) -> None:
+    def __init__(self, adapter: DetectorAdapter, local_grad: LevelGradient,
+                 level_names: List[str]) -> None:
         self.adapter = adapter
         self.local_grad = local_grad
+        self._level_names = list(level_names)
+        self._head_modules = {id(m) for m in adapter.head.modules()}
         self.batched = {'chain': False, 'exact': False}
         self.pack_chain = True
         self.reach: Dict[str, Dict[int, Optional[packing.Reach]]] = {}
+
+    def target(self, name: str, module: nn.Module) -> TargetLayer:
+        """The :class:`TargetLayer` of the module at ``name``, with its route (see the module
+        docstring)."""
+        level_names = self._level_names
+        level = self.adapter.level_of_layer(name)
+        if name in level_names and level == level_names.index(name) \
+                and self.local_grad.radii.get(level) is not None:
+            return TargetLayer(name, module, 'local', level)
+        # A level map that other levels read too (an FPN's P5 under 'on_output' extra convs,
+        # YOLOv3's detect blocks) is upstream of those levels' maps: chain or exact.
+        if id(module) not in self._head_modules and self.local_grad.available:
+            return TargetLayer(name, module, 'chain', level)
+        return TargetLayer(name, module, 'exact', level)
 
     def grads(self, layers: List[TargetLayer], sub: Detections, fwd: 'Forward',
                no_path: Dict[str, List[int]],

@@ -100,3 +100,17 @@ def test_describe_layers(name):
         assert by_name['neck.out_convs.0'].route == 'local'
         assert by_name['neck.out_convs.0'].stride == '8'
         assert by_name['bbox_head.multi_level_conv_cls.0'].route == 'exact'
+
+
+@pytest.mark.parametrize('name, cls', [('yolox', 'LocalGradient'), ('faster-rcnn', 'RoIGradient')])
+def test_level_gradients_meet_the_protocol(name, cls):
+    """The engine's local window and the two-stage RoI gradient are one contract."""
+    from mmdet_cam_hook.adapters.base import LevelGradient
+
+    engine = CAMEngine(_model(name))
+    assert type(engine.local_grad).__name__ == cls
+    assert isinstance(engine.local_grad, LevelGradient)
+    assert engine.routes.local_grad is engine.local_grad
+    assert not isinstance(object(), LevelGradient)
+    engine.pack_chain = False  # the engine's switches are the routes' state
+    assert engine.routes.pack_chain is False and engine._batched is engine.routes.batched

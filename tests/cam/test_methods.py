@@ -54,7 +54,9 @@ def test_method_from_names_objects_and_dicts():
     assert method_from(dict(type='drise', num_masks=50)).seed == 0
     assert method_from(dict(type='gradcam')) is METHODS['gradcam']
     assert METHODS['drise'].num_masks == 1000  # configuring copies, the table is unchanged
-    assert check_methods(['gradcam', configured, dict(type='gradcam')]) == ['gradcam', 'drise']
+    assert check_methods(['gradcam', 'drise', 'gradcam']) == ['gradcam', 'drise']
+    with pytest.raises(TypeError, match='must be a str'):  # the names-only form (the hook's)
+        check_methods([configured])
 
 
 @pytest.mark.parametrize('spec, error, match', [
