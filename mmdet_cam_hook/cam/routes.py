@@ -27,7 +27,7 @@ from torch import nn
 from ..adapters import Detections, DetectorAdapter
 from ..adapters.base import LevelGradient
 from . import packing
-from .local import LocalGradient, WindowGradients
+from .local import WindowGradients
 
 #: How a target layer gets its per-detection gradients (see the module docstring).
 ROUTES = ('local', 'chain', 'exact')
@@ -114,7 +114,7 @@ class GradientRoutes:
         ``level`` and the one layer is that level's map on the local route (the level-aware
         default)."""
         if (level is not None and len(layers) == 1 and layers[0].route == 'local'
-                and layers[0].level == level and isinstance(self.local_grad, LocalGradient)):
+                and layers[0].level == level and hasattr(self.local_grad, 'windows')):
             return {layers[0].name: self.local_grad.windows(fwd.feats[level], level, sub)}
         cache: Dict[int, torch.Tensor] = {}
 
