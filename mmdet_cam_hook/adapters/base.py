@@ -45,7 +45,7 @@ Interface changes since the first commit (all backward compatible):
   detection (DETR), so the level-aware default uses all level layers together.
 """
 from dataclasses import dataclass, fields
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
 from mmengine.registry import Registry
@@ -54,6 +54,34 @@ from torch import nn
 #: Adapters by class name; :func:`build_adapter` looks the head's class (and its bases) up in
 #: each adapter's ``head_types``.
 ADAPTERS = Registry('CAM adapter', scope='mmdet_cam_hook')
+
+
+@runtime_checkable
+class LevelGradient(Protocol):
+    """The level-gradient contract: exact d score / d level map for many detections at once,
+    without a backward through the whole graph. Met by the engine's local window
+    (:class:`~mmdet_cam_hook.cam.local.LocalGradient`) and the two-stage
+    :class:`~mmdet_cam_hook.adapters.two_stage.RoIGradient`; an adapter supplies its own through
+    :meth:`DetectorAdapter.level_gradient`.
+
+    Attributes:
+        radii (dict[int, int | None]): Per level, the window's radius in positions (not None
+            where the gradient applies on that level; the ``local`` route needs it).
+
+    An implementation may also have ``windows(feat, level, dets)`` returning the gradients as
+    windows (:class:`~mmdet_cam_hook.cam.local.WindowGradients`); the engine uses it when
+    present.
+    """
+
+    radii: Dict[int, Optional[int]]
+
+    @property
+    def available(self) -> bool:
+        """Whether the gradient applies on every level (the ``chain`` route needs it)."""
+
+    def __call__(self, feat: torch.Tensor, level: int, dets: 'Detections') -> torch.Tensor:
+        """(K, C, h, w): the gradient of each detection's score w.r.t. ``feat``, the feature
+        map of ``level`` (every detection of ``dets`` on that level)."""
 
 
 @dataclass
@@ -199,17 +227,15 @@ class DetectorAdapter:
         return next(iter(own)) if len(own) == 1 else None
 
     # ------------------------------------------------------------------ (d) local window
-    def level_gradient(self):
+    def level_gradient(self) -> Optional[LevelGradient]:
         """An exact gradient of many detections' scores w.r.t. their own level's feature map
         without a backward through the whole graph, for families where the window shortcut
         does not apply (two-stage: one backward through the RoI head for all detections, then
         RoIAlign's own backward per detection).
 
         Returns:
-            object | None: Like :class:`~mmdet_cam_hook.cam.local.LocalGradient`: ``radii``
-            (``{level: int}``; not None where it applies), ``available`` (every level) and
-            ``__call__(feat, level, dets) -> (K, C, h, w)``. None (default): the engine's
-            local window from :meth:`window_branches`.
+            LevelGradient | None: One meeting :class:`LevelGradient`. None (default): the
+            engine's local window from :meth:`window_branches`.
         """
         return None
 

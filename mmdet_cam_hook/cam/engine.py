@@ -7,27 +7,22 @@ come from ``torch.autograd.grad`` on activations only, so the model's parameters
 ``.grad``; the model's ``training`` flags, grad mode and forward hooks are restored after every
 call, also one that raised.
 
-Each target layer is resolved once, at construction, into a :class:`TargetLayer` with its
-route (how its K per-detection gradients are computed):
+Each target layer is resolved once, at construction, into a
+:class:`~mmdet_cam_hook.cam.routes.TargetLayer` with its route, ``local``, ``chain`` or ``exact``
+(how its K per-detection gradients are computed: :mod:`mmdet_cam_hook.cam.routes`). One dummy
+forward at construction decides which modules can be target layers at all
+(:meth:`CAMEngine.describe_layers`), so that an unusable ``target_layers`` is refused then,
+naming why and a usable layer of the model.
 
-- ``local``: the layer *is* a level's feature map, only that level reads it, and the head's
-  window there is exact: the window shortcut (:class:`~mmdet_cam_hook.cam.local.LocalGradient`),
-  no backward through the head.
-- ``chain``: the layer is upstream of the level maps (backbone, neck; also a level map that
-  other levels read) and every level has an exact window: the local gradient is pulled back
-  with vector-Jacobian products: one per group of detections whose regions of the layer do
-  not meet (:mod:`mmdet_cam_hook.cam.packing`), else one per detection (batched with
-  ``is_grads_batched`` on request).
-- ``exact``: anything else (layers inside the head, heads without an exact window such as the
-  GroupNorm heads): per-detection gradients of the scores through the full graph of the one
-  forward pass, only for the detections a per-level layer can influence.
+Methods are the objects of :data:`~mmdet_cam_hook.cam.methods.METHODS`: the engine gives each
+gradient method a layer's activations and gradients, and calls each perturbation method's
+``explain`` with the detector, without knowing their names.
 """
 import contextlib
-import warnings
-from dataclasses import dataclass, field, fields
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+import dataclasses
+from dataclasses import fields
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -36,40 +31,28 @@ from ..adapters import Detections, DetectorAdapter, build_adapter
 from ..checks import check_int, check_max_size, check_score_thr, check_topk
 from ..runtime.detector import BatchedDetector, image_outputs
 from ..runtime.io import ImageLike, load_image
-from ..runtime.pipeline import build_pipeline, preprocess_batch, test_pipeline_cfg
+from ..runtime.pipeline import build_pipeline, preprocess, preprocess_batch, test_pipeline_cfg
 from ..runtime.state import capture_outputs, read_only
-from . import maths, packing
-from .drise import drise_input_maps
-from .geometry import Letterbox
-from .layers import resolve_layers
-from .local import LocalGradient, WindowGradients
-from .methods import METHODS, check_method, check_methods
-from .result import CAMResult, combined_map
+from . import maths
+from .geometry import Letterbox, shrink_image
+from .layers import LayerInfo, check_usable, probe_layers, resolve_layers, usable_hint
+from .local import LocalGradient
+from .methods import (
+    DRISE,
+    METHODS,
+    CAMMethod,
+    GradientMethod,
+    MethodSpec,
+    method_from,
+    methods_from,
+)
+from .result import CAMResult
+from .routes import ROUTES, Forward, GradientRoutes, TargetLayer
+
+__all__ = ['CAMEngine', 'compute_cams', 'ROUTES', 'TargetLayer']
 
 # Detections whose maps are computed together; bounds memory at K x C x h x w per layer.
 _CHUNK = 16
-
-
-#: How a target layer gets its per-detection gradients (see the module docstring).
-ROUTES = ('local', 'chain', 'exact')
-
-
-@dataclass(frozen=True)
-class TargetLayer:
-    """A target layer resolved once, with its gradient route.
-
-    Attributes:
-        name (str): ``named_modules()`` path.
-        module (nn.Module): The module whose output is explained.
-        route (str): One of :data:`ROUTES`.
-        level (int | None): The only level whose scores the layer reads (for ``local``: the
-            level whose feature map it is); None if it feeds every level.
-    """
-
-    name: str
-    module: nn.Module = field(repr=False)
-    route: str
-    level: Optional[int]
 
 
 class CAMEngine:
@@ -87,10 +70,13 @@ class CAMEngine:
             None (all).
         test_pipeline (Sequence[dict], optional): Test pipeline to use instead of the one in
             ``model.cfg``. Defaults to None.
-        drise_masks (int): Random masks per image for ``drise`` (each one masked image
-            through the network). Defaults to 1000.
-        drise_batch_size (int): Masked images per forward pass for ``drise``. Defaults to 16.
-        drise_seed (int): Seed of ``drise``'s masks. Defaults to 0.
+        drise_masks (int): Shorthand configuring the ``drise`` that ``methods=['drise']``
+            (the name) means here: random masks per image (each one masked image through the
+            network); a :class:`~mmdet_cam_hook.cam.methods.DRISE` object given to ``methods``
+            keeps its own options. Defaults to 1000.
+        drise_batch_size (int): The same shorthand: masked images per forward pass for
+            ``drise``. Defaults to 16.
+        drise_seed (int): The same shorthand: seed of ``drise``'s masks. Defaults to 0.
         keep_input_cams (bool): Also return each detection's map on the network-input grid
             (``CAMResult.input_cams``, where the maps equal grad-cam's output): K more maps of
             the input's size in memory and in time. False (what the hook and the CLI use)
@@ -101,8 +87,10 @@ class CAMEngine:
 
     Raises:
         ValueError: On a head no adapter supports (naming it and the supported heads), an
-            unknown layer (with close matches), a bad ``score_thr``, ``topk`` or ``drise_*``
-            argument, or a model without a test pipeline.
+            unknown layer (with close matches), a layer that cannot be explained (it does not
+            run, outputs no 4-D map or one the scores do not depend on: naming why and a usable
+            layer of this model), a bad ``score_thr``, ``topk`` or ``drise_*`` argument, or a
+            model without a test pipeline.
         TypeError: On a ``score_thr`` or ``topk`` of the wrong type (e.g. ``topk='3'``); the
             checks are :mod:`mmdet_cam_hook.checks`, shared with the hook and the CLI.
     """
@@ -124,40 +112,65 @@ class CAMEngine:
         self.model = model
         self.score_thr = check_score_thr(score_thr)
         self.topk = check_topk(topk)
+        self.chunk_size = check_int(chunk_size, 'chunk_size')
+        self.keep_input_cams = bool(keep_input_cams)
+        self.drise = DRISE(num_masks=check_int(drise_masks, 'drise_masks'),
+                           batch_size=check_int(drise_batch_size, 'drise_batch_size'),
+                           seed=check_int(drise_seed, 'drise_seed', low=0))
         self.adapter: DetectorAdapter = build_adapter(model)
-        self.level_aware = target_layers is None
+        self.pipeline = build_pipeline(self._test_pipeline(test_pipeline))
         self.local_grad = self.adapter.level_gradient() or LocalGradient(self.adapter)
+        self.level_aware = target_layers is None
         if self.level_aware:
             self._level_names = self.adapter.level_layers()
         else:
             self._level_names = self._level_layers_if_any()
-        self._head_modules = {id(m) for m in self.adapter.head.modules()}
+        self.routes = GradientRoutes(self.adapter, self.local_grad, self._level_names)
+        self._layer_info = self._probe_layers()
         resolved = resolve_layers(model, self._level_names if self.level_aware else target_layers)
-        self.layers = [self._resolve(name, module) for name, module in resolved]
+        if not self.level_aware:
+            check_usable(self._layer_info, [name for name, _ in resolved], self._level_names)
+        self.layers = [self.routes.target(name, module) for name, module in resolved]
         # every level map feeds every detection (DETR): the default is all of them, averaged
         self.level_aware = self.level_aware and not self.adapter.levels_shared
-        if test_pipeline is None:
-            if getattr(model, 'cfg', None) is None:
-                raise ValueError('`model` has no `.cfg` to take the test pipeline from; build it '
-                                 'with mmdet.apis.init_detector or pass `test_pipeline`')
-            test_pipeline = test_pipeline_cfg(model.cfg)
-        self.pipeline = build_pipeline(test_pipeline)
-        check_int(drise_masks, 'drise_masks')
-        check_int(drise_batch_size, 'drise_batch_size')
-        check_int(drise_seed, 'drise_seed', low=0)
-        self.chunk_size = check_int(chunk_size, 'chunk_size')
-        self.keep_input_cams = bool(keep_input_cams)
-        self.drise = dict(num_masks=drise_masks, batch_size=drise_batch_size, seed=drise_seed)
         self.detector = BatchedDetector(model, self.adapter, self.pipeline)
-        # Batched VJPs (``is_grads_batched``, vmap over the backward) are exact but measured
-        # slower on CPU than one ``autograd.grad`` per detection (YOLOX-s@320, K=32, 1 thread:
-        # chain 0.92 s vs 0.54 s, exact 0.81 s vs 0.71 s), so the loop is the default; set a
-        # route to True to batch it (falls back to the loop if vmap cannot handle an op).
-        self._batched = {'chain': False, 'exact': False}
-        # The chain route packs detections whose regions of the layer do not meet into one VJP
-        # (mmdet_cam_hook/packing.py); the regions are probed once per layer.
-        self.pack_chain = True
-        self._reach: Dict[str, Dict[int, Optional[packing.Reach]]] = {}
+
+    def _test_pipeline(self, test_pipeline: Optional[Sequence[dict]]) -> Sequence[dict]:
+        if test_pipeline is not None:
+            return test_pipeline
+        if getattr(self.model, 'cfg', None) is None:
+            raise ValueError('`model` has no `.cfg` to take the test pipeline from; build it '
+                             'with mmdet.apis.init_detector or pass `test_pipeline`')
+        return test_pipeline_cfg(self.model.cfg)
+
+    def _probe_layers(self) -> Dict[str, LayerInfo]:
+        """Every module's facts as a target layer, from one dummy forward at the test
+        pipeline's size (:func:`~mmdet_cam_hook.cam.layers.probe_layers`)."""
+        # A square image comes out of the test pipeline at the config's (square or short-side)
+        # size, as a real image would.
+        with read_only(self.model), torch.no_grad():
+            inputs, meta = preprocess(self.model, self.pipeline,
+                                      np.full((32, 32, 3), 114, np.uint8))
+        self.probe_shape = tuple(inputs.shape)
+        return probe_layers(
+            self.model, inputs,
+            lambda x: self.adapter.head_outputs(self.adapter.features(x), [meta]))
+
+    def describe_layers(self) -> List[LayerInfo]:
+        """Per module that runs in the engine's forward pass (backbone, neck, head; in the
+        order their outputs are computed, at the test pipeline's input size), what
+        ``mmdet-cam --list-layers`` prints: type, output shape, stride, the gradient route
+        it would take as a target layer, and whether it can be one (and why not), as decided
+        once when the engine was built. The dummy input's shape is :attr:`probe_shape`
+        (``(1, 3, H_in, W_in)``).
+
+        Returns:
+            list[LayerInfo]: One row per module.
+        """
+        modules = dict(self.model.named_modules())
+        return [info if not info.usable else
+                dataclasses.replace(info, route=self.routes.target(name, modules[name]).route)
+                for name, info in self._layer_info.items()]
 
     def _level_layers_if_any(self) -> List[str]:
         """The level maps' layers, or [] when no module outputs them (no ``local`` route)."""
@@ -175,27 +188,38 @@ class CAMEngine:
             ValueError: If the layer does not exist (with close matches).
         """
         ((canon, module), ) = resolve_layers(self.model, [name])
-        return self._resolve(canon, module)
-
-    def _resolve(self, name: str, module: nn.Module) -> TargetLayer:
-        level_names = self._level_names
-        level = self.adapter.level_of_layer(name)
-        if name in level_names and level == level_names.index(name) \
-                and self.local_grad.radii.get(level) is not None:
-            return TargetLayer(name, module, 'local', level)
-        # A level map that other levels read too (an FPN's P5 under 'on_output' extra convs,
-        # YOLOv3's detect blocks) is upstream of those levels' maps: chain or exact.
-        if id(module) not in self._head_modules and self.local_grad.available:
-            return TargetLayer(name, module, 'chain', level)
-        return TargetLayer(name, module, 'exact', level)
+        return self.routes.target(canon, module)
 
     @property
     def layer_names(self) -> List[str]:
         return [layer.name for layer in self.layers]
 
+    @property
+    def pack_chain(self) -> bool:
+        """Whether the chain route packs detections (:attr:`GradientRoutes.pack_chain`)."""
+        return self.routes.pack_chain
+
+    @pack_chain.setter
+    def pack_chain(self, value: bool) -> None:
+        self.routes.pack_chain = bool(value)
+
+    @property
+    def _batched(self) -> Dict[str, bool]:
+        return self.routes.batched
+
+    @property
+    def _reach(self) -> dict:
+        return self.routes.reach
+
+    def _methods(self, methods) -> List[CAMMethod]:
+        """The method objects for ``methods=``; the name ``drise`` means this engine's
+        :attr:`drise` (configured by ``drise_*``)."""
+        default = METHODS['drise']
+        return [self.drise if m is default else m for m in methods_from(methods)]
+
     def explain(self,
                 image: ImageLike,
-                methods: Union[str, Sequence[str]] = ('gradcam', ),
+                methods: Union[MethodSpec, Sequence[MethodSpec]] = ('gradcam', ),
                 renormalize: bool = False,
                 max_size: Optional[int] = None,
                 detections: Optional[Detections] = None) -> Dict[str, CAMResult]:
@@ -206,7 +230,10 @@ class CAMEngine:
 
         Args:
             image (str | PathLike | np.ndarray): A path or an HxWx3 uint8 BGR array.
-            methods (str | Sequence[str]): Keys of :data:`METHODS`. Defaults to ('gradcam',).
+            methods (str | CAMMethod | dict | Sequence): Keys of
+                :data:`~mmdet_cam_hook.cam.methods.METHODS`, method objects
+                (``DRISE(num_masks=50)``) or ``dict(type='drise', num_masks=50)``
+                (:func:`~mmdet_cam_hook.cam.methods.method_from`). Defaults to ('gradcam',).
             renormalize (bool): Min-max each map inside its own box and zero it outside (the
                 seed tool's ``--renormalize``). Defaults to False.
             max_size (int, optional): Longer side, in pixels, of the returned image and maps.
@@ -224,13 +251,13 @@ class CAMEngine:
                 ``score_thr`` and ``topk`` are not applied. Defaults to None (decode).
 
         Returns:
-            dict[str, CAMResult]: One result per method.
+            dict[str, CAMResult]: One result per method, keyed by its name.
 
         Raises:
             ValueError: On an unknown method, a bad ``max_size``, an image that cannot be read
                 or one the test pipeline cannot resize (e.g. 4000x2 pixels).
         """
-        methods = check_methods(methods)
+        methods = self._methods(methods)
         max_size = check_max_size(max_size)
         img = load_image(image)
         if detections is not None and not isinstance(detections, Detections):
@@ -270,7 +297,7 @@ class CAMEngine:
 
     def explain_batch(self,
                       images: Sequence[ImageLike],
-                      methods: Union[str, Sequence[str]] = ('gradcam', ),
+                      methods: Union[MethodSpec, Sequence[MethodSpec]] = ('gradcam', ),
                       renormalize: bool = False,
                       max_size: Optional[int] = None) -> List[Dict[str, CAMResult]]:
         """:meth:`explain` for several images, through the network as one batch when the
@@ -293,7 +320,7 @@ class CAMEngine:
             ValueError: As :meth:`explain`, for the first image that cannot be read or
                 resized (its index in ``images`` is in the message).
         """
-        methods = check_methods(methods)
+        methods = self._methods(methods)
         max_size = check_max_size(max_size)
         imgs = []
         for i, image in enumerate(images):
@@ -306,7 +333,7 @@ class CAMEngine:
             return [res for group in groups if group
                     for res in self._explain(group, methods, renormalize, max_size)]
 
-    def _explain(self, imgs: List[np.ndarray], methods: List[str], renormalize: bool,
+    def _explain(self, imgs: List[np.ndarray], methods: List[CAMMethod], renormalize: bool,
                  max_size: Optional[int],
                  given: Optional[Detections] = None) -> List[Dict[str, CAMResult]]:
         """One forward pass for ``imgs`` (one image unless every layer is ``local``), then
@@ -314,7 +341,7 @@ class CAMEngine:
         model, adapter = self.model, self.adapter
         with read_only(model):
             inputs, metas = preprocess_batch(model, self.pipeline, imgs)
-            need_grad = any(METHODS[m].uses_gradients for m in methods)
+            need_grad = any(m.uses_gradients for m in methods)
             graph = need_grad and not self.batchable
             assert not graph or len(imgs) == 1, 'a graph is pulled back one image at a time'
             acts: Dict[str, torch.Tensor] = {}
@@ -330,22 +357,22 @@ class CAMEngine:
                                  '(`mmdet-cam CONFIG CKPT IMG --list-layers` lists them)')
             input_hw = tuple(inputs.shape[-2:])
             if len(imgs) == 1:  # as they are: the chain and exact routes pull back through them
-                forwards = [_Forward(tuple(feats), outs, acts, input_hw)]
+                forwards = [Forward(tuple(feats), outs, acts, input_hw)]
             else:
-                forwards = [_Forward(tuple(f[i:i + 1] for f in feats), image_outputs(outs, i),
+                forwards = [Forward(tuple(f[i:i + 1] for f in feats), image_outputs(outs, i),
                                      {name: a[i:i + 1] for name, a in acts.items()}, input_hw)
                             for i in range(len(imgs))]
             del feats, outs, acts
             return [self._explain_one(img, meta, forwards.pop(0), methods, renormalize,
                                       max_size, given) for img, meta in zip(imgs, metas)]
 
-    def _explain_one(self, img: np.ndarray, metainfo: dict, fwd: '_Forward', methods: List[str],
-                     renormalize: bool, max_size: Optional[int],
+    def _explain_one(self, img: np.ndarray, metainfo: dict, fwd: Forward,
+                     methods: List[CAMMethod], renormalize: bool, max_size: Optional[int],
                      given: Optional[Detections]) -> Dict[str, CAMResult]:
         """One image's detections and maps, from its part of the forward pass."""
         letterbox = Letterbox.from_metainfo(metainfo)
-        black_box = [m for m in methods if METHODS[m].black_box]
-        need_grad = any(METHODS[m].uses_gradients for m in methods)
+        gradient = [m for m in methods if isinstance(m, GradientMethod)]
+        need_grad = any(m.uses_gradients for m in gradient)
         device = fwd.feats[0].device
         if given is not None:
             dets = Detections(*(None if getattr(given, f.name) is None else
@@ -353,23 +380,22 @@ class CAMEngine:
                                 for f in fields(Detections)))
         else:
             dets = self._decode(fwd.outs, metainfo)
-        scale, shown = _shrink(img, max_size)
+        scale, shown = shrink_image(img, max_size)
         out_hw = shown.shape[:2]
         with torch.enable_grad():
-            maps, used = self._maps([m for m in methods if m not in black_box], dets, fwd,
-                                    need_grad, letterbox, out_hw)
+            maps, used = self._maps(gradient, dets, fwd, need_grad, letterbox, out_hw)
         del fwd
-        for m in black_box:  # drise: the detector on masked images, no gradients
-            on_input = torch.from_numpy(drise_input_maps(
-                self.detector, img, dets.bboxes.detach().cpu().numpy(),
-                dets.labels.cpu().numpy(), letterbox.resized_shape, letterbox.input_shape,
-                **self.drise)).to(device)
-            maps[m] = (letterbox.to_original(on_input, out_hw).clamp_(0.0, 1.0),
-                       on_input if self.keep_input_cams else None)
+        bboxes, labels = dets.bboxes.detach().cpu().numpy(), dets.labels.cpu().numpy()
+        for m in methods:  # perturbation methods: the detector on perturbed images
+            if m not in gradient:
+                on_input = torch.from_numpy(
+                    m.explain(self.detector, img, bboxes, labels, letterbox)).to(device)
+                maps[m.name] = (letterbox.to_original(on_input, out_hw).clamp_(0.0, 1.0),
+                                on_input if self.keep_input_cams else None)
         return {
-            m: self._result(m, shown, scale, dets, *maps[m],
-                            [[] for _ in used] if m in black_box else used, letterbox,
-                            renormalize)
+            m.name: CAMResult.from_tensors(m.name, shown, scale, dets, *maps[m.name],
+                                 used if m in gradient else [[] for _ in used], letterbox,
+                                 renormalize)
             for m in methods
         }
 
@@ -379,9 +405,10 @@ class CAMEngine:
 
         def store(name, module, output):
             if not isinstance(output, torch.Tensor):
+                hint = usable_hint(self._layer_info, name, self._level_names)
                 raise ValueError(
                     f'target layer {name!r} outputs a {type(output).__name__}, not a tensor; '
-                    'choose one of its submodules (e.g. neck.out_convs.0 instead of neck)')
+                    f'choose one of its submodules (e.g. {hint!r} instead of {name!r})')
             acts[name] = output
 
         with capture_outputs([(layer.name, layer.module) for layer in self.layers], store):
@@ -392,7 +419,7 @@ class CAMEngine:
             return [self.layers[level]]
         return self.layers
 
-    def _maps(self, methods, dets: Detections, fwd: '_Forward', need_grad: bool,
+    def _maps(self, methods, dets: Detections, fwd: Forward, need_grad: bool,
               letterbox: Letterbox, out_hw: Tuple[int, int]
               ) -> Tuple[Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]], List[List[str]]]:
         """Per method, the (K, H, W) maps on the returned image (``out_hw``) and, with
@@ -409,7 +436,7 @@ class CAMEngine:
         def new(hw):  # every row is written below
             return torch.empty((num, *hw), dtype=torch.float32, device=device)
 
-        maps = {m: (new(out_hw), new(fwd.input_hw) if self.keep_input_cams else None)
+        maps = {m.name: (new(out_hw), new(fwd.input_hw) if self.keep_input_cams else None)
                 for m in methods}
         levels = dets.levels.tolist()  # the one host read of the detections' levels
         used = [[layer.name for layer in self._layers_for(lv)] for lv in levels]
@@ -425,12 +452,12 @@ class CAMEngine:
                 idx = torch.tensor(idx_all[start:start + self.chunk_size],
                                    device=dets.levels.device)
                 sub = dets.select(idx)
-                grads = self._grads(layers, sub, fwd, no_path, level) if need_grad else {}
+                grads = self.routes.grads(layers, sub, fwd, no_path, level) if need_grad else {}
                 idx = idx.to(device)
                 for m in methods:
                     per_layer = [self._layer_maps(m, layer, fwd, grads, len(sub), shared)
                                  for layer in layers]
-                    shown, kept = maps[m]
+                    shown, kept = maps[m.name]
                     if kept is None:
                         shown[idx] = maths.image_maps(per_layer, letterbox, out_hw)
                         continue
@@ -438,275 +465,26 @@ class CAMEngine:
                     shown[idx] = letterbox.to_original(on_input, out_hw).clamp_(0.0, 1.0)
                     kept[idx] = on_input
         if no_path and need_grad:
-            self._warn_no_path(no_path)
+            self.routes.warn_no_path(no_path, self._level_layers_if_any())
         return maps, used
 
     @staticmethod
-    def _layer_maps(method: str, layer: 'TargetLayer', fwd: '_Forward',
+    def _layer_maps(method: GradientMethod, layer: TargetLayer, fwd: Forward,
                     grads: Dict[str, torch.Tensor], num: int,
                     shared: Dict[Tuple[str, str], torch.Tensor]) -> torch.Tensor:
-        """The chunk's maps on ``layer``'s own grid (:func:`maths.cam_maps`)."""
+        """The chunk's maps on ``layer``'s own grid (:meth:`GradientMethod.layer_maps`)."""
         act = fwd.acts[layer.name]
-        if METHODS[method].uses_gradients:
-            return maths.cam_maps(method, act, grads[layer.name], num)
-        if (method, layer.name) not in shared:
-            shared[method, layer.name] = maths.cam_maps(method, act, None, 1)
-        return shared[method, layer.name].expand(num, *act.shape[-2:])
-
-    def _grads(self, layers: List[TargetLayer], sub: Detections, fwd: '_Forward',
-               no_path: Dict[str, List[int]],
-               level: Optional[int] = None) -> Dict[str, Union[torch.Tensor, WindowGradients]]:
-        """Gradient of each detection's score w.r.t. each layer, (K, C, h, w) per layer; kept
-        as windows (:class:`~mmdet_cam_hook.cam.local.WindowGradients`) when ``sub`` is all on
-        ``level`` and the one layer is that level's map on the local route (the level-aware
-        default)."""
-        if (level is not None and len(layers) == 1 and layers[0].route == 'local'
-                and layers[0].level == level and isinstance(self.local_grad, LocalGradient)):
-            return {layers[0].name: self.local_grad.windows(fwd.feats[level], level, sub)}
-        cache: Dict[int, torch.Tensor] = {}
-
-        def local_at(level: int) -> torch.Tensor:
-            # d score / d feature map of ``level``, for ``sub``'s detections on that level
-            if level not in cache:
-                on = (sub.levels == level).nonzero()[:, 0]
-                cache[level] = self.local_grad(fwd.feats[level], level, sub.select(on))
-            return cache[level]
-
-        levels = sub.levels.tolist()
-        rows: Dict[str, List[Optional[torch.Tensor]]] = {
-            layer.name: [None] * len(sub) for layer in layers}
-        by_route = {r: [layer for layer in layers if layer.route == r] for r in ROUTES}
-        for layer in by_route['local']:
-            self._local_route(layer, levels, local_at, rows[layer.name])
-        if by_route['chain']:
-            self._chain_route(by_route['chain'], levels, local_at, fwd, rows)
-        if by_route['exact']:
-            self._exact_route(by_route['exact'], sub, fwd, rows)
-        grads = {}
-        for layer in layers:
-            act = fwd.acts[layer.name]
-            out = rows[layer.name]
-            for k, row in enumerate(out):
-                if row is None:
-                    no_path.setdefault(layer.name, []).append(levels[k])
-                    out[k] = act.new_zeros(act.shape[1:])
-            grads[layer.name] = torch.stack(out)
-        return grads
-
-    @staticmethod
-    def _local_route(layer: TargetLayer, levels: List[int], local_at, out: list) -> None:
-        """The layer is the feature map of ``layer.level``: the window gradient itself; other
-        levels' detections have no path to it."""
-        on = [k for k, lv in enumerate(levels) if lv == layer.level]
-        for k, g in zip(on, local_at(layer.level) if on else []):
-            out[k] = g
-
-    def _chain_route(self, layers: List[TargetLayer], levels: List[int], local_at,
-                     fwd: '_Forward', rows: Dict[str, list]) -> None:
-        """Pull the local gradient at each level's map back to the layers with
-        vector-Jacobian products, level by level (no backward through the head): one per
-        group of detections whose regions of the layers do not meet
-        (:mod:`mmdet_cam_hook.cam.packing`), one per detection where they cannot be packed."""
-        for level in sorted(set(levels)):
-            on = [k for k, lv in enumerate(levels) if lv == level]
-            wanted = [layer for layer in layers if layer.level in (None, level)]
-            if not wanted:
-                continue
-            v = local_at(level)  # (K_l, C, h, w): one cotangent per detection
-            inputs = [fwd.acts[layer.name] for layer in wanted]
-            boxes = self._chain_boxes(wanted, level, v, fwd)
-            groups = packing.pack(boxes) if boxes is not None else [[j] for j in range(len(on))]
-            for group in groups:
-                split = None
-                if boxes is not None:
-                    cot = v[group].sum(dim=0)[None, None]  # (1, 1, C, h, w): the group's sum
-                    grads = self._vjp('chain', [fwd.feats[level]], inputs, [cot])
-                    split = self._split_group(grads, group, boxes, wanted, level)
-                    if split is None:  # not exact: one VJP per detection from now on
-                        boxes = None
-                if split is None:
-                    grads = self._vjp('chain', [fwd.feats[level]], inputs, [v[group][:, None]])
-                    split = [[None if g is None else g[j, 0] for j in range(len(group))]
-                             for g in grads]
-                for layer, per_det in zip(wanted, split):
-                    for j, g in zip(group, per_det):
-                        if g is not None:
-                            rows[layer.name][on[j]] = g
-
-    def _chain_boxes(self, layers: List[TargetLayer], level: int, v: torch.Tensor,
-                     fwd: '_Forward') -> Optional[List[List[Tuple[int, int, int, int]]]]:
-        """Per detection, per layer, the box of the layer's positions its window depends on;
-        None when some layer cannot be packed on this level (or packing is off)."""
-        if not self.pack_chain or len(v) < 2:
-            return None
-        reaches = []
-        for layer in layers:
-            if layer.name not in self._reach:
-                self._reach[layer.name] = packing.probe_reach(
-                    self.adapter.features, layer.module, (1, 3, *fwd.input_hw),
-                    fwd.feats[0].device)
-            reach = self._reach[layer.name].get(level)
-            if reach is None:
-                return None
-            reaches.append((reach, tuple(fwd.acts[layer.name].shape[-2:])))
-        support = v.abs().sum(dim=1) != 0  # (K_l, h, w): where each cotangent is nonzero
-        extents = torch.stack([_first_last(support.any(dim=2)), _first_last(support.any(dim=1))],
-                              dim=1).flatten(1).tolist()  # one host read: (K_l, 4) y0 y1 x0 x1
-        return [[(0, -1, 0, -1)] * len(reaches) if y1 < y0 else  # zero cotangent: meets nothing
-                [reach.box(y0, y1, x0, x1, shape) for reach, shape in reaches]
-                for y0, y1, x0, x1 in extents]
-
-    def _split_group(self, grads: List[Optional[torch.Tensor]], group: List[int],
-                     boxes: Optional[list], layers: List[TargetLayer],
-                     level: int) -> Optional[List[List[Optional[torch.Tensor]]]]:
-        """Each member's gradient from its group's one VJP: the part inside its box. None if
-        the VJP is not exactly zero outside the members' boxes (then the layer is not packed
-        on this level again)."""
-        if len(group) == 1:
-            return [[None if g is None else g[0, 0]] for g in grads]
-        split = []
-        for i, (layer, g) in enumerate(zip(layers, grads)):
-            if g is None:
-                split.append([None] * len(group))
-                continue
-            g = g[0, 0]
-            parts, covered = [], torch.zeros(g.shape[-2:], dtype=torch.bool, device=g.device)
-            for j in group:
-                y0, y1, x0, x1 = boxes[j][i]
-                part = torch.zeros_like(g)
-                part[:, y0:y1 + 1, x0:x1 + 1] = g[:, y0:y1 + 1, x0:x1 + 1]
-                covered[y0:y1 + 1, x0:x1 + 1] = True
-                parts.append(part)
-            if bool((g[:, ~covered] != 0).any()):
-                self._reach[layer.name][level] = None
-                warnings.warn(
-                    f'the gradients at {layer.name!r} reach beyond the regions the NaN probes '
-                    f'gave for level {level}; its detections there are pulled back one at a '
-                    'time from now on', UserWarning, stacklevel=2)
-                return None
-            split.append(parts)
-        return split
-
-    def _exact_route(self, layers: List[TargetLayer], sub: Detections, fwd: '_Forward',
-                     rows: Dict[str, list]) -> None:
-        """Gradients of the scores through the full graph, for the detections a layer can
-        influence (a per-level layer only its own level's)."""
-        levels = sub.levels.tolist()
-        groups: Dict[Optional[int], List[TargetLayer]] = {}
-        for layer in layers:
-            groups.setdefault(layer.level, []).append(layer)
-        for level, group in groups.items():
-            on = [k for k, lv in enumerate(levels) if level is None or lv == level]
-            if not on:
-                continue
-            scores = self.adapter.scores(fwd.outs, sub.select(torch.tensor(on)))
-            eye = torch.eye(len(on), dtype=scores.dtype, device=scores.device)
-            grads = self._vjp('exact', [scores], [fwd.acts[layer.name] for layer in group],
-                              [eye])
-            for layer, g in zip(group, grads):
-                if g is not None:
-                    for j, k in enumerate(on):
-                        rows[layer.name][k] = g[j, 0]
-
-    def _vjp(self, route: str, outputs: List[torch.Tensor], inputs: List[torch.Tensor],
-             cotangents: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
-        """Vector-Jacobian products for a batch of cotangents (leading dim K): batched with
-        ``is_grads_batched`` (vmap over the backward) or, if vmap cannot handle an op of this
-        model, one ``autograd.grad`` per row (remembered per route).
-
-        Returns:
-            list[torch.Tensor | None]: Per input, (K, *input.shape), or None if the outputs do
-            not depend on it.
-        """
-        if self._batched[route]:
-            try:
-                return list(torch.autograd.grad(outputs, inputs, grad_outputs=cotangents,
-                                                retain_graph=True, allow_unused=True,
-                                                is_grads_batched=True))
-            except RuntimeError as exc:
-                if 'vmap' not in str(exc) and 'batch' not in str(exc).lower():
-                    raise
-                self._batched[route] = False
-        per_row = [
-            torch.autograd.grad(outputs, inputs, grad_outputs=[c[k] for c in cotangents],
-                                retain_graph=True, allow_unused=True)
-            for k in range(len(cotangents[0]))
-        ]
-        return [None if per_row[0][i] is None else torch.stack([r[i] for r in per_row])
-                for i in range(len(inputs))]
-
-    def _warn_no_path(self, no_path: Dict[str, List[int]]) -> None:
-        strides = self.adapter.strides()
-        level_names = self._level_layers_if_any()
-        for name, levels in no_path.items():
-            own = self.adapter.level_of_layer(name)
-            feeds = f' (it feeds only level {own})' if own is not None else ''
-            for level in sorted(set(levels)):
-                use = (f'Use {level_names[level]!r} for them, or target_layers=None'
-                       if level < len(level_names) else 'Use target_layers=None')
-                warnings.warn(
-                    f'target layer {name!r} has no gradient path to {levels.count(level)} '
-                    f'detection(s) on FPN level {level} (stride {strides[level]}){feeds}: '
-                    f'their maps from this layer are blank. {use} to explain each detection '
-                    'on its own level.',
-                    UserWarning, stacklevel=4)
-
-    def _result(self, method: str, img: np.ndarray, scale: float, dets: Detections,
-                cams: torch.Tensor, input_maps: Optional[torch.Tensor], used: List[List[str]],
-                letterbox: Letterbox, renormalize: bool) -> CAMResult:
-        """The result of one method: only the finished maps leave the device."""
-        combined = combined_map(cams, img.shape[:2])  # on the device, as the maps
-        bboxes = dets.bboxes.detach().cpu().numpy().astype(np.float32) * np.float32(scale)
-        result = CAMResult(
-            bboxes=bboxes,
-            labels=dets.labels.cpu().numpy().astype(np.int64),
-            scores=dets.scores.detach().cpu().numpy().astype(np.float32),
-            levels=dets.levels.cpu().numpy().astype(np.int64),
-            cams=cams.cpu().numpy(),
-            combined=combined.cpu().numpy(),
-            method=method,
-            layers=used,
-            image=img,
-            input_cams=None if input_maps is None else input_maps.cpu().numpy(),
-            letterbox=letterbox,
-            scale=scale)
-        return result.renormalized(copy=False) if renormalize else result
-
-
-def _first_last(mask: torch.Tensor) -> torch.Tensor:
-    """(K, 2) first and last True index of each row of a (K, n) boolean mask; (0, -1) for a
-    row with none."""
-    n = mask.shape[1]
-    index = torch.arange(n, device=mask.device)
-    first = torch.where(mask, index, n).amin(dim=1)
-    last = torch.where(mask, index, -1).amax(dim=1)
-    return torch.stack([torch.where(last >= 0, first, 0), last], dim=1)
-
-
-def _shrink(img: np.ndarray, max_size: Optional[int]) -> Tuple[float, np.ndarray]:
-    """``(scale, image)``: the image downscaled so that its longer side is at most
-    ``max_size`` (unchanged, scale 1.0, when it already is or ``max_size`` is None)."""
-    h, w = img.shape[:2]
-    if max_size is None or max(h, w) <= max_size:
-        return 1.0, img
-    scale = max_size / max(h, w)
-    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
-    return scale, cv2.resize(img, size, interpolation=cv2.INTER_AREA)
-
-
-class _Forward(NamedTuple):
-    """What one forward pass leaves for the gradient work."""
-
-    feats: Tuple[torch.Tensor, ...]  # level feature maps (the adapter's ``features``)
-    outs: tuple  # head outputs (the adapter's ``head_outputs``)
-    acts: Dict[str, torch.Tensor]  # target-layer outputs
-    input_hw: Tuple[int, int]
+        if method.uses_gradients:
+            return method.layer_maps(act, grads[layer.name], num)
+        if (method.name, layer.name) not in shared:
+            shared[method.name, layer.name] = method.layer_maps(act, None, 1)
+        return shared[method.name, layer.name].expand(num, *act.shape[-2:])
 
 
 def compute_cams(model: nn.Module,
                  image: ImageLike,
                  *,
-                 method: str = 'gradcam',
+                 method: MethodSpec = 'gradcam',
                  target_layers: Union[None, str, Sequence[str]] = None,
                  score_thr: float = 0.3,
                  topk: Optional[int] = None,
@@ -724,7 +502,7 @@ def compute_cams(model: nn.Module,
     Returns:
         CAMResult: Detections and their maps, on the original image.
     """
-    check_method(method)
+    method = method_from(method)
     engine = CAMEngine(model, target_layers=target_layers, score_thr=score_thr, topk=topk)
     return engine.explain(image, methods=[method], renormalize=renormalize,
-                          max_size=max_size)[method]
+                          max_size=max_size)[method.name]

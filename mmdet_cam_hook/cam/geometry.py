@@ -8,6 +8,7 @@ import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple, TypeVar
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -179,3 +180,14 @@ def box_iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
     areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
     union = area + areas - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def shrink_image(img: np.ndarray, max_size: Optional[int]) -> Tuple[float, np.ndarray]:
+    """``(scale, image)``: the image downscaled so that its longer side is at most
+    ``max_size`` (unchanged, scale 1.0, when it already is or ``max_size`` is None)."""
+    h, w = img.shape[:2]
+    if max_size is None or max(h, w) <= max_size:
+        return 1.0, img
+    scale = max_size / max(h, w)
+    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    return scale, cv2.resize(img, size, interpolation=cv2.INTER_AREA)

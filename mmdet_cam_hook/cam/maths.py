@@ -1,6 +1,7 @@
 """CAM maths on the network-input grid, batched over detections in torch on the model's device.
 
-One implementation per method of :data:`~mmdet_cam_hook.cam.methods.METHODS`, written to give what
+One implementation per gradient-family method (the ``raw`` of its entry in
+:data:`~mmdet_cam_hook.cam.methods.METHODS`, which references these functions), written to give what
 pytorch-grad-cam's class gives (``compute_cam_per_layer`` then ``aggregate_multi_layers`` after
 one backward per detection), for K detections at once: the channel weights or element-wise
 products, the sum over channels, ReLU, min-max scaling (``scale_cam_image``: ``m - min`` then
@@ -16,7 +17,7 @@ against 15.6 s on a 12288 x 256 map). Eigen-CAM reads no gradient, so its map is
 per layer and shared by every detection.
 """
 import functools
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -24,7 +25,6 @@ import torch
 from .geometry import Letterbox, resize_matrix
 from .geometry import resize_maps as resize
 from .local import WindowGradients
-from .methods import check_method
 
 #: grad-cam's epsilons (``scale_cam_image``, ``GradCAMPlusPlus``, ``XGradCAM``).
 _SCALE_EPS = 1e-7
@@ -33,6 +33,9 @@ _XGRAD_EPS = 1e-7
 
 
 Grads = Union[torch.Tensor, WindowGradients]
+#: A method's maths: (activation (1, C, h, w), gradients (K, C, h, w), as windows, or None) ->
+#: raw maps (K or 1, h, w), before ReLU and scaling.
+RawMaps = Callable[[torch.Tensor, Optional[Grads]], torch.Tensor]
 
 
 def _spatial_sum(t: torch.Tensor) -> torch.Tensor:
@@ -54,12 +57,12 @@ def _parts(acts: torch.Tensor, grads: Grads) -> Tuple[torch.Tensor, torch.Tensor
     return grads, acts, lambda m: m
 
 
-def _gradcam(acts: torch.Tensor, grads: Grads) -> torch.Tensor:
+def gradcam(acts: torch.Tensor, grads: Grads) -> torch.Tensor:
     g, _, _ = _parts(acts, grads)
     return _weighted(_spatial_sum(g) / (acts.shape[-2] * acts.shape[-1]), acts)
 
 
-def _gradcam_plusplus(acts: torch.Tensor, grads: Grads) -> torch.Tensor:
+def gradcam_plusplus(acts: torch.Tensor, grads: Grads) -> torch.Tensor:
     g, _, _ = _parts(acts, grads)
     g2 = g * g
     g3 = g2 * g
@@ -69,18 +72,18 @@ def _gradcam_plusplus(acts: torch.Tensor, grads: Grads) -> torch.Tensor:
     return _weighted(_spatial_sum(g.clamp(min=0) * aij), acts)
 
 
-def _xgradcam(acts: torch.Tensor, grads: Grads) -> torch.Tensor:
+def xgradcam(acts: torch.Tensor, grads: Grads) -> torch.Tensor:
     g, a, _ = _parts(acts, grads)
     sum_acts = _spatial_sum(acts)[:, :, None, None]
     return _weighted(_spatial_sum(g * a / (sum_acts + _XGRAD_EPS)), acts)
 
 
-def _layercam(acts: torch.Tensor, grads: Grads) -> torch.Tensor:
+def layercam(acts: torch.Tensor, grads: Grads) -> torch.Tensor:
     g, a, to_map = _parts(acts, grads)
     return to_map((g.clamp(min=0) * a).sum(dim=1))
 
 
-def _hirescam(acts: torch.Tensor, grads: Grads) -> torch.Tensor:
+def hirescam(acts: torch.Tensor, grads: Grads) -> torch.Tensor:
     g, a, to_map = _parts(acts, grads)
     return to_map((g * a).sum(dim=1))
 
@@ -108,26 +111,13 @@ def first_component_projection(maps: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out.reshape(k, h, w)).to(maps.device)
 
 
-def _eigencam(acts: torch.Tensor, grads: Optional[torch.Tensor]) -> torch.Tensor:
+def eigencam(acts: torch.Tensor, grads: Optional[torch.Tensor]) -> torch.Tensor:
     return first_component_projection(acts)  # (1, h, w): the same for every detection
 
 
-def _eigengradcam(acts: torch.Tensor, grads: Grads) -> torch.Tensor:
+def eigengradcam(acts: torch.Tensor, grads: Grads) -> torch.Tensor:
     dense = grads.dense() if isinstance(grads, WindowGradients) else grads
     return first_component_projection(dense * acts)
-
-
-#: method -> (activation (1, C, h, w), gradients (K, C, h, w), as windows, or None) -> raw maps
-#: (K or 1, h, w)
-_CAM_IMAGES: Dict[str, Callable[[torch.Tensor, Optional[Grads]], torch.Tensor]] = {
-    'gradcam': _gradcam,
-    'gradcam++': _gradcam_plusplus,
-    'xgradcam': _xgradcam,
-    'eigencam': _eigencam,
-    'layercam': _layercam,
-    'hirescam': _hirescam,
-    'eigengradcam': _eigengradcam,
-}
 
 
 def scale_maps(maps: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
@@ -168,13 +158,14 @@ def resized_extremes(maps: torch.Tensor, size: Tuple[int, int]) -> Tuple[torch.T
     return torch.aminmax(corners.flatten(1), dim=1)
 
 
-def cam_maps(method: str, activation: torch.Tensor, grads: Optional[torch.Tensor],
+def cam_maps(raw: RawMaps, activation: torch.Tensor, grads: Optional[Grads],
              num: int) -> torch.Tensor:
     """Maps of ``num`` detections on one layer's own grid, after grad-cam's ReLU and min-max
     scaling (what ``compute_cam_per_layer`` resizes to the input grid).
 
     Args:
-        method (str): A ``cam`` key of :data:`~mmdet_cam_hook.cam.methods.METHODS`.
+        raw (RawMaps): The method's maths (its ``GradientMethod.raw``, one of this module's
+            functions such as :func:`gradcam`).
         activation (torch.Tensor): (1, C, h, w) layer output for the image.
         grads (torch.Tensor | WindowGradients | None): (num, C, h, w) gradient of each
             detection's score with respect to ``activation``, or the same kept as windows
@@ -184,11 +175,10 @@ def cam_maps(method: str, activation: torch.Tensor, grads: Optional[torch.Tensor
     Returns:
         torch.Tensor: (num, h, w) float32 on ``activation``'s device, each map in [0, 1].
     """
-    check_method(method)
     acts = activation.detach().float()
     if isinstance(grads, torch.Tensor):
         grads = grads.detach().float()
-    maps = scale_maps(_CAM_IMAGES[method](acts, grads).clamp(min=0))
+    maps = scale_maps(raw(acts, grads).clamp(min=0))
     return maps.expand(num, *maps.shape[1:]) if len(maps) != num else maps
 
 

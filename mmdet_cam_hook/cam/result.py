@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 
+from ..adapters import Detections
 from . import maths
 from .geometry import Letterbox, box_slices
 
-__all__ = ['CAMResult', 'renormalize_in_boxes', 'combined_map']
+__all__ = ['CAMResult', 'CAMTensors', 'renormalize_in_boxes', 'combined_map']
 
 
 @dataclass
@@ -37,6 +38,10 @@ class CAMResult:
         letterbox (Letterbox): Where the image sits inside the network input.
         scale (float): Size of ``image`` (and ``cams``, ``combined``, ``bboxes``) relative to the
             original image: 1.0 unless ``explain(max_size=...)`` downscaled them.
+        detections (Detections | None): The adapter's detections the maps explain (boxes in
+            original pixels, with each one's prior, label and level; RoIs or queries), on the
+            model's device, for re-scoring them (the faithfulness probe) without decoding the
+            image again. None for a result not made by the engine.
     """
 
     bboxes: np.ndarray
@@ -51,6 +56,7 @@ class CAMResult:
     input_cams: Optional[np.ndarray] = field(repr=False)
     letterbox: Letterbox = field(repr=False)
     scale: float = 1.0
+    detections: Optional[Detections] = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -58,6 +64,49 @@ class CAMResult:
     @property
     def ori_shape(self) -> Tuple[int, int]:
         return self.image.shape[:2]
+
+    @classmethod
+    def from_tensors(cls, method: str, img: np.ndarray, scale: float, dets: Detections,
+                     cams: torch.Tensor, input_maps: Optional[torch.Tensor],
+                     used: List[List[str]], letterbox: Letterbox,
+                     renormalize: bool) -> CAMResult:
+        """The engine's result of one method from its maps on the device: only the finished
+        maps leave it (``combined`` is computed there); ``renormalize`` as in ``explain``."""
+        combined = combined_map(cams, img.shape[:2])
+        bboxes = dets.bboxes.detach().cpu().numpy().astype(np.float32) * np.float32(scale)
+        result = cls(
+            bboxes=bboxes,
+            labels=dets.labels.cpu().numpy().astype(np.int64),
+            scores=dets.scores.detach().cpu().numpy().astype(np.float32),
+            levels=dets.levels.cpu().numpy().astype(np.int64),
+            cams=cams.cpu().numpy(),
+            combined=combined.cpu().numpy(),
+            method=method,
+            layers=used,
+            image=img,
+            input_cams=None if input_maps is None else input_maps.cpu().numpy(),
+            letterbox=letterbox,
+            scale=scale,
+            detections=dets)
+        return result.renormalized(copy=False) if renormalize else result
+
+    def tensors(self, device: Optional[torch.device] = None) -> CAMTensors:
+        """The maps as torch tensors, for GPU users (numpy stays the default form).
+
+        Args:
+            device (torch.device, optional): Where to put them. Defaults to None: the model's
+                device (that of :attr:`detections`; the CPU for a result without them).
+
+        Returns:
+            CAMTensors: ``cams`` (K, H, W), ``combined`` (H, W) and ``input_cams`` (or None),
+            float32.
+        """
+        if device is None:
+            device = self.detections.bboxes.device if self.detections is not None else 'cpu'
+        return CAMTensors(
+            torch.from_numpy(self.cams).to(device),
+            torch.from_numpy(self.combined).to(device),
+            None if self.input_cams is None else torch.from_numpy(self.input_cams).to(device))
 
     def renormalized(self, copy: bool = True) -> CAMResult:
         """This result with each map min-max scaled inside its own box and zeroed outside
@@ -76,6 +125,14 @@ class CAMResult:
                                         out=None if copy else self.cams)
         res.combined = combined_map(torch.from_numpy(res.cams), self.combined.shape).numpy()
         return res
+
+
+class CAMTensors(NamedTuple):
+    """:meth:`CAMResult.tensors`: a result's maps as torch tensors."""
+
+    cams: torch.Tensor
+    combined: torch.Tensor
+    input_cams: Optional[torch.Tensor]
 
 
 def combined_map(cams: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:

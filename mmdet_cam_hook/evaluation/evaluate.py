@@ -376,15 +376,17 @@ def probe_faithfulness(engine: CAMEngine, image: ImageLike, results: Dict[str, o
     """Mean deletion and insertion AUC per method for one probe image's results, for
     ``YOLOXGradCAMHook(faithfulness=True)``.
 
-    The detections are decoded again from ``image`` (one forward pass; the same ones the
-    results explain, with their priors); the curves are run on the image the results show
-    (``CAMResult.image``, downscaled when the hook's ``max_image_size`` shrank it) with the
-    results' own maps. Cost: ``2 * K * (steps + 1)`` images through the network per method
-    and protocol (K detections), in batches of ``batch_size``.
+    The detections are the results' own (``CAMResult.detections``: the boxes with their
+    priors, RoIs or queries, as the engine explained them), so no forward pass is spent on
+    decoding them again; the curves are run on the image the results show (``CAMResult.image``,
+    downscaled when the hook's ``max_image_size`` shrank it) with the results' own maps. Cost:
+    ``2 * K * (steps + 1)`` images through the network per method and protocol (K
+    detections), in batches of ``batch_size``.
 
     Args:
         engine (CAMEngine): The hook's engine.
-        image (str | PathLike | np.ndarray): The probe, as given to ``engine.explain``.
+        image (str | PathLike | np.ndarray): The probe, as given to ``engine.explain`` (kept
+            for the callers; the results carry what is needed).
         results (dict[str, CAMResult]): ``engine.explain(image, methods=...)``'s output.
         protocols (Sequence[str]): Of :data:`PROTOCOLS`. Defaults to ('prior',).
         steps (int): Points per curve after the first. Defaults to 10.
@@ -397,8 +399,8 @@ def probe_faithfulness(engine: CAMEngine, image: ImageLike, results: Dict[str, o
         f'{method}_insertion_auc_{protocol}': mean}``; empty when there are no detections.
 
     Raises:
-        ValueError: If the decoded detections are not the results' (the engine's settings
-            changed between the two calls), or on a bad argument.
+        ValueError: If a result carries no detections (not made by a ``CAMEngine``), or on a
+            bad argument.
     """
     protocols = check_protocols(list(protocols))
     if not results:
@@ -406,15 +408,14 @@ def probe_faithfulness(engine: CAMEngine, image: ImageLike, results: Dict[str, o
     first = next(iter(results.values()))
     if len(first) == 0:
         return {}
-    dets = engine.detect(load_image(image))
-    if len(dets) != len(first) or not np.array_equal(dets.labels.cpu().numpy(), first.labels):
-        raise ValueError('the detections decoded for the faithfulness probe are not the ones '
-                         'the results explain; call it with the same engine and image')
     scalars = {}
     for method, res in results.items():
+        if res.detections is None:
+            raise ValueError(f'the {method!r} result carries no detections '
+                             '(`CAMResult.detections`); pass results of `engine.explain`')
         for protocol in protocols:
-            curves = protocol_curves(engine.detector, res.image, res.cams, dets, protocol,
-                                     bboxes=res.bboxes, steps=steps, fill=fill,
+            curves = protocol_curves(engine.detector, res.image, res.cams, res.detections,
+                                     protocol, bboxes=res.bboxes, steps=steps, fill=fill,
                                      batch_size=batch_size, seed=seed)
             scalars[f'{method}_deletion_auc_{protocol}'] = float(curves.deletion_auc.mean())
             scalars[f'{method}_insertion_auc_{protocol}'] = float(curves.insertion_auc.mean())

@@ -119,9 +119,9 @@ def randomized_engines(engine: CAMEngine, seed: int = 0,
     for stage, model in randomized_models(engine.model, seed=seed, randomize=randomize,
                                           stages=engine.adapter.stages()):
         other = CAMEngine(model, target_layers=layers, score_thr=engine.score_thr,
-                          topk=engine.topk, drise_masks=engine.drise['num_masks'],
-                          drise_batch_size=engine.drise['batch_size'],
-                          drise_seed=engine.drise['seed'],
+                          topk=engine.topk, drise_masks=engine.drise.num_masks,
+                          drise_batch_size=engine.drise.batch_size,
+                          drise_seed=engine.drise.seed,
                           keep_input_cams=engine.keep_input_cams, chunk_size=engine.chunk_size)
         out.append((stage, other))
     return out

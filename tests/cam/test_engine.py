@@ -61,10 +61,10 @@ def test_gradcam_golden_values():
     weights = mean of each gradient channel = [0.5, -0.25];
     cam = ReLU(0.5 * A0 - 0.25 * A1) = ReLU([[0.5-0.5, 1-0], [0-0.25, 2-1]]) = [[0, 1], [0, 1]]
     (before min-max: [[0, 1], [-0.25->0, 1]]), then scaled to [0, 1] and resized to 2x2."""
-    from mmdet_cam_hook.cam.maths import cam_maps, input_maps
+    from mmdet_cam_hook.cam.maths import input_maps
 
     def layer_maps(method, acts, grads, size, num):
-        return input_maps([cam_maps(method, acts, grads, num)], size)
+        return input_maps([METHODS[method].layer_maps(acts, grads, num)], size)
 
     acts = torch.tensor([[[[1., 2.], [0., 4.]], [[2., 0.], [1., 4.]]]])
     grads = torch.tensor([[[[1., 0.], [0., 1.]], [[-1., 0.], [0., 0.]]]])

@@ -51,7 +51,7 @@ def test_every_method_equals_grad_cam(method, shapes, input_hw, sparse):
     num = 5
     layers = [_layer(rng, c, h, w, num, sparse) for c, h, w in shapes]
     ours = cam_math.input_maps([
-        cam_math.cam_maps(method, acts, grads if METHODS[method].uses_gradients else None, num)
+        METHODS[method].layer_maps(acts, grads if METHODS[method].uses_gradients else None, num)
         for acts, grads in layers], input_hw)
     ref = grad_cam_maps(method, [a for a, _ in layers], [g for _, g in layers], input_hw)
     assert ours.shape == (num, *input_hw) and ref.shape == (num, *input_hw)
@@ -64,7 +64,7 @@ def test_eigencam_is_computed_once_and_shared():
     """Gradient-free: one map for the layer, the same for every detection."""
     rng = np.random.default_rng(0)
     acts, _ = _layer(rng, 6, 8, 8, 1, False)
-    maps = cam_math.cam_maps('eigencam', acts, None, 4)
+    maps = METHODS['eigencam'].layer_maps(acts, None, 4)
     assert maps.shape == (4, 8, 8)
     assert all(torch.equal(maps[0], m) for m in maps)
 
@@ -118,5 +118,5 @@ def test_window_gradients_equal_full_gradients(method):
     dense = grads.dense()
     assert dense.shape == (num, 5, h, w) and float(dense[0, :, 3:, :].abs().sum()) == 0
     np.testing.assert_allclose(grads.gather(dense[:1])[0].numpy(), values[0].numpy())
-    np.testing.assert_allclose(cam_math.cam_maps(method, acts, grads, num).numpy(),
-                               cam_math.cam_maps(method, acts, dense, num).numpy(), atol=1e-5)
+    np.testing.assert_allclose(METHODS[method].layer_maps(acts, grads, num).numpy(),
+                               METHODS[method].layer_maps(acts, dense, num).numpy(), atol=1e-5)

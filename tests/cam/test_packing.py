@@ -109,7 +109,7 @@ def test_probe_reach_on_a_toy_network():
 
 
 def test_first_last_rows():
-    from mmdet_cam_hook.cam.engine import _first_last
+    from mmdet_cam_hook.cam.routes import _first_last
 
     mask = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
     assert _first_last(mask).tolist() == [[1, 4], [0, -1], [0, 0]]

@@ -348,12 +348,33 @@ def test_folder_with_unreadable_and_thin_images(ws, capsys, monkeypatch, batch_s
                                                 'd_gradcam.jpg', 'd_det0_gradcam.jpg'}
 
 
-def test_folder_stops_on_the_runs_own_error(ws, capsys, monkeypatch):
-    """An error that is not the image's (a layer whose output is not a tensor) stops the run
-    after the same message for 3 images in a row, instead of one line per image."""
+def test_folder_refuses_an_unusable_layer_before_any_image(ws, capsys, monkeypatch):
+    """A layer whose output is not a tensor is refused when the engine is built (one dummy
+    forward decides it), before any image is read."""
     monkeypatch.chdir(ws)
     assert main(['yolox_nano_128.py', 'yolox.pth', 'many', '--target-layers', 'neck',
                  '--out-dir', 'out_stop']) == 1
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err
+    lines = [line for line in err.splitlines() if 'error:' in line]
+    assert len(lines) == 1 and "'neck' outputs a tuple" in lines[0], err
+    assert 'choose one of its submodules' in lines[0] and 'a.jpg' not in err
+    assert not (ws / 'out_stop').exists()
+
+
+def test_folder_stops_on_the_runs_own_error(ws, capsys, monkeypatch):
+    """An error that is not the image's stops the run after the same message for 3 images in
+    a row, instead of one line per image. The engine now refuses the layers that used to fail
+    this way when it is built, so ``explain`` is made to raise such an error."""
+    from mmdet_cam_hook.cam.engine import CAMEngine
+
+    def explain(self, image, **kwargs):
+        raise ValueError("target layer 'neck' outputs a tuple, not a tensor; choose one of its "
+                         "submodules (e.g. 'neck.out_convs.0' instead of 'neck')")
+
+    monkeypatch.setattr(CAMEngine, 'explain', explain)
+    monkeypatch.chdir(ws)
+    assert main(['yolox_nano_128.py', 'yolox.pth', 'many', '--out-dir', 'out_stop']) == 1
     err = capsys.readouterr().err
     assert 'Traceback' not in err
     lines = [line for line in err.splitlines() if 'error:' in line]
