@@ -19,7 +19,7 @@ from mmdet_cam_hook import METHODS
 from mmdet_cam_hook.cli.cam import main
 from mmdet_cam_hook.testing import torchrun_beside
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MMDET_CAM = Path(sys.executable).parent / 'mmdet-cam'
 TOOL = REPO / 'tools' / 'analysis_tools' / 'demo_yolox_gradcam.py'
 CLASSES = ('circle', 'square', 'triangle')
