@@ -56,7 +56,8 @@ import numpy as np
 from ..checks import UserError, fraction_arg, positive_int_arg
 from .common import build_engine, load_model, resolve_config, resolve_device, run_main
 from .distributed import distributed_env, gather, join
-from .folder import Loaded, Overlap, collect_images, rank_share
+from .explaining import Tally, explain_batch, result_of
+from .folder import Overlap, collect_images, rank_share
 from .outputs import check_out_dir, save_outputs
 
 # Named, not __name__: under `python -m mmdet_cam_hook.cli` (and torchrun's `-m`) this module
@@ -237,125 +238,7 @@ def layer_table(model) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Running
-class _ImageError(Exception):
-    """One image could not be explained (e.g. a 2000x1 strip); the message names it."""
-
-
-#: Stop a run when this many images in a row, and no image before them, failed with the same
-#: message: it is the run's problem (e.g. a target layer whose output is not a tensor), not the
-#: images'.
-_SAME_ERROR_LIMIT = 3
-
-
-def _explain(engine, image, args, source: Path):
-    """``engine.explain`` for one method.
-
-    Raises:
-        UserError: On CUDA out of memory.
-        _ImageError: If the engine refuses the image or the run's settings for it.
-    """
-    import torch
-
-    try:
-        return engine.explain(image, methods=[args.method],
-                              renormalize=args.renormalize)[args.method]
-    except torch.OutOfMemoryError as exc:
-        raise UserError(f'CUDA out of memory on {args.device} while processing {source}; try '
-                        '--device cpu (or fewer detections with --topk)') from exc
-    except ValueError as exc:  # a 2000x1 image, a target layer whose output is not a tensor
-        raise _ImageError(f'{source}: {exc}') from exc
-
-
-class _Tally:
-    """What became of each image; raises the :class:`UserError` that ends the run when an
-    image's problem is the run's (a single image, or the same error for the first images).
-
-    Args:
-        single (bool): The run has one image: its problem is a user error.
-    """
-
-    def __init__(self, single: bool):
-        self.single = single
-        self.unreadable: list[Path] = []
-        self.failed: list[Path] = []
-        self.empty: list[Path] = []
-        self.done: list[Path] = []
-        self._errors: list[str] = []  # the explain errors since the last image that worked
-
-    def not_read(self, path: Path, exc: Exception) -> None:
-        if self.single:
-            raise UserError(str(exc)) from exc
-        logger.error('skipping %s: %s', path, exc)
-        self.unreadable.append(path)
-
-    def not_explained(self, path: Path, exc: _ImageError) -> None:
-        if self.single:
-            raise UserError(str(exc)) from exc
-        cause = str(exc.__cause__)
-        if (not self.done and not self.empty and len(self._errors) == _SAME_ERROR_LIMIT - 1
-                and all(e == cause for e in self._errors)):
-            raise UserError(f'{cause} (the same error for the first {_SAME_ERROR_LIMIT} '
-                            'images; stopping)') from exc
-        logger.error('skipping %s', exc)
-        self.failed.append(path)
-        self._errors.append(cause)
-
-    def explained(self, path: Path, result, score_thr: float) -> bool:
-        """Whether ``result`` has detections (outputs to write)."""
-        self._errors.clear()
-        if len(result) == 0:
-            self.empty.append(path)
-            if not self.single:
-                logger.warning('%s: no detections with score >= %g', path, score_thr)
-            return False
-        self.done.append(path)
-        return True
-
-
-def _explain_batch(engine, loaded: list[Loaded], args) -> Optional[dict]:
-    """The results of a batch's readable images from one
-    :meth:`~mmdet_cam_hook.cam.engine.CAMEngine.explain_batch`, by path; None for fewer than two
-    images, or when the engine refuses an image (the caller then explains them one at a time,
-    which names the image and keeps the others).
-
-    Raises:
-        UserError: On CUDA out of memory.
-    """
-    import torch
-
-    good = [item for item in loaded if item.error is None]
-    if len(good) < 2:
-        return None
-    try:
-        results = engine.explain_batch([item.image for item in good], methods=[args.method],
-                                       renormalize=args.renormalize)
-    except torch.OutOfMemoryError as exc:
-        raise UserError(f'CUDA out of memory on {args.device} while processing a batch of '
-                        f'{len(good)} images from {good[0].path}; try a smaller --batch-size, '
-                        '--device cpu (or fewer detections with --topk)') from exc
-    except ValueError:  # one image (named again when it goes alone), or the run's settings
-        return None
-    return {item.path: res[args.method] for item, res in zip(good, results)}
-
-
-def _result(engine, item: Loaded, batch: Optional[dict], args, tally: _Tally):
-    """``item``'s result to write, from ``batch`` or explained alone; None (and counted in
-    ``tally``) when it cannot be read or explained or has no detections."""
-    if item.error is not None:
-        tally.not_read(item.path, item.error)
-        return None
-    if batch is not None:
-        result = batch[item.path]
-    else:
-        try:
-            result = _explain(engine, item.image, args, item.path)
-        except _ImageError as exc:
-            tally.not_explained(item.path, exc)
-            return None
-    return result if tally.explained(item.path, result, args.score_thr) else None
-
-
+# Running (each image: :mod:`.explaining`)
 class _Job(NamedTuple):
     """This process's part of the run."""
 
@@ -392,14 +275,14 @@ def _prepare(args: argparse.Namespace) -> tuple[str, _Job]:
 
 
 def _explain_all(engine, job: _Job, args: argparse.Namespace, class_names,
-                 tally: _Tally) -> list[Path]:
+                 tally: Tally) -> list[Path]:
     """Explain this rank's images batch by batch, reading ahead and writing behind.
 
     Returns:
         list[Path]: The files written.
 
     Raises:
-        UserError: When an image's problem is the run's (see :class:`_Tally`), on CUDA out of
+        UserError: When an image's problem is the run's (see :class:`Tally`), on CUDA out of
             memory, or when an output cannot be written.
     """
     from tqdm import tqdm
@@ -412,9 +295,9 @@ def _explain_all(engine, job: _Job, args: argparse.Namespace, class_names,
             tqdm(total=len(images), unit='img', file=sys.stderr, disable=len(job.every) < 2,
                  dynamic_ncols=True, desc=job.where.rstrip(': ') or None) as progress:
         for loaded in overlap.read():
-            batch = _explain_batch(engine, loaded, args)
+            batch = explain_batch(engine, loaded, args)
             for item in loaded:
-                result = _result(engine, item, batch, args, tally)
+                result = result_of(engine, item, batch, args, tally)
                 if result is not None:
                     overlap.write(partial(save_outputs, result, item.path.stem, out_dir,
                                           class_names, args.save_all, args.save_raw, item.path,
@@ -423,7 +306,7 @@ def _explain_all(engine, job: _Job, args: argparse.Namespace, class_names,
         return overlap.finish()
 
 
-def _report(job: _Job, args: argparse.Namespace, tally: _Tally, written: list[Path]) -> int:
+def _report(job: _Job, args: argparse.Namespace, tally: Tally, written: list[Path]) -> int:
     """Log this rank's (and on rank 0 the job's) totals; under torchrun the one time the ranks
     wait for each other.
 
@@ -478,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     engine = build_engine(model, args)
     class_names = (getattr(model, 'dataset_meta', None) or {}).get('classes')
-    tally = _Tally(single=len(job.every) == 1)
+    tally = Tally(single=len(job.every) == 1)
     written = _explain_all(engine, job, args, class_names, tally)
     return _report(job, args, tally, written)
 

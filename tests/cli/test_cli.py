@@ -384,22 +384,41 @@ def _assert_same_raw(a, b, atol):
                                        err_msg=f'{name}: {key}')
 
 
-def test_batch_size_equals_one_at_a_time(ws, capsys, monkeypatch):
+#: Head perturbation under which a random-init YOLOX-nano's scores depend on the pixels
+#: (tests/cli/test_eval_cli.py's): the raised biases alone give every prior of a level the same
+#: score, to 1e-7, and which of them are the top k is then float rounding.
+PIXEL_SCORES = dict(calibrate=True, weights={'multi_level_conv_': 0.002},
+                    biases={'multi_level_conv_cls': (0.0, 0.5),
+                            'multi_level_conv_obj': (0.0, 0.5)})
+
+
+def test_batch_size_equals_one_at_a_time(ws, capsys, monkeypatch, tmp_path):
     """Six images of different shapes in batches of 3 (one forward pass each: the default
-    layers take the local route) give the files and maps of one image at a time."""
+    layers take the local route) give the files and maps of one image at a time. The model's
+    scores depend on the pixels, so that the top 2 are not a tie broken by rounding."""
+    from mmdet_cam_hook.testing import build_detector
+
+    model = build_detector('yolox/yolox_nano_8xb8-300e_coco.py', 128, perturb=PIXEL_SCORES)
+    model.cfg.dump(str(tmp_path / 'model.py'))
+    torch.save(dict(state_dict=model.state_dict(),
+                    meta=dict(dataset_meta=dict(classes=CLASSES))), tmp_path / 'model.pth')
     monkeypatch.chdir(ws)
     outs = {}
     for batch_size in ('1', '3'):
-        outs[batch_size] = ws / f'out_batch_{batch_size}'
-        assert main(['yolox_nano_128.py', 'yolox.pth', 'batch', '--out-dir',
-                     str(outs[batch_size]), '--topk', '2', '--save-raw', '--device', 'cpu',
-                     '--batch-size', batch_size]) == 0, capsys.readouterr().err
+        outs[batch_size] = tmp_path / f'out_batch_{batch_size}'
+        assert main([str(tmp_path / 'model.py'), str(tmp_path / 'model.pth'), 'batch',
+                     '--out-dir', str(outs[batch_size]), '--topk', '2', '--save-raw',
+                     '--device', 'cpu', '--score-thr', '0', '--batch-size', batch_size]) == 0, \
+            capsys.readouterr().err
         assert '24 file(s) for 6 image(s)' in capsys.readouterr().err
     names = {p.name for p in outs['1'].iterdir()}
     assert names == {p.name for p in outs['3'].iterdir()}
     assert len(names) == 6 * 4
     raw = _raw(outs['1'])
     assert len(raw) == 6 and all(len(r['scores']) == 2 for r in raw.values())
+    # The scores depend on the pixels: the images' top scores differ, by far more than rounding.
+    tops = sorted(float(r['scores'][0]) for r in raw.values())
+    assert min(np.diff(tops)) > 1e-4, tops
     _assert_same_raw(raw, _raw(outs['3']), atol=1e-5)
 
 
