@@ -11,7 +11,7 @@ Settings, measured side by side in this run on the same folder of generated imag
 Each setting is timed from loading the checkpoint to the last file written (imports and the
 interpreter's start are not counted), best of ``--repeats``, after one untimed warm-up run.
 Random-init YOLOX (raised cls/obj biases, so that it detects things) saved as a checkpoint
-and config the way tests/test_cli.py does; ``--topk`` detections per image, so each image
+and config the way tests/cli/test_cli.py does; ``--topk`` detections per image, so each image
 writes ``topk + 1`` JPEGs. Run it on a quiet machine:
 
     .venv/bin/python benchmarks/bench_folder.py                       # YOLOX-s@640, 16 images
@@ -29,7 +29,8 @@ import torch
 
 from mmdet_cam_hook import CAMEngine
 from mmdet_cam_hook.cam.methods import METHODS
-from mmdet_cam_hook.cli.cam import build_parser, run, save_outputs
+from mmdet_cam_hook.cli.cam import build_parser, run
+from mmdet_cam_hook.cli.outputs import save_outputs
 from mmdet_cam_hook.runtime.io import load_image
 from mmdet_cam_hook.runtime.model import init_model
 from mmdet_cam_hook.testing import SIZES, build_yolox, synthetic_image

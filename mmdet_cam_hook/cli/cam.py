@@ -20,62 +20,67 @@ its own share, rank 0 the job's total (and an error if a file was written by two
 when no image of the whole job had a detection every rank exits with that error. ``--device
 cuda`` (or the default with CUDA) means ``cuda:LOCAL_RANK``.
 
-Outputs, for each image ``{stem}.*`` with at least one detection (``k`` is the detection's index
-in score order, starting at 0)::
-
-    {stem}_gradcam.jpg           all detections' maps (pixel-wise max) with boxes and labels;
-                                 named as in the seed tool whatever --method is
-    {stem}_det{k}_{method}.jpg   detection k's own map with its box
-    --save-all:  {stem}_original.jpg, {stem}_detection.jpg (boxes only) and
-                 {stem}_panel.jpg (everything in one labelled image)
-    --save-raw:  {stem}_{method}.npz (bboxes, labels, scores, levels, cams, combined, ...)
-
-Inputs whose outputs would share a name are refused before the model is loaded: two images with
-one stem, or (with ``--method gradcam``) images ``a`` and ``a_det0``.
+Outputs (names and rules: :mod:`mmdet_cam_hook.cli.outputs`), for each image ``{stem}.*``
+with at least one detection: ``{stem}_gradcam.jpg`` (all maps, whatever --method),
+``{stem}_det{k}_{method}.jpg`` per detection, with ``--save-all`` the original, the detections
+and the panel, with ``--save-raw`` ``{stem}_{method}.npz``. Inputs whose outputs would share a
+name, an ``--out-dir`` that is the input folder, and an output name that is an input are
+refused before the model is loaded.
 
 User errors (bad arguments, missing files, unsafe checkpoint, unknown layer, no detections, no
 CUDA, CUDA out of memory) print one line on stderr and exit with 1
-(argparse's own errors with 2). With several images, one that cannot be read or explained (a
-0-byte or corrupt file, a 2000x1 strip) is skipped with one line, the others are processed, and
-the exit code is 1. Ctrl-C exits with 130.
+(argparse's own errors with 2: :func:`mmdet_cam_hook.cli.common.run_main`). With several
+images, one that cannot be read or explained (a 0-byte or corrupt file, a 2000x1 strip) is
+skipped with one line, the others are processed, and the exit code is 1. Ctrl-C exits with 130.
 
 Every output is written to a hidden temporary name in the output folder and renamed into place
 when complete, so an interrupted run never leaves a truncated file under a final name. Existing
 files of the same name are replaced, nothing else in the output folder is touched.
 
-``config`` may be ``mmdet_cam_hook::yolox_s_gradcam.py``: a config shipped with the package
+``config`` may be ``mmdet::yolox/yolox_s_8xb8-300e_coco.py`` (a config of mmdet's) or
+``mmdet_cam_hook::yolox_s_gradcam.py``: a config shipped with the package
 (:mod:`mmdet_cam_hook.configs`).
 """
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import sys
-import warnings
 from collections import Counter
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from ..checks import UserError, fraction_arg, positive_int_arg
-from ..runtime.io import write_atomically
-from .common import resolve_config, resolve_device
-from .distributed import distributed_env, gather, join, leave
-from .folder import COMBINED_NAME, Loaded, Overlap, collect_images, rank_share
+from .common import build_engine, load_model, resolve_config, resolve_device, run_main
+from .distributed import distributed_env, gather, join
+from .explaining import Tally, explain_batch, result_of
+from .folder import Overlap, collect_images, rank_share
+from .outputs import check_out_dir, save_outputs
 
 # Named, not __name__: under `python -m mmdet_cam_hook.cli` (and torchrun's `-m`) this module
-# is __main__, outside the package's logger that _console() shows.
+# is __main__, outside the package's logger that common.console() shows.
 logger = logging.getLogger('mmdet_cam_hook.cli')
 
 PROG = 'mmdet-cam'
 
 
+class _Parser(argparse.ArgumentParser):
+    """``checkpoint`` and ``img`` are required unless ``--list-layers``."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if not parsed.list_layers and (parsed.checkpoint is None or parsed.img is None):
+            missing = [n for n in ('checkpoint', 'img') if getattr(parsed, n) is None]
+            self.error(f'the following arguments are required: {", ".join(missing)}')
+        return parsed
+
+
 def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
-    """The argument parser.
+    """The argument parser (``checkpoint`` and ``img`` are checked as required unless
+    ``--list-layers``).
 
     Args:
         methods (Sequence[str]): The ``--method`` choices (the keys of ``METHODS``).
@@ -83,7 +88,7 @@ def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
     Returns:
         argparse.ArgumentParser: The parser.
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         usage=f'{PROG} [options] config checkpoint img\n       {PROG} config [checkpoint] '
         '--list-layers',
@@ -233,185 +238,109 @@ def layer_table(model) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Outputs
-def _write(path: Path, write) -> Path:
-    """``write(tmp)`` to a temporary name, renamed to ``path`` once complete."""
-    try:
-        return write_atomically(path, write)
-    except OSError as exc:
-        raise UserError(f'could not write {path}: {exc.strerror or exc}') from exc
+# Running (each image: :mod:`.explaining`)
+class _Job(NamedTuple):
+    """This process's part of the run."""
+
+    rank: int
+    world: int
+    every: list  # the job's images (every rank's), sorted
+    images: list  # this rank's
+    where: str  # 'rank R/W: ' under torchrun, else ''
 
 
-def _write_image(path: Path, image: np.ndarray) -> Path:
-    import cv2
+def _prepare(args: argparse.Namespace) -> tuple[str, _Job]:
+    """What is checked before the model is loaded: torchrun's environment, the device, the
+    config, the images and the output folder; then this rank's share and the process group.
 
-    def write(tmp: Path) -> None:
-        if not cv2.imwrite(str(tmp), image):
-            raise OSError(errno.EIO, 'OpenCV could not write the image', str(tmp))
+    Returns:
+        tuple[str, _Job]: The config file, and this process's part of the run.
 
-    return _write(path, write)
+    Raises:
+        UserError: On a bad argument (see the module docstring).
+    """
+    rank, world, local_rank = distributed_env()
+    args.device = resolve_device(args.device, local_rank)
+    config = resolve_config(args.config)
+    every = [] if args.list_layers else collect_images(args.img, args.method)
+    images, where = every, f'rank {rank}/{world}: ' if world > 1 else ''
+    if not args.list_layers:
+        check_out_dir(every, args.img, Path(args.out_dir), args.method, args.save_all,
+                      args.save_raw)
+        if world > 1:
+            images = rank_share(every, rank, world)
+            logger.info('%s%d of %d images', where, len(images), len(every))
+            join(args.device)
+    return config, _Job(rank, world, every, images, where)
 
 
-def save_outputs(result, stem: str, out_dir: Path, class_names, save_all: bool,
-                 save_raw: bool, source: Path) -> list[Path]:
-    """Write the images (and ``.npz``) of one result; see the module docstring for names.
+def _explain_all(engine, job: _Job, args: argparse.Namespace, class_names,
+                 tally: Tally) -> list[Path]:
+    """Explain this rank's images batch by batch, reading ahead and writing behind.
 
     Returns:
         list[Path]: The files written.
-    """
-    from ..visualization.render import draw_detections, overlay_cam, render_panel
-
-    image, method = result.image, result.method
-    boxes, labels, scores = result.bboxes, result.labels, result.scores
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f'cannot create --out-dir {str(out_dir)!r}: {exc}') from exc
-    written = [_write_image(out_dir / f'{stem}_{COMBINED_NAME}.jpg',
-                            draw_detections(overlay_cam(image, result.combined), boxes, labels,
-                                            scores, class_names))]
-    for k in range(len(result)):
-        written.append(_write_image(
-            out_dir / f'{stem}_det{k}_{method}.jpg',
-            draw_detections(overlay_cam(image, result.cams[k]), boxes[k:k + 1],
-                            labels[k:k + 1], scores[k:k + 1], class_names)))
-    if save_all:
-        written.append(_write_image(out_dir / f'{stem}_original.jpg', image))
-        written.append(_write_image(out_dir / f'{stem}_detection.jpg',
-                                    draw_detections(image, boxes, labels, scores, class_names)))
-        written.append(_write_image(out_dir / f'{stem}_panel.jpg',
-                                    render_panel(result, class_names=class_names)))
-    if save_raw:
-        arrays = dict(
-            bboxes=boxes, labels=labels, scores=scores, levels=result.levels, cams=result.cams,
-            combined=result.combined, method=np.array(method),
-            layers=np.array([','.join(names) for names in result.layers], dtype=str),
-            class_names=np.array([] if class_names is None else [str(c) for c in class_names],
-                                 dtype=str),
-            image=np.array(str(source)))
-        written.append(_write(out_dir / f'{stem}_{method}.npz',
-                              lambda tmp: np.savez_compressed(tmp, **arrays)))
-    return written
-
-
-# ---------------------------------------------------------------------------------------------
-# Running
-class _ImageError(Exception):
-    """One image could not be explained (e.g. a 2000x1 strip); the message names it."""
-
-
-#: Stop a run when this many images in a row, and no image before them, failed with the same
-#: message: it is the run's problem (e.g. a target layer whose output is not a tensor), not the
-#: images'.
-_SAME_ERROR_LIMIT = 3
-
-
-def _explain(engine, image, args, source: Path):
-    """``engine.explain`` for one method.
 
     Raises:
-        UserError: On CUDA out of memory.
-        _ImageError: If the engine refuses the image or the run's settings for it.
+        UserError: When an image's problem is the run's (see :class:`Tally`), on CUDA out of
+            memory, or when an output cannot be written.
     """
-    import torch
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    try:
-        return engine.explain(image, methods=[args.method],
-                              renormalize=args.renormalize)[args.method]
-    except torch.OutOfMemoryError as exc:
-        raise UserError(f'CUDA out of memory on {args.device} while processing {source}; try '
-                        '--device cpu (or fewer detections with --topk)') from exc
-    except ValueError as exc:  # a 2000x1 image, a target layer whose output is not a tensor
-        raise _ImageError(f'{source}: {exc}') from exc
-
-
-class _Tally:
-    """What became of each image; raises the :class:`UserError` that ends the run when an
-    image's problem is the run's (a single image, or the same error for the first images).
-
-    Args:
-        single (bool): The run has one image: its problem is a user error.
-    """
-
-    def __init__(self, single: bool):
-        self.single = single
-        self.unreadable: list[Path] = []
-        self.failed: list[Path] = []
-        self.empty: list[Path] = []
-        self.done: list[Path] = []
-        self._errors: list[str] = []  # the explain errors since the last image that worked
-
-    def not_read(self, path: Path, exc: Exception) -> None:
-        if self.single:
-            raise UserError(str(exc)) from exc
-        logger.error('skipping %s: %s', path, exc)
-        self.unreadable.append(path)
-
-    def not_explained(self, path: Path, exc: _ImageError) -> None:
-        if self.single:
-            raise UserError(str(exc)) from exc
-        cause = str(exc.__cause__)
-        if (not self.done and not self.empty and len(self._errors) == _SAME_ERROR_LIMIT - 1
-                and all(e == cause for e in self._errors)):
-            raise UserError(f'{cause} (the same error for the first {_SAME_ERROR_LIMIT} '
-                            'images; stopping)') from exc
-        logger.error('skipping %s', exc)
-        self.failed.append(path)
-        self._errors.append(cause)
-
-    def explained(self, path: Path, result, score_thr: float) -> bool:
-        """Whether ``result`` has detections (outputs to write)."""
-        self._errors.clear()
-        if len(result) == 0:
-            self.empty.append(path)
-            if not self.single:
-                logger.warning('%s: no detections with score >= %g', path, score_thr)
-            return False
-        self.done.append(path)
-        return True
+    out_dir, size, images = Path(args.out_dir), args.batch_size, job.images
+    batches = [images[i:i + size] for i in range(0, len(images), size)]
+    with logging_redirect_tqdm(loggers=[logging.getLogger('mmdet_cam_hook')]), \
+            Overlap(batches) as overlap, \
+            tqdm(total=len(images), unit='img', file=sys.stderr, disable=len(job.every) < 2,
+                 dynamic_ncols=True, desc=job.where.rstrip(': ') or None) as progress:
+        for loaded in overlap.read():
+            batch = explain_batch(engine, loaded, args)
+            for item in loaded:
+                result = result_of(engine, item, batch, args, tally)
+                if result is not None:
+                    overlap.write(partial(save_outputs, result, item.path.stem, out_dir,
+                                          class_names, args.save_all, args.save_raw, item.path,
+                                          args.renormalize))
+                progress.update()
+        return overlap.finish()
 
 
-def _explain_batch(engine, loaded: list[Loaded], args) -> Optional[dict]:
-    """The results of a batch's readable images from one
-    :meth:`~mmdet_cam_hook.cam.engine.CAMEngine.explain_batch`, by path; None for fewer than two
-    images, or when the engine refuses an image (the caller then explains them one at a time,
-    which names the image and keeps the others).
+def _report(job: _Job, args: argparse.Namespace, tally: Tally, written: list[Path]) -> int:
+    """Log this rank's (and on rank 0 the job's) totals; under torchrun the one time the ranks
+    wait for each other.
+
+    Returns:
+        int: 0, or 1 if an image could not be read or explained or a file was written twice.
 
     Raises:
-        UserError: On CUDA out of memory.
+        UserError: If no image of the whole job had a detection.
     """
-    import torch
-
-    good = [item for item in loaded if item.error is None]
-    if len(good) < 2:
-        return None
-    try:
-        results = engine.explain_batch([item.image for item in good], methods=[args.method],
-                                       renormalize=args.renormalize)
-    except torch.OutOfMemoryError as exc:
-        raise UserError(f'CUDA out of memory on {args.device} while processing a batch of '
-                        f'{len(good)} images from {good[0].path}; try a smaller --batch-size, '
-                        '--device cpu (or fewer detections with --topk)') from exc
-    except ValueError:  # one image (named again when it goes alone), or the run's settings
-        return None
-    return {item.path: res[args.method] for item, res in zip(good, results)}
-
-
-def _result(engine, item: Loaded, batch: Optional[dict], args, tally: _Tally):
-    """``item``'s result to write, from ``batch`` or explained alone; None (and counted in
-    ``tally``) when it cannot be read or explained or has no detections."""
-    if item.error is not None:
-        tally.not_read(item.path, item.error)
-        return None
-    if batch is not None:
-        result = batch[item.path]
-    else:
-        try:
-            result = _explain(engine, item.image, args, item.path)
-        except _ImageError as exc:
-            tally.not_explained(item.path, exc)
-            return None
-    return result if tally.explained(item.path, result, args.score_thr) else None
+    done, where, out_dir = len(tally.done), job.where, args.out_dir
+    parts = gather((done, len(tally.empty), [str(p) for p in written]))
+    job_done, job_empty = sum(part[0] for part in parts), sum(part[1] for part in parts)
+    if job_done == 0 and job_empty:
+        what = repr(str(job.every[0])) if len(job.every) == 1 else \
+            f'any of the {job_empty} images'
+        hint = (f'; try a lower --score-thr, e.g. --score-thr {min(0.1, args.score_thr / 3):.2g}'
+                if args.score_thr > 0 else '')
+        raise UserError(f'no detections with score >= {args.score_thr:g} in {what}{hint}')
+    logger.info('%s%s: %d file(s) for %d image(s) in %s', where, args.method, len(written), done,
+                out_dir)
+    twice = []
+    if job.world > 1 and job.rank == 0:
+        files = Counter(path for part in parts for path in part[2])
+        logger.info('all %d ranks: %s: %d file(s) for %d image(s) in %s', job.world,
+                    args.method, len(files), job_done, out_dir)
+        twice = sorted(path for path, n in files.items() if n > 1)
+        if twice:  # collect_images and rank_share exist so that this never happens
+            logger.error('%d file(s) written by more than one rank, e.g. %s', len(twice),
+                         twice[0])
+    for what, paths in (('read', tally.unreadable), ('explained', tally.failed)):
+        if paths:
+            logger.error('%s%d of %d images could not be %s', where, len(paths),
+                         len(job.images), what)
+    return 1 if tally.unreadable or tally.failed or twice else 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -424,120 +353,23 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         UserError: On a user error (see the module docstring).
     """
-    from ..runtime.model import CheckpointError, init_model
-
-    rank, world, local_rank = distributed_env()
-    args.device = resolve_device(args.device, local_rank)
-    config = resolve_config(args.config)
-    every = [] if args.list_layers else collect_images(args.img, args.method)
-    images, total, where = every, len(every), f'rank {rank}/{world}: ' if world > 1 else ''
-    if world > 1 and not args.list_layers:
-        images = rank_share(every, rank, world)
-        logger.info('%s%d of %d images', where, len(images), total)
-        join(args.device)
-    out_dir = Path(args.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f'--out-dir {args.out_dir!r} exists and is not a folder')
-    try:
-        model = init_model(config, args.checkpoint, device=args.device,
-                           trusted=args.trust_checkpoint)
-    except (CheckpointError, OSError, ValueError) as exc:  # OSError: missing file, a folder
-        raise UserError(str(exc)) from exc
+    config, job = _prepare(args)
+    model = load_model(args, config)
     if args.list_layers:
-        if rank == 0:  # one table for the job, not one per rank
+        if job.rank == 0:  # one table for the job, not one per rank
             sys.stdout.write(layer_table(model))
         return 0
-
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from ..cam.engine import CAMEngine
-
-    try:
-        engine = CAMEngine(model, target_layers=args.target_layers, score_thr=args.score_thr,
-                           topk=args.topk, keep_input_cams=False)
-    except (ValueError, TypeError) as exc:
-        raise UserError(str(exc)) from exc
+    engine = build_engine(model, args)
     class_names = (getattr(model, 'dataset_meta', None) or {}).get('classes')
-    tally = _Tally(single=total == 1)
-    batches = [images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)]
-    with logging_redirect_tqdm(loggers=[logging.getLogger('mmdet_cam_hook')]), \
-            Overlap(batches) as overlap, \
-            tqdm(total=len(images), unit='img', file=sys.stderr, disable=total < 2,
-                 dynamic_ncols=True, desc=where.rstrip(': ') or None) as progress:
-        for loaded in overlap.read():
-            batch = _explain_batch(engine, loaded, args)
-            for item in loaded:
-                result = _result(engine, item, batch, args, tally)
-                if result is not None:
-                    overlap.write(partial(save_outputs, result, item.path.stem, out_dir,
-                                          class_names, args.save_all, args.save_raw, item.path))
-                progress.update()
-        written = overlap.finish()
-    done = len(tally.done)
-    # The job's totals: under torchrun the one time the ranks wait for each other.
-    job = gather((done, len(tally.empty), [str(p) for p in written]))
-    job_done, job_empty = sum(part[0] for part in job), sum(part[1] for part in job)
-    if job_done == 0 and job_empty:
-        what = repr(str(every[0])) if total == 1 else f'any of the {job_empty} images'
-        hint = (f'; try a lower --score-thr, e.g. --score-thr {min(0.1, args.score_thr / 3):.2g}'
-                if args.score_thr > 0 else '')
-        raise UserError(f'no detections with score >= {args.score_thr:g} in {what}{hint}')
-    logger.info('%s%s: %d file(s) for %d image(s) in %s', where, args.method, len(written), done,
-                out_dir)
-    twice = []
-    if world > 1 and rank == 0:
-        files = Counter(path for part in job for path in part[2])
-        logger.info('all %d ranks: %s: %d file(s) for %d image(s) in %s', world, args.method,
-                    len(files), job_done, out_dir)
-        twice = sorted(path for path, n in files.items() if n > 1)
-        if twice:  # collect_images and rank_share exist so that this never happens
-            logger.error('%d file(s) written by more than one rank, e.g. %s', len(twice),
-                         twice[0])
-    if tally.unreadable:
-        logger.error('%s%d of %d images could not be read', where, len(tally.unreadable),
-                     len(images))
-    if tally.failed:
-        logger.error('%s%d of %d images could not be explained', where, len(tally.failed),
-                     len(images))
-    return 1 if tally.unreadable or tally.failed or twice else 0
+    tally = Tally(single=len(job.every) == 1)
+    written = _explain_all(engine, job, args, class_names, tally)
+    return _report(job, args, tally, written)
 
 
-class _Formatter(logging.Formatter):
+def _parser() -> argparse.ArgumentParser:
+    from ..cam.methods import METHODS
 
-    def format(self, record: logging.LogRecord) -> str:
-        level = record.levelname.lower()
-        return f'{PROG}: {level}: {record.getMessage()}' if record.levelno >= logging.WARNING \
-            else f'{PROG}: {record.getMessage()}'
-
-
-@contextmanager
-def _console() -> Iterator[None]:
-    """Log this package's records (and Python warnings) to stderr, one line each, for the
-    duration of the call; restored afterwards."""
-    pkg = logging.getLogger('mmdet_cam_hook')
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter())
-    old_level, old_propagate = pkg.level, pkg.propagate
-    pkg.addHandler(handler)
-    pkg.setLevel(logging.INFO)
-    pkg.propagate = False
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        logger.warning('%s', message)
-
-    try:
-        with warnings.catch_warnings():
-            warnings.showwarning = show
-            # Deprecation notices from torch / mmcv / mmdet internals are not for the user.
-            for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
-                warnings.filterwarnings('ignore', category=category)
-            warnings.filterwarnings('ignore', message='torch.meshgrid')
-            yield
-    finally:
-        pkg.removeHandler(handler)
-        pkg.setLevel(old_level)
-        pkg.propagate = old_propagate
+    return build_parser(list(METHODS))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -548,26 +380,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             (``sys.argv[1:]``).
 
     Returns:
-        int: Exit code: 0 on success, 1 on a user error, 2 on a command-line syntax error.
-    """
-    with _console():
-        try:
-            from ..cam.methods import METHODS
+        int: Exit code: 0 on success, 1 on a user error, 130 on Ctrl-C
+        (:func:`~mmdet_cam_hook.cli.common.run_main`).
 
-            parser = build_parser(list(METHODS))
-            args = parser.parse_args(argv)
-            if not args.list_layers and (args.checkpoint is None or args.img is None):
-                missing = [n for n in ('checkpoint', 'img') if getattr(args, n) is None]
-                parser.error(f'the following arguments are required: {", ".join(missing)}')
-            return run(args)
-        except UserError as exc:
-            logger.error('%s', exc)
-            return 1
-        except KeyboardInterrupt:
-            logger.error('interrupted')
-            return 130
-        finally:
-            leave()
+    Raises:
+        SystemExit: On a command-line syntax error (code 2) and after ``--help`` (code 0).
+    """
+    return run_main(PROG, _parser, run, argv)
 
 
 if __name__ == '__main__':

@@ -9,13 +9,16 @@ truth, the share of blank maps, deletion and insertion AUC under the ``prior`` a
 (:mod:`..evaluation.sanity`). A markdown table goes to stdout, the numbers (and the settings)
 to ``--out`` as JSON.
 
-Scale out with torchrun: ``torchrun --nproc_per_node N mmdet-cam-eval ...`` (or
-``python -m torch.distributed.run ... -m mmdet_cam_hook.cli.eval ...``) splits the images
+Scale out with torchrun, which takes a module (not the ``mmdet-cam-eval`` script):
+``torchrun --standalone --nproc_per_node N -m mmdet_cam_hook.cli.eval ...`` splits the images
 across the processes (gloo on CPU, NCCL on CUDA: :mod:`mmdet_cam_hook.cli.distributed`); rank 0
 gathers the per-detection numbers and writes. Every number in the JSON equals a one-process
 run's except the timings (``seconds_per_image``).
 
-Errors are reported as ``mmdet-cam``'s are: one line on stderr, exit code 1 (argparse's own
+An image that cannot be read (missing, 0-byte, corrupt) is skipped with one line on stderr and
+counted in the JSON (``unreadable_images``, ``unreadable_paths``); the table and the JSON are
+still written, and the exit code is 1. Errors are reported as ``mmdet-cam``'s are
+(:func:`~mmdet_cam_hook.cli.common.run_main`): one line on stderr, exit code 1 (argparse's own
 errors: 2), Ctrl-C 130.
 """
 from __future__ import annotations
@@ -23,21 +26,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from ..checks import UserError, fraction_arg, nonnegative_int_arg, positive_int_arg
 from ..runtime.io import write_atomically
-from .common import resolve_config, resolve_device
-from .distributed import distributed_env, gather, join, leave
+from .common import build_engine, load_config, load_model, resolve_config, resolve_device, run_main
+from .distributed import distributed_env, gather, join
 
 PROG = 'mmdet-cam-eval'
 
-logger = logging.getLogger(__name__)
+# Named, not __name__: under `torchrun -m mmdet_cam_hook.cli.eval` this module is __main__.
+logger = logging.getLogger('mmdet_cam_hook.cli.eval')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         'check, for each method and the baselines random and box.',
         epilog='Cost per detection and protocol: 2 x (steps + 1) images through the network per '
         'method; drise adds --drise-masks images per image. Scale out with torchrun '
-        '--nproc_per_node N.')
+        '--standalone --nproc_per_node N -m mmdet_cam_hook.cli.eval ARGS.')
     parser.add_argument('config', help='Model config with the dataset (a file, mmdet::... or '
                         'mmdet_cam_hook::...)')
     parser.add_argument('checkpoint', help='Path or http(s) URL to the checkpoint')
@@ -145,47 +148,41 @@ def sample(dataset, index: int) -> tuple[str, np.ndarray, np.ndarray]:
             np.asarray(labels, np.int64))
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the evaluation on parsed arguments (see the module docstring).
+class _Setup(NamedTuple):
+    """What the evaluation loop needs, built and checked before it starts."""
 
-    Returns:
-        int: 0.
+    dataset: object
+    engine: object
+    settings: object
+    randomized: Optional[list]
+    total: int  # images evaluated
+
+
+def _check_out(out: str) -> Path:
+    """``--out`` as a path, checked before anything is loaded.
 
     Raises:
-        UserError: On a user error.
+        UserError: If it is a folder, or its folder does not exist.
     """
-    import torch
-    from mmengine.config import Config
+    path = Path(out)
+    if path.is_dir():
+        raise UserError(f'--out {out!r} is a folder; give a file name such as results.json')
+    if not path.parent.is_dir():
+        raise UserError(f'--out {out!r}: folder {str(path.parent)!r} does not exist')
+    return path
 
-    from ..cam.engine import CAMEngine
-    from ..evaluation.evaluate import EvalSettings, evaluate_image, markdown_table, summarize
-    from ..runtime.model import CheckpointError, init_model
 
-    rank, world, local_rank = distributed_env()
-    args.device = resolve_device(args.device, local_rank)
-    if world > 1:
-        join(args.device)
-    config = resolve_config(args.config)
-    out = Path(args.out)
-    if out.is_dir():
-        raise UserError(f'--out {args.out!r} is a folder; give a file name such as '
-                        'results.json')
-    if not out.parent.is_dir():
-        raise UserError(f'--out {args.out!r}: folder {str(out.parent)!r} does not exist')
-    if '::' not in config and not os.path.isfile(config):
-        raise UserError(f'config {config!r} does not exist')
-    try:
-        cfg = Config.fromfile(config)
-    except (SyntaxError, NameError, KeyError, AttributeError, TypeError, ValueError,
-            ImportError, OSError) as exc:
-        raise UserError(f'config {config!r} could not be read: {type(exc).__name__}: '
-                        f'{exc}') from exc
+def _setup(args: argparse.Namespace) -> _Setup:
+    """The dataset, the model, the settings and the engines (and the randomised ones).
+
+    Raises:
+        UserError: On a bad config, checkpoint, dataset or setting.
+    """
+    from ..evaluation.evaluate import EvalSettings
+
+    cfg = load_config(resolve_config(args.config))
     dataset = ground_truth_dataset(cfg, args.split)
-    try:
-        model = init_model(cfg, args.checkpoint, device=args.device,
-                           trusted=args.trust_checkpoint)
-    except (CheckpointError, OSError, ValueError) as exc:
-        raise UserError(str(exc)) from exc
+    model = load_model(args, cfg)
     total = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
     if total == 0:
         raise UserError(f'the {args.split} dataset has no images')
@@ -193,47 +190,82 @@ def run(args: argparse.Namespace) -> int:
         settings = EvalSettings(methods=args.methods, protocols=args.protocol,
                                 steps=args.steps, fill=args.fill, batch_size=args.batch_size,
                                 seed=args.seed)
-        engine = CAMEngine(model, target_layers=args.target_layers, score_thr=args.score_thr,
-                           topk=args.topk, drise_masks=args.drise_masks,
-                           drise_batch_size=args.batch_size, drise_seed=args.seed,
-                           keep_input_cams=False)
     except (ValueError, TypeError) as exc:
         raise UserError(str(exc)) from exc
+    engine = build_engine(model, args, drise_masks=args.drise_masks,
+                          drise_batch_size=args.batch_size, drise_seed=args.seed)
     randomized = None
     if args.randomization:
         from ..evaluation.sanity import randomized_engines
 
         randomized = randomized_engines(engine, seed=args.seed)
+    return _Setup(dataset, engine, settings, randomized, total)
 
+
+def _evaluate(setup: _Setup, args: argparse.Namespace, rank: int,
+              world: int) -> tuple[list, list[str]]:
+    """This rank's images (every ``world``-th from ``rank``), each evaluated; an image that
+    cannot be read is skipped with one log line.
+
+    Returns:
+        tuple[list, list[str]]: ``(index, record)`` of each image evaluated, and the paths of
+        those that could not be read.
+
+    Raises:
+        UserError: On CUDA out of memory, or when the engine refuses an image.
+    """
+    import torch
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    mine = list(range(rank, total, world))
-    records = []
-    for index in tqdm(mine, unit='img', file=sys.stderr, disable=rank != 0,
-                      desc=PROG if world == 1 else f'{PROG} (rank 0 of {world})'):
-        path, gt_bboxes, gt_labels = sample(dataset, index)
-        try:
-            record = evaluate_image(engine, path, gt_bboxes, gt_labels, settings, index=index,
-                                    randomized=randomized)
-        except torch.OutOfMemoryError as exc:
-            raise UserError(f'CUDA out of memory on {args.device} at {path}; try a smaller '
-                            '--batch-size or --device cpu') from exc
-        except (OSError, ValueError) as exc:
-            raise UserError(f'{path}: {exc}') from exc
-        records.append((index, record))
-    records = [r for part in gather(records) for r in part]
-    if rank != 0:
-        return 0
-    records = [r for _, r in sorted(records, key=lambda item: item[0])]
+    from ..evaluation.evaluate import evaluate_image
+    from ..runtime.io import load_image
+
+    records, unreadable = [], []
+    with logging_redirect_tqdm(loggers=[logging.getLogger('mmdet_cam_hook')]):
+        for index in tqdm(range(rank, setup.total, world), unit='img', file=sys.stderr,
+                          disable=rank != 0,
+                          desc=PROG if world == 1 else f'{PROG} (rank 0 of {world})'):
+            path, gt_bboxes, gt_labels = sample(setup.dataset, index)
+            try:
+                image = load_image(path)
+            except (OSError, ValueError) as exc:  # missing, 0-byte, corrupt
+                logger.error('skipping %s: %s', path, exc)
+                unreadable.append(str(path))
+                continue
+            try:
+                record = evaluate_image(setup.engine, image, gt_bboxes, gt_labels,
+                                        setup.settings, index=index,
+                                        randomized=setup.randomized)
+            except torch.OutOfMemoryError as exc:
+                raise UserError(f'CUDA out of memory on {args.device} at {path}; try a smaller '
+                                '--batch-size or --device cpu') from exc
+            except (OSError, ValueError) as exc:
+                raise UserError(f'{path}: {exc}') from exc
+            records.append((index, record))
+    return records, unreadable
+
+
+def _write_results(args: argparse.Namespace, out: Path, setup: _Setup, records: list,
+                   unreadable: list[str]) -> None:
+    """The JSON to ``out``, the table to stdout.
+
+    Raises:
+        UserError: If ``out`` cannot be written.
+    """
+    from ..evaluation.evaluate import markdown_table, summarize
+
+    settings = setup.settings
     summary = summarize(records, settings)
     result = dict(
         settings=dict(config=str(args.config), checkpoint=str(args.checkpoint),
-                      split=args.split, num_images=total, methods=settings.all_methods,
+                      split=args.split, num_images=setup.total, methods=settings.all_methods,
                       protocols=settings.protocols, steps=settings.steps, fill=settings.fill,
                       batch_size=settings.batch_size, seed=settings.seed,
                       score_thr=args.score_thr, topk=args.topk,
                       target_layers=args.target_layers, drise_masks=args.drise_masks,
                       randomization=bool(args.randomization)),
+        unreadable_images=len(unreadable), unreadable_paths=unreadable,
         methods=summary)
     text = json.dumps(result, indent=2) + '\n'
 
@@ -245,32 +277,60 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(f'could not write {out}: {exc.strerror or exc}') from exc
     num = summary[settings.all_methods[0]]['num_detections']
-    sys.stdout.write(f'{total} images, {num} detections; protocols '
+    skipped = f' ({len(unreadable)} unreadable, skipped)' if unreadable else ''
+    sys.stdout.write(f'{setup.total} images{skipped}, {num} detections; protocols '
                      f'{", ".join(settings.protocols)}, {settings.steps} steps, fill '
                      f'{settings.fill}\n\n')
     sys.stdout.write(markdown_table(summary, settings.protocols))
-    sys.stderr.write(f'{PROG}: wrote {out}\n')
-    return 0
+    logger.info('wrote %s', out)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the evaluation on parsed arguments (see the module docstring).
+
+    Returns:
+        int: 0; 1 (on rank 0) if an image could not be read (it is skipped, and counted in
+        the JSON as ``unreadable_images``).
+
+    Raises:
+        UserError: On a user error, or when no image could be read.
+    """
+    rank, world, local_rank = distributed_env()
+    args.device = resolve_device(args.device, local_rank)
+    if world > 1:
+        join(args.device)
+    out = _check_out(args.out)
+    setup = _setup(args)
+    records, unreadable = _evaluate(setup, args, rank, world)
+    parts = gather((records, unreadable))
+    if rank != 0:  # a rank that exits with an error makes torchrun stop rank 0's writing
+        return 0
+    records = [r for _, r in sorted((r for part in parts for r in part[0]),
+                                    key=lambda item: item[0])]
+    unreadable = sorted(path for part in parts for path in part[1])
+    if not records:
+        raise UserError(f'none of the {setup.total} images could be read')
+    _write_results(args, out, setup, records, unreadable)
+    if unreadable:
+        logger.error('%d of %d images could not be read', len(unreadable), setup.total)
+    return 1 if unreadable else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``mmdet-cam-eval``.
 
+    Args:
+        argv (Sequence[str], optional): Arguments without the program name. Defaults to None
+            (``sys.argv[1:]``).
+
     Returns:
-        int: Exit code: 0 on success, 1 on a user error, 2 on a command-line syntax error,
-        130 on Ctrl-C.
+        int: Exit code: 0 on success, 1 on a user error (or an unreadable image), 130 on
+        Ctrl-C (:func:`~mmdet_cam_hook.cli.common.run_main`).
+
+    Raises:
+        SystemExit: On a command-line syntax error (code 2) and after ``--help`` (code 0).
     """
-    try:
-        args = build_parser().parse_args(argv)
-        return run(args)
-    except UserError as exc:
-        sys.stderr.write(f'{PROG}: error: {exc}\n')
-        return 1
-    except KeyboardInterrupt:
-        sys.stderr.write(f'{PROG}: error: interrupted\n')
-        return 130
-    finally:
-        leave()
+    return run_main(PROG, build_parser, run, argv)
 
 
 if __name__ == '__main__':

@@ -1,12 +1,11 @@
 """The images of one ``mmdet-cam`` run: which ones (a file, a folder or a glob, refused when
-two would write the same output name), this process's share under torchrun, and reading ahead
-and writing behind the explaining in two background threads.
+two would write the same output name: :func:`.outputs.check_inputs`), this process's share
+under torchrun, and reading ahead and writing behind the explaining in two background threads.
 """
 from __future__ import annotations
 
 import glob
 import os
-import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence
@@ -15,8 +14,9 @@ import numpy as np
 
 from ..checks import UserError
 from ..runtime.io import IMAGE_EXTENSIONS, list_images
+from .outputs import check_inputs
 
-__all__ = ['COMBINED_NAME', 'collect_images', 'rank_share', 'Loaded', 'read_batch', 'Overlap']
+__all__ = ['collect_images', 'rank_share', 'Loaded', 'read_batch', 'Overlap']
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,12 +38,6 @@ def rank_share(paths: Sequence[Path], rank: int, world_size: int) -> list[Path]:
     return [p for p in paths if turn[p.stem] == rank]
 
 
-# The name of the all-detections image, {stem}_gradcam.jpg whatever --method is (the seed's);
-# {stem}_det{k}_{method}.jpg is detection k's.
-COMBINED_NAME = 'gradcam'
-_DETECTION_STEM = re.compile(r'(.+)_det(0|[1-9][0-9]*)')
-
-
 def collect_images(img: str, method: str = 'gradcam') -> list[Path]:
     """The images named by ``img``: a file, a folder (its images, not recursive) or a glob.
 
@@ -55,10 +49,8 @@ def collect_images(img: str, method: str = 'gradcam') -> list[Path]:
         list[Path]: Sorted paths.
 
     Raises:
-        UserError: If nothing matches, or two inputs' outputs would overwrite each other: they
-            share a file stem, or (with ``--method gradcam``) one's stem is the other's plus
-            ``_det{k}`` (``a_det0_gradcam.jpg`` is both ``a_det0``'s combined map and ``a``'s
-            detection 0).
+        UserError: If nothing matches, or two inputs' outputs would overwrite each other
+            (:func:`.outputs.check_inputs`).
     """
     path = Path(img)
     if path.is_file():
@@ -74,19 +66,7 @@ def collect_images(img: str, method: str = 'gradcam') -> list[Path]:
             raise UserError(f'no files match {img!r}')
     else:
         raise UserError(f'image {img!r} does not exist')
-    seen: dict[str, Path] = {}
-    for p in paths:
-        if p.stem in seen:
-            raise UserError(f'{seen[p.stem]} and {p} share the name {p.stem!r}: their outputs '
-                            'would overwrite each other; process them separately')
-        seen[p.stem] = p
-    for stem, p in seen.items():
-        base = _DETECTION_STEM.fullmatch(stem)
-        if method == COMBINED_NAME and base and base[1] in seen:
-            raise UserError(
-                f'{seen[base[1]]} and {p} would both write {stem}_{COMBINED_NAME}.jpg (the '
-                f'first one\'s detection {int(base[2])}, the second one\'s combined map); '
-                'process them separately or rename one')
+    check_inputs(paths, method)
     return paths
 
 

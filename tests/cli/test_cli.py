@@ -19,7 +19,7 @@ from mmdet_cam_hook import METHODS
 from mmdet_cam_hook.cli.cam import main
 from mmdet_cam_hook.testing import torchrun_beside
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MMDET_CAM = Path(sys.executable).parent / 'mmdet-cam'
 TOOL = REPO / 'tools' / 'analysis_tools' / 'demo_yolox_gradcam.py'
 CLASSES = ('circle', 'square', 'triangle')
@@ -196,6 +196,7 @@ def test_single_image_all_outputs(ws):
     assert (raw['scores'] >= 0.35).all() and (np.diff(raw['scores']) <= 0).all()
     np.testing.assert_allclose(raw['combined'], raw['cams'].max(0))
     assert str(raw['method']) == 'gradcam'
+    assert raw['renormalized'].dtype == bool and not raw['renormalized']
     assert list(raw['class_names']) == list(CLASSES)
     levels = raw['levels']
     assert [str(x) for x in raw['layers']] == [f'neck.out_convs.{lv}' for lv in levels]
@@ -226,6 +227,7 @@ def test_folder_with_seed_script(ws):
         assert read(out / f'{stem}_gradcam.jpg').shape[:2] == shape
         raw = np.load(out / f'{stem}_hirescam.npz')
         assert len(raw['scores']) == 2
+        assert raw['renormalized'].dtype == bool and raw['renormalized']
         assert set(str(x) for x in raw['layers']) == {'neck.out_convs.2,neck.out_convs.1'}
         for cam, (x1, y1, x2, y2) in zip(raw['cams'], raw['bboxes']):
             outside = np.ones(cam.shape, bool)
@@ -403,35 +405,64 @@ def _assert_same_raw(a, b, atol):
                                        err_msg=f'{name}: {key}')
 
 
-def test_batch_size_equals_one_at_a_time(ws, capsys, monkeypatch):
+#: Head perturbation under which a random-init YOLOX-nano's scores depend on the pixels
+#: (tests/cli/test_eval_cli.py's): the raised biases alone give every prior of a level the same
+#: score, to 1e-7, and which of them are the top k is then float rounding.
+PIXEL_SCORES = dict(calibrate=True, weights={'multi_level_conv_': 0.002},
+                    biases={'multi_level_conv_cls': (0.0, 0.5),
+                            'multi_level_conv_obj': (0.0, 0.5)})
+
+
+def test_batch_size_equals_one_at_a_time(ws, capsys, monkeypatch, tmp_path):
     """Six images of different shapes in batches of 3 (one forward pass each: the default
-    layers take the local route) give the files and maps of one image at a time."""
+    layers take the local route) give the files and maps of one image at a time. The model's
+    scores depend on the pixels, so that the top 2 are not a tie broken by rounding."""
+    from mmdet_cam_hook.testing import build_detector
+
+    model = build_detector('yolox/yolox_nano_8xb8-300e_coco.py', 128, perturb=PIXEL_SCORES)
+    model.cfg.dump(str(tmp_path / 'model.py'))
+    torch.save(dict(state_dict=model.state_dict(),
+                    meta=dict(dataset_meta=dict(classes=CLASSES))), tmp_path / 'model.pth')
     monkeypatch.chdir(ws)
     outs = {}
     for batch_size in ('1', '3'):
-        outs[batch_size] = ws / f'out_batch_{batch_size}'
-        assert main(['yolox_nano_128.py', 'yolox.pth', 'batch', '--out-dir',
-                     str(outs[batch_size]), '--topk', '2', '--save-raw', '--device', 'cpu',
-                     '--batch-size', batch_size]) == 0, capsys.readouterr().err
+        outs[batch_size] = tmp_path / f'out_batch_{batch_size}'
+        assert main([str(tmp_path / 'model.py'), str(tmp_path / 'model.pth'), 'batch',
+                     '--out-dir', str(outs[batch_size]), '--topk', '2', '--save-raw',
+                     '--device', 'cpu', '--score-thr', '0', '--batch-size', batch_size]) == 0, \
+            capsys.readouterr().err
         assert '24 file(s) for 6 image(s)' in capsys.readouterr().err
     names = {p.name for p in outs['1'].iterdir()}
     assert names == {p.name for p in outs['3'].iterdir()}
     assert len(names) == 6 * 4
     raw = _raw(outs['1'])
     assert len(raw) == 6 and all(len(r['scores']) == 2 for r in raw.values())
+    # The scores depend on the pixels: the images' top scores differ, by far more than rounding.
+    tops = sorted(float(r['scores'][0]) for r in raw.values())
+    assert min(np.diff(tops)) > 1e-4, tops
     _assert_same_raw(raw, _raw(outs['3']), atol=1e-5)
 
 
-def test_torchrun_two_processes_equal_one(ws):
-    """torchrun with 2 processes on a recursive glob: each rank explains and writes its share
-    (the stems a, c, e and b, d in sorted order, whatever their folders), and together they
-    write the files and maps of one process."""
+def test_readme_torchrun_commands_take_a_module(readme_torchrun):
+    """torchrun runs a file or, with -m, a module: never the mmdet-cam(-eval) scripts."""
+    lines = readme_torchrun.lines()
+    assert len(lines) == 2, lines
+    for line in lines:
+        assert ' -m mmdet_cam_hook.cli' in line and 'mmdet-cam' not in line, line
+
+
+def test_torchrun_two_processes_equal_one(ws, readme_torchrun):
+    """torchrun with 2 processes on a recursive glob, started as README.md says (the torchrun
+    script, -m mmdet_cam_hook.cli): each rank explains and writes its share (the stems a, c, e
+    and b, d in sorted order, whatever their folders), and together they write the files and
+    maps of one process."""
     args = ['yolox_nano_128.py', 'yolox.pth', 'tree/**/*.jpg', '--topk', '2', '--save-raw',
             '--device', 'cpu', '--batch-size', '2']
     one, two = ws / 'out_rank_one', ws / 'out_rank_two'
     code, returncode, _, stderr = torchrun_beside(
         'mmdet_cam_hook.cli', [*args, '--out-dir', two],
-        lambda: main([*args, '--out-dir', str(one)]), cwd=ws)
+        lambda: main([*args, '--out-dir', str(one)]), cwd=ws,
+        launcher=readme_torchrun('mmdet_cam_hook.cli'))
     assert code == 0
     assert returncode == 0, stderr[-3000:]
     assert 'Traceback' not in stderr
@@ -582,6 +613,23 @@ def test_packaged_config(capsys, monkeypatch, tmp_path):
     line = error_line(capsys.readouterr().err)
     assert "no config 'mmdet_cam_hook::yolox_q_gradcam.py'" in line
     assert "'yolox_s_gradcam.py'" in line
+
+
+def test_mmdet_package_config(capsys, monkeypatch, tmp_path):
+    """`mmdet::PATH` (README's form) is mmdet's own config, from any directory; a missing one
+    is a clear error naming the configs beside it, an unknown package one naming the known."""
+    monkeypatch.chdir(tmp_path)
+    assert main(['mmdet::yolox/yolox_nano_8xb8-300e_coco.py', '--list-layers']) == 0, \
+        capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert 'input 1x3x416x416' in out and 'neck.out_convs.2' in out
+    assert main(['mmdet::yolox/yolox_q_8xb8-300e_coco.py', '--list-layers']) == 1
+    line = error_line(capsys.readouterr().err)
+    assert "mmdet has no config 'yolox/yolox_q_8xb8-300e_coco.py'" in line
+    assert 'yolox_nano_8xb8-300e_coco.py' in line
+    assert main(['mmfoo::yolox/x.py', '--list-layers']) == 1
+    line = error_line(capsys.readouterr().err)
+    assert "'mmfoo' is not a package" in line and 'mmdet' in line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -767,3 +815,35 @@ def test_output_name_clash(tmp_path, capsys):
     assert len(collect_images(str(tmp_path), 'eigencam')) == 3
     (tmp_path / 'a_det10.png').unlink()
     assert len(collect_images(str(tmp_path), 'gradcam')) == 2
+
+
+def test_out_dir_never_overwrites_inputs(tmp_path, capsys):
+    """--out-dir the input folder (however spelled), or an output name that is an input, is
+    refused before the model loads (cfg.py does not exist: it is never read) and no input
+    changes; outputs beside the inputs of a glob are fine when no name clashes."""
+    images = tmp_path / 'images'
+    images.mkdir()
+    for name in ('a.jpg', 'b.png'):
+        cv2.imwrite(str(images / name), shapes_image(40, 40, 0))
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    for out_dir in (images, images / '.', tmp_path / '..' / tmp_path.name / 'images'):
+        assert main(['cfg.py', 'ckpt.pth', str(images), '--out-dir', str(out_dir)]) == 1
+        line = error_line(capsys.readouterr().err)
+        assert 'is the input folder' in line and 'choose another --out-dir' in line, line
+    # A glob of the folder, --out-dir the folder: no output is named like an input.
+    assert main(['cfg.py', 'ckpt.pth', str(images / '*'), '--out-dir', str(images)]) == 1
+    assert "config 'cfg.py' does not exist" in error_line(capsys.readouterr().err)
+    # a_gradcam.jpg (a's combined map) and, with --save-all, b_panel.jpg are inputs too.
+    cv2.imwrite(str(images / 'a_gradcam.jpg'), shapes_image(40, 40, 1))
+    cv2.imwrite(str(images / 'b_panel.jpg'), shapes_image(40, 40, 2))
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    assert main(['cfg.py', 'ckpt.pth', str(images / '*'), '--out-dir', str(images)]) == 1
+    line = error_line(capsys.readouterr().err)
+    assert "the outputs of image 'a' would overwrite the input" in line and 'a_gradcam.jpg' in line
+    assert main(['cfg.py', 'ckpt.pth', str(images / 'b*'), '--out-dir', str(images),
+                 '--save-all']) == 1
+    line = error_line(capsys.readouterr().err)
+    assert "image 'b' would overwrite" in line and 'b_panel.jpg' in line
+    assert main(['cfg.py', 'ckpt.pth', str(images / 'b*'), '--out-dir', str(images)]) == 1
+    assert "config 'cfg.py' does not exist" in error_line(capsys.readouterr().err)
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == before

@@ -3,6 +3,8 @@ YOLOX-nano checkpoint; torchrun with 2 gloo processes equals one process."""
 import contextlib
 import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,14 +85,16 @@ def test_end_to_end_writes_every_key(ws, capsys):
     assert 'del prior' in captured.out and 'wrote' in captured.err
 
 
-def test_torchrun_two_processes_equal_one(ws):
-    """2 gloo processes on CPU split the 4 images; the JSON equals a one-process run's (all
-    but the timings)."""
+def test_torchrun_two_processes_equal_one(ws, readme_torchrun):
+    """2 gloo processes on CPU split the 4 images, started as README.md says (the torchrun
+    script, -m mmdet_cam_hook.cli.eval); the JSON equals a one-process run's (all but the
+    timings)."""
     root = ws[0]
     args = _args(ws, '--methods', 'hirescam', '--topk', '1', '--num-images', '4')
     one, two = root / 'one.json', root / 'two.json'
     code, returncode, stdout, stderr = torchrun_beside(
-        'mmdet_cam_hook.cli.eval', [*args, '--out', two], lambda: main([*args, '--out', str(one)]))
+        'mmdet_cam_hook.cli.eval', [*args, '--out', two], lambda: main([*args, '--out', str(one)]),
+        launcher=readme_torchrun('mmdet_cam_hook.cli.eval'))
     assert code == 0
     assert returncode == 0, stderr[-3000:]
     assert stdout.count('| hirescam |') == 1  # rank 0 alone prints
@@ -133,3 +137,48 @@ def test_missing_checkpoint_and_split(ws, capsys, tmp_path):
     cfg.dump(str(no_test))
     assert main([str(no_test), ws[2], '--split', 'test', '--device', 'cpu']) == 1
     assert 'the config has no `test_dataloader.dataset`' in capsys.readouterr().err
+
+
+def test_unreadable_image_is_skipped_and_counted(ws, capsys, tmp_path):
+    """A corrupt image in the split: one line names it, the other images are evaluated, the
+    JSON counts it (unreadable_images, unreadable_paths) and the exit code is 1."""
+    from mmengine.config import Config
+
+    from mmdet_cam_hook.cli.eval import ground_truth_dataset, sample
+
+    cfg = Config.fromfile(ws[1])
+    images = tmp_path / 'images'
+    shutil.copytree(cfg.val_dataloader.dataset.data_prefix.img, images)
+    broken = images / Path(sample(ground_truth_dataset(cfg, 'val'), 0)[0]).name
+    broken.write_bytes(b'not an image')
+    for key in ('val_dataloader', 'test_dataloader'):
+        cfg[key].dataset.data_prefix = dict(img=str(images) + os.sep)
+    cfg.dump(str(tmp_path / 'broken.py'))
+    out = tmp_path / 'results.json'
+    code = main([str(tmp_path / 'broken.py'), ws[2], '--score-thr', '0', '--topk', '1',
+                 '--steps', '1', '--device', 'cpu', '--methods', 'hirescam', '--num-images', '2',
+                 '--out', str(out)])
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    assert 'Traceback' not in captured.err
+    skipped = [line for line in captured.err.splitlines() if 'skipping' in line]
+    assert len(skipped) == 1 and broken.name in skipped[0], captured.err
+    assert skipped[0].startswith('mmdet-cam-eval: error: ') and 'could not be decoded' in skipped[0]
+    assert 'mmdet-cam-eval: error: 1 of 2 images could not be read' in captured.err
+    result = json.loads(out.read_text())
+    assert result['unreadable_images'] == 1 and result['unreadable_paths'] == [str(broken)]
+    assert result['settings']['num_images'] == 2
+    assert result['methods']['hirescam']['num_detections'] == 1  # the other image's
+    assert '2 images (1 unreadable, skipped)' in captured.out and '| hirescam |' in captured.out
+
+
+def test_mmdet_package_config(ws, capsys, monkeypatch, tmp_path):
+    """`mmdet::PATH` is mmdet's own config: read (its COCO val split is then missing here, a
+    clear error), and a missing one is named."""
+    monkeypatch.chdir(tmp_path)
+    assert main(['mmdet::yolox/yolox_nano_8xb8-300e_coco.py', ws[2], '--device', 'cpu']) == 1
+    err = capsys.readouterr().err
+    assert 'mmdet-cam-eval: error: the val dataset of the config could not be built' in err, err
+    assert 'annotations/instances_val2017.json' in err
+    assert main(['mmdet::yolox/yolox_q.py', ws[2], '--device', 'cpu']) == 1
+    assert "mmdet has no config 'yolox/yolox_q.py'" in capsys.readouterr().err
