@@ -11,7 +11,7 @@ only :mod:`.testing.reference`, the per-detection comparison the tests and bench
 imports it (``pip install mmdet-cam-hook[reference]``).
 """
 from .cam.engine import CAMEngine, compute_cams
-from .cam.methods import METHODS, check_method
+from .cam.methods import DRISE, METHODS, check_method, method_from
 from .cam.result import CAMResult
 from .hooks.cam_hook import DetCAMHook, YOLOXGradCAMHook
 from .runtime.checkpoint import register_mmengine_loaders
@@ -20,6 +20,6 @@ from .version import __version__
 register_mmengine_loaders()
 
 __all__ = [
-    'CAMEngine', 'CAMResult', 'compute_cams', 'DetCAMHook', 'YOLOXGradCAMHook', 'METHODS',
-    'check_method', '__version__'
+    'CAMEngine', 'CAMResult', 'compute_cams', 'DetCAMHook', 'YOLOXGradCAMHook', 'METHODS', 'DRISE',
+    'check_method', 'method_from', '__version__'
 ]

@@ -51,8 +51,6 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
-import numpy as np
-
 from ..checks import UserError, fraction_arg, positive_int_arg
 from .common import build_engine, load_model, resolve_config, resolve_device, run_main
 from .distributed import distributed_env, gather, join
@@ -160,81 +158,44 @@ def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------
 # --list-layers
-def _describe(output) -> tuple[str, Optional[tuple]]:
-    import torch
-
-    if isinstance(output, torch.Tensor):
-        return 'x'.join(map(str, output.shape)), tuple(output.shape)
-    if isinstance(output, (tuple, list)) and output:
-        parts = [_describe(o)[0] for o in output]
-        return '(' + ', '.join(parts) + ')', None
-    return type(output).__name__, None
-
-
 def layer_table(model) -> str:
-    """One line per module that runs in the engine's forward pass (backbone, neck, head) at the
-    config's test input size: name, type, output shape, stride (input height / output height)
-    and the route the engine takes for it as a target layer (``local`` window, ``chain`` of
-    vector-Jacobian products, ``exact`` backward per detection; ``-`` for an output that is
-    not a tensor). Header lines: the input, and the level-aware default layers; for a head no
-    adapter supports, the reason (naming the supported heads) instead of routes.
-
-    The dummy forward runs without gradients, with the engine's own forward hooks
-    (:func:`~mmdet_cam_hook.runtime.state.capture_outputs`), removed afterwards, and the model's
-    ``training`` flags restored (:func:`~mmdet_cam_hook.runtime.state.read_only`).
+    """The text of ``--list-layers``: one line per module that runs in the engine's forward
+    pass (backbone, neck, head) at the config's test input size, with the facts the engine
+    decided when it was built (:meth:`~mmdet_cam_hook.cam.engine.CAMEngine.describe_layers`):
+    name, type, output shape, stride (input height / output height), the route it takes as a
+    target layer (``local`` window, ``chain`` of vector-Jacobian products, ``exact`` backward
+    per detection), and for a module that cannot be one, ``-`` and why. Header lines: the
+    input, and the level-aware default layers; for a head no adapter supports, the reason
+    (naming the supported heads) and no rows.
     """
-    import torch
-
     from ..cam.engine import CAMEngine
-    from ..runtime.pipeline import build_pipeline, preprocess, test_pipeline_cfg
-    from ..runtime.state import capture_outputs, read_only
 
     try:
-        engine, problem = CAMEngine(model, score_thr=0.0), None
+        engine = CAMEngine(model, score_thr=0.0)
     except ValueError as exc:  # no adapter for the head, or no level maps to trace
-        engine, problem = None, str(exc)
-    pipeline = engine.pipeline if engine else build_pipeline(test_pipeline_cfg(model.cfg))
-    # A square image comes out of the test pipeline at the config's (square or short-side) size.
-    image = np.full((32, 32, 3), 114, np.uint8)
-    rows: dict[str, tuple[str, str, str, str]] = {}
-
-    def store(name, module, output):
-        text, shape = _describe(output)
-        stride = '-'
-        if shape is not None and len(shape) == 4 and shape[2] > 0:
-            ratio = inputs.shape[2] / shape[2]
-            stride = str(int(ratio)) if ratio == int(ratio) else f'{ratio:.2f}'
-        route = engine.target_layer(name).route if engine and shape is not None else '-'
-        rows.setdefault(name, (type(module).__name__, text, stride, route))
-
-    with read_only(model), torch.no_grad():
-        inputs, _ = preprocess(model, pipeline, image)
-        with capture_outputs([(n, m) for n, m in model.named_modules() if n], store):
-            if engine is None:
-                model(inputs, mode='tensor')
-            else:
-                engine.adapter.head_outputs(engine.adapter.features(inputs))
+        return f'# no routes: {exc}\n'
+    rows = {info.name: (info.type, info.output, info.stride, info.route,
+                        '' if info.usable else f'(not usable: {info.reason})')
+            for info in engine.describe_layers()}
     header = ('layer', 'type', 'output shape', 'stride', 'route')
-    widths = [max(len(header[i]), *(len(r[i - 1]) for r in rows.values())) for i in (1, 2, 3)]
+    widths = [max(len(header[i]), *(len(r[i - 1]) for r in rows.values())) for i in (1, 2, 3, 4)]
     widths.insert(0, max(len(header[0]), *(len(n) for n in rows)))
     widths[2] = min(widths[2], 24)  # a head's tuple of outputs overflows its column
-    lines = [f'# input {"x".join(map(str, inputs.shape))} at the test pipeline size; '
+    lines = [f'# input {"x".join(map(str, engine.probe_shape))} at the test pipeline size; '
              'layers in the order their outputs are computed']
-    if engine is None:
-        lines.append(f'# no routes: {problem}')
-    else:
-        default = ', '.join(f'{layer.name} (level {level}, {layer.route})'
-                            for level, layer in enumerate(engine.layers))
-        how = ('every detection on all of them, maps averaged: each reads every level'
-               if engine.adapter.levels_shared else 'each detection on its own level')
-        lines.append(f'# default layers ({how}): {default}')
-        lines.append('# route: how --target-layers LAYER gets its per-detection gradients: local '
-                     '(window, fastest), chain (pulled back from the level maps), exact (one '
-                     'backward per detection)')
+    default = ', '.join(f'{layer.name} (level {level}, {layer.route})'
+                        for level, layer in enumerate(engine.layers))
+    how = ('every detection on all of them, maps averaged: each reads every level'
+           if engine.adapter.levels_shared else 'each detection on its own level')
+    lines.append(f'# default layers ({how}): {default}')
+    lines.append('# route: how --target-layers LAYER gets its per-detection gradients: local '
+                 '(window, fastest), chain (pulled back from the level maps), exact (one '
+                 'backward per detection); - : not usable as a target layer (why, at the end)')
     fmt = ''.join(f'{{:<{w}}}  ' for w in widths) + '{}'
-    lines.append(fmt.format(*header))
-    lines += [fmt.format(name, *row) for name, row in rows.items()]
+    lines.append(fmt.format(*header, '').rstrip())
+    lines += [fmt.format(name, *row).rstrip() for name, row in rows.items()]
     return '\n'.join(lines) + '\n'
+
 
 
 # ---------------------------------------------------------------------------------------------
