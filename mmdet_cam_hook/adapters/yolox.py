@@ -29,6 +29,7 @@ class YOLOXAdapter(DetectorAdapter):
     """``YOLOXHead``: outputs ``(cls_scores, bbox_preds, objectnesses)`` per level."""
 
     head_types = ('YOLOXHead', )
+    required_hooks = ('YOLOXModeSwitchHook', 'EMAHook')
 
     def decode(self, outs: tuple, metainfo: dict, score_thr: float) -> Detections:
         head = self.head

@@ -26,6 +26,7 @@ from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
 
 from mmdet_cam_hook.demo.shapes import generate_shapes
+from mmdet_cam_hook.hooks import schedule
 from mmdet_cam_hook.hooks.cam_hook import DetCAMHook, YOLOXGradCAMHook
 from mmdet_cam_hook.testing import (
     TINY_METHODS,
@@ -382,7 +383,7 @@ def test_blank_maps_are_counted_and_faithfulness_is_logged(shapes, tmp_path):
     counted in ``blank_share`` and left out of the energy mean (never averaged in as 0); with
     ``faithfulness=True`` the deletion/insertion AUCs of the same maps are logged too."""
     from mmdet_cam_hook import CAMEngine
-    from mmdet_cam_hook.evaluation.evaluate import probe_faithfulness
+    from mmdet_cam_hook.evaluation.evaluate import image_seed, probe_faithfulness
     from mmdet_cam_hook.evaluation.metrics import energy_in_box, is_blank
     from mmdet_cam_hook.runtime.pipeline import test_pipeline_cfg
 
@@ -396,7 +397,7 @@ def test_blank_maps_are_counted_and_faithfulness_is_logged(shapes, tmp_path):
         res = engine.explain(image, methods=['hirescam'])['hirescam']
     blank = is_blank(res.cams)
     assert 0 < blank.sum() < len(res), res.levels  # detections on other levels are blank
-    faith = probe_faithfulness(engine, image, {'hirescam': res})
+    faith = probe_faithfulness(engine, image, {'hirescam': res}, seed=image_seed(0, 0))
 
     runner.val()
     rows = [json.loads(line) for line in
@@ -609,13 +610,13 @@ def test_large_probe_is_explained_at_max_image_size(shapes, tmp_path):
     assert all(max(cv2.imread(str(p)).shape[:2]) <= 300 for p in pngs)
 
     hook = hooks_of(runner, DetCAMHook)[0]
-    assert list(hook._images) == [str(big)]  # decoded once, kept once
+    assert list(hook._probes.images) == [str(big)]  # decoded once, kept once
     full_map = 3000 * 2000 * 4
     hook.after_val_epoch(runner)  # warm-up: the allocator's first pages
     _, bounded = peak_memory(hook.after_val_epoch, runner)  # only the maps and panels count
     engine = CAMEngine(unwrap_model(runner.model), score_thr=0.0, topk=3,
                        test_pipeline=test_pipeline_cfg(runner.cfg))
-    results, unbounded = peak_memory(engine.explain, hook._images[str(big)], methods=METHODS)
+    results, unbounded = peak_memory(engine.explain, hook._probes.images[str(big)], methods=METHODS)
     assert len(results[METHODS[0]]) == 3
     assert unbounded > 3 * full_map, unbounded  # the reading sees full-size maps ...
     assert bounded < full_map, bounded  # ... and the hook made none
@@ -675,8 +676,7 @@ def test_validation_ordinal_replays_the_train_loop(tmp_path, train_cfg):
             self.seen = []
 
         def after_val_epoch(self, runner, metrics=None):
-            self.seen.append(
-                (DetCAMHook._step(runner), DetCAMHook._validation_ordinal(runner)))
+            self.seen.append((schedule.step(runner), schedule.validation_ordinal(runner)))
 
     spy = Spy()
     _toy_runner(tmp_path, train_cfg, spy).train()
