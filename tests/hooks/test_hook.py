@@ -411,6 +411,67 @@ def test_blank_maps_are_counted_and_faithfulness_is_logged(shapes, tmp_path):
             faith[f'hirescam_{curve}_auc_prior'], rel=1e-5)
 
 
+@pytest.mark.filterwarnings('ignore:.*no gradient path')  # the stride-32 layer, on purpose
+def test_hook_scalars_are_mmdet_cam_eval_numbers(shapes, tmp_path):
+    """The same probes through the hook (a stand-alone val run with ``faithfulness=True``) and
+    through ``mmdet-cam-eval``'s ``evaluate_image`` and ``summarize`` (same layer, score
+    threshold, top-k; the hook's curve settings): every number the hook logs is the
+    evaluation's, under the same name (issue 18 item 9). Probe 0's ground truth is set to the
+    boxes the model detects, so detections match; the stride-32 layer leaves the stride-8
+    detections' maps blank, so the blank rule is exercised; probe 1 keeps its own ground truth.
+    """
+    from mmdet_cam_hook import CAMEngine
+    from mmdet_cam_hook.evaluation.evaluate import EvalSettings, evaluate_image, summarize
+    from mmdet_cam_hook.runtime.data import ground_truth
+    from mmdet_cam_hook.runtime.pipeline import test_pipeline_cfg
+
+    methods, layer = ['hirescam'], 'neck.out_convs.2'
+    coco = json.loads(shapes.ann_file('val').read_text())
+    ann_file = tmp_path / 'val.json'
+    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(
+        probe_images=[0, 1], methods=methods, target_layers=layer, topk=12, faithfulness=True)])
+    cfg.val_dataloader.dataset.ann_file = str(ann_file)
+    cfg.val_evaluator.ann_file = str(ann_file)
+    runner = Runner.from_cfg(cfg)
+    engine = CAMEngine(unwrap_model(runner.model), target_layers=layer, score_thr=0.0,
+                       topk=12, test_pipeline=test_pipeline_cfg(runner.cfg),
+                       keep_input_cams=False)
+    image = coco['images'][0]
+    dets = engine.detect(str(shapes.img_dir('val') / image['file_name']))
+    cat_ids = sorted(c['id'] for c in coco['categories'])
+    coco['annotations'] = [a for a in coco['annotations'] if a['image_id'] != image['id']] + [
+        dict(id=10_000 + k, image_id=image['id'], category_id=cat_ids[int(label)], iscrowd=0,
+             bbox=[float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+             area=float((x2 - x1) * (y2 - y1)))
+        for k, ((x1, y1, x2, y2), label) in enumerate(zip(dets.bboxes.tolist(), dets.labels))
+    ]
+    ann_file.write_text(json.dumps(coco))
+
+    runner.val()
+    rows = [json.loads(line) for line in
+            (run_log_dir(runner) / 'vis_data' / 'scalars.json').read_text().splitlines()]
+    (row, ) = [r for r in rows if any(k.startswith('cam_val/') for k in r)]
+    dataset = runner.val_dataloader.dataset
+    settings = EvalSettings(methods=methods, protocols='prior', steps=10, fill='blur',
+                            batch_size=32, seed=0)  # the hook's probe settings
+    records = [evaluate_image(engine, *ground_truth(dataset, i), settings, index=i)
+               for i in (0, 1)]
+    summary = summarize(records, settings)
+    for method in methods:
+        numbers = summary[method]
+        assert 0 < numbers['blank_share'] < 1 and numbers['num_matched'] >= 1, numbers
+        expected = {name: numbers[name] for name in (
+            'energy_in_box', 'pointing_game', 'energy_pointing_game', 'off_target_share',
+            'blank_share')}
+        expected.update({f'{c}_prior': numbers[c]['prior']
+                         for c in ('deletion_auc', 'insertion_auc')})
+        logged = {k.split('/', 1)[1][len(method) + 1:]: v for k, v in row.items()
+                  if k.startswith(f'cam_val/{method}_')}
+        assert set(logged) == {k for k, v in expected.items() if v is not None}
+        for name, value in logged.items():
+            assert value == pytest.approx(expected[name], rel=1e-5, abs=1e-6), (method, name)
+
+
 # --------------------------------------------------------------------------- fail-soft, strict
 
 
