@@ -59,11 +59,10 @@ class DetCAMHook(Hook):
     ``_off_target_share``. Blank maps are left out of all but ``blank_share``.
 
     Image names are ``cam_{val|test}_{method}_{probe}``: no ``/`` (LocalVisBackend writes nothing
-    for it), ``+`` spelled ``p``. MLflow stores a name as an artifact file, ignores ``step`` and
-    needs an extension, so MLflow backends get ``{name}_{step}.png``; W&B ignores ``step`` too
-    (one history row per validation, in order) and keeps the name. The step is the epoch for
-    epoch-based training (as LoggerHook logs validation metrics), the iteration for
-    iteration-based training, and 0 in a stand-alone ``val``/``test`` run.
+    for it), ``+`` spelled ``p`` (MLflow gets ``{name}_{step}.png``; W&B ignores ``step``:
+    :class:`~..visualization.delivery.Delivery`). The step is the epoch for epoch-based
+    training (as LoggerHook logs validation metrics), the iteration for iteration-based
+    training, and 0 in a stand-alone ``val``/``test`` run.
 
     When and where it runs:
 
@@ -86,17 +85,15 @@ class DetCAMHook(Hook):
       ``PipelineSwitchHook``, ``EMAHook``; the usual cause is a config that replaced
       ``custom_hooks`` instead of extending it) is warned about.
     - At run time nothing stops training unless ``strict=True``: a probe that fails costs only
-      its own panels (one warning with the traceback, naming it), and each visualizer backend
-      receives every item on its own, so one failing backend (an unwritable ``vis_image``
-      folder, whose missing PNG is detected) costs only its own copy; the first loss per backend
-      is a warning naming the backend, what it lost and which backends kept it, and the summary
-      line of every run counts the items each backend received.
+      its own panels (one warning with the traceback, naming it), and one failing backend (an
+      unwritable ``vis_image`` folder, whose missing PNG is detected) only its own copy; the
+      first loss per backend is a warning naming what was lost and which backends kept it, and
+      the summary line of every run counts the items each backend received.
     - ``interval`` counts validations from the start of training, replayed from the train
       loop's state (epoch or iteration, ``val_begin``, ``val_interval``, ``dynamic_intervals``;
       see :func:`.schedule.count_validations`), so a run resumed with ``--resume`` draws at
       the same steps as an uninterrupted one.
     - Memory: each probe image is decoded once and kept; the maps and panels of one probe are
-      computed at most ``max_image_size`` pixels a side (``CAMEngine.explain(max_size=...)``) and
       dropped once logged.
 
     Args:
@@ -375,22 +372,12 @@ class DetCAMHook(Hook):
     def _report(self, runner, mode: str, step: int, explained: int, probes: int,
                 log: Delivery, seconds: float, scalars: Dict[str, float]) -> None:
         """One info line; a warning the first time a backend loses panels or scalars."""
-        for backend, losses in log.lost.items():
-            if backend not in self._lost_warned:
-                self._lost_warned.add(backend)
-                kept = [b for b in log.sent if b not in log.lost]
-                runner.logger.warning(
-                    f'DetCAMHook: {backend} lost {len(losses)} item(s) at step {step} '
-                    f'(first: {losses[0]}); kept by: {", ".join(kept) or "no backend"}. '
-                    'Training continues; later losses are counted in the summary line.')
-        delivered = ', '.join(
-            f'{b} {n - len(log.lost.get(b, []))}/{n}' + (' LOST' if b in log.lost else '')
-            for b, n in log.sent.items())
+        log.warn_losses(runner.logger, step, self._lost_warned)
         summary = ''.join(f'; {k.split("/")[1]}={v:.3f}' for k, v in scalars.items())
         runner.logger.info(
             f'DetCAMHook: explained {explained}/{probes} probe image(s) x '
             f'{len(self.methods)} method(s) after {mode} at step {step} in {seconds:.1f} s; '
-            f'items delivered per backend: {delivered or "none"}{summary}')
+            f'items delivered per backend: {log.delivered() or "none"}{summary}')
 
 
 #: The name this hook had while it explained YOLOX only; configs with

@@ -120,6 +120,30 @@ class Delivery:
             self._send(key, 'scalars ' + ', '.join(scalars),
                        lambda b=backend: b.add_scalars(scalars, step=step))
 
+    def warn_losses(self, logger, step: int, warned: set) -> None:
+        """Warn about each backend that lost items, the first time it does.
+
+        Args:
+            logger (MMLogger): Where the warning goes.
+            step (int): The step, named in the warning.
+            warned (set[str]): Backends already warned about (of earlier deliveries); updated.
+        """
+        for backend, losses in self.lost.items():
+            if backend not in warned:
+                warned.add(backend)
+                kept = [b for b in self.sent if b not in self.lost]
+                logger.warning(
+                    f'DetCAMHook: {backend} lost {len(losses)} item(s) at step {step} '
+                    f'(first: {losses[0]}); kept by: {", ".join(kept) or "no backend"}. '
+                    'Training continues; later losses are counted in the summary line.')
+
+    def delivered(self) -> str:
+        """``'LocalVisBackend 5/5, WandbVisBackend 3/5 LOST'``: items received of items sent,
+        per backend ('' without backends)."""
+        return ', '.join(
+            f'{b} {n - len(self.lost.get(b, []))}/{n}' + (' LOST' if b in self.lost else '')
+            for b, n in self.sent.items())
+
     def _send(self, key: str, what: str, call) -> None:
         self.sent[key] += 1
         try:
