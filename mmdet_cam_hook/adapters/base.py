@@ -141,6 +141,8 @@ class DetectorAdapter:
     #: ``named_modules()`` path of the module whose class is matched against ``head_types``
     #: (``roi_head.bbox_head`` for two-stage detectors); it becomes ``self.head``.
     head_path: str = 'bbox_head'
+    #: Hooks mmdet's own configs of this family register in ``custom_hooks``.
+    required_hooks: Tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -24,6 +24,7 @@ class RTMDetAdapter(DenseAdapter):
     The window is 5x5 in mmdet's configs (two 3x3 convs, 1x1 predictor)."""
 
     head_types = ('RTMDetHead', 'RTMDetSepBNHead')
+    required_hooks = ('PipelineSwitchHook', 'EMAHook')
     excluded_types = ('RTMDetInsHead', )
     family = 'RTMDet'
     detectors = 'RTMDet'

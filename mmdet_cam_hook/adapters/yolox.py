@@ -34,6 +34,7 @@ class YOLOXAdapter(DetectorAdapter):
     doc_score = 'σ(cls[c]) · σ(obj)'
     doc_layers = '`neck.out_convs.{0,1,2}` (strides 8, 16, 32)'
     doc_route = 'local, 5x5 window (radius 2)'
+    required_hooks = ('YOLOXModeSwitchHook', 'EMAHook')
 
     def decode(self, outs: tuple, metainfo: dict, score_thr: float) -> Detections:
         head = self.head

@@ -51,14 +51,7 @@ from ..checks import check_int
 from ..runtime.detector import BatchedDetector, image_outputs, model_score_thr
 from ..runtime.io import ImageLike, load_image
 from .faithfulness import ScoreFn, box_maps, check_fill, deletion_insertion, random_maps
-from .metrics import (
-    energy_pointing_game,
-    is_blank,
-    match_to_ground_truth,
-    off_target_share,
-    peak_in_box,
-    rank_correlations,
-)
+from .metrics import MapScores, detection_scores, match_to_ground_truth, rank_correlations
 
 #: The protocols, by name (see the module docstring).
 PROTOCOLS = ('prior', 'matched')
@@ -258,13 +251,8 @@ def evaluate_image(engine: CAMEngine, image: ImageLike, gt_bboxes: np.ndarray,
         else:
             cams = np.zeros((0, *img.shape[:2]), np.float32)
         seconds = time.perf_counter() - start
-        record = dict(seconds=seconds, num_detections=len(dets), matched=(match >= 0).tolist(),
-                      blank=is_blank(cams).tolist() if len(cams) else [],
-                      pointing=peak_in_box(cams, match, gt_bboxes).tolist() if len(cams) else [],
-                      epg=energy_pointing_game(cams, match, gt_bboxes).tolist() if len(cams)
-                      else [],
-                      off_target=off_target_share(cams, match, gt_bboxes).tolist() if len(cams)
-                      else [],
+        record = dict(seconds=seconds, num_detections=len(dets),
+                      **detection_scores(cams, bboxes, match, gt_bboxes),
                       deletion_auc={}, insertion_auc={})
         for protocol in settings.protocols:
             if len(dets):
@@ -296,40 +284,42 @@ def _mean(values: Iterable[float]) -> Optional[float]:
 
 def summarize(records: Sequence[dict], settings: EvalSettings) -> Dict[str, dict]:
     """Per method, the numbers of ``mmdet-cam-eval``'s table and JSON from the records of
-    :func:`evaluate_image` (in image order).
+    :func:`evaluate_image` (in image order), through :class:`~.metrics.MapScores`, the
+    accumulator behind the hook's scalars too: every name means the same thing in both.
 
-    - ``pointing_game``: share of matched detections with a non-blank map whose peak lies in
-      the matched ground-truth box;
-    - ``energy_pointing_game``: mean share of the map's energy in that box;
-    - ``off_target_share``: mean share of the map's energy on other ground-truth objects;
-    - ``blank_share``: share of all detections whose map is all zero (excluded from the three
-      numbers above, never averaged in as 0; their deletion/insertion curves count, with the
-      pixels in random order, which is what a blank map is worth);
+    - ``energy_in_box``, ``pointing_game``, ``energy_pointing_game``, ``off_target_share``,
+      ``blank_share``: as :class:`~.metrics.MapScores` defines them, means over detections,
+      blank maps left out of the first four and counted in ``blank_share`` (their
+      deletion/insertion curves count, with the pixels in random order, which is what a blank
+      map is worth);
     - ``deletion_auc`` / ``insertion_auc``: ``{protocol: mean over detections}``;
     - ``num_detections``, ``num_matched`` (detections matched to ground truth, IoU >= 0.5);
     - ``seconds_per_image``: mean time to compute the method's maps for one image;
     - ``randomization_similarity`` (if the records have it): ``{stage: mean Spearman}``.
 
+    Args:
+        records (Sequence[dict]): :func:`evaluate_image`'s records, one per image.
+        settings (EvalSettings): The settings they were computed with.
+
     Returns:
         dict[str, dict]: ``{method: numbers}``; a number without data is None.
     """
     out = {}
+    curves = [(c, p) for p in settings.protocols for c in ('deletion_auc', 'insertion_auc')]
     for method in settings.all_methods:
         rows = [r[method] for r in records]
-        blank = [b for r in rows for b in r['blank']]
-        numbers = dict(
-            pointing_game=_mean(p for r in rows for p in r['pointing']),
-            energy_pointing_game=_mean(e for r in rows for e in r['epg']),
-            off_target_share=_mean(o for r in rows for o in r['off_target']),
-            blank_share=float(np.mean(blank)) if blank else None,
-            deletion_auc={p: _mean(a for r in rows for a in r['deletion_auc'][p])
-                          for p in settings.protocols},
-            insertion_auc={p: _mean(a for r in rows for a in r['insertion_auc'][p])
-                           for p in settings.protocols},
-            num_detections=len(blank),
-            num_matched=sum(sum(r['matched']) for r in rows),
-            seconds_per_image=_mean(r['seconds'] for r in rows),
-        )
+        scores = MapScores()
+        for row in rows:
+            scores.add(row, {f'{c}_{p}': row[c][p] for c, p in curves})
+        summary = scores.summary()
+        numbers = {name: summary.get(name) for name in (
+            'pointing_game', 'energy_pointing_game', 'off_target_share', 'blank_share',
+            'energy_in_box')}
+        numbers.update(
+            deletion_auc={p: summary.get(f'deletion_auc_{p}') for p in settings.protocols},
+            insertion_auc={p: summary.get(f'insertion_auc_{p}') for p in settings.protocols},
+            num_detections=scores.num_detections, num_matched=scores.num_matched,
+            seconds_per_image=_mean(r['seconds'] for r in rows))
         if rows and 'randomization' in rows[0]:
             stages = list(rows[0]['randomization'])
             numbers['randomization_similarity'] = {

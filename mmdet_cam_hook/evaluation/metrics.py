@@ -2,16 +2,22 @@
 as a count or per detection, and energy-based) against ground truth, the share on *other*
 objects, and blank maps.
 
-A blank map (all zero: the layer has no gradient path to the detection) explains nothing; it is
-counted by :func:`is_blank` and scores NaN in the energy-based numbers, so that means over many
-maps (``np.nanmean``) are not dragged towards 0 by it.
+A blank map (all zero: the layer has no gradient path to the detection) explains nothing and
+points nowhere. The one rule, wherever a number below is reported (the hook's scalars and
+``mmdet-cam-eval``'s table both come from :class:`MapScores`): a blank map is left out of
+``energy_in_box``, ``pointing_game``, ``energy_pointing_game`` and ``off_target_share`` (it
+scores NaN per detection, never 0, and is not counted as a miss) and is reported as its own
+number, ``blank_share``; its deletion/insertion AUCs count (with the pixels in random order,
+which is what a blank map is worth).
 
 Which pixels lie inside a box is :func:`~mmdet_cam_hook.cam.geometry.box_slices` (pixel centres
 inside the box), the one rule that renormalising, the ``box`` baseline and these numbers share.
 """
 from __future__ import annotations
 
+import math
 import numbers
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -74,8 +80,9 @@ def pointing_game(cams, bboxes, labels, gt_bboxes, gt_labels,
     :class:`~mmdet_cam_hook.CAMResult`). Each is matched greedily to the unmatched ground-truth
     box of the same class with the highest IoU, if that IoU is at least ``iou_thr``; every GT box
     is matched at most once. A matched detection is a hit when the peak of its map (the first
-    maximum in row-major order) lies inside its GT box; a blank map is a miss. Unmatched
-    detections are not counted. Unlike the original, there is no pixel tolerance around the box.
+    maximum in row-major order) lies inside its GT box. Unmatched detections and blank maps
+    (they point nowhere: counted in ``blank_share``, see the module docstring) are not counted.
+    Unlike the original, there is no pixel tolerance around the box.
 
     Args:
         cams (array-like): ``(K, H, W)`` non-negative maps, one per detection.
@@ -86,7 +93,8 @@ def pointing_game(cams, bboxes, labels, gt_bboxes, gt_labels,
         iou_thr (float): Minimum IoU for a match, in ``(0, 1]``. Defaults to 0.5.
 
     Returns:
-        tuple[int, int]: ``(hits, total)``, ``total`` being the number of matched detections.
+        tuple[int, int]: ``(hits, total)``, ``total`` being the number of matched detections
+        with a non-blank map.
 
     Raises:
         ValueError: If the shapes disagree, a map has negative or NaN values, or ``iou_thr`` is
@@ -97,20 +105,9 @@ def pointing_game(cams, bboxes, labels, gt_bboxes, gt_labels,
     if len(cams) != len(match):
         raise ValueError(f'`cams`, `bboxes` and `labels` must have the same length, got '
                          f'{len(cams)}, {len(match)} and {len(np.asarray(labels).reshape(-1))}')
-    gt_bboxes = _check_boxes(gt_bboxes, 'gt_bboxes')
-    width = cams.shape[2]
-    hits = total = 0
-    for cam, g in zip(cams, match):
-        if g < 0:
-            continue
-        total += 1
-        if cam.max() <= 0:
-            continue
-        y, x = divmod(int(np.argmax(cam)), width)
-        gx1, gy1, gx2, gy2 = gt_bboxes[g]
-        if gx1 <= x + 0.5 <= gx2 and gy1 <= y + 0.5 <= gy2:
-            hits += 1
-    return hits, total
+    points = peak_in_box(cams, match, gt_bboxes)
+    counted = ~np.isnan(points)
+    return int(points[counted].sum()), int(counted.sum())
 
 
 def is_blank(cams) -> np.ndarray:
@@ -298,3 +295,157 @@ def rank_correlations(maps: np.ndarray, others: np.ndarray) -> np.ndarray:
         elif (ra * ra).sum() > 0 or (rb * rb).sum() > 0:
             out[k] = 0.0
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One accumulator for every report
+#: Per-detection lists of :func:`detection_scores` (the keys of ``mmdet-cam-eval``'s records).
+SCORE_KEYS = ('blank', 'matched', 'energy_in_box', 'pointing', 'epg', 'off_target')
+
+
+def detection_scores(cams, bboxes, match=None, gt_bboxes=None) -> Dict[str, list]:
+    """The localisation numbers of K maps, per detection.
+
+    Args:
+        cams (array-like): ``(K, H, W)`` non-negative maps, one per detection.
+        bboxes (array-like): ``(K, 4)`` detection boxes in the maps' pixels.
+        match (array-like, optional): ``(K,)`` matched ground-truth index per detection, -1
+            for none (:func:`match_to_ground_truth`). Defaults to None (no ground truth).
+        gt_bboxes (array-like, optional): ``(G, 4)`` ground-truth boxes in the maps' pixels.
+            Defaults to None (no ground truth).
+
+    Returns:
+        dict[str, list]: For each key of :data:`SCORE_KEYS` a list of K values: ``blank`` and
+        ``matched`` (bool), ``energy_in_box`` (NaN for a blank map), ``pointing``
+        (:func:`peak_in_box`), ``epg`` (:func:`energy_pointing_game`) and ``off_target``
+        (:func:`off_target_share`), NaN where undefined (no ground truth, no match, blank).
+    """
+    cams = _check_cams(cams)
+    if len(cams) == 0:
+        return {key: [] for key in SCORE_KEYS}
+    blank = is_blank(cams)
+    energy = np.where(blank, np.nan, energy_in_box(cams, bboxes))
+    if match is None or gt_bboxes is None:
+        none = [math.nan] * len(cams)
+        return dict(blank=blank.tolist(), matched=[False] * len(cams),
+                    energy_in_box=energy.tolist(), pointing=none, epg=none, off_target=none)
+    match = np.asarray(match, np.int64).reshape(-1)
+    return dict(blank=blank.tolist(), matched=(match >= 0).tolist(),
+                energy_in_box=energy.tolist(),
+                pointing=peak_in_box(cams, match, gt_bboxes).tolist(),
+                epg=energy_pointing_game(cams, match, gt_bboxes).tolist(),
+                off_target=off_target_share(cams, match, gt_bboxes).tolist())
+
+
+def _finite_mean(values: Sequence[float]) -> Optional[float]:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+class MapScores:
+    """Accumulates the per-detection numbers of many images' maps and summarises them: the one
+    definition behind the hook's scalars and ``mmdet-cam-eval``'s table (torchcam's
+    ``update`` / ``summary`` pattern).
+
+    Every number is a mean over detections (not over images), with blank maps left out of the
+    localisation numbers and reported as ``blank_share`` (see the module docstring):
+
+    - ``energy_in_box``: mean share of a map's energy in its own detection box;
+    - ``pointing_game``: share of the detections matched to ground truth (IoU >= 0.5, same
+      class) with a non-blank map whose peak lies in the matched box;
+    - ``energy_pointing_game``: mean share of the map's energy in that box;
+    - ``off_target_share``: mean share of the map's energy on the other ground-truth objects;
+    - ``blank_share``: share of all detections whose map is all zero;
+    - each AUC passed to :meth:`update` (e.g. ``deletion_auc_prior``): its mean.
+
+    Example:
+        >>> scores = MapScores()
+        >>> scores.update(result.cams, result.bboxes, result.labels, gt_bboxes, gt_labels)
+        >>> scores.summary()  # {'energy_in_box': 0.61, 'pointing_game': 0.5, ...}
+
+    Attributes:
+        num_detections (int): Detections seen.
+        num_matched (int): Detections matched to ground truth.
+    """
+
+    def __init__(self) -> None:
+        self._values: Dict[str, List[float]] = {key: [] for key in SCORE_KEYS}
+        self._aucs: Dict[str, List[float]] = {}
+
+    @property
+    def num_detections(self) -> int:
+        return len(self._values['blank'])
+
+    @property
+    def num_matched(self) -> int:
+        return int(sum(self._values['matched']))
+
+    def update(self, cams, bboxes, labels=None, gt_bboxes=None, gt_labels=None,
+               aucs: Optional[Mapping[str, Sequence[float]]] = None) -> Dict[str, list]:
+        """Score one image's maps and add them.
+
+        Args:
+            cams (array-like): ``(K, H, W)`` non-negative maps, one per detection, in
+                descending score order.
+            bboxes (array-like): ``(K, 4)`` detection boxes in the maps' pixels.
+            labels (array-like, optional): ``(K,)`` detection classes (needed with ground
+                truth). Defaults to None.
+            gt_bboxes (array-like, optional): ``(G, 4)`` ground truth in the maps' pixels; None
+                when the image has none (then only ``energy_in_box`` and ``blank_share``).
+                Defaults to None.
+            gt_labels (array-like, optional): ``(G,)`` their classes. Defaults to None.
+            aucs (Mapping[str, Sequence[float]], optional): Per-detection curve numbers by name,
+                K values each. Defaults to None.
+
+        Returns:
+            dict[str, list]: The image's :func:`detection_scores`.
+
+        Raises:
+            ValueError: On shapes that disagree or maps with negative or NaN values.
+        """
+        match = None
+        if gt_bboxes is not None and gt_labels is not None:
+            match = match_to_ground_truth(bboxes, labels, gt_bboxes, gt_labels)
+        scores = detection_scores(cams, bboxes, match, gt_bboxes)
+        self.add(scores, aucs)
+        return scores
+
+    def add(self, scores: Mapping[str, Sequence], aucs: Optional[Mapping[str, Sequence[float]]]
+            = None) -> None:
+        """Add numbers already scored: one image's :func:`detection_scores` (as
+        ``mmdet-cam-eval``'s records hold them, e.g. gathered from other processes).
+
+        Args:
+            scores (Mapping[str, Sequence]): Per-detection lists, the keys of
+                :data:`SCORE_KEYS`, K values each.
+            aucs (Mapping[str, Sequence[float]], optional): Per-detection curve numbers by
+                name, K values each. Defaults to None.
+
+        Raises:
+            ValueError: If a list does not hold K values.
+        """
+        count = len(scores['blank'])
+        for name, values in [*((k, scores[k]) for k in SCORE_KEYS),
+                             *(aucs or {}).items()]:
+            if len(values) != count:
+                raise ValueError(f'`{name}` holds {len(values)} values for {count} detections')
+        for key in SCORE_KEYS:
+            self._values[key].extend(scores[key])
+        for name, values in (aucs or {}).items():
+            self._aucs.setdefault(name, []).extend(float(v) for v in values)
+
+    def summary(self) -> Dict[str, float]:
+        """The numbers that have data (see the class docstring).
+
+        Returns:
+            dict[str, float]: ``{name: value}``; a number without data (no detection, no match,
+            every map blank) is left out, never reported as 0.
+        """
+        values = self._values
+        out = dict(energy_in_box=_finite_mean(values['energy_in_box']),
+                   pointing_game=_finite_mean(values['pointing']),
+                   energy_pointing_game=_finite_mean(values['epg']),
+                   off_target_share=_finite_mean(values['off_target']),
+                   blank_share=float(np.mean(values['blank'])) if values['blank'] else None)
+        out.update({name: _finite_mean(v) for name, v in self._aucs.items()})
+        return {name: value for name, value in out.items() if value is not None}

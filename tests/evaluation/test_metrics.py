@@ -60,7 +60,7 @@ def pointing_case():
     - D0 class 0 on G0 (IoU 1), peak (1, 1) inside G0: hit.
     - D1 class 0, duplicate of D0: G0 is taken, G1 does not overlap: not counted.
     - D2 class 0 on G1 (IoU 12/16 = 0.75), peak (0, 0) outside G1: miss.
-    - D3 class 1 on G2 (IoU 1), blank map: miss.
+    - D3 class 1 on G2 (IoU 1), blank map: not counted (it points nowhere; ``blank_share``).
     - D4 class 1 with no overlapping GT of its class: not counted.
     """
     gt_bboxes = [[0, 0, 4, 4], [4, 4, 8, 8], [0, 4, 4, 8]]
@@ -73,13 +73,13 @@ def pointing_case():
 
 
 def test_pointing_game_golden():
-    assert pointing_game(*pointing_case()) == (1, 3)
+    assert pointing_game(*pointing_case()) == (1, 2)
 
 
 def test_pointing_game_iou_threshold():
     # D2's IoU of 0.75 no longer matches; exactly at the threshold still does.
-    assert pointing_game(*pointing_case(), iou_thr=0.8) == (1, 2)
-    assert pointing_game(*pointing_case(), iou_thr=0.75) == (1, 3)
+    assert pointing_game(*pointing_case(), iou_thr=0.8) == (1, 1)
+    assert pointing_game(*pointing_case(), iou_thr=0.75) == (1, 2)
 
 
 def test_pointing_game_class_must_match():
@@ -187,3 +187,88 @@ def test_peak_in_box_per_detection():
     out = peak_in_box(cams, [0, 0, 1, -1], gt)
     np.testing.assert_array_equal(out[:2], [1.0, 0.0])
     assert np.isnan(out[2]) and np.isnan(out[3])  # blank map, unmatched detection
+
+
+# ------------------------------------------------------------------ one accumulator, one rule
+def _eval_records(images, methods):
+    """``mmdet-cam-eval``'s records (as ``evaluate_image`` builds them) for given maps, the
+    same maps for every method."""
+    from mmdet_cam_hook.evaluation.metrics import detection_scores
+
+    records = []
+    for cams, bboxes, labels, gt, gt_labels, aucs in images:
+        match = match_to_ground_truth(bboxes, labels, gt, gt_labels)
+        record = dict(seconds=0.0, num_detections=len(cams),
+                      **detection_scores(cams, bboxes, match, gt),
+                      deletion_auc=dict(prior=aucs), insertion_auc=dict(prior=aucs))
+        records.append({method: record for method in methods})
+    return records
+
+
+def _hook_and_eval(images):
+    """The same maps through the hook's path (``MapScores.update``) and the evaluation's
+    (records -> ``summarize``)."""
+    from mmdet_cam_hook.evaluation.evaluate import EvalSettings, summarize
+    from mmdet_cam_hook.evaluation.metrics import MapScores
+
+    scores = MapScores()
+    for cams, bboxes, labels, gt, gt_labels, aucs in images:
+        scores.update(cams, bboxes, labels, gt, gt_labels,
+                      aucs=dict(deletion_auc_prior=aucs, insertion_auc_prior=aucs))
+    settings = EvalSettings(methods=['gradcam'], protocols=['prior'])
+    return scores.summary(), summarize(_eval_records(images, settings.all_methods),
+                                       settings)['gradcam']
+
+
+def test_blank_map_is_left_out_of_pointing_game_in_hook_and_eval():
+    """Two matched detections, one blank (issue 18 item 9: the hook said 0.5, the evaluation
+    1.0): both say 1.0 now, and both report the blank map as blank_share 0.5."""
+    gt = [[0, 0, 4, 4], [4, 4, 8, 8]]
+    cams = np.stack([peak_cam(1, 1), np.zeros((8, 8))])
+    hook, ev = _hook_and_eval([(cams, gt, [0, 0], gt, [0, 0], [0.2, 0.4])])
+    assert hook['pointing_game'] == ev['pointing_game'] == 1.0
+    assert hook['blank_share'] == ev['blank_share'] == 0.5
+    assert hook['energy_in_box'] == ev['energy_in_box'] == 1.0  # the blank map left out
+    assert hook['deletion_auc_prior'] == ev['deletion_auc']['prior'] == pytest.approx(0.3)
+    assert ev['num_detections'] == 2 and ev['num_matched'] == 2
+
+
+def test_every_map_blank_gives_no_pointing_game_in_hook_and_eval():
+    """Every map blank: no pointing game anywhere (the hook logged 0.000, the evaluation null),
+    blank_share 1; the AUCs still count."""
+    gt = [[0, 0, 4, 4]]
+    hook, ev = _hook_and_eval([(np.zeros((1, 8, 8)), gt, [0], gt, [0], [0.5])])
+    for name in ('pointing_game', 'energy_pointing_game', 'off_target_share', 'energy_in_box'):
+        assert name not in hook and ev[name] is None, name
+    assert hook['blank_share'] == ev['blank_share'] == 1.0
+    assert hook['insertion_auc_prior'] == ev['insertion_auc']['prior'] == 0.5
+
+
+def test_map_scores_are_means_over_detections_not_images():
+    """An image with 1 detection and one with 3: every number is the mean over the 4
+    detections (a mean of per-image means would weigh the lone detection 3x)."""
+    gt, cams = _two_objects()
+    boxes = np.array([[0, 0, 4, 4]] * 4, np.float64)
+    images = [(cams[:1], boxes[:1], [0], gt, [0, 1], [1.0]),
+              (cams[1:], boxes[1:], [1, 0, 0], gt, [0, 1], [0.0, 0.0, 0.0])]
+    hook, ev = _hook_and_eval(images)
+    for name in ('pointing_game', 'energy_pointing_game', 'off_target_share', 'blank_share',
+                 'energy_in_box'):
+        assert hook[name] == pytest.approx(ev[name]), name
+    assert hook['deletion_auc_prior'] == ev['deletion_auc']['prior'] == pytest.approx(0.25)
+    assert hook['blank_share'] == 0.25
+    # matched: image 1's detection (GT 0, EPG 1) and image 2's first class-0 one (GT 0, the
+    # background map: EPG 0); image 2's class-1 box misses GT 1 and its second class-0 box finds
+    # GT 0 taken
+    assert ev['num_matched'] == 2 and ev['energy_pointing_game'] == pytest.approx(0.5)
+
+
+def test_map_scores_without_ground_truth_and_bad_lengths():
+    from mmdet_cam_hook.evaluation.metrics import MapScores
+
+    scores = MapScores()
+    scores.update(diagonal_cam(), [[1, 1, 3, 3]])
+    assert scores.summary() == dict(energy_in_box=0.5, blank_share=0.0)
+    assert MapScores().summary() == {}
+    with pytest.raises(ValueError, match='`deletion_auc_prior` holds 2 values for 1 detections'):
+        scores.update(diagonal_cam(), [[1, 1, 3, 3]], aucs=dict(deletion_auc_prior=[0.1, 0.2]))

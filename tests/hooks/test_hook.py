@@ -26,6 +26,7 @@ from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
 
 from mmdet_cam_hook.demo.shapes import generate_shapes
+from mmdet_cam_hook.hooks import schedule
 from mmdet_cam_hook.hooks.cam_hook import DetCAMHook, YOLOXGradCAMHook
 from mmdet_cam_hook.testing import (
     TINY_METHODS,
@@ -382,7 +383,7 @@ def test_blank_maps_are_counted_and_faithfulness_is_logged(shapes, tmp_path):
     counted in ``blank_share`` and left out of the energy mean (never averaged in as 0); with
     ``faithfulness=True`` the deletion/insertion AUCs of the same maps are logged too."""
     from mmdet_cam_hook import CAMEngine
-    from mmdet_cam_hook.evaluation.evaluate import probe_faithfulness
+    from mmdet_cam_hook.evaluation.evaluate import image_seed, probe_faithfulness
     from mmdet_cam_hook.evaluation.metrics import energy_in_box, is_blank
     from mmdet_cam_hook.runtime.pipeline import test_pipeline_cfg
 
@@ -396,7 +397,7 @@ def test_blank_maps_are_counted_and_faithfulness_is_logged(shapes, tmp_path):
         res = engine.explain(image, methods=['hirescam'])['hirescam']
     blank = is_blank(res.cams)
     assert 0 < blank.sum() < len(res), res.levels  # detections on other levels are blank
-    faith = probe_faithfulness(engine, image, {'hirescam': res})
+    faith = probe_faithfulness(engine, image, {'hirescam': res}, seed=image_seed(0, 0))
 
     runner.val()
     rows = [json.loads(line) for line in
@@ -408,6 +409,67 @@ def test_blank_maps_are_counted_and_faithfulness_is_logged(shapes, tmp_path):
     for curve in ('deletion', 'insertion'):
         assert row[f'cam_val/hirescam_{curve}_auc_prior'] == pytest.approx(
             faith[f'hirescam_{curve}_auc_prior'], rel=1e-5)
+
+
+@pytest.mark.filterwarnings('ignore:.*no gradient path')  # the stride-32 layer, on purpose
+def test_hook_scalars_are_mmdet_cam_eval_numbers(shapes, tmp_path):
+    """The same probes through the hook (a stand-alone val run with ``faithfulness=True``) and
+    through ``mmdet-cam-eval``'s ``evaluate_image`` and ``summarize`` (same layer, score
+    threshold, top-k; the hook's curve settings): every number the hook logs is the
+    evaluation's, under the same name (issue 18 item 9). Probe 0's ground truth is set to the
+    boxes the model detects, so detections match; the stride-32 layer leaves the stride-8
+    detections' maps blank, so the blank rule is exercised; probe 1 keeps its own ground truth.
+    """
+    from mmdet_cam_hook import CAMEngine
+    from mmdet_cam_hook.evaluation.evaluate import EvalSettings, evaluate_image, summarize
+    from mmdet_cam_hook.runtime.data import ground_truth
+    from mmdet_cam_hook.runtime.pipeline import test_pipeline_cfg
+
+    methods, layer = ['hirescam'], 'neck.out_convs.2'
+    coco = json.loads(shapes.ann_file('val').read_text())
+    ann_file = tmp_path / 'val.json'
+    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(
+        probe_images=[0, 1], methods=methods, target_layers=layer, topk=12, faithfulness=True)])
+    cfg.val_dataloader.dataset.ann_file = str(ann_file)
+    cfg.val_evaluator.ann_file = str(ann_file)
+    runner = Runner.from_cfg(cfg)
+    engine = CAMEngine(unwrap_model(runner.model), target_layers=layer, score_thr=0.0,
+                       topk=12, test_pipeline=test_pipeline_cfg(runner.cfg),
+                       keep_input_cams=False)
+    image = coco['images'][0]
+    dets = engine.detect(str(shapes.img_dir('val') / image['file_name']))
+    cat_ids = sorted(c['id'] for c in coco['categories'])
+    coco['annotations'] = [a for a in coco['annotations'] if a['image_id'] != image['id']] + [
+        dict(id=10_000 + k, image_id=image['id'], category_id=cat_ids[int(label)], iscrowd=0,
+             bbox=[float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+             area=float((x2 - x1) * (y2 - y1)))
+        for k, ((x1, y1, x2, y2), label) in enumerate(zip(dets.bboxes.tolist(), dets.labels))
+    ]
+    ann_file.write_text(json.dumps(coco))
+
+    runner.val()
+    rows = [json.loads(line) for line in
+            (run_log_dir(runner) / 'vis_data' / 'scalars.json').read_text().splitlines()]
+    (row, ) = [r for r in rows if any(k.startswith('cam_val/') for k in r)]
+    dataset = runner.val_dataloader.dataset
+    settings = EvalSettings(methods=methods, protocols='prior', steps=10, fill='blur',
+                            batch_size=32, seed=0)  # the hook's probe settings
+    records = [evaluate_image(engine, *ground_truth(dataset, i), settings, index=i)
+               for i in (0, 1)]
+    summary = summarize(records, settings)
+    for method in methods:
+        numbers = summary[method]
+        assert 0 < numbers['blank_share'] < 1 and numbers['num_matched'] >= 1, numbers
+        expected = {name: numbers[name] for name in (
+            'energy_in_box', 'pointing_game', 'energy_pointing_game', 'off_target_share',
+            'blank_share')}
+        expected.update({f'{c}_prior': numbers[c]['prior']
+                         for c in ('deletion_auc', 'insertion_auc')})
+        logged = {k.split('/', 1)[1][len(method) + 1:]: v for k, v in row.items()
+                  if k.startswith(f'cam_val/{method}_')}
+        assert set(logged) == {k for k, v in expected.items() if v is not None}
+        for name, value in logged.items():
+            assert value == pytest.approx(expected[name], rel=1e-5, abs=1e-6), (method, name)
 
 
 # --------------------------------------------------------------------------- fail-soft, strict
@@ -609,13 +671,13 @@ def test_large_probe_is_explained_at_max_image_size(shapes, tmp_path):
     assert all(max(cv2.imread(str(p)).shape[:2]) <= 300 for p in pngs)
 
     hook = hooks_of(runner, DetCAMHook)[0]
-    assert list(hook._images) == [str(big)]  # decoded once, kept once
+    assert list(hook._probes.images) == [str(big)]  # decoded once, kept once
     full_map = 3000 * 2000 * 4
     hook.after_val_epoch(runner)  # warm-up: the allocator's first pages
     _, bounded = peak_memory(hook.after_val_epoch, runner)  # only the maps and panels count
     engine = CAMEngine(unwrap_model(runner.model), score_thr=0.0, topk=3,
                        test_pipeline=test_pipeline_cfg(runner.cfg))
-    results, unbounded = peak_memory(engine.explain, hook._images[str(big)], methods=METHODS)
+    results, unbounded = peak_memory(engine.explain, hook._probes.images[str(big)], methods=METHODS)
     assert len(results[METHODS[0]]) == 3
     assert unbounded > 3 * full_map, unbounded  # the reading sees full-size maps ...
     assert bounded < full_map, bounded  # ... and the hook made none
@@ -675,8 +737,7 @@ def test_validation_ordinal_replays_the_train_loop(tmp_path, train_cfg):
             self.seen = []
 
         def after_val_epoch(self, runner, metrics=None):
-            self.seen.append(
-                (DetCAMHook._step(runner), DetCAMHook._validation_ordinal(runner)))
+            self.seen.append((schedule.step(runner), schedule.validation_ordinal(runner)))
 
     spy = Spy()
     _toy_runner(tmp_path, train_cfg, spy).train()
