@@ -30,9 +30,8 @@ import sys
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
-import numpy as np
-
 from ..checks import UserError, fraction_arg, nonnegative_int_arg, positive_int_arg
+from ..runtime.data import ground_truth
 from ..runtime.io import write_atomically
 from .common import build_engine, load_config, load_model, resolve_config, resolve_device, run_main
 from .distributed import distributed_env, gather, join
@@ -135,19 +134,6 @@ def ground_truth_dataset(cfg, split: str):
     return dataset
 
 
-def sample(dataset, index: int) -> tuple[str, np.ndarray, np.ndarray]:
-    """``(image path, gt_bboxes (G, 4), gt_labels (G,))`` of one image, ignored boxes left
-    out."""
-    info = dataset.get_data_info(index)
-    boxes, labels = [], []
-    for inst in info.get('instances', []):
-        if not inst.get('ignore_flag', 0):
-            boxes.append(inst['bbox'])
-            labels.append(inst['bbox_label'])
-    return (info['img_path'], np.asarray(boxes, np.float64).reshape(-1, 4),
-            np.asarray(labels, np.int64))
-
-
 class _Setup(NamedTuple):
     """What the evaluation loop needs, built and checked before it starts."""
 
@@ -226,7 +212,7 @@ def _evaluate(setup: _Setup, args: argparse.Namespace, rank: int,
         for index in tqdm(range(rank, setup.total, world), unit='img', file=sys.stderr,
                           disable=rank != 0,
                           desc=PROG if world == 1 else f'{PROG} (rank 0 of {world})'):
-            path, gt_bboxes, gt_labels = sample(setup.dataset, index)
+            path, gt_bboxes, gt_labels = ground_truth(setup.dataset, index)
             try:
                 image = load_image(path)
             except (OSError, ValueError) as exc:  # missing, 0-byte, corrupt

@@ -144,12 +144,13 @@ def test_unreadable_image_is_skipped_and_counted(ws, capsys, tmp_path):
     JSON counts it (unreadable_images, unreadable_paths) and the exit code is 1."""
     from mmengine.config import Config
 
-    from mmdet_cam_hook.cli.eval import ground_truth_dataset, sample
+    from mmdet_cam_hook.cli.eval import ground_truth_dataset
+    from mmdet_cam_hook.runtime.data import ground_truth
 
     cfg = Config.fromfile(ws[1])
     images = tmp_path / 'images'
     shutil.copytree(cfg.val_dataloader.dataset.data_prefix.img, images)
-    broken = images / Path(sample(ground_truth_dataset(cfg, 'val'), 0)[0]).name
+    broken = images / Path(ground_truth(ground_truth_dataset(cfg, 'val'), 0).path).name
     broken.write_bytes(b'not an image')
     for key in ('val_dataloader', 'test_dataloader'):
         cfg[key].dataset.data_prefix = dict(img=str(images) + os.sep)

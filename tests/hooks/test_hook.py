@@ -301,7 +301,11 @@ def test_local_png_shows_a_heat_map(runs):
     assert hues.size > 0.2 * png.shape[0] * png.shape[1]
     blue = ((hues >= 100) & (hues <= 130)).mean()
     warm = ((hues <= 35) | (hues >= 170)).mean()
-    assert blue > 0.05 and warm > 0.01, (blue, warm)
+    # The peaks are small: the probe's boxes are 8 px tall on a 72x96 image. Renormalising
+    # takes the pixels whose centres lie in a box (geometry.box_slices, the metrics' rule since
+    # the restructure; before, every pixel a box touched), one row and column fewer here: warm
+    # was 0.011 with the old rule and is 0.0066 with it.
+    assert blue > 0.05 and warm > 0.004, (blue, warm)
 
 
 def test_summary_line_counts_what_each_backend_received(runs):
