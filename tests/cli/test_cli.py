@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mmdet_cam_hook import METHODS
-from mmdet_cam_hook.cli.cam import main
+from mmdet_cam_hook.cli.cam import build_parser, main
 from mmdet_cam_hook.testing import torchrun_beside
 
 REPO = Path(__file__).resolve().parents[2]
@@ -847,3 +847,32 @@ def test_out_dir_never_overwrites_inputs(tmp_path, capsys):
     assert main(['cfg.py', 'ckpt.pth', str(images / 'b*'), '--out-dir', str(images)]) == 1
     assert "config 'cfg.py' does not exist" in error_line(capsys.readouterr().err)
     assert {p.name: p.read_bytes() for p in images.iterdir()} == before
+
+
+def test_drise_masks_and_progress(ws, capsys, monkeypatch):
+    """issue 18 #11: --drise-masks sets D-RISE's cost (counted at the detector), and a long
+    D-RISE logs its progress (every PROGRESS_EVERY seconds; 0 here, so every batch)."""
+    from mmdet_cam_hook.cam import drise
+    from mmdet_cam_hook.runtime.detector import BatchedDetector
+
+    seen = []
+    outputs = BatchedDetector.outputs
+
+    def counting(self, images):
+        seen.append(len(images))
+        return outputs(self, images)
+
+    monkeypatch.setattr(BatchedDetector, 'outputs', counting)
+    monkeypatch.setattr(drise, 'PROGRESS_EVERY', 0.0)
+    monkeypatch.chdir(ws)
+    assert main(['yolox_nano_128.py', 'yolox.pth', 'street.jpg', '--out-dir', 'out_drise',
+                 '--method', 'drise', '--drise-masks', '40', '--topk', '1',
+                 '--device', 'cpu']) == 0
+    assert sum(n for n in seen if n > 1) == 40, seen  # masked images, batches of 16
+    err = capsys.readouterr().err
+    assert 'mmdet-cam: drise: 16/40 masked images' in err and '32/40' in err, err
+    # the seed tool's names: the combined map is {stem}_gradcam.jpg whatever the method
+    assert {p.name for p in (ws / 'out_drise').iterdir()} == {'street_gradcam.jpg',
+                                                              'street_det0_drise.jpg'}
+    assert build_parser(['gradcam', 'drise']).parse_args(
+        ['c.py', 'c.pth', 'i.jpg']).drise_masks == 1000

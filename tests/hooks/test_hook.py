@@ -331,6 +331,30 @@ def test_iteration_based_steps_and_interval(shapes, tmp_path):
     assert pngs == [f'cam_val_gradcam_{probe.name}_{step}.png' for step in (3, 4)]
 
 
+def test_drise_cost_is_the_methods_option(shapes, tmp_path, monkeypatch):
+    """issue 18 #11: D-RISE's cost is set in the config as the method's own option; the hook
+    runs exactly that many masked images per probe (counted at the detector)."""
+    from mmdet_cam_hook.runtime.detector import BatchedDetector
+
+    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(
+        methods=['gradcam', dict(type='drise', num_masks=24, batch_size=8)], probe_images=1)])
+    runner = Runner.from_cfg(cfg)
+    seen = []
+    outputs = BatchedDetector.outputs
+
+    def counting(self, images):
+        seen.append(len(images))
+        return outputs(self, images)
+
+    monkeypatch.setattr(BatchedDetector, 'outputs', counting)
+    runner.test()
+    hook = hooks_of(runner, DetCAMHook)[0]
+    assert hook.methods == ['gradcam', 'drise'] and hook._methods[1].num_masks == 24
+    pngs = sorted(p.name for p in (run_log_dir(runner) / 'vis_data' / 'vis_image').glob('cam_*'))
+    assert [p.split('_')[2] for p in pngs] == ['drise', 'gradcam']
+    assert seen.count(8) == 3, seen  # 24 masked images in batches of 8 (one probe)
+
+
 def test_test_only_run_uses_step_0_and_builds_no_train_loop(shapes, tmp_path):
     cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(methods='gradcam', probe_images=1)])
     runner = Runner.from_cfg(cfg)
@@ -760,6 +784,10 @@ def test_validation_ordinal_replays_the_train_loop(tmp_path, train_cfg):
      r"got 'gradcm'"),
     (dict(methods=[]), ValueError, r'`methods` must name at least one'),
     (dict(methods=['gradcam', 3]), TypeError, r'`methods` must be a str'),
+    (dict(methods=[dict(type='drise', num_mask=8)]), ValueError, r"num_mask.*num_masks"),
+    (dict(methods=dict(num_masks=8)), ValueError, r'`methods` as a dict needs a `type`'),
+    (dict(methods=dict(type='drise', num_masks=0)), ValueError, r'`num_masks` must be a '
+     r'positive int, got 0'),
     (dict(target_layers=[]), ValueError, r'`target_layers` must name at least one layer'),
     (dict(target_layers=3), TypeError, r'`target_layers` must be None, a layer name'),
     (dict(score_thr=1.5), ValueError, r'`score_thr` must be a number in \[0, 1\], got 1.5'),
