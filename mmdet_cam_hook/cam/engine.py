@@ -56,7 +56,8 @@ _CHUNK = 16
 
 
 class CAMEngine:
-    """Computes per-detection CAMs of a one-stage detector (see :func:`supported_heads`).
+    """Computes per-detection CAMs of any detector an adapter supports
+    (:func:`~mmdet_cam_hook.adapters.supported_heads`: one-stage, two-stage and DETR-like heads).
 
     Args:
         model (nn.Module): An mmdet detector with a supported ``bbox_head``, unwrapped, with

@@ -1,5 +1,5 @@
-"""``mmdet-cam``: per-detection CAMs of a detector checkpoint (any head with an adapter: YOLOX,
-RTMDet, RetinaNet, FCOS, ATSS, GFL, YOLOv3, ...) for an image, a folder or a glob.
+"""``mmdet-cam``: per-detection CAMs of a detector checkpoint (any head with an adapter:
+:func:`~mmdet_cam_hook.adapters.supported_detectors`) for an image, a folder or a glob.
 
 The arguments are the seed tool's (``config checkpoint img``, ``--out-dir``, ``--method``,
 ``--target-layers``, ``--score-thr``, ``--topk``, ``--device``, ``--renormalize``,
@@ -51,6 +51,7 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
+from ..adapters import supported_detectors
 from ..checks import UserError, fraction_arg, positive_int_arg
 from .common import build_engine, load_model, resolve_config, resolve_device, run_main
 from .distributed import distributed_env, gather, join
@@ -91,8 +92,8 @@ def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
         usage=f'{PROG} [options] config checkpoint img\n       {PROG} config [checkpoint] '
         '--list-layers',
         description='Per-detection class-activation maps (Grad-CAM and friends) for an '
-        'MMDetection checkpoint of a supported detector (YOLOX, RTMDet, RetinaNet, FCOS, ATSS, '
-        'GFL, YOLOv3, ...). Each detection is explained by its own score, with its head\'s '
+        f'MMDetection checkpoint of a supported detector ({", ".join(supported_detectors())}). '
+        'Each detection is explained by its own score, with its head\'s '
         'formula (e.g. sigmoid(cls) * sigmoid(obj) for YOLOX); by default on the neck output '
         'of its own FPN level.',
         epilog='Outputs per image: {stem}_gradcam.jpg (all maps, whatever --method), '
@@ -102,8 +103,8 @@ def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
         'light up other objects of the same class; hirescam and layercam stay on the instance. '
         'Several processes: torchrun --nproc_per_node P -m mmdet_cam_hook.cli ARGS splits the '
         'images between P processes (whole groups of one file stem each, so no file is written '
-        'twice; no communication between them); with --device cuda, each takes '
-        'cuda:LOCAL_RANK.')
+        'twice; they meet once, at the end, to report the job\'s total); with --device cuda, '
+        'each takes cuda:LOCAL_RANK.')
     parser.add_argument('config', help='Path to model config file (or a package path such as '
                         'mmdet::yolox/yolox_s_8xb8-300e_coco.py, or a config shipped with this '
                         'package such as mmdet_cam_hook::yolox_s_gradcam.py)')

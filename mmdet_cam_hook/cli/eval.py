@@ -84,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help='Seed of the baselines, tie-breaks, noise fill, drise masks and '
                         'randomisation. Defaults to %(default)s')
     parser.add_argument('--randomization', action='store_true',
-                        help='Also run the cascading model-randomisation check (head, neck, '
-                        'backbone) and report the rank correlation of the maps')
+                        help='Also run the cascading model-randomisation check (the model\'s '
+                        'stages from the head back, as its adapter names them: head, neck, '
+                        'backbone for dense heads; roi_head, rpn_head, ... for two-stage ones) '
+                        'and report the rank correlation of the maps')
     parser.add_argument('--score-thr', type=fraction_arg, default=0.3,
                         help='Detection score threshold. Defaults to %(default)s')
     parser.add_argument('--topk', type=positive_int_arg, default=None,

@@ -1,6 +1,6 @@
 """``DetCAMHook``: per-detection CAMs of a fixed probe set at every validation, for any
-detector :func:`~mmdet_cam_hook.adapters.build_adapter` supports (YOLOX, RTMDet, RetinaNet,
-FCOS, ATSS, GFL, YOLOv3).
+detector an adapter supports (:func:`~mmdet_cam_hook.adapters.supported_heads`; the README's
+table is generated from the same registry).
 
 MMEngine glue only: the maps come from :class:`~mmdet_cam_hook.CAMEngine`, the panels from
 :func:`..visualization.render.render_panel` and the numbers from
@@ -45,8 +45,9 @@ from .probes import Probe, ProbeSet, ProbeSpec, safe_name
 class DetCAMHook(Hook):
     """Log per-detection CAMs of fixed probe images after every validation (and test).
 
-    Works for every detector whose head an adapter supports (``build_adapter``: YOLOX, RTMDet,
-    RetinaNet, FCOS, ATSS, GFL, YOLOv3); ``type='YOLOXGradCAMHook'`` builds this same class.
+    Works for every detector whose head an adapter supports
+    (:func:`~mmdet_cam_hook.adapters.supported_heads`); ``type='YOLOXGradCAMHook'`` builds this
+    same class.
 
     For each probe image and CAM method it logs one panel through ``runner.visualizer``, so
     every configured backend receives it: the original, the detections (with ground-truth boxes
