@@ -32,9 +32,10 @@ from ..cam.layers import resolve_layers
 from ..cam.methods import METHODS, CAMMethod, methods_from
 from ..checks import check_bool, check_int, check_max_size, check_score_thr, check_topk
 from ..evaluation.evaluate import image_seed, probe_faithfulness
-from ..evaluation.metrics import MapScores
+from ..evaluation.metrics import MapScores, match_to_ground_truth
 from ..runtime.pipeline import test_pipeline_cfg
 from ..runtime.state import preserved_rng
+from ..visualization.cards import render_cards
 from ..visualization.delivery import Delivery
 from ..visualization.render import render_panel
 from . import schedule
@@ -49,10 +50,13 @@ class DetCAMHook(Hook):
     (:func:`~mmdet_cam_hook.adapters.supported_heads`); ``type='YOLOXGradCAMHook'`` builds this
     same class.
 
-    For each probe image and CAM method it logs one panel through ``runner.visualizer``, so
-    every configured backend receives it: the original, the detections (with ground-truth boxes
-    for dataset probes), the combined CAM overlay and one overlay per detection, labelled with
-    class names and scores. The same probe images are used at every validation, so the maps can
+    For each probe image and CAM method it logs, through every backend of
+    ``runner.visualizer``: to ``LocalVisBackend`` one full-resolution panel (the original, the
+    detections with ground-truth boxes for dataset probes, the combined CAM overlay and one
+    overlay per detection, labelled with class names and scores); to the image backends
+    (TensorBoard, W&B, MLflow, any other) cards drawn for their ~330 px-wide default view
+    (:mod:`..visualization.cards`): an overview and one card per detection.
+    The same probe images are used at every validation, so the maps can
     be compared epoch after epoch. It also logs, per method, the numbers of
     :class:`~..evaluation.metrics.MapScores` over all probes' detections, on the maps before
     ``renormalize``, named as in ``mmdet-cam-eval`` (the same definitions):
@@ -62,7 +66,12 @@ class DetCAMHook(Hook):
 
     Image names are ``cam_{val|test}_{method}_{probe}``: no ``/`` (LocalVisBackend writes nothing
     for it), ``+`` spelled ``p`` (MLflow gets ``{name}_{step}.png``; W&B ignores ``step``:
-    :class:`~..visualization.delivery.Delivery`). The step is the epoch for epoch-based
+    :class:`~..visualization.delivery.Delivery`). The cards are ``{name}/{slot}``, grouped
+    under ``name`` by TensorBoard and W&B: ``all`` (the overview), then per detection ``gt_j``
+    when it matched ground-truth box ``j`` of a dataset probe (so the card follows one object
+    from validation to validation), ``fp_r`` for the other detections of a dataset probe and
+    ``det_r`` (rank ``r`` by score) on a probe without ground truth
+    (:func:`~..visualization.cards.detection_slots`). The step is the epoch for epoch-based
     training (as LoggerHook logs validation metrics), the iteration for iteration-based
     training, and 0 in a stand-alone ``val``/``test`` run.
 
@@ -128,11 +137,11 @@ class DetCAMHook(Hook):
             first); bounds the time per validation. None explains all. Defaults to 10.
         renormalize (bool): Show each map min-max scaled inside its own box and zeroed outside.
             Defaults to False.
-        max_detection_tiles (int): Per-detection overlays drawn in each panel (highest scores
-            first); 0 draws only the original, the detections and the combined map. Defaults
-            to 4.
-        max_image_size (int, optional): Longer side, in pixels, of a logged panel and of the
-            maps computed for it: a 6000x4000 probe is explained at this size (the detector
+        max_detection_tiles (int): Per-detection overlays drawn in each panel, and cards sent
+            to the image backends (highest scores first); 0 draws only the original, the
+            detections and the combined map (the overview card). Defaults to 4.
+        max_image_size (int, optional): Longer side, in pixels, of a logged panel or card and of
+            the maps computed for it: a 6000x4000 probe is explained at this size (the detector
             still sees the whole image), so one probe's maps are K float32 maps of at most
             ``max_image_size`` pixels a side. None keeps the full size. Defaults to 1600.
         strict (bool): Raise run-time errors (a failing probe or backend) instead of logging a
@@ -371,11 +380,25 @@ class DetCAMHook(Hook):
             aucs = {f'{c}_auc_prior': [faith[f'{method}_{c}_auc_prior']] * len(result)
                     for c in ('deletion', 'insertion') if f'{method}_{c}_auc_prior' in faith}
             numbers[method] = (image_scores, aucs)
-            panel = render_panel(result.renormalized() if self.renormalize else result,
-                                 class_names=class_names, max_detections=self.max_detection_tiles,
-                                 max_size=self.max_image_size, gt_bboxes=gt_bboxes)
-            log.add_image(f'cam_{mode}_{safe_name(method)}_{probe.name}', panel, step)
+            self._log_views(log, f'cam_{mode}_{safe_name(method)}_{probe.name}',
+                            result.renormalized() if self.renormalize else result, probe,
+                            gt_bboxes, class_names, step)
         return numbers
+
+    def _log_views(self, log: Delivery, name: str, result, probe: Probe, gt_bboxes,
+                   class_names: Optional[Sequence[str]], step: int) -> None:
+        """The full panel for local files, the cards (an overview and one per detection, with
+        slots named by the ground-truth box they matched, :func:`..visualization.cards.
+        detection_slots`) for the other backends."""
+        panel = render_panel(result, class_names=class_names,
+                             max_detections=self.max_detection_tiles,
+                             max_size=self.max_image_size, gt_bboxes=gt_bboxes)
+        match = None if gt_bboxes is None else match_to_ground_truth(
+            result.bboxes, result.labels, gt_bboxes, probe.gt_labels)
+        cards = render_cards(result, class_names=class_names,
+                             max_detections=self.max_detection_tiles,
+                             max_size=self.max_image_size, gt_bboxes=gt_bboxes, match=match)
+        log.add_views(name, panel, cards, step)
 
     def _report(self, runner, mode: str, step: int, explained: int, probes: int,
                 log: Delivery, seconds: float, scalars: Dict[str, float]) -> None:
