@@ -47,7 +47,7 @@ CARD_LABEL_PX = cv2.getTextSize('H', _FONT, CARD_FONT_SCALE, CARD_FONT_THICKNESS
 #: Slot name of the overview card (sorts before the detection slots).
 OVERVIEW_SLOT = 'all'
 _PAD = 4
-_DASH = (6, 4)  # dash and gap lengths of a dashed line
+_DASH = (6, 6)  # dash and gap lengths of a dashed line
 
 
 def detection_slots(count: int, match=None) -> List[str]:
