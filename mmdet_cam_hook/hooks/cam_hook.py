@@ -389,15 +389,18 @@ class DetCAMHook(Hook):
                    class_names: Optional[Sequence[str]], step: int) -> None:
         """The full panel for local files, the cards (an overview and one per detection, with
         slots named by the ground-truth box they matched, :func:`..visualization.cards.
-        detection_slots`) for the other backends."""
-        panel = render_panel(result, class_names=class_names,
-                             max_detections=self.max_detection_tiles,
-                             max_size=self.max_image_size, gt_bboxes=gt_bboxes)
-        match = None if gt_bboxes is None else match_to_ground_truth(
-            result.bboxes, result.labels, gt_bboxes, probe.gt_labels)
-        cards = render_cards(result, class_names=class_names,
-                             max_detections=self.max_detection_tiles,
-                             max_size=self.max_image_size, gt_bboxes=gt_bboxes, match=match)
+        detection_slots`) for the other backends; each drawn only if a backend takes it."""
+        panel, cards = None, {}
+        if log.needs_panel:
+            panel = render_panel(result, class_names=class_names,
+                                 max_detections=self.max_detection_tiles,
+                                 max_size=self.max_image_size, gt_bboxes=gt_bboxes)
+        if log.needs_cards:
+            match = None if gt_bboxes is None else match_to_ground_truth(
+                result.bboxes, result.labels, gt_bboxes, probe.gt_labels)
+            cards = render_cards(result, class_names=class_names,
+                                 max_detections=self.max_detection_tiles,
+                                 max_size=self.max_image_size, gt_bboxes=gt_bboxes, match=match)
         log.add_views(name, panel, cards, step)
 
     def _report(self, runner, mode: str, step: int, explained: int, probes: int,

@@ -101,7 +101,17 @@ class Delivery:
         for key, backend in self.backends.items():
             self._send(key, name, lambda b=backend: self._image_to(b, name, panel, step))
 
-    def add_views(self, name: str, panel: np.ndarray, cards: Dict[str, np.ndarray],
+    @property
+    def needs_panel(self) -> bool:
+        """Whether a backend takes the full panel (a ``LocalVisBackend``)."""
+        return any(isinstance(b, LocalVisBackend) for b in self.backends.values())
+
+    @property
+    def needs_cards(self) -> bool:
+        """Whether a backend takes the cards (any backend but ``LocalVisBackend``)."""
+        return any(not isinstance(b, LocalVisBackend) for b in self.backends.values())
+
+    def add_views(self, name: str, panel: Optional[np.ndarray], cards: Dict[str, np.ndarray],
                   step: int) -> None:
         """Send one probe's views: the full panel to ``LocalVisBackend`` (the PNG people open),
         the cards (:func:`.cards.render_cards`) to every other backend, as ``{name}/{slot}``:
@@ -111,8 +121,10 @@ class Delivery:
 
         Args:
             name (str): The probe's and method's name (no ``/``).
-            panel (np.ndarray): The full panel, ``(H, W, 3)`` uint8 **BGR**.
-            cards (dict[str, np.ndarray]): The cards by slot name, uint8 **BGR**.
+            panel (np.ndarray, optional): The full panel, ``(H, W, 3)`` uint8 **BGR**; may be
+                None when no backend :attr:`needs_panel`.
+            cards (dict[str, np.ndarray]): The cards by slot name, uint8 **BGR**; may be empty
+                when no backend :attr:`needs_cards`.
             step (int): The step.
         """
         full = Panel(panel)

@@ -182,6 +182,10 @@ def test_delivery_sends_the_panel_local_and_the_cards_to_tensorboard(tmp_path):
         assert event.step == 3
         np.testing.assert_array_equal(decoded, card)
     assert log.delivered() == 'LocalVisBackend 1/1, TensorboardVisBackend 1/1'
+    assert log.needs_panel and log.needs_cards
+    local_only = Visualizer(name='local', save_dir=str(tmp_path / 'local'),
+                            vis_backends=[dict(type='LocalVisBackend')])
+    assert Delivery(local_only).needs_panel and not Delivery(local_only).needs_cards
 
 
 def test_draw_box_outlines_in_black():
