@@ -71,7 +71,8 @@ class DetCAMHook(Hook):
     when it matched ground-truth box ``j`` of a dataset probe (so the card follows one object
     from validation to validation), ``fp_r`` for the other detections of a dataset probe and
     ``det_r`` (rank ``r`` by score) on a probe without ground truth
-    (:func:`~..visualization.cards.detection_slots`). The step is the epoch for epoch-based
+    (:func:`~..visualization.cards.detection_slots`); MLflow stores them as
+    ``{name}/{slot}_{step}.png``. The step is the epoch for epoch-based
     training (as LoggerHook logs validation metrics), the iteration for iteration-based
     training, and 0 in a stand-alone ``val``/``test`` run.
 
