@@ -30,7 +30,7 @@ def yolox_config(size: str = 'nano', input_size: int = 128, num_classes: int = 3
     cfg.model.test_cfg.score_thr = 0.0
     for key in ('test_dataloader', 'val_dataloader'):
         for t in cfg[key].dataset.pipeline:
-            if t.type == 'Resize':
+            if t.type in ('Resize', 'FixScaleResize'):
                 t.scale = (input_size, input_size)
     return cfg
 
@@ -77,7 +77,7 @@ def detector_config(config: str, input_size: int = 128, num_classes: int = 3,
     _drop_pretrained(cfg.model)
     for key in ('test_dataloader', 'val_dataloader'):
         for t in cfg[key].dataset.pipeline:
-            if t.type == 'Resize':
+            if t.type in ('Resize', 'FixScaleResize'):
                 t.scale = (input_size, input_size)
             elif t.type == 'Pad' and t.get('size') is not None:
                 t.size = (input_size, input_size)

@@ -1,0 +1,78 @@
+"""Text-prompted detectors for offline tests: a tiny BERT made with ``transformers``' own
+classes and saved into a folder, and mmdet's Grounding DINO config pointed at it.
+
+Nothing is downloaded: mmdet's configs name ``bert-base-uncased`` (fetched from the Hugging
+Face hub); here the tokenizer is a ``BertTokenizer`` over a vocabulary file the test writes and
+the text encoder a random 2-layer ``BertModel``, both ``save_pretrained`` into ``folder``, so
+mmdet's real language-model code runs on a real (tiny, random) encoder.
+"""
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+#: Words of the tiny vocabulary (after BERT's special tokens): the shapes demo's classes, the
+#: tests' prompts, and mmdet's separators.
+WORDS = ('.', ',', '?', 'a', 'the', 'red', 'blue', 'green', 'car', 'person', 'dog', 'cat',
+         'circle', 'square', 'triangle', 'object', 'thing', 'big', 'small', 'class')
+
+GROUNDING_DINO = 'grounding_dino/grounding_dino_r50_scratch_8xb2_1x_coco.py'
+#: Grounding DINO shrunk for CPU tests (the adapter reads the head's outputs, not the widths).
+SMALL_GROUNDING = {'model.backbone.depth': 18, 'model.backbone.base_channels': 16,
+                   'model.neck.in_channels': [32, 64, 128], 'model.num_queries': 30,
+                   'model.test_cfg.max_per_img': 30, 'model.encoder.num_layers': 2,
+                   'model.decoder.num_layers': 2, 'model.encoder.num_cp': 0}
+
+
+def tiny_bert(folder, words: Sequence[str] = WORDS, hidden_size: int = 32,
+              seed: int = 0) -> str:
+    """Save a random 2-layer BERT and its tokenizer into ``folder``.
+
+    Args:
+        folder (str | PathLike): Where to save (created).
+        words (Sequence[str]): The vocabulary after ``[PAD] [UNK] [CLS] [SEP] [MASK]``.
+        hidden_size (int): The encoder's width. Defaults to 32.
+        seed (int): Seed of the random weights. Defaults to 0.
+
+    Returns:
+        str: ``folder``, for a config's ``lang_model_name``.
+    """
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / 'vocab.txt'
+    vocab.write_text('\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', *words]) + '\n')
+    BertTokenizer(str(vocab)).save_pretrained(str(folder))
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(words) + 5, hidden_size=hidden_size,
+                        num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=2 * hidden_size, max_position_embeddings=256)
+    BertModel(config, add_pooling_layer=False).save_pretrained(str(folder))
+    return str(folder)
+
+
+def build_grounding_dino(bert: str, input_size: int = 128, seed: int = 0,
+                         cfg_options: Optional[dict] = None,
+                         classes: Sequence[str] = ('red car', 'person', 'dog')) -> torch.nn.Module:
+    """A random-init Grounding DINO from mmdet's own config with the tiny BERT at ``bert`` (see
+    :func:`tiny_bert`), shrunk (:data:`SMALL_GROUNDING`), ``.cfg`` set and ``dataset_meta``'s
+    classes ``classes``, in eval mode.
+
+    Args:
+        bert (str): Folder of the saved BERT and tokenizer.
+        input_size (int): The test pipeline's resize. Defaults to 128.
+        seed (int): Seed of the random init. Defaults to 0.
+        cfg_options (dict, optional): More config overrides.
+        classes (Sequence[str]): The model's class names (its default prompt).
+
+    Returns:
+        nn.Module: The detector.
+    """
+    from . import build_detector
+
+    options = {**SMALL_GROUNDING, 'model.language_model.name': bert, **(cfg_options or {})}
+    model = build_detector(GROUNDING_DINO, input_size=input_size, seed=seed,
+                           cfg_options=options, num_classes=len(classes))
+    model.dataset_meta = dict(classes=tuple(classes))
+    return model

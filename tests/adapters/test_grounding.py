@@ -1,0 +1,130 @@
+"""Text-prompted detectors: Grounding DINO from mmdet's own config with a tiny BERT built and
+saved here with ``transformers`` (nothing downloaded), at 128 px.
+
+For two prompts (a caption and a list of phrases): the adapter is chosen from the head, the
+decoding equals ``model.predict`` with the same ``text`` (boxes, phrase labels, scores, order),
+each score re-read on the live outputs equals the decoded one, and every method's maps equal
+grad-cam's class run once per detection on that detection's score. Torch runs at one thread.
+"""
+import numpy as np
+import pytest
+import torch
+
+from mmdet_cam_hook import METHODS, CAMEngine
+from mmdet_cam_hook.adapters import build_adapter
+from mmdet_cam_hook.adapters.grounding import GroundingDINOAdapter, phrases_of
+from mmdet_cam_hook.runtime.pipeline import preprocess
+from mmdet_cam_hook.testing import build_yolox, synthetic_image
+from mmdet_cam_hook.testing.reference import reference_input_cams
+
+pytest.importorskip('transformers', reason='the multimodal extra (transformers) is missing')
+
+from mmdet_cam_hook.testing.text import build_grounding_dino, tiny_bert  # noqa: E402
+
+LEVELS = ['neck.convs.0', 'neck.convs.1', 'neck.convs.2', 'neck.extra_convs.0']
+CAM_METHODS = [m for m in sorted(METHODS) if not getattr(METHODS[m], 'black_box', False)]
+PROMPTS = ['red car . person', ['blue circle', 'dog', 'person', 'small thing']]
+
+
+@pytest.fixture(scope='module')
+def model(tmp_path_factory):
+    torch.set_num_threads(1)
+    bert = tiny_bert(tmp_path_factory.mktemp('bert'))
+    return build_grounding_dino(bert)
+
+
+def _image():
+    return synthetic_image(100, 140, seed=3)  # resized to 91 x 128: scale_factor != 1
+
+
+def _predict(model, inputs, meta, texts):
+    from mmdet.structures import DetDataSample
+
+    text = texts if isinstance(texts, str) else ' . '.join(texts)
+    sample = DetDataSample(metainfo=dict(meta, text=text, custom_entities=True))
+    with torch.no_grad():
+        return model.predict(inputs, [sample])[0].pred_instances
+
+
+def test_adapter_and_prompt(model):
+    adapter = build_adapter(model)
+    assert type(adapter) is GroundingDINOAdapter
+    assert adapter.level_layers() == LEVELS
+    assert adapter.prompt == ['red car', 'person', 'dog']  # the model's classes by default
+    engine = CAMEngine(model, score_thr=0.0, texts='red car . person')
+    assert engine.phrases == ['red car', 'person']
+    assert [(layer.name, layer.route) for layer in engine.layers] == \
+        [(n, 'exact') for n in LEVELS]
+    engine.explain(_image(), texts=['dog'], methods=['gradcam'])
+    assert engine.phrases == ['red car', 'person'], 'a call\'s prompt is restored after it'
+    assert set(adapter.stages()) == {'head', 'language', 'decoder', 'encoder', 'neck',
+                                     'backbone'}
+    assert adapter.stages()['language'] == ['language_model', 'text_feat_map']
+
+
+@pytest.mark.parametrize('texts', [3, ['red', 4], ' . . ', []])
+def test_bad_prompts_are_refused(texts):
+    with pytest.raises((TypeError, ValueError), match='texts'):
+        phrases_of(texts)
+
+
+def test_texts_refused_for_a_detector_without_prompt():
+    with pytest.raises(ValueError, match='`texts` is for text-prompted detectors.*YOLOXHead'):
+        CAMEngine(build_yolox(), texts='a car')
+
+
+def test_a_prompt_is_required(model):
+    meta = model.dataset_meta
+    model.dataset_meta = {}
+    try:
+        with pytest.raises(ValueError, match='text-prompted detector and has no prompt'):
+            CAMEngine(model)
+    finally:
+        model.dataset_meta = meta
+
+
+@pytest.mark.parametrize('texts', PROMPTS, ids=['caption', 'phrases'])
+def test_detections_equal_model_predict(model, texts):
+    engine = CAMEngine(model, score_thr=0.0, texts=texts)
+    image = _image()
+    dets = engine.detect(image)
+    inputs, meta = preprocess(model, engine.pipeline, image)
+    pred = _predict(model, inputs, meta, texts)
+    assert len(dets) == len(pred) == 30
+    assert torch.equal(dets.bboxes, pred.bboxes)
+    assert torch.equal(dets.scores, pred.scores)
+    assert torch.equal(dets.labels, pred.labels)
+    assert set(dets.labels.tolist()) <= set(range(len(phrases_of(texts))))
+    adapter = engine.adapter
+    outs = adapter.head_outputs(adapter.features(inputs), [meta])
+    scores = adapter.scores(outs, dets)
+    assert scores.requires_grad
+    torch.testing.assert_close(scores, dets.scores, rtol=0, atol=1e-6)
+    tokens = adapter.token_scores(outs, dets)
+    torch.testing.assert_close(torch.stack([t.mean() for t in tokens]), dets.scores,
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('texts', PROMPTS, ids=['caption', 'phrases'])
+def test_maps_equal_grad_cam(model, texts):
+    """Default layers (all neck outputs, averaged), exact route: each map equals grad-cam's
+    class run on that detection's (query, phrase) score, for the two top detections, every
+    CAM method but HiResCAM: on this random-init model its map, sum over channels of gradient
+    x activation, is ~1e-8 where the terms are ~0.07 (they cancel to 1.5e-7 of their size,
+    below float32's precision), so two float32 computations of it differ by up to 0.1 after
+    min-max scaling; measured, not a property of trained models."""
+    engine = CAMEngine(model, score_thr=0.0, topk=2, texts=texts)
+    image = _image()
+    results = engine.explain(image, methods=[m for m in CAM_METHODS if m != 'hirescam'])
+    inputs, meta = preprocess(model, engine.pipeline, image)
+    dets = engine.detect(image)
+    for method, res in results.items():
+        assert res.layers == [LEVELS] * 2
+        np.testing.assert_array_equal(dets.scores[:2].numpy(), res.scores)
+        try:
+            ref = reference_input_cams(model, inputs, method, res.layers,
+                                       dets.select(slice(0, 2)), meta, texts=texts)
+        finally:
+            model.zero_grad(set_to_none=True)
+        np.testing.assert_allclose(res.input_cams, ref, atol=1e-4, err_msg=method)
+        assert (res.cams.reshape(2, -1).max(1) > 0).all(), method
