@@ -220,6 +220,16 @@ class CAMEngine:
     def _reach(self) -> dict:
         return self.routes.reach
 
+    @staticmethod
+    def takes_texts(model: nn.Module) -> bool:
+        """Whether ``model`` is a text-prompted detector (its adapter takes ``texts=``); no
+        forward pass.
+
+        Raises:
+            ValueError: On a head no adapter supports.
+        """
+        return hasattr(build_adapter(model), 'set_prompt')
+
     @property
     def phrases(self) -> Optional[List[str]]:
         """The prompt's phrases of a text-prompted detector, in label order (the labels'

@@ -240,6 +240,7 @@ TINY_CONFIGS = {
     'yolox': 'yolox/yolox_nano_8xb8-300e_coco.py',
     'rtmdet': 'rtmdet/rtmdet_tiny_8xb32-300e_coco.py',
     'faster-rcnn': 'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
+    'grounding-dino': 'grounding_dino/grounding_dino_r50_scratch_8xb2_1x_coco.py',
 }
 #: How :func:`tiny_cfg` shrinks Faster R-CNN (as tests/test_two_stage.py does): ResNet-18, few
 #: proposals and sampled RoIs.

@@ -76,3 +76,35 @@ def build_grounding_dino(bert: str, input_size: int = 128, seed: int = 0,
                            cfg_options=options, num_classes=len(classes))
     model.dataset_meta = dict(classes=tuple(classes))
     return model
+
+
+def tiny_grounding_cfg(data, work_dir, bert: str, **kwargs):
+    """:func:`~mmdet_cam_hook.testing.tiny_cfg` for a Grounding DINO fine-tuning run on the
+    shapes data set, prompted as mmdet's own configs prompt it: the datasets return their class
+    names (``return_classes=True``: each sample's ``text``, ``custom_entities``), which
+    ``PackDetInputs`` keeps; the model shrunk (:data:`SMALL_GROUNDING`) with the tiny BERT at
+    ``bert``.
+
+    Args:
+        data (ShapesDataset): A generated dataset (:func:`..demo.shapes.generate_shapes`).
+        work_dir (str | PathLike): The runner's work_dir.
+        bert (str): Folder of the saved BERT (:func:`tiny_bert`).
+        **kwargs: More :func:`~mmdet_cam_hook.testing.tiny_cfg` arguments.
+
+    Returns:
+        Config: The run's config.
+    """
+    from . import tiny_cfg
+
+    cfg = tiny_cfg(data, work_dir, detector='grounding-dino', **kwargs)
+    cfg.merge_from_dict({**SMALL_GROUNDING, 'model.language_model.name': bert})
+    cfg.optim_wrapper.optimizer.lr = 1e-4
+    train = cfg.train_dataloader.dataset
+    for dataset in (train, cfg.val_dataloader.dataset):
+        dataset.return_classes = True
+        pack = dataset.pipeline[-1]
+        keys = pack.get('meta_keys', ('img_id', 'img_path', 'ori_shape', 'img_shape',
+                                      'scale_factor', 'flip', 'flip_direction'))
+        pack.meta_keys = (*keys, 'text', 'custom_entities')
+    cfg.test_dataloader = cfg.val_dataloader
+    return cfg
