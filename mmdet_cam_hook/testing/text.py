@@ -108,3 +108,25 @@ def tiny_grounding_cfg(data, work_dir, bert: str, **kwargs):
         pack.meta_keys = (*keys, 'text', 'custom_entities')
     cfg.test_dataloader = cfg.val_dataloader
     return cfg
+
+
+GLIP = 'glip/glip_atss_swin-t_a_fpn_dyhead_pretrain_obj365.py'
+#: GLIP shrunk for CPU tests: a 1-1-1-1 Swin of 16 channels, one DyHead block.
+SMALL_GLIP = {'model.backbone.embed_dims': 16, 'model.backbone.depths': [1, 1, 1, 1],
+              'model.backbone.num_heads': [1, 1, 2, 2], 'model.neck.in_channels': [32, 64, 128],
+              'model.bbox_head.num_dyhead_blocks': 4}
+
+
+def build_glip(bert: str, input_size: int = 128, seed: int = 0,
+               classes: Sequence[str] = ('red car', 'person', 'dog')) -> torch.nn.Module:
+    """A random-init GLIP from mmdet's own config with the tiny BERT at ``bert`` as its language
+    model and its head's fusion layers' config, shrunk (:data:`SMALL_GLIP`), like
+    :func:`build_grounding_dino`."""
+    from . import build_detector
+
+    options = {**SMALL_GLIP, 'model.language_model.name': bert,
+               'model.bbox_head.lang_model_name': bert}
+    model = build_detector(GLIP, input_size=input_size, seed=seed, cfg_options=options,
+                           num_classes=len(classes))
+    model.dataset_meta = dict(classes=tuple(classes))
+    return model
