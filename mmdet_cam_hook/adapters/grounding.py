@@ -21,7 +21,8 @@ mixes them; GLIP's DyHead blocks attend across neighbouring levels, six blocks d
 level-aware default takes all the neck outputs together
 (:attr:`~.base.DetectorAdapter.levels_shared`) on the exact route.
 """
-from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+import contextlib
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from mmengine.structures import InstanceData
@@ -75,7 +76,12 @@ def phrases_of(texts: Texts) -> List[str]:
 class TextPrompt:
     """What the text-prompted adapters share: the prompt (:attr:`prompt`, a list of phrases;
     default: the classes of ``model.dataset_meta``), mmdet's own token positive map and
-    language model for it, and the phrase scores (mean over a phrase's tokens)."""
+    language model for it, the phrase scores (mean over a phrase's tokens), and the token
+    targets (:meth:`token_targets`)."""
+
+    #: True inside :meth:`token_targets`: a detection's ``label`` is then a token index of the
+    #: tokenised prompt and its score the sigmoid of its query's (prior's) logit at that token.
+    per_token: bool = False
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -97,17 +103,44 @@ class TextPrompt:
         self.prompt = phrases_of(texts)
         return list(self.prompt)
 
-    def _language(self, batch: int) -> tuple:
-        """(language features for ``batch`` images, positive map) of the prompt: mmdet's own
-        ``get_tokens_positive_and_prompts`` (custom entities), language model and (Grounding
-        DINO) ``text_feat_map``."""
+    @contextlib.contextmanager
+    def token_targets(self) -> Iterator[None]:
+        """Within the block, :meth:`scores` reads one token's probability per detection
+        (``labels`` are token indices): the targets of the per-token maps."""
+        self.per_token = True
+        try:
+            yield
+        finally:
+            self.per_token = False
+
+    def positive_map(self) -> Dict[int, List[int]]:
+        """The prompt's token positive map, ``{phrase index + 1: [token indices]}`` (mmdet's
+        own, from the tokenizer alone)."""
+        return self.model.get_tokens_positive_and_prompts(list(self._checked_prompt()), True,
+                                                          None, None)[0]
+
+    def token_names(self) -> List[str]:
+        """The tokens of the tokenised prompt, by index (``[CLS]``, ``red``, ``car``, ...)."""
+        model = self.model
+        caption = model.get_tokens_positive_and_prompts(list(self._checked_prompt()), True,
+                                                        None, None)[1]
+        tokenizer = model.language_model.tokenizer
+        return tokenizer.convert_ids_to_tokens(tokenizer([caption])['input_ids'][0])
+
+    def _checked_prompt(self) -> List[str]:
         if self.prompt is None:
             raise ValueError(f'{type(self.model).__name__} is a text-prompted detector and has '
                              'no prompt: pass `texts=` ("red car . person" or a list of '
                              'phrases), or set `model.dataset_meta["classes"]`')
+        return self.prompt
+
+    def _language(self, batch: int) -> tuple:
+        """(language features for ``batch`` images, positive map) of the prompt: mmdet's own
+        ``get_tokens_positive_and_prompts`` (custom entities), language model and (Grounding
+        DINO) ``text_feat_map``."""
         model = self.model
         positive_map, caption, _, _ = model.get_tokens_positive_and_prompts(
-            list(self.prompt), True, None, None)
+            list(self._checked_prompt()), True, None, None)
         language = model.language_model([caption] * batch)
         if getattr(model, 'text_feat_map', None) is not None:
             language['embedded'] = model.text_feat_map(language['embedded'])
@@ -129,8 +162,10 @@ class TextPrompt:
 
     def _phrase_means(self, probs: torch.Tensor, labels: torch.Tensor,
                       positive_map: Dict[int, List[int]]) -> torch.Tensor:
-        """(K,): row k of ``probs`` (K, T) averaged over the tokens of phrase ``labels[k]``,
-        differentiable."""
+        """(K,): row k of ``probs`` (K, T) averaged over the tokens of phrase ``labels[k]``
+        (inside :meth:`token_targets`: at token ``labels[k]``), differentiable."""
+        if self.per_token:
+            return probs.gather(1, labels[:, None].long())[:, 0]
         out = probs.new_zeros((len(labels), ))
         for label in labels.unique().tolist():
             rows = (labels == label).nonzero()[:, 0]
@@ -204,13 +239,6 @@ class GroundingDINOAdapter(TextPrompt, DETRAdapter):
         """(K,) scores of ``dets``' (query, phrase) pairs on the live last-layer logits."""
         probs = outs.cls_scores[0][dets.index.long()].sigmoid()  # (K, T)
         return self._phrase_means(probs, dets.labels, outs.positive_map)
-
-    def token_scores(self, outs: GroundingOutputs, dets: Detections) -> List[torch.Tensor]:
-        """Per detection, the (n_tokens,) sigmoid of its query's logit at each token of its
-        phrase, live: the targets of the per-token maps."""
-        probs = outs.cls_scores[0][dets.index.long()].sigmoid()
-        return [probs[k, self.phrase_tokens(outs.positive_map, int(label))]
-                for k, label in enumerate(dets.labels.tolist())]
 
     # ------------------------------------------------------------------ randomisation stages
     def stages(self) -> Dict[str, List[str]]:
@@ -318,6 +346,8 @@ class GLIPAdapter(TextPrompt, DenseAdapter):
         width = outs.bbox_preds[level].shape[-1]
         probs = outs.cls_logits[level][0, dets.ys * width + dets.xs].sigmoid()  # (K, T)
         phrase = self._phrase_means(probs, dets.labels, outs.positive_map)
+        if self.per_token:
+            return phrase
         factor = outs.centernesses[level][0, dets.anchors, dets.ys, dets.xs].sigmoid()
         return torch.sqrt(phrase * factor)
 

@@ -48,6 +48,7 @@ from .methods import (
 )
 from .result import CAMResult
 from .routes import ROUTES, Forward, GradientRoutes, TargetLayer
+from .tokens import TokenMaps, token_results, token_rows
 
 __all__ = ['CAMEngine', 'compute_cams', 'ROUTES', 'TargetLayer']
 
@@ -324,6 +325,41 @@ class CAMEngine:
                             f'got {type(detections).__name__}')
         with torch.inference_mode(False), self._prompt(texts):
             return self._explain([img], methods, renormalize, max_size, detections)[0]
+
+    def explain_tokens(self,
+                       image: ImageLike,
+                       methods: Union[MethodSpec, Sequence[MethodSpec]] = ('gradcam', ),
+                       texts: Union[None, str, Sequence[str]] = None) -> Dict[str, TokenMaps]:
+        """Per-token maps of a text-prompted detector (:mod:`.tokens`): for each detection (as
+        :meth:`explain` would explain it), one map per token of its phrase, of that token's
+        probability at the detection's query / prior.
+
+        Args:
+            image (str | PathLike | np.ndarray): A path or an HxWx3 uint8 BGR array.
+            methods (str | CAMMethod | dict | Sequence): As for :meth:`explain`.
+            texts (str | Sequence[str], optional): The prompt for this call. Defaults to None
+                (the engine's).
+
+        Returns:
+            dict[str, TokenMaps]: One per method, keyed by its name.
+
+        Raises:
+            ValueError: If the detector takes no prompt, or as :meth:`explain`.
+        """
+        if not hasattr(self.adapter, 'token_targets'):
+            raise ValueError(f'per-token maps are for text-prompted detectors (Grounding DINO, '
+                             f'GLIP); {type(self.adapter.head).__name__} takes no prompt')
+        img = load_image(image)
+        with self._prompt(texts):
+            outs, metas = self.detector.outputs([img])
+            dets = self._decode(outs, metas[0])
+            rows, owner, tokens = token_rows(self.adapter, dets)
+            with self.adapter.token_targets():
+                with torch.no_grad():
+                    rows = dataclasses.replace(rows, scores=self.adapter.scores(outs, rows))
+                results = self.explain(img, methods, detections=rows)
+            names, phrases = self.adapter.token_names(), self.phrases
+        return token_results(results, owner, tokens, names, phrases, dets.labels)
 
     def detect(self, image: ImageLike,
                texts: Union[None, str, Sequence[str]] = None) -> Detections:

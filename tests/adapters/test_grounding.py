@@ -14,6 +14,7 @@ import torch
 from mmdet_cam_hook import METHODS, CAMEngine
 from mmdet_cam_hook.adapters import build_adapter
 from mmdet_cam_hook.adapters.grounding import GLIPAdapter, GroundingDINOAdapter, phrases_of
+from mmdet_cam_hook.cam.layers import resolve_layers
 from mmdet_cam_hook.runtime.pipeline import preprocess
 from mmdet_cam_hook.testing import build_yolox, synthetic_image
 from mmdet_cam_hook.testing.reference import reference_input_cams
@@ -125,10 +126,6 @@ def test_detections_equal_model_predict(model, family, texts):
     scores = adapter.scores(outs, dets)
     assert scores.requires_grad
     torch.testing.assert_close(scores, dets.scores, rtol=0, atol=1e-6)
-    if family == 'grounding-dino':
-        tokens = adapter.token_scores(outs, dets)
-        torch.testing.assert_close(torch.stack([t.mean() for t in tokens]), dets.scores,
-                                   rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize('texts', PROMPTS, ids=['caption', 'phrases'])
@@ -158,3 +155,48 @@ def test_maps_equal_grad_cam(model, family, texts):
             model.zero_grad(set_to_none=True)
         np.testing.assert_allclose(res.input_cams, ref, atol=1e-4, err_msg=method)
         assert (res.cams.reshape(2, -1).max(1) > 0).all(), method
+
+
+def test_per_token_maps(model, family):
+    """One map per token of each detection's phrase; each equals grad-cam's class run on that
+    token's probability at the detection's query / prior, written here independently of the
+    adapter's scores (the sigmoid of the head's logit at that token)."""
+    from pytorch_grad_cam import GradCAM
+
+    from mmdet_cam_hook.testing.reference import HeadOutputs
+
+    texts = 'red car . person'
+    engine = CAMEngine(model, score_thr=0.0, topk=2, texts=texts)
+    image = _image()
+    maps = engine.explain_tokens(image)['gradcam']
+    dets = engine.detect(image)
+    phrase_tokens = {0: ['red', 'car'], 1: ['person']}
+    assert maps.tokens == [t for label in dets.labels[:2].tolist() for t in phrase_tokens[label]]
+    assert maps.phrases == [engine.phrases[int(dets.labels[k])] for k in maps.detection]
+    np.testing.assert_array_equal(maps.result.bboxes, dets.bboxes[maps.detection].numpy())
+    inputs, meta = preprocess(model, engine.pipeline, image)
+    adapter = build_adapter(model)
+    adapter.set_prompt(texts)
+    layers = [m for _, m in resolve_layers(model, FAMILIES[family][2])]
+    positive = adapter.positive_map()
+    tokens = [t for label in dets.labels[:2].tolist() for t in positive[label + 1]]
+    for row, (k, token) in enumerate(zip(maps.detection, tokens)):
+        det = dets.select(slice(int(k), int(k) + 1))
+
+        def target(outs, det=det, token=token):
+            if family == 'glip':
+                width = outs.bbox_preds[int(det.levels)].shape[-1]
+                logits = outs.cls_logits[int(det.levels)][0, det.ys * width + det.xs]
+            else:
+                logits = outs.cls_scores[0][det.index]
+            return logits[0, token].sigmoid()
+
+        try:
+            with GradCAM(model=HeadOutputs(adapter, meta), target_layers=layers) as cam:
+                ref = cam(inputs, [target])[0]
+        finally:
+            model.zero_grad(set_to_none=True)
+        assert float(maps.result.scores[row]) == pytest.approx(float(target(
+            adapter.head_outputs(adapter.features(inputs), [meta]))), abs=1e-6)
+        assert maps.result.input_cams is not None
+        np.testing.assert_allclose(maps.result.input_cams[row], ref, atol=1e-4)
