@@ -17,6 +17,11 @@ WORDS = ('.', ',', '?', 'a', 'the', 'red', 'blue', 'green', 'car', 'person', 'do
          'circle', 'square', 'triangle', 'object', 'thing', 'big', 'small', 'class')
 
 GROUNDING_DINO = 'grounding_dino/grounding_dino_r50_scratch_8xb2_1x_coco.py'
+MM_GROUNDING_DINO = 'mm_grounding_dino/grounding_dino_swin-t_pretrain_obj365.py'
+#: A Swin-T shrunk for CPU tests (1-1-1-1 blocks of 16 channels; out_indices 1-3).
+SMALL_SWIN = {'model.backbone.embed_dims': 16, 'model.backbone.depths': [1, 1, 1, 1],
+              'model.backbone.num_heads': [1, 1, 2, 2], 'model.neck.in_channels': [32, 64, 128],
+              'model.backbone.with_cp': False}
 #: Grounding DINO shrunk for CPU tests (the adapter reads the head's outputs, not the widths).
 SMALL_GROUNDING = {'model.backbone.depth': 18, 'model.backbone.base_channels': 16,
                    'model.neck.in_channels': [32, 64, 128], 'model.num_queries': 30,
@@ -54,10 +59,11 @@ def tiny_bert(folder, words: Sequence[str] = WORDS, hidden_size: int = 32,
 
 def build_grounding_dino(bert: str, input_size: int = 128, seed: int = 0,
                          cfg_options: Optional[dict] = None,
-                         classes: Sequence[str] = ('red car', 'person', 'dog')) -> torch.nn.Module:
+                         classes: Sequence[str] = ('red car', 'person', 'dog'),
+                         config: str = GROUNDING_DINO) -> torch.nn.Module:
     """A random-init Grounding DINO from mmdet's own config with the tiny BERT at ``bert`` (see
-    :func:`tiny_bert`), shrunk (:data:`SMALL_GROUNDING`), ``.cfg`` set and ``dataset_meta``'s
-    classes ``classes``, in eval mode.
+    :func:`tiny_bert`), shrunk (:data:`SMALL_GROUNDING`; a Swin backbone as
+    :data:`SMALL_SWIN`), ``.cfg`` set and ``dataset_meta``'s classes ``classes``, in eval mode.
 
     Args:
         bert (str): Folder of the saved BERT and tokenizer.
@@ -65,14 +71,21 @@ def build_grounding_dino(bert: str, input_size: int = 128, seed: int = 0,
         seed (int): Seed of the random init. Defaults to 0.
         cfg_options (dict, optional): More config overrides.
         classes (Sequence[str]): The model's class names (its default prompt).
+        config (str): mmdet's config, :data:`GROUNDING_DINO` (ResNet-50, from scratch) or
+            :data:`MM_GROUNDING_DINO` (MM-Grounding-DINO, Swin-T). Defaults to the first.
 
     Returns:
         nn.Module: The detector.
     """
     from . import build_detector
 
-    options = {**SMALL_GROUNDING, 'model.language_model.name': bert, **(cfg_options or {})}
-    model = build_detector(GROUNDING_DINO, input_size=input_size, seed=seed,
+    small = dict(SMALL_GROUNDING)
+    if 'swin' in config:
+        for key in ('model.backbone.depth', 'model.backbone.base_channels'):
+            small.pop(key)
+        small.update(SMALL_SWIN)
+    options = {**small, 'model.language_model.name': bert, **(cfg_options or {})}
+    model = build_detector(config, input_size=input_size, seed=seed,
                            cfg_options=options, num_classes=len(classes))
     model.dataset_meta = dict(classes=tuple(classes))
     return model

@@ -21,13 +21,21 @@ from mmdet_cam_hook.testing.reference import reference_input_cams
 
 pytest.importorskip('transformers', reason='the multimodal extra (transformers) is missing')
 
-from mmdet_cam_hook.testing.text import build_glip, build_grounding_dino, tiny_bert  # noqa: E402
+from mmdet_cam_hook.testing.text import (  # noqa: E402
+    MM_GROUNDING_DINO,
+    build_glip,
+    build_grounding_dino,
+    tiny_bert,
+)
 
 LEVELS = ['neck.convs.0', 'neck.convs.1', 'neck.convs.2', 'neck.extra_convs.0']
 #: family: (builder, adapter, default layers, stages)
 FAMILIES = {
     'grounding-dino': (build_grounding_dino, GroundingDINOAdapter, LEVELS,
                        ['head', 'language', 'decoder', 'encoder', 'neck', 'backbone']),
+    'mm-grounding-dino': (lambda bert: build_grounding_dino(bert, config=MM_GROUNDING_DINO),
+                          GroundingDINOAdapter, LEVELS,
+                          ['head', 'language', 'decoder', 'encoder', 'neck', 'backbone']),
     'glip': (build_glip, GLIPAdapter, [f'neck.fpn_convs.{i}' for i in range(5)],
              ['head', 'language', 'neck', 'backbone']),
 }
@@ -128,7 +136,11 @@ def test_detections_equal_model_predict(model, family, texts):
     torch.testing.assert_close(scores, dets.scores, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize('texts', PROMPTS, ids=['caption', 'phrases'])
+@pytest.mark.parametrize('family,texts', [
+    ('grounding-dino', PROMPTS[0]), ('grounding-dino', PROMPTS[1]), ('glip', PROMPTS[0]),
+    ('glip', PROMPTS[1]), ('mm-grounding-dino', PROMPTS[0])],
+    ids=['grounding-dino-caption', 'grounding-dino-phrases', 'glip-caption', 'glip-phrases',
+         'mm-grounding-dino-caption'])
 def test_maps_equal_grad_cam(model, family, texts):
     """Default layers (all neck outputs, averaged), exact route: each map equals grad-cam's
     class run on that detection's (query, phrase) score, for the two top detections, every
@@ -157,6 +169,7 @@ def test_maps_equal_grad_cam(model, family, texts):
         assert (res.cams.reshape(2, -1).max(1) > 0).all(), method
 
 
+@pytest.mark.parametrize('family', ['grounding-dino', 'glip'])
 def test_per_token_maps(model, family):
     """One map per token of each detection's phrase; each equals grad-cam's class run on that
     token's probability at the detection's query / prior, written here independently of the
