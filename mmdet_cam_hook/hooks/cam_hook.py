@@ -27,6 +27,7 @@ from mmengine.model import is_model_wrapper
 from torch import nn
 
 from ..adapters import build_adapter
+from ..adapters.grounding import phrases_of
 from ..cam.engine import CAMEngine
 from ..cam.layers import resolve_layers
 from ..cam.methods import METHODS, CAMMethod, methods_from
@@ -156,6 +157,10 @@ class DetCAMHook(Hook):
             the network per detection and method: with the demo's 8 probes, ``topk=4`` and two
             methods, about +25 s per validation (YOLOX-nano at 256 px, 2 CPU cores).
             Defaults to False.
+        texts (str | Sequence[str], optional): The prompt of a text-prompted detector
+            (Grounding DINO): ``'red car . person'`` or a list of phrases; panels name each
+            detection by its phrase. None: the dataset's class names, as mmdet's own validation
+            prompts. Refused (at ``before_run``) for other detectors. Defaults to None.
 
     Raises:
         TypeError: If an argument has the wrong type.
@@ -177,7 +182,8 @@ class DetCAMHook(Hook):
                  max_detection_tiles: int = 4,
                  max_image_size: Optional[int] = 1600,
                  strict: bool = False,
-                 faithfulness: bool = False) -> None:
+                 faithfulness: bool = False,
+                 texts: Union[None, str, Sequence[str]] = None) -> None:
         self._probes = ProbeSet(probe_images)
         self.probe_spec = self._probes.spec
         self.interval = check_int(interval, 'interval')
@@ -193,6 +199,7 @@ class DetCAMHook(Hook):
         self.max_image_size = check_max_size(max_image_size, 'max_image_size')
         self.strict = check_bool(strict, 'strict')
         self.faithfulness = check_bool(faithfulness, 'faithfulness')
+        self.texts = None if texts is None else phrases_of(texts)
 
         self._engine: Optional[CAMEngine] = None
         self._pipeline: Optional[list] = None
@@ -226,10 +233,14 @@ class DetCAMHook(Hook):
             ValueError: On a head no adapter supports (naming it and the supported heads), an
                 unknown target layer (with close matches), a model whose level feature maps
                 cannot be found (default layers), no test pipeline, a dataset index out of
-                range, or a probe image that cannot be read or decoded.
+                range, a probe image that cannot be read or decoded, or ``texts`` for a detector
+                that takes no prompt.
         """
         model = self._unwrap(runner.model)
         adapter = build_adapter(model)  # an unsupported head fails here, before training
+        if self.texts is not None and not hasattr(adapter, 'set_prompt'):
+            raise ValueError(f'`texts` is for text-prompted detectors (Grounding DINO); '
+                             f'{type(adapter.head).__name__} takes no prompt')
         self._warn_missing_hooks(runner, model, adapter.required_hooks)
         if self.target_layers is None:
             adapter.level_layers()
@@ -303,10 +314,26 @@ class DetCAMHook(Hook):
 
     def _get_engine(self, runner) -> CAMEngine:
         if self._engine is None:  # built once, on the main process, at the first use
-            self._engine = CAMEngine(self._unwrap(runner.model), target_layers=self.target_layers,
+            model = self._unwrap(runner.model)
+            self._engine = CAMEngine(model, target_layers=self.target_layers,
                                      score_thr=self.score_thr, topk=self.topk,
-                                     test_pipeline=self._pipeline, keep_input_cams=False)
+                                     test_pipeline=self._pipeline, keep_input_cams=False,
+                                     texts=self._texts(runner, model))
         return self._engine
+
+    def _texts(self, runner, model: nn.Module) -> Optional[List[str]]:
+        """The prompt of a text-prompted detector: ``texts`` or, as mmdet's own validation
+        prompts, the dataset's class names; None for other detectors."""
+        if self.texts is not None or not hasattr(build_adapter(model), 'set_prompt'):
+            return self.texts
+        for mode in ('val', 'test', 'train'):
+            try:
+                names = self._class_names(runner, mode)
+            except Exception:  # noqa: BLE001 - a loop without that dataloader
+                names = None
+            if names:
+                return names
+        return None
 
     def _class_names(self, runner, mode: str) -> Optional[Sequence[str]]:
         for meta in (getattr(self._unwrap(runner.model), 'dataset_meta', None),
@@ -322,7 +349,7 @@ class DetCAMHook(Hook):
         start = time.perf_counter()
         engine = self._get_engine(runner)
         probes = self._probes.for_loop(runner, mode)
-        class_names = self._class_names(runner, mode)
+        class_names = engine.phrases or self._class_names(runner, mode)
         scores = {method: MapScores() for method in self.methods}
         log = Delivery(runner.visualizer, strict=self.strict)
         failed = []

@@ -46,7 +46,7 @@ class DetectionScoreTarget:
 
 def reference_input_cams(model: nn.Module, inputs: torch.Tensor, method: str,
                          layers_per_det: List[List[str]], dets: Detections,
-                         metainfo: Optional[dict] = None) -> np.ndarray:
+                         metainfo: Optional[dict] = None, texts=None) -> np.ndarray:
     """One grad-cam call per detection; maps on the network-input grid, (K, H_in, W_in).
 
     The caller owns the model's state (grad-cam puts it in eval mode and leaves ``.grad`` on its
@@ -60,8 +60,12 @@ def reference_input_cams(model: nn.Module, inputs: torch.Tensor, method: str,
         dets (Detections): The detections (the engine's decoding).
         metainfo (dict, optional): The image's metainfo, for heads whose forward needs it
             (DETR's padding masks). Defaults to None.
+        texts (str | Sequence[str], optional): The prompt of a text-prompted detector.
+            Defaults to None (the model's classes).
     """
     adapter = build_adapter(model)
+    if texts is not None:
+        adapter.set_prompt(texts)
     wrapper = HeadOutputs(adapter, metainfo)
     out = []
     for k, names in enumerate(layers_per_det):
