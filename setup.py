@@ -44,6 +44,9 @@ setup(
         'tensorboard': ['tensorboard'],
         'mlflow': ['mlflow-skinny>=3,<3.13'],
         'wandb': ['wandb'],
+        # report.html's curve plots (matplotlib) and its browser tests (Playwright driving the
+        # OS's Chromium: no browser is downloaded).
+        'report': ['matplotlib>=3.7', 'playwright>=1.40'],
     },
     entry_points={'console_scripts': ['mmdet-cam=mmdet_cam_hook.cli.cam:main',
                                       'mmdet-cam-eval=mmdet_cam_hook.cli.eval:main']},
