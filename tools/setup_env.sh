@@ -52,7 +52,6 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
 fi
 
-
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV with $PYTHON"
   "$PYTHON" -m venv "$VENV"
