@@ -336,11 +336,11 @@ def run(args: argparse.Namespace) -> int:
     engine = build_engine(model, args, drise_masks=args.drise_masks)
     class_names = (getattr(model, 'dataset_meta', None) or {}).get('classes')
     tally = Tally(single=len(job.every) == 1)
-    report = CamReport(args, engine, class_names) if args.report else None
+    report = CamReport(args, engine, class_names, job.every) if args.report else None
     written = _explain_all(engine, job, args, class_names, tally, report)
     code = _report(job, args, tally, written)
     if report is not None:
-        report.finish(job.every)
+        report.finish()
     return code
 
 

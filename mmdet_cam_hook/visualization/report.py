@@ -50,7 +50,8 @@ main{padding:12px 18px}section{margin-bottom:22px}h2{font-size:16px;margin:10px 
 .thumb.empty figcaption{color:#999}
 #panel{display:none;background:#fff;padding:10px;border-radius:4px;box-shadow:0 1px 3px #0003}
 #panel.open{display:flex;gap:14px;flex-wrap:wrap}#panel-view{max-width:min(640px,100%)}
-#panel-view img{width:480px;max-width:100%;display:block}#detections{list-style:none;padding:0;margin:0;
+#panel-view img{width:480px;max-width:100%;display:block}
+#detections{list-style:none;padding:0;margin:0;
  min-width:260px}
 #detections li{padding:4px 6px;cursor:pointer;border-radius:3px;font-size:13px}
 #detections li:hover{background:#e3f2fd}#detections li.active{background:#bbdefb}
@@ -222,22 +223,27 @@ document.body.dataset.ready = '1';
 """
 
 
-def thumbnail(image: np.ndarray, side: int = 160) -> np.ndarray:
-    """``image`` shrunk (never enlarged) so that its longer side is at most ``side`` pixels.
+def thumbnail(image: np.ndarray, side: int = 160, enlarge: bool = False) -> np.ndarray:
+    """``image`` shrunk so that its longer side is at most ``side`` pixels.
 
     Args:
         image (np.ndarray): ``(H, W, 3)`` uint8 BGR.
         side (int): The longer side's maximum. Defaults to 160.
+        enlarge (bool): Also enlarge a smaller image to ``side`` (nearest pixel), so that
+            boxes and labels drawn on it stay legible. Defaults to False.
 
     Returns:
-        np.ndarray: The thumbnail (``image`` itself when it is small enough).
+        np.ndarray: The thumbnail (``image`` itself when it already fits).
     """
     import cv2
 
     height, width = image.shape[:2]
     scale = side / max(height, width)
-    if scale >= 1:
+    if scale == 1 or (scale > 1 and not enlarge):
         return image
+    if scale > 1:
+        size = (round(width * scale), round(height * scale))
+        return cv2.resize(image, size, interpolation=cv2.INTER_NEAREST)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
