@@ -125,7 +125,8 @@ def launch_chromium(headless: bool = True) -> Iterator[object]:
 
 
 @contextlib.contextmanager
-def open_page(path, viewport=(1280, 900), timeout_ms: int = 30000) -> Iterator[PageSession]:
+def open_page(path, viewport=(1280, 900), timeout_ms: int = 30000,
+              browser=None) -> Iterator[PageSession]:
     """Open a local HTML file in headless Chromium, recording errors and requests.
 
     Every request that is not ``file://`` or ``data:``/``blob:`` is recorded and aborted
@@ -135,13 +136,18 @@ def open_page(path, viewport=(1280, 900), timeout_ms: int = 30000) -> Iterator[P
         path (str | Path): the HTML file.
         viewport (tuple[int, int]): width, height in CSS pixels. Defaults to (1280, 900).
         timeout_ms (int): Playwright's default timeout for the page. Defaults to 30000.
+        browser (playwright.sync_api.Browser, optional): A browser of :func:`launch_chromium`
+            to open the page in (a fresh context each time). Defaults to None (one is
+            launched for this page).
 
     Yields:
         PageSession: the page after its ``load`` event, with the records so far (they keep
         growing while the test clicks).
     """
     url = Path(path).resolve().as_uri()
-    with launch_chromium() as browser:
+    with contextlib.ExitStack() as stack:
+        if browser is None:
+            browser = stack.enter_context(launch_chromium())
         context = browser.new_context(viewport=dict(width=viewport[0], height=viewport[1]),
                                       accept_downloads=False)
         context.set_default_timeout(timeout_ms)
