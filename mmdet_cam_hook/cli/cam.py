@@ -23,7 +23,9 @@ cuda`` (or the default with CUDA) means ``cuda:LOCAL_RANK``.
 Outputs (names and rules: :mod:`mmdet_cam_hook.cli.outputs`), for each image ``{stem}.*``
 with at least one detection: ``{stem}_gradcam.jpg`` (all maps, whatever --method),
 ``{stem}_det{k}_{method}.jpg`` per detection, with ``--save-all`` the original, the detections
-and the panel, with ``--save-raw`` ``{stem}_{method}.npz``. Inputs whose outputs would share a
+and the panel, with ``--save-raw`` ``{stem}_{method}.npz``; with ``--report`` also
+``report.html``, ``manifest.json`` and the thumbnails in ``report_files/`` for the whole job
+(:mod:`mmdet_cam_hook.cli.reporting`). Inputs whose outputs would share a
 name, an ``--out-dir`` that is the input folder, and an output name that is an input are
 refused before the model is loaded.
 

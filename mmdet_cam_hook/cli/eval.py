@@ -7,7 +7,9 @@ pointing game, energy-based pointing game and off-target share against the datas
 truth, the share of blank maps, deletion and insertion AUC under the ``prior`` and/or
 ``matched`` protocol, and with ``--randomization`` the model-randomisation check
 (:mod:`..evaluation.sanity`). A markdown table goes to stdout, the numbers (and the settings)
-to ``--out`` as JSON.
+to ``--out`` as JSON; with ``--report [DIR]`` also ``report.html`` and ``manifest.json``
+(the curves as plots, every method's map of each detection:
+:mod:`mmdet_cam_hook.cli.reporting`).
 
 Scale out with torchrun, which takes a module (not the ``mmdet-cam-eval`` script):
 ``torchrun --standalone --nproc_per_node N -m mmdet_cam_hook.cli.eval ...`` splits the images
