@@ -47,6 +47,9 @@ setup(
         # text-prompted detectors (Grounding DINO): mmdet 3.3's language models use
         # transformers' BertModel and tokenizers; versions checked with mmdet 3.3.0 here
         'multimodal': ['transformers>=4.40,<5', 'tokenizers'],
+        # report.html's curve plots (matplotlib) and its browser tests (Playwright driving the
+        # OS's Chromium: no browser is downloaded).
+        'report': ['matplotlib>=3.7', 'playwright>=1.40'],
     },
     entry_points={'console_scripts': ['mmdet-cam=mmdet_cam_hook.cli.cam:main',
                                       'mmdet-cam-eval=mmdet_cam_hook.cli.eval:main']},

@@ -24,12 +24,33 @@ VENV=${VENV:-.venv}
 CONSTRAINTS=requirements/constraints.txt
 STAMP="$VENV/.mmdet-cam-hook-stamp"
 
+log() { printf '[setup_env %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# The report's browser tests run in the OS's Chromium (Playwright never downloads one). As root
+# with apt, install Debian's `chromium`; otherwise say what is missing (those tests then skip).
+install_chromium() {
+  if command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; then
+    return 0
+  fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "chromium from the OS packages (for the report's browser tests)"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
+        >/dev/null 2>&1; then
+      apt-get update -q >/dev/null 2>&1 || true
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
+        >/dev/null || log "apt could not install chromium: the report's browser tests will skip"
+    fi
+  else
+    log "no chromium and no root apt: the report's browser tests will skip (install Debian's chromium)"
+  fi
+}
+
+install_chromium   # before the stamp: a cached venv on a fresh machine still gets its browser
+
 want=$(cat "$CONSTRAINTS" setup.py | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
 fi
-
-log() { printf '[setup_env %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV with $PYTHON"
@@ -50,6 +71,8 @@ pip_install torch torchvision
 log "build tools, mmengine, grad-cam, visualizer backends (tensorboard, mlflow, wandb), opencv, test tools"
 pip_install setuptools wheel numpy ninja mmengine opencv-python grad-cam tensorboard protobuf \
   mlflow-skinny wandb pytest ruff psutil import-linter
+log "report: matplotlib (the curve plots) and playwright (drives the OS's Chromium in tests)"
+pip_install matplotlib playwright
 
 # mmcv 2.1.0 has no wheel for this torch: it compiles its C++ ops against the installed torch
 # (about 15 minutes on 2 cores on a fresh machine; pip's wheel cache makes it seconds later).

@@ -23,7 +23,9 @@ cuda`` (or the default with CUDA) means ``cuda:LOCAL_RANK``.
 Outputs (names and rules: :mod:`mmdet_cam_hook.cli.outputs`), for each image ``{stem}.*``
 with at least one detection: ``{stem}_gradcam.jpg`` (all maps, whatever --method),
 ``{stem}_det{k}_{method}.jpg`` per detection, with ``--save-all`` the original, the detections
-and the panel, with ``--save-raw`` ``{stem}_{method}.npz``. Inputs whose outputs would share a
+and the panel, with ``--save-raw`` ``{stem}_{method}.npz``; with ``--report`` also
+``report.html``, ``manifest.json`` and the thumbnails in ``report_files/`` for the whole job
+(:mod:`mmdet_cam_hook.cli.reporting`). Inputs whose outputs would share a
 name, an ``--out-dir`` that is the input folder, and an output name that is an input are
 refused before the model is loaded.
 
@@ -58,6 +60,7 @@ from .distributed import distributed_env, gather, join
 from .explaining import Tally, explain_batch, result_of
 from .folder import Overlap, collect_images, rank_share
 from .outputs import check_out_dir, save_outputs
+from .reporting import CamReport
 
 # Named, not __name__: under `python -m mmdet_cam_hook.cli` (and torchrun's `-m`) this module
 # is __main__, outside the package's logger that common.console() shows.
@@ -150,6 +153,11 @@ def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
                         'CPU, batches were no faster than 1 (benchmarks/bench_folder.py). '
                         'Reading the next images and writing outputs overlap with the '
                         'computation whatever N. Defaults to %(default)s')
+    parser.add_argument('--report', action='store_true',
+                        help='Also write report.html (a page to open from disk: thumbnails, '
+                        'each detection\'s map, a sortable table) and manifest.json (the '
+                        'run\'s records for scripts) into --out-dir, with the thumbnails in '
+                        '--out-dir/report_files')
     parser.add_argument('--list-layers', action='store_true',
                         help='Print the layer names with output shape, stride and the gradient '
                         "route the engine takes for each, at the config's test input size, "
@@ -245,7 +253,7 @@ def _prepare(args: argparse.Namespace) -> tuple[str, _Job]:
 
 
 def _explain_all(engine, job: _Job, args: argparse.Namespace, class_names,
-                 tally: Tally) -> list[Path]:
+                 tally: Tally, report: Optional[CamReport] = None) -> list[Path]:
     """Explain this rank's images batch by batch, reading ahead and writing behind.
 
     Returns:
@@ -272,6 +280,8 @@ def _explain_all(engine, job: _Job, args: argparse.Namespace, class_names,
                     overlap.write(partial(save_outputs, result, item.path.stem, out_dir,
                                           class_names, args.save_all, args.save_raw, item.path,
                                           args.renormalize))
+                if report is not None:
+                    overlap.write(report.add(item, result, tally))
                 progress.update()
         return overlap.finish()
 
@@ -332,8 +342,12 @@ def run(args: argparse.Namespace) -> int:
     engine = build_engine(model, args, drise_masks=args.drise_masks)
     class_names = engine.phrases or (getattr(model, 'dataset_meta', None) or {}).get('classes')
     tally = Tally(single=len(job.every) == 1)
-    written = _explain_all(engine, job, args, class_names, tally)
-    return _report(job, args, tally, written)
+    report = CamReport(args, engine, class_names, job.every) if args.report else None
+    written = _explain_all(engine, job, args, class_names, tally, report)
+    code = _report(job, args, tally, written)
+    if report is not None:
+        report.finish()
+    return code
 
 
 def _parser() -> argparse.ArgumentParser:

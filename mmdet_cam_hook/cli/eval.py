@@ -7,7 +7,9 @@ pointing game, energy-based pointing game and off-target share against the datas
 truth, the share of blank maps, deletion and insertion AUC under the ``prior`` and/or
 ``matched`` protocol, and with ``--randomization`` the model-randomisation check
 (:mod:`..evaluation.sanity`). A markdown table goes to stdout, the numbers (and the settings)
-to ``--out`` as JSON.
+to ``--out`` as JSON; with ``--report [DIR]`` also ``report.html`` and ``manifest.json``
+(the curves as plots, every method's map of each detection:
+:mod:`mmdet_cam_hook.cli.reporting`).
 
 Scale out with torchrun, which takes a module (not the ``mmdet-cam-eval`` script):
 ``torchrun --standalone --nproc_per_node N -m mmdet_cam_hook.cli.eval ...`` splits the images
@@ -35,6 +37,7 @@ from ..runtime.data import ground_truth
 from ..runtime.io import write_atomically
 from .common import build_engine, load_config, load_model, resolve_config, resolve_device, run_main
 from .distributed import distributed_env, gather, join
+from .reporting import EvalReport, check_report_dir
 
 PROG = 'mmdet-cam-eval'
 
@@ -99,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help='Random masks per image for drise. Defaults to %(default)s')
     parser.add_argument('--out', default='results.json',
                         help='JSON file to write (rank 0). Defaults to %(default)s')
+    parser.add_argument('--report', nargs='?', const='', default=None, metavar='DIR',
+                        help='Also write report.html (to open from disk: the curves as plots, '
+                        'the summary, every detection\'s map for each method, a sortable '
+                        'table) and manifest.json into DIR, with their images in '
+                        'DIR/report_files. Defaults to the folder of --out')
     parser.add_argument('--device', default=None,
                         help='cuda:0, cpu, ... Defaults to cuda:LOCAL_RANK when CUDA is '
                         'available, else cpu')
@@ -191,7 +199,7 @@ def _setup(args: argparse.Namespace) -> _Setup:
 
 
 def _evaluate(setup: _Setup, args: argparse.Namespace, rank: int,
-              world: int) -> tuple[list, list[str]]:
+              world: int, report: Optional[EvalReport] = None) -> tuple[list, list[str]]:
     """This rank's images (every ``world``-th from ``rank``), each evaluated; an image that
     cannot be read is skipped with one log line.
 
@@ -220,17 +228,22 @@ def _evaluate(setup: _Setup, args: argparse.Namespace, rank: int,
             except (OSError, ValueError) as exc:  # missing, 0-byte, corrupt
                 logger.error('skipping %s: %s', path, exc)
                 unreadable.append(str(path))
+                if report is not None:
+                    report.add(index, path, None, None, None)
                 continue
+            keep = None if report is None else {}
             try:
                 record = evaluate_image(setup.engine, image, gt_bboxes, gt_labels,
                                         setup.settings, index=index,
-                                        randomized=setup.randomized)
+                                        randomized=setup.randomized, keep=keep)
             except torch.OutOfMemoryError as exc:
                 raise UserError(f'CUDA out of memory on {args.device} at {path}; try a smaller '
                                 '--batch-size or --device cpu') from exc
             except (OSError, ValueError) as exc:
                 raise UserError(f'{path}: {exc}') from exc
             records.append((index, record))
+            if report is not None:
+                report.add(index, path, image, keep, record)
     return records, unreadable
 
 
@@ -288,13 +301,18 @@ def run(args: argparse.Namespace) -> int:
     if world > 1:
         join(args.device)
     out = _check_out(args.out)
+    check_report_dir(args.report)
     setup = _setup(args)
-    records, unreadable = _evaluate(setup, args, rank, world)
+    report = None if args.report is None else EvalReport(
+        args, setup.engine, setup.settings, setup.dataset.metainfo.get('classes'))
+    records, unreadable = _evaluate(setup, args, rank, world, report)
     parts = gather((records, unreadable))
-    if rank != 0:  # a rank that exits with an error makes torchrun stop rank 0's writing
-        return 0
     records = [r for _, r in sorted((r for part in parts for r in part[0]),
                                     key=lambda item: item[0])]
+    if report is not None:  # every rank: the report gathers the image records too
+        report.finish(records)
+    if rank != 0:  # a rank that exits with an error makes torchrun stop rank 0's writing
+        return 0
     unreadable = sorted(path for part in parts for path in part[1])
     if not records:
         raise UserError(f'none of the {setup.total} images could be read')

@@ -211,7 +211,8 @@ class EvalSettings:
 
 def evaluate_image(engine: CAMEngine, image: ImageLike, gt_bboxes: np.ndarray,
                    gt_labels: np.ndarray, settings: EvalSettings, index: int = 0,
-                   randomized: Optional[Sequence[Tuple[str, CAMEngine]]] = None) -> dict:
+                   randomized: Optional[Sequence[Tuple[str, CAMEngine]]] = None,
+                   keep: Optional[dict] = None) -> dict:
     """Every number of every method for the detections of one image, per detection.
 
     Each method is explained on its own (so that its time is its own) for the same
@@ -228,12 +229,17 @@ def evaluate_image(engine: CAMEngine, image: ImageLike, gt_bboxes: np.ndarray,
         randomized (Sequence[tuple[str, CAMEngine]], optional): ``(stage, engine)`` on
             randomised copies of the model (:func:`.sanity.randomized_engines`)
             for the randomisation check. Defaults to None (not run).
+        keep (dict, optional): Filled, when given, with ``detections`` (the
+            :class:`~mmdet_cam_hook.adapters.Detections` explained) and ``maps``
+            (``{method: (K, H, W) maps}``), for a report. Defaults to None.
 
     Returns:
         dict: ``{method: record}``, each record holding per-detection lists (``pointing``,
         ``epg``, ``off_target`` with NaN where undefined, ``blank``, ``deletion_auc`` and
-        ``insertion_auc`` per protocol, ``randomization`` per stage) and the method's
-        ``seconds``; merge records of many images with :func:`summarize`.
+        ``insertion_auc`` per protocol, the curves themselves as ``deletion_curve`` and
+        ``insertion_curve`` per protocol, (K, steps + 1), over ``fractions``,
+        ``randomization`` per stage) and the method's ``seconds``; merge records of many
+        images with :func:`summarize`.
     """
     img = load_image(image)
     seed = image_seed(settings.seed, index)
@@ -242,6 +248,8 @@ def evaluate_image(engine: CAMEngine, image: ImageLike, gt_bboxes: np.ndarray,
     labels = dets.labels.cpu().numpy()
     match = match_to_ground_truth(bboxes, labels, gt_bboxes, gt_labels)
     records = {}
+    if keep is not None:
+        keep.update(detections=dets, maps={})
     for method in settings.all_methods:
         start = time.perf_counter()
         if method in BASELINES:
@@ -253,7 +261,11 @@ def evaluate_image(engine: CAMEngine, image: ImageLike, gt_bboxes: np.ndarray,
         seconds = time.perf_counter() - start
         record = dict(seconds=seconds, num_detections=len(dets),
                       **detection_scores(cams, bboxes, match, gt_bboxes),
-                      deletion_auc={}, insertion_auc={})
+                      deletion_auc={}, insertion_auc={}, deletion_curve={},
+                      insertion_curve={},
+                      fractions=(np.arange(settings.steps + 1) / settings.steps).tolist())
+        if keep is not None:
+            keep['maps'][method] = cams
         for protocol in settings.protocols:
             if len(dets):
                 curves = protocol_curves(engine.detector, img, cams, dets, protocol,
@@ -261,8 +273,12 @@ def evaluate_image(engine: CAMEngine, image: ImageLike, gt_bboxes: np.ndarray,
                                          batch_size=settings.batch_size, seed=seed)
                 record['deletion_auc'][protocol] = curves.deletion_auc.tolist()
                 record['insertion_auc'][protocol] = curves.insertion_auc.tolist()
+                record['deletion_curve'][protocol] = curves.deletion.tolist()
+                record['insertion_curve'][protocol] = curves.insertion.tolist()
+                record['fractions'] = curves.fractions.tolist()
             else:
-                record['deletion_auc'][protocol] = record['insertion_auc'][protocol] = []
+                for key in ('deletion_auc', 'insertion_auc', 'deletion_curve', 'insertion_curve'):
+                    record[key][protocol] = []
         if randomized is not None and method not in BASELINES:
             record['randomization'] = {
                 stage: (rank_correlations(
@@ -361,8 +377,8 @@ def markdown_table(summary: Dict[str, dict], protocols: Sequence[str]) -> str:
 # The hook's probe
 def probe_faithfulness(engine: CAMEngine, image: ImageLike, results: Dict[str, object], *,
                        protocols: Sequence[str] = ('prior', ), steps: int = 10,
-                       fill: str = 'blur', batch_size: int = 32,
-                       seed: int = 0) -> Dict[str, float]:
+                       fill: str = 'blur', batch_size: int = 32, seed: int = 0,
+                       curves: Optional[dict] = None) -> Dict[str, float]:
     """Mean deletion and insertion AUC per method for one probe image's results, for
     ``YOLOXGradCAMHook(faithfulness=True)``.
 
@@ -383,6 +399,8 @@ def probe_faithfulness(engine: CAMEngine, image: ImageLike, results: Dict[str, o
         fill (str): ``blur``, ``grey`` or ``noise``. Defaults to 'blur'.
         batch_size (int): Perturbed images per forward pass. Defaults to 32.
         seed (int): Seed of the tie-break (and the ``noise`` fill). Defaults to 0.
+        curves (dict, optional): Filled, when given, with ``{method: {protocol: Curves}}``
+            (the curves behind the means, e.g. to plot them). Defaults to None.
 
     Returns:
         dict[str, float]: ``{f'{method}_deletion_auc_{protocol}': mean,
@@ -392,7 +410,7 @@ def probe_faithfulness(engine: CAMEngine, image: ImageLike, results: Dict[str, o
         ValueError: If a result carries no detections (not made by a ``CAMEngine``), or on a
             bad argument.
     """
-    protocols = check_protocols(list(protocols))
+    protocols, kept = check_protocols(list(protocols)), curves
     if not results:
         return {}
     first = next(iter(results.values()))
@@ -409,6 +427,8 @@ def probe_faithfulness(engine: CAMEngine, image: ImageLike, results: Dict[str, o
                                      batch_size=batch_size, seed=seed)
             scalars[f'{method}_deletion_auc_{protocol}'] = float(curves.deletion_auc.mean())
             scalars[f'{method}_insertion_auc_{protocol}'] = float(curves.insertion_auc.mean())
+            if kept is not None:
+                kept.setdefault(method, {})[protocol] = curves
     return scalars
 
 

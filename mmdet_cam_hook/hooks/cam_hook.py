@@ -38,6 +38,7 @@ from ..runtime.pipeline import test_pipeline_cfg
 from ..runtime.state import preserved_rng
 from ..visualization.cards import render_cards
 from ..visualization.delivery import Delivery
+from ..visualization.plots import plot_curves
 from ..visualization.render import render_panel
 from . import schedule
 from .probes import Probe, ProbeSet, ProbeSpec, safe_name
@@ -352,11 +353,13 @@ class DetCAMHook(Hook):
         class_names = engine.phrases or self._class_names(runner, mode)
         scores = {method: MapScores() for method in self.methods}
         log = Delivery(runner.visualizer, strict=self.strict)
-        failed = []
+        failed, curves = [], {}  # curves: {method: [Curves of each probe]}, prior protocol
         with torch.enable_grad(), preserved_rng(next(engine.model.parameters()).device):
             for probe in probes:
+                probe_curves = {}
                 try:
-                    numbers = self._explain_probe(engine, probe, mode, step, class_names, log)
+                    numbers = self._explain_probe(engine, probe, mode, step, class_names, log,
+                                                  probe_curves)
                 except Exception as exc:  # noqa: BLE001 - one probe must not cost the others
                     if self.strict:
                         raise
@@ -373,15 +376,19 @@ class DetCAMHook(Hook):
                     continue
                 for method, (image_scores, aucs) in numbers.items():
                     scores[method].add(image_scores, aucs)
+                for method, by_protocol in probe_curves.items():
+                    curves.setdefault(method, []).append(by_protocol['prior'])
         scalars = {f'cam_{mode}/{safe_name(method)}_{name}': value
                    for method in self.methods for name, value in scores[method].summary().items()}
         if scalars:
             log.add_scalars(scalars, step)
+        self._log_curves(runner, log, mode, step, curves)
         self._report(runner, mode, step, len(probes) - len(failed), len(probes), log,
                      time.perf_counter() - start, scalars)
 
     def _explain_probe(self, engine: CAMEngine, probe: Probe, mode: str, step: int,
-                       class_names: Optional[Sequence[str]], log: Delivery) -> Dict[str, tuple]:
+                       class_names: Optional[Sequence[str]], log: Delivery,
+                       curves: Optional[dict] = None) -> Dict[str, tuple]:
         """Explain one probe (one forward pass for all methods) and log its panels.
 
         The maps come back at most ``max_image_size`` pixels a side, so ground-truth boxes are
@@ -399,8 +406,8 @@ class DetCAMHook(Hook):
         results = engine.explain(image, methods=self._methods, max_size=self.max_image_size)
         # probe_faithfulness gives the mean over the probe's K detections: K copies of it weigh
         # the probe by its detections, so the run's number is the mean over detections.
-        faith = probe_faithfulness(engine, image, results, seed=image_seed(0, probe.index)) \
-            if self.faithfulness else {}
+        faith = probe_faithfulness(engine, image, results, seed=image_seed(0, probe.index),
+                                   curves=curves) if self.faithfulness else {}
         for method, result in results.items():
             gt_bboxes = None if probe.gt_bboxes is None else probe.gt_bboxes * result.scale
             image_scores = MapScores().update(result.cams, result.bboxes, result.labels,
@@ -430,6 +437,25 @@ class DetCAMHook(Hook):
                                  max_detections=self.max_detection_tiles,
                                  max_size=self.max_image_size, gt_bboxes=gt_bboxes, match=match)
         log.add_views(name, panel, cards, step)
+
+    def _log_curves(self, runner, log: Delivery, mode: str, step: int, curves: dict) -> None:
+        """The probes' deletion/insertion curves (``faithfulness``) as one plot image,
+        ``cam_{mode}_faithfulness_curves``, beside the AUC scalars; without matplotlib, one
+        warning for the run and no plot."""
+        if not curves:
+            return
+        try:
+            plot = plot_curves(next(iter(curves.values()))[0].fractions, {
+                method: {kind: [row for c in per_probe for row in getattr(c, kind)]
+                         for kind in ('deletion', 'insertion')}
+                for method, per_probe in curves.items()}, title=f'{mode}, step {step}')
+        except ImportError as exc:
+            if not getattr(self, '_plot_warned', False):
+                self._plot_warned = True
+                runner.logger.warning(f'DetCAMHook: the faithfulness curves are not plotted '
+                                      f'(the AUC scalars are logged): {exc}')
+            return
+        log.add_image(f'cam_{mode}_faithfulness_curves', plot, step)
 
     def _report(self, runner, mode: str, step: int, explained: int, probes: int,
                 log: Delivery, seconds: float, scalars: Dict[str, float]) -> None:
