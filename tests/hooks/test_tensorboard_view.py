@@ -28,13 +28,9 @@ from mmengine.runner import Runner
 
 from mmdet_cam_hook.demo.shapes import generate_shapes
 from mmdet_cam_hook.testing import TINY_SIZE, cam_hook, run_log_dir, tiny_cfg
+from mmdet_cam_hook.testing.browser import browser_unavailable, launch_chromium
 from mmdet_cam_hook.visualization.cards import CARD_LABEL_PX, CARD_WIDTH
 
-CHROMIUM = Path('/usr/bin/chromium')
-#: Chromium's flags for this machine's closed network (as in testing/browser.py of issue 23).
-CHROMIUM_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic',
-                  '--no-first-run', '--disable-background-networking',
-                  '--disable-component-update', '--disable-sync']
 WINDOW = {'width': 1400, 'height': 1000}  # the issue's window
 MIN_DISPLAYED_WIDTH = 150
 MIN_LABEL_PX = 9
@@ -47,12 +43,9 @@ def _tensorboard() -> str:
 
 
 def _missing() -> str:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return 'Playwright for Python is not installed (pip install playwright==1.63.0)'
-    if not CHROMIUM.exists():
-        return f'no Chromium at {CHROMIUM} (Debian package `chromium`, tools/setup_env.sh)'
+    reason = browser_unavailable()
+    if reason:
+        return reason
     if not _tensorboard():
         return 'the `tensorboard` command is not installed (pip install tensorboard)'
     return ''
@@ -143,14 +136,11 @@ def _tag_of(src: str) -> str:
     return json.loads(base64.urlsafe_b64decode(key + '=' * (-len(key) % 4)))[2]
 
 
-def _images_tab(url: str, profile: Path, screenshot: Path, count: int) -> list:
-    """Open the Images tab as a new user would; wait until ``count`` images have loaded."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS,
-            viewport=WINDOW)
+def _images_tab(url: str, screenshot: Path, count: int) -> list:
+    """Open the Images tab as a new user would (the OS's Chromium, a fresh profile); wait
+    until ``count`` images have loaded."""
+    with launch_chromium() as browser:
+        context = browser.new_context(viewport=WINDOW)
         try:
             page = context.new_page()
             page.goto(f'{url}/#images', timeout=TIMEOUT * 1000)
@@ -176,7 +166,7 @@ def test_cards_read_in_tensorboards_default_view(run_dir, tmp_path):
             query = urllib.parse.urlencode({'run': run, 'tag': f'{group}/all'})
             steps = [e['step'] for e in _get_json(f'{url}/data/plugin/images/images?{query}')]
             assert steps == [1, 2]
-        shown = _images_tab(url, tmp_path / 'profile', tmp_path / 'images_tab.png', len(names))
+        shown = _images_tab(url, tmp_path / 'images_tab.png', len(names))
     assert (tmp_path / 'images_tab.png').stat().st_size > 10_000
     by_tag = {_tag_of(image['src']): image for image in shown}
     assert sorted(by_tag) == names  # every card is on the page, none twice
