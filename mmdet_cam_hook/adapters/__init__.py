@@ -1,8 +1,11 @@
 """One adapter per detector family (see :mod:`.base`); importing this package registers them."""
 from . import (  # noqa: F401  (register the adapters)
+    anchor_free,
+    atss_family,
     detr,
     fcos,
     gfl,
+    retina_variants,
     retinanet,
     rtmdet,
     two_stage,  # noqa: F401  (register the two-stage adapters)
