@@ -8,7 +8,9 @@ from . import (  # noqa: F401  (register the adapters)
     retina_variants,
     retinanet,
     rtmdet,
+    ssd,
     two_stage,  # noqa: F401  (register the two-stage adapters)
+    yolof,
     yolov3,
     yolox,
 )
