@@ -51,6 +51,8 @@ FCOS = dict(weights={'conv.weight': 0.03, 'conv_cls': 0.03, 'conv_centerness': 0
             biases={'conv_cls': (0., 0.5), 'conv_centerness': (0., 0.5)})
 FOVEA = dict(weights={'conv.weight': 0.03, 'conv_cls': 0.03, 'conv_reg': 0.03},
              biases={'conv_cls': (0., 0.5), 'conv_reg': (0., 0.3)})
+YOLOF = dict(calibrate=True, weights={'cls_score': 0.05, 'object_pred': 0.05, 'bbox_pred': 0.003},
+             biases={'cls_score': (0., 0.5), 'object_pred': (2., 0.5)})
 SSD = dict(calibrate=True, weights={'cls_convs': 0.05}, biases={'cls_convs': (0., 0.5)})
 FASTER_RCNN = dict(weights={'rpn_reg': 0.2, 'fc_cls': 0.05, 'fc_reg': 0.01},
                    biases={'fc_cls': (0., 0.5)})
@@ -87,6 +89,9 @@ MODELS = {
     'fovea-r50': (lambda size: build_detector(
         'foveabox/fovea_r50_fpn_4xb4-1x_coco.py', size, num_classes=80, perturb=FOVEA), 512,
         'backbone.layer4'),
+    'yolof-r50': (lambda size: build_detector(
+        'yolof/yolof_r50-c5_8xb8-1x_coco.py', size, num_classes=80, perturb=YOLOF,
+        cfg_options={'model.test_cfg.nms_pre': 1000}), 512, 'backbone.layer4'),
     'ssdlite': (lambda size: _ssd(build_detector(
         'ssd/ssdlite_mobilenetv2-scratch_8xb24-600e_coco.py', size, num_classes=80,
         perturb=SSD, cfg_options={'model.test_cfg.nms_pre': 1000})), 320, 'backbone.layer3'),
