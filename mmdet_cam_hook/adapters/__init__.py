@@ -3,6 +3,7 @@ from . import (  # noqa: F401  (register the adapters)
     anchor_free,
     atss_family,
     detr,
+    distillation,
     fcos,
     gfl,
     retina_variants,

@@ -25,12 +25,13 @@ class PAAAdapter(ATSSAdapter):
     Score voting replaces each kept box by an IoU- and score-weighted mean of the candidate
     boxes of its class, and keeps the kept box's score: the score is still one prior's, the
     prior that won NMS (carried with ``multiclass_nms(..., return_inds=True)``). GroupNorm in
-    mmdet's configs: no window (exact route).
+    mmdet's configs: no window (exact route). ``LADHead`` (label assignment distillation) is a
+    PAA student that changes only the training.
     """
 
-    head_types = ('PAAHead', )
+    head_types = ('PAAHead', 'LADHead')
     family = 'PAA'
-    detectors = 'PAA'
+    detectors = 'PAA, LAD (the PAA student)'
     doc_score = '√(σ(cls[a, c]) · σ(iou[a])), box by score voting'
     doc_layers = '`neck.fpn_convs.{0..4}`'
     doc_route = 'exact (GroupNorm head)'
