@@ -1,11 +1,10 @@
-"""Heads built on ATSS's (``ATSSHead`` subclasses and look-alikes) with their own quality
-scores: PAA (score voting), TOOD (task-aligned probabilities), VFNet (IoU-aware classification
-on star-deformable features), DDOD (an IoU branch as score factor)."""
-from typing import List, Optional
+"""Heads built on ATSS's (``ATSSHead`` subclasses) with their own quality scores: PAA (score
+voting; LAD's student), TOOD (task-aligned probabilities), VFNet (IoU-aware classification on
+star-deformable features)."""
+from typing import List
 
 import torch
 from mmengine.structures import InstanceData
-from torch import nn
 
 from .base import ADAPTERS, Detections
 from .dense import DenseAdapter
@@ -165,27 +164,3 @@ class VFNetAdapter(DenseAdapter):
     doc_score = 'σ(cls[c]), IoU-aware (varifocal)'
     doc_layers = '`neck.fpn_convs.{0..4}`'
     doc_route = 'exact (deformable conv, GroupNorm)'
-
-
-@ADAPTERS.register_module()
-class DDODAdapter(DenseAdapter):
-    """``DDODHead``: ``BaseDenseHead``'s decoding with the IoU branch as score factor.
-
-    Score of the detection with label ``c`` at prior ``(l, y, x, a)``::
-
-        sigmoid(cls_scores[l][0, a*C + c, y, x]) * sigmoid(iou_preds[l][0, a, y, x])
-
-    The IoU prediction reads the regression tower. GroupNorm in mmdet's configs: no window;
-    without norm the window is exact (11x11).
-    """
-
-    head_types = ('DDODHead', )
-    family = 'DDOD'
-    detectors = 'DDOD'
-    doc_score = 'σ(cls[a, c]) · σ(iou[a])'
-    doc_layers = '`neck.fpn_convs.{0..4}`'
-    doc_route = 'exact (GroupNorm head)'
-
-    def _score_branches(self, level: int) -> Optional[List[List[nn.Module]]]:
-        head = self.head
-        return [[*head.cls_convs, head.atss_cls], [*head.reg_convs, head.atss_iou]]

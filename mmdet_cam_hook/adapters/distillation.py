@@ -10,8 +10,8 @@ from .gfl import GFLAdapter
 class LDAdapter(GFLAdapter):
     """``LDHead`` (a ``GFLHead`` with the distillation loss): GFL's forward, decoding and score,
     ``sigmoid(cls_scores[l][0, a*C + c, y, x])``. The teacher (``teacher_model``) has no part
-    in the prediction; the randomisation check puts it with the head (its parameters cannot
-    change a map).
+    in the prediction, and mmdet keeps it out of ``modules()`` and ``parameters()``: the
+    default stages (the student's head, neck, backbone) are the whole model.
     """
 
     head_types = ('LDHead', )

@@ -42,7 +42,7 @@ class RetinaSepBNAdapter(RetinaNetAdapter):
     family = 'RetinaNet SepBN'
     detectors = 'FPG RetinaNet'
     doc_score = 'σ(cls[a, c]), one of 9 anchors'
-    doc_layers = '`neck.fpn_convs.{0..4}` (FPG: its last stage\'s level outputs)'
+    doc_layers = '`neck.output_transition.{0..4}` (FPG\'s outputs, strides 8-128)'
     doc_route = 'local, 11x11 window (radius 5)'
 
     def level_roots(self, level: int) -> List[str]:

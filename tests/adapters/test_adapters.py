@@ -635,6 +635,45 @@ def test_ssd_softmax_head_with_per_level_anchors():
     assert full.abs().max() > 0
     torch.testing.assert_close(grads[:1], full, rtol=1e-4, atol=1e-7)
 
+
+def test_ld_student_is_explained():
+    """LD (knowledge distillation): the GFL student alone predicts (the teacher feeds only the
+    training loss). The distillation detector is built as a user's config builds it, with the
+    teacher a light GFL (mmdet's config names a teacher file relative to mmdet's source tree and
+    a checkpoint to download); its ``eval()`` returns None, so ``build_detector`` cannot be
+    used. Decoding equals ``model.predict``, the score at each prior equals the decoded one,
+    HiResCAM on the default layer equals grad-cam; the randomisation stages are the student's
+    (mmdet keeps the teacher out of ``parameters()``)."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import DefaultScope
+
+    from mmdet_cam_hook.testing import detector_config, perturb_head
+
+    teacher = Config.fromfile(mmdet_config('gfl/gfl_r50_fpn_1x_coco.py'))
+    teacher.merge_from_dict(LIGHT_FPN)
+    cfg = detector_config('ld/ld_r18-gflv1-r101_fpn_1x_coco.py', 256, cfg_options={
+        **LIGHT_FPN, **EVERY_LEVEL, 'model.teacher_ckpt': None,
+        'model.teacher_config': dict(_delete_=True, model=teacher.model.to_dict())})
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(cfg.model)
+    model.cfg, model.dataset_meta = cfg, dict(classes=('a', 'b', 'c'))
+    perturb_head(model, 0, **GFL)
+    model.eval()
+    engine = CAMEngine(model, score_thr=0.0)
+    assert type(engine.adapter).__name__ == 'LDAdapter' and engine.layer_names == FPN_LAYERS
+    image = synthetic_image(96, 160, seed=1)
+    inputs, meta, outs, dets = _decoded(model, engine, image)
+    pred = _predict(model, inputs, meta)
+    assert len(dets) == len(pred) > 0 and torch.equal(dets.bboxes, pred.bboxes)
+    assert torch.equal(dets.scores, pred.scores) and torch.equal(dets.labels, pred.labels)
+    torch.testing.assert_close(engine.adapter.scores(outs, dets), dets.scores, rtol=0, atol=1e-6)
+    res = engine.explain(image, methods='hirescam')['hirescam']
+    idx = [0, int((dets.levels == 4).nonzero()[0, 0])]
+    np.testing.assert_allclose(res.input_cams[idx], _reference(model, inputs, res, dets, idx),
+                               atol=1e-4)
+    assert list(engine.adapter.stages()) == ['head', 'neck', 'backbone']  # the student's
+
 # ---------------------------------------------------------------------------------------------
 # Randomisation stages (issue 18 #5): every parameter in exactly one stage, head first.
 R18_FPN = {'model.backbone.depth': 18, 'model.neck.in_channels': [64, 128, 256, 512]}
