@@ -674,6 +674,27 @@ def test_ld_student_is_explained():
                                atol=1e-4)
     assert list(engine.adapter.stages()) == ['head', 'neck', 'backbone']  # the student's
 
+
+#: Heads an adapter lists without a row of their own: (head, the head of its row or test).
+SAME_INFERENCE = [('FreeAnchorRetinaHead', 'RetinaHead'), ('PISARetinaHead', 'RetinaHead'),
+                  ('FSAFHead', 'RetinaHead'), ('PISASSDHead', 'SSDHead'),
+                  ('LADHead', 'PAAHead'), ('LDHead', 'GFLHead')]
+INFERENCE = ('_init_layers', 'forward', 'forward_single', 'predict', 'predict_by_feat',
+             '_predict_by_feat_single', '_bbox_post_process', 'score_voting', 'get_anchors')
+
+
+@pytest.mark.parametrize('head,like', SAME_INFERENCE)
+def test_listed_heads_share_the_tested_inference(head, like):
+    """A head an adapter takes without a row (FreeAnchor, PISA, LAD: new losses only) runs the
+    inference code of the head that has one: the same functions, not overrides (FSAF
+    overrides only ``forward_single``, a ReLU on the box branch, and has its own row)."""
+    from mmdet.registry import MODELS
+
+    cls, base = MODELS.get(head), MODELS.get(like)
+    assert issubclass(cls, base) and head in supported_heads()
+    differ = [m for m in INFERENCE if getattr(cls, m, None) is not getattr(base, m, None)]
+    assert differ == (['forward_single'] if head == 'FSAFHead' else [])
+
 # ---------------------------------------------------------------------------------------------
 # Randomisation stages (issue 18 #5): every parameter in exactly one stage, head first.
 R18_FPN = {'model.backbone.depth': 18, 'model.neck.in_channels': [64, 128, 256, 512]}
