@@ -22,6 +22,8 @@ engine takes (``local`` window, ``chain`` of VJPs, ``exact`` backward per detect
     .venv/bin/python benchmarks/bench_engine.py --models dino-4scale-r50 --ks 8 --repeats 1
     .venv/bin/python benchmarks/bench_engine.py --models yolox-s --ks 100 --chunk-sizes 4 16 64
     .venv/bin/python benchmarks/bench_engine.py --device cuda:0          # the same on a GPU
+    .venv/bin/python benchmarks/bench_engine.py --models fsaf-r50 fovea-r50 yolof-r50 ssdlite \
+        --ks 32 --baseline-max 8     # issue 19's dense heads with an exact window
 
 ``ours`` is timed as the hook and the CLI run the engine (``keep_input_cams=False``); the maps
 compared with the baseline come from one more call that keeps them on the input grid.
