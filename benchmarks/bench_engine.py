@@ -22,6 +22,8 @@ engine takes (``local`` window, ``chain`` of VJPs, ``exact`` backward per detect
     .venv/bin/python benchmarks/bench_engine.py --models dino-4scale-r50 --ks 8 --repeats 1
     .venv/bin/python benchmarks/bench_engine.py --models yolox-s --ks 100 --chunk-sizes 4 16 64
     .venv/bin/python benchmarks/bench_engine.py --device cuda:0          # the same on a GPU
+    .venv/bin/python benchmarks/bench_engine.py --models fsaf-r50 fovea-r50 yolof-r50 ssdlite \
+        --ks 32 --baseline-max 8     # issue 19's dense heads with an exact window
 
 ``ours`` is timed as the hook and the CLI run the engine (``keep_input_cams=False``); the maps
 compared with the baseline come from one more call that keeps them on the input grid.
@@ -49,6 +51,11 @@ RETINANET = dict(weights={'conv.weight': 0.03, 'retina_cls': 0.03, 'retina_reg':
 FCOS = dict(weights={'conv.weight': 0.03, 'conv_cls': 0.03, 'conv_centerness': 0.03,
                      'conv_reg': 0.03},
             biases={'conv_cls': (0., 0.5), 'conv_centerness': (0., 0.5)})
+FOVEA = dict(weights={'conv.weight': 0.03, 'conv_cls': 0.03, 'conv_reg': 0.03},
+             biases={'conv_cls': (0., 0.5), 'conv_reg': (0., 0.3)})
+YOLOF = dict(calibrate=True, weights={'cls_score': 0.05, 'object_pred': 0.05, 'bbox_pred': 0.003},
+             biases={'cls_score': (0., 0.5), 'object_pred': (2., 0.5)})
+SSD = dict(calibrate=True, weights={'cls_convs': 0.05}, biases={'cls_convs': (0., 0.5)})
 FASTER_RCNN = dict(weights={'rpn_reg': 0.2, 'fc_cls': 0.05, 'fc_reg': 0.01},
                    biases={'fc_cls': (0., 0.5)})
 
@@ -77,7 +84,29 @@ MODELS = {
         perturb=FASTER_RCNN), 512, 'backbone.layer4'),
     'dino-4scale-r50': (lambda size: build_detector(
         'dino/dino-4scale_r50_8xb2-12e_coco.py', size, num_classes=80), 320, None),
+    # Issue 19's dense heads with an exact window (the rest take the exact route, as FCOS).
+    'fsaf-r50': (lambda size: build_detector(
+        'fsaf/fsaf_r50_fpn_1x_coco.py', size, num_classes=80, perturb=RETINANET), 512,
+        'backbone.layer4'),
+    'fovea-r50': (lambda size: build_detector(
+        'foveabox/fovea_r50_fpn_4xb4-1x_coco.py', size, num_classes=80, perturb=FOVEA), 512,
+        'backbone.layer4'),
+    'yolof-r50': (lambda size: build_detector(
+        'yolof/yolof_r50-c5_8xb8-1x_coco.py', size, num_classes=80, perturb=YOLOF,
+        cfg_options={'model.test_cfg.nms_pre': 1000}), 512, 'backbone.layer4'),
+    'ssdlite': (lambda size: _ssd(build_detector(
+        'ssd/ssdlite_mobilenetv2-scratch_8xb24-600e_coco.py', size, num_classes=80,
+        perturb=SSD, cfg_options={'model.test_cfg.nms_pre': 1000})), 320, 'backbone.layer3'),
 }
+
+
+def _ssd(model):
+    """mmdet 3.3's ``SSDHead`` lacks the ``loss_cls`` its decoding reads (see
+    tests/adapters/test_adapters.py); the engine does not need it, ``model.predict`` does."""
+    from mmdet.models.losses import CrossEntropyLoss
+
+    model.bbox_head.loss_cls = CrossEntropyLoss(use_sigmoid=False)
+    return model
 # RTMDet keeps every (prior, class) pair above the score threshold before NMS (nms_pre=30000 per
 # level); a random-init model scores all 8400 x 80 of them ~0.5, which makes NMS, not the CAMs,
 # the cost. nms_pre=1000 (RetinaNet's, FCOS's) keeps the decode at a trained model's size.

@@ -1,12 +1,18 @@
 """One adapter per detector family (see :mod:`.base`); importing this package registers them."""
 from . import (  # noqa: F401  (register the adapters)
+    anchor_free,
+    atss_family,
     detr,
+    distillation,
     fcos,
     gfl,
     grounding,
+    retina_variants,
     retinanet,
     rtmdet,
+    ssd,
     two_stage,  # noqa: F401  (register the two-stage adapters)
+    yolof,
     yolov3,
     yolox,
 )

@@ -142,7 +142,7 @@ class DenseAdapter(DetectorAdapter):
             if with_score_factors:
                 score_factor = score_factor.permute(1, 2, 0).reshape(-1).sigmoid()
             cls_score = cls_score.permute(1, 2, 0).reshape(-1, head.cls_out_channels)
-            if getattr(head.loss_cls, 'custom_cls_channels', False):
+            if getattr(getattr(head, 'loss_cls', None), 'custom_cls_channels', False):
                 scores = head.loss_cls.get_activation(cls_score)
             elif head.use_sigmoid_cls:
                 scores = cls_score.sigmoid()
@@ -217,7 +217,7 @@ class DenseAdapter(DetectorAdapter):
     def _prob(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Class probability of each row's label, as the head's decoding computes it."""
         head = self.head
-        if getattr(head.loss_cls, 'custom_cls_channels', False):
+        if getattr(getattr(head, 'loss_cls', None), 'custom_cls_channels', False):
             return head.loss_cls.get_activation(logits).gather(1, labels[:, None])[:, 0]
         if head.use_sigmoid_cls:
             return logits.gather(1, labels[:, None])[:, 0].sigmoid()

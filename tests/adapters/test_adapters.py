@@ -101,6 +101,79 @@ HEADS = [
          level_of=[None, None, 2], routes=['chain', 'chain', 'local'], radius=1, anchors=3,
          upstream='backbone.layer7', upstream_route='chain'),
 ]
+# Issue 19: mmdet's other dense heads (RetinaNet's relatives, the ATSS family, anchor-free heads,
+# SSD). Predictors named per head; FPG's neck stacked 4 times (9 in the config: the head does not
+# change), its head's BatchNorms calibrated.
+RETINA_VARIANT = dict(RETINANET)
+PAA = ATSS
+TOOD = dict(weights={'conv.weight': 0.03, 'tood_cls': 0.03, 'tood_reg': 0.003},
+            biases={'tood_cls': (0., 0.5), 'cls_prob_module': (2., 0.5)})
+VFNET = dict(weights={'conv.weight': 0.03, 'vfnet_cls': 0.03, 'vfnet_reg': 0.003,
+                      'vfnet_reg_refine': 0.003}, biases={'vfnet_cls': (0., 0.5)})
+FOVEA = dict(weights={'conv.weight': 0.03, 'conv_cls': 0.03, 'conv_reg': 0.03},
+             biases={'conv_cls': (0., 0.5), 'conv_reg': (0., 0.3)})
+AUTOASSIGN = dict(calibrate=True, weights={'conv.weight': 0.05, 'conv_cls': 0.03,
+                                           'conv_centerness': 0.03, 'conv_reg': 0.03},
+                  biases={'conv_cls': (0., 0.5), 'conv_centerness': (0., 0.5),
+                          'conv_reg': (2.5, 0.3)})
+CENTERNET_UPDATE = dict(weights={'conv.weight': 0.03, 'conv_cls': 0.03, 'conv_reg': 0.03},
+                        biases={'conv_cls': (0., 0.5), 'conv_reg': (2.5, 0.3)})
+FPG = dict(calibrate=True, weights={'retina_cls': 0.05, 'retina_reg': 0.003},
+           biases={'retina_cls': (0., 0.5)})
+FPG_LIGHT = {'model.neck.inter_channels': 32, 'model.neck.stack_times': 4,
+             'model.neck.paths': ['bu'] * 4}
+# RepPoints' boxes are the spread of its points: biases spread them over a few strides.
+REPPOINTS = dict(weights={'conv.weight': 0.03, 'reppoints_cls_out': 0.03,
+                          'reppoints_pts_init_out': 0.01, 'reppoints_pts_refine_out': 0.01},
+                 biases={'reppoints_cls_out': (0., 0.5), 'reppoints_pts_init_out': (0., 2.),
+                         'reppoints_pts_refine_out': (0., 1.)})
+YOLOF = dict(calibrate=True, weights={'cls_score': 0.05, 'object_pred': 0.05, 'bbox_pred': 0.003},
+             biases={'cls_score': (0., 0.5), 'object_pred': (2., 0.5)})
+YOLOF_LIGHT = {'model.backbone.depth': 18, 'model.backbone.base_channels': 16,
+               'model.neck.in_channels': 128, 'model.neck.out_channels': 32,
+               'model.neck.block_mid_channels': 16, 'model.bbox_head.in_channels': 32,
+               'model.test_cfg.nms_pre': 30, 'model.test_cfg.nms.iou_threshold': 1.0}
+SSD = dict(calibrate=True, weights={'cls_convs': 0.05}, biases={'cls_convs': (0., 0.5)})
+
+
+def _ssd_loss_cls(model):
+    """mmdet 3.3's ``SSDHead`` never builds the ``loss_cls`` its inherited decoding reads, so
+    ``model.predict`` (the oracle) fails; give it the softmax cross-entropy SSD trains with
+    (no custom channels: the decoding's softmax branch)."""
+    from mmdet.models.losses import CrossEntropyLoss
+
+    model.bbox_head.loss_cls = CrossEntropyLoss(use_sigmoid=False)
+
+
+HEADS += [
+    _fpn('fsaf', 'fsaf/fsaf_r50_fpn_1x_coco.py', RETINA_VARIANT, radius=5, anchors=1,
+         routes=['local', 'local', 'local', 'chain', 'local'], level_of=[0, 1, 2, None, 4]),
+    {**_fpn('fpg-retinanet', 'fpg/retinanet_r50_fpg_crop640_50e_coco.py', FPG, radius=5,
+            anchors=9, routes=['local'] * 5, level_of=[0, 1, 2, 3, 4]),
+     'cfg_options': {**LIGHT_FPN, **EVERY_LEVEL, **FPG_LIGHT},
+     'level_layers': [f'neck.output_transition.{i}' for i in range(5)], 'probe_size': 256,
+     'upstream': 'backbone.layer2'},
+    _fpn('paa', 'paa/paa_r50_fpn_1x_coco.py', PAA, routes=['exact'] * 5,
+         level_of=[0, 1, None, None, 4]),
+    _fpn('tood', 'tood/tood_r50_fpn_1x_coco.py', TOOD, routes=['exact'] * 5,
+         level_of=[0, 1, None, None, 4]),
+    _fpn('vfnet', 'vfnet/vfnet_r50_fpn_1x_coco.py', VFNET, routes=['exact'] * 5,
+         level_of=[0, 1, None, None, 4]),
+    _fpn('foveabox', 'foveabox/fovea_r50_fpn_4xb4-1x_coco.py', FOVEA, radius=5,
+         routes=['local', 'local', 'local', 'chain', 'local'], level_of=[0, 1, 2, None, 4]),
+    _fpn('autoassign', 'autoassign/autoassign_r50-caffe_fpn_1x_coco.py', AUTOASSIGN,
+         routes=['exact'] * 5, level_of=[0, 1, 2, None, 4]),
+    _fpn('centernet-update', 'centernet/centernet-update_r50-caffe_fpn_ms-1x_coco.py',
+         CENTERNET_UPDATE, routes=['exact'] * 5, level_of=[0, 1, None, None, 4]),
+    {**_fpn('reppoints', 'reppoints/reppoints-moment_r50_fpn_1x_coco.py', REPPOINTS,
+            routes=['exact'] * 5, level_of=[0, 1, 2, None, 4]),
+     'cfg_options': {**LIGHT_FPN, **EVERY_LEVEL, 'model.test_cfg.nms_pre': 8}},
+    # One level (stride 32) after the dilated encoder, 5 anchors per location.
+    dict(name='yolof', config='yolof/yolof_r50-c5_8xb8-1x_coco.py', perturb=YOLOF,
+         input_size=256, cfg_options=YOLOF_LIGHT, level_layers=['neck.dilated_encoder_blocks'],
+         level_of=[0], routes=['local'], radius=5, anchors=5, upstream='backbone.layer4',
+         upstream_route='chain'),
+]
 ROWS = {row['name']: row for row in HEADS}
 ALL_METHODS = sorted(CAM_METHODS)  # the gradient and activation methods (not D-RISE)
 _MODELS = {}
@@ -126,6 +199,8 @@ def _model(row):
                                               num_classes=row.get('num_classes', 3),
                                               perturb=row.get('perturb'),
                                               cfg_options=row.get('cfg_options'))
+        if row.get('setup') is not None:
+            row['setup'](_MODELS[row['name']])
     return _MODELS[row['name']]
 
 
@@ -330,7 +405,8 @@ def test_level_layers_output_the_level_maps(row):
     seen = {}
     handles = [modules[n].register_forward_hook(lambda m, a, out, n=n: seen.__setitem__(n, out))
                for n in names]
-    inputs = torch.zeros((1, 3, 64, 64))
+    size = row.get('probe_size', 64)  # FPG's neck needs its top level 2x2 or larger
+    inputs = torch.zeros((1, 3, size, size))
     try:
         with torch.no_grad():
             feats = adapter.features(inputs)
@@ -498,6 +574,126 @@ def test_locate_priors_follows_mmdet_order():
     assert torch.equal(back, flat)
     assert levels.tolist().count(1) == 18 and int(ys.max()) == 3 and int(a.max()) == 2
 
+
+
+# SSD (issue 19): softmax over C + 1, 4 or 6 anchors depending on the level, levels down to 1x1
+# (Grad-CAM is constant, so blank, there) and a stretching resize: the table's checks that apply,
+# at the cost of one row. SSDLite (6 anchors on every level) at 256 px with SSD300's aspect
+# ratios (4, 6, 6, 6, 4, 4 anchors).
+SSDLITE = dict(name='ssdlite', config='ssd/ssdlite_mobilenetv2-scratch_8xb24-600e_coco.py',
+               perturb=SSD, input_size=256, setup=_ssd_loss_cls,
+               cfg_options={**EVERY_LEVEL, 'model.bbox_head.anchor_generator.ratios':
+                            [[2], [2, 3], [2, 3], [2, 3], [2], [2]]})
+SSD_LAYERS = ['backbone.layer5', 'backbone.conv2'] + [f'neck.extra_layers.{i}' for i in range(4)]
+
+
+def test_ssd_softmax_head_with_per_level_anchors():
+    """Decoding equals ``model.predict`` (the row's and the config's own test_cfg); the softmax
+    score read at each prior equals the decoded one, with the level's own anchor count (a
+    prior located with 6 anchors on a 4-anchor level would read another score); level layers
+    and routes (only the last level map feeds one level alone); HiResCAM equals grad-cam on two
+    chain levels (8x8 and 2x2); the window's gradient on the last level equals the full
+    backward."""
+    model = _model(SSDLITE)
+    image = synthetic_image(96, 160, seed=1)
+    engine = CAMEngine(model, score_thr=0.0)
+    assert engine.layer_names == SSD_LAYERS
+    assert [layer.route for layer in engine.layers] == ['chain'] * 5 + ['local']
+    inputs, meta, outs, dets = _decoded(model, engine, image)
+    pred = _predict(model, inputs, meta)
+    assert len(dets) == len(pred) and torch.equal(dets.bboxes, pred.bboxes)
+    assert torch.equal(dets.scores, pred.scores) and torch.equal(dets.labels, pred.labels)
+    assert sorted(dets.levels.unique().tolist()) == list(range(6))
+    per_level = torch.tensor(model.bbox_head.prior_generator.num_base_priors)
+    assert len(per_level.unique()) == 2 and (dets.anchors < per_level[dets.levels]).all()
+    torch.testing.assert_close(engine.adapter.scores(outs, dets), dets.scores, rtol=0, atol=1e-6)
+
+    head, saved = model.bbox_head, model.bbox_head.test_cfg
+    head.test_cfg = ConfigDict(Config.fromfile(mmdet_config(SSDLITE['config'])).model.test_cfg)
+    try:
+        own = _predict(model, inputs, meta)
+        with torch.no_grad():
+            mine = engine.adapter.decode(outs, meta, float(head.test_cfg.score_thr))
+        assert len(mine) > 0 and torch.equal(mine.bboxes, own.bboxes)
+        assert torch.equal(mine.scores, own.scores) and torch.equal(mine.labels, own.labels)
+    finally:
+        head.test_cfg = saved
+
+    res = engine.explain(image, methods='hirescam')['hirescam']
+    idx = [int((dets.levels == lv).nonzero()[0, 0]) for lv in (1, 3)]  # 8x8, 2x2 maps
+    ref = _reference(model, inputs, res, dets, idx)
+    assert (ref.reshape(len(idx), -1).max(1) > 0).all()
+    np.testing.assert_allclose(res.input_cams[idx], ref, atol=1e-4)
+    adapter = engine.adapter
+    with torch.no_grad():
+        feats = adapter.features(inputs)
+    feats = [f.detach().requires_grad_(True) for f in feats]
+    live = adapter.head_outputs(feats)
+    last = dets.select(dets.levels == 5)
+    grads = LocalGradient(adapter)(feats[5], 5, last)
+    (full, ) = torch.autograd.grad(adapter.scores(live, last)[0], feats[5])
+    assert full.abs().max() > 0
+    torch.testing.assert_close(grads[:1], full, rtol=1e-4, atol=1e-7)
+
+
+def test_ld_student_is_explained():
+    """LD (knowledge distillation): the GFL student alone predicts (the teacher feeds only the
+    training loss). The distillation detector is built as a user's config builds it, with the
+    teacher a light GFL (mmdet's config names a teacher file relative to mmdet's source tree and
+    a checkpoint to download); its ``eval()`` returns None, so ``build_detector`` cannot be
+    used. Decoding equals ``model.predict``, the score at each prior equals the decoded one,
+    HiResCAM on the default layer equals grad-cam; the randomisation stages are the student's
+    (mmdet keeps the teacher out of ``parameters()``)."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import DefaultScope
+
+    from mmdet_cam_hook.testing import detector_config, perturb_head
+
+    teacher = Config.fromfile(mmdet_config('gfl/gfl_r50_fpn_1x_coco.py'))
+    teacher.merge_from_dict(LIGHT_FPN)
+    cfg = detector_config('ld/ld_r18-gflv1-r101_fpn_1x_coco.py', 256, cfg_options={
+        **LIGHT_FPN, **EVERY_LEVEL, 'model.teacher_ckpt': None,
+        'model.teacher_config': dict(_delete_=True, model=teacher.model.to_dict())})
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(cfg.model)
+    model.cfg, model.dataset_meta = cfg, dict(classes=('a', 'b', 'c'))
+    perturb_head(model, 0, **GFL)
+    model.eval()
+    engine = CAMEngine(model, score_thr=0.0)
+    assert type(engine.adapter).__name__ == 'LDAdapter' and engine.layer_names == FPN_LAYERS
+    image = synthetic_image(96, 160, seed=1)
+    inputs, meta, outs, dets = _decoded(model, engine, image)
+    pred = _predict(model, inputs, meta)
+    assert len(dets) == len(pred) > 0 and torch.equal(dets.bboxes, pred.bboxes)
+    assert torch.equal(dets.scores, pred.scores) and torch.equal(dets.labels, pred.labels)
+    torch.testing.assert_close(engine.adapter.scores(outs, dets), dets.scores, rtol=0, atol=1e-6)
+    res = engine.explain(image, methods='hirescam')['hirescam']
+    idx = [0, int((dets.levels == 4).nonzero()[0, 0])]
+    np.testing.assert_allclose(res.input_cams[idx], _reference(model, inputs, res, dets, idx),
+                               atol=1e-4)
+    assert list(engine.adapter.stages()) == ['head', 'neck', 'backbone']  # the student's
+
+
+#: Heads an adapter lists without a row of their own: (head, the head of its row or test).
+SAME_INFERENCE = [('FreeAnchorRetinaHead', 'RetinaHead'), ('PISARetinaHead', 'RetinaHead'),
+                  ('FSAFHead', 'RetinaHead'), ('PISASSDHead', 'SSDHead'),
+                  ('LADHead', 'PAAHead'), ('LDHead', 'GFLHead')]
+INFERENCE = ('_init_layers', 'forward', 'forward_single', 'predict', 'predict_by_feat',
+             '_predict_by_feat_single', '_bbox_post_process', 'score_voting', 'get_anchors')
+
+
+@pytest.mark.parametrize('head,like', SAME_INFERENCE)
+def test_listed_heads_share_the_tested_inference(head, like):
+    """A head an adapter takes without a row (FreeAnchor, PISA, LAD: new losses only) runs the
+    inference code of the head that has one: the same functions, not overrides (FSAF
+    overrides only ``forward_single``, a ReLU on the box branch, and has its own row)."""
+    from mmdet.registry import MODELS
+
+    cls, base = MODELS.get(head), MODELS.get(like)
+    assert issubclass(cls, base) and head in supported_heads()
+    differ = [m for m in INFERENCE if getattr(cls, m, None) is not getattr(base, m, None)]
+    assert differ == (['forward_single'] if head == 'FSAFHead' else [])
 
 # ---------------------------------------------------------------------------------------------
 # Randomisation stages (issue 18 #5): every parameter in exactly one stage, head first.
