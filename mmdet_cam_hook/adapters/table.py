@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..configs import CONFIG_DIR, list_configs
 from .base import ADAPTERS
+from .support import head_matches
 
 #: The markers around the generated table in README.md (:func:`replace_table`).
 TABLE_BEGIN = '<!-- supported-heads:begin -->'
@@ -40,26 +41,21 @@ def _head_cell(cls: type) -> str:
 
 
 def _config_adapter(model_cfg: dict) -> Optional[str]:
-    """The adapter :func:`~.base.build_adapter` would pick for a model config, by the same
-    rule (nearest class of the MRO in ``head_types``, none in ``excluded_types``; ties to the
-    first registered), without building the model (so without ``accepts``)."""
+    """The adapter :func:`~.support.build_adapter` would pick for a model config, by the same
+    rule (:func:`~.support.head_matches`: nearest listed class, no relied-upon method
+    overridden), without building the model (so without ``accepts``)."""
     from mmdet.registry import MODELS
 
-    best, best_rank = None, None
-    for name, cls in ADAPTERS.module_dict.items():
+    matches = []
+    for cls in ADAPTERS.module_dict.values():
         node = model_cfg
         for part in cls.head_path.split('.'):
             node = node.get(part) if isinstance(node, dict) else None
         head = MODELS.get(node['type']) if isinstance(node, dict) and 'type' in node else None
-        if head is None:
-            continue
-        mro = [c.__name__ for c in head.__mro__]
-        if set(cls.excluded_types) & set(mro):
-            continue
-        rank = next((i for i, n in enumerate(mro) if n in cls.head_types), None)
-        if rank is not None and (best_rank is None or rank < best_rank):
-            best, best_rank = name, rank
-    return best
+        if head is not None:
+            matches += [m for m in head_matches(head, cls.head_path) if m.adapter is cls]
+    best = min((m for m in matches if not m.overrides), key=lambda m: m.rank, default=None)
+    return None if best is None else best.adapter.__name__
 
 
 @functools.lru_cache(maxsize=1)

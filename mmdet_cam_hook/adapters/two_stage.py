@@ -55,7 +55,8 @@ class TwoStageAdapter(DetectorAdapter):
     ``predict``/``predict_bbox``, e.g. Grid R-CNN, is not taken). ``self.head`` is the RoI head.
     """
 
-    head_types = ('BBoxHead', )
+    head_types = ('BBoxHead', 'ConvFCBBoxHead')
+    relies_on = ('forward', 'predict_by_feat', '_predict_by_feat_single', 'regress_by_class')
     excluded_types = ('SABLHead', 'MultiInstanceBBoxHead')
     head_path = 'roi_head.bbox_head'
     family = 'two-stage'
@@ -291,6 +292,7 @@ class CascadeRCNNAdapter(TwoStageAdapter):
     """
 
     head_types = ('CascadeRoIHead', )
+    relies_on = ('predict', 'predict_bbox', '_refine_roi', '_bbox_forward')
     excluded_types = ('HybridTaskCascadeRoIHead', 'SCNetRoIHead')
     head_path = 'roi_head'
     family = 'two-stage'
