@@ -44,6 +44,9 @@ setup(
         'tensorboard': ['tensorboard'],
         'mlflow': ['mlflow-skinny>=3,<3.13'],
         'wandb': ['wandb'],
+        # More of mmdet's model zoo builds (tools/zoo_coverage.py): BoxInst needs scikit-image,
+        # ByteTrack and OC-SORT need lap.
+        'zoo': ['scikit-image', 'lap'],
     },
     entry_points={'console_scripts': ['mmdet-cam=mmdet_cam_hook.cli.cam:main',
                                       'mmdet-cam-eval=mmdet_cam_hook.cli.eval:main']},

@@ -106,13 +106,16 @@ def group_checkpoints(root: Path, entries: Sequence[dict]) -> List[dict]:
                     raise FileNotFoundError(f'config not in the wheel: {config}')
                 model = Config.fromfile(str(path)).model
                 parsed[config] = ((model.type, tuple(head_types(model))), None)
-            except (ImportError, FileNotFoundError) as exc:
+            except Exception as exc:  # noqa: BLE001  (classified, like a build's)
                 reason = _build_reason(exc)
-                parsed[config] = ((config.split('/')[0], ('?', reason)), reason)
-        key, reason = parsed[config]
+                status = 'error' if reason is None else 'cannot build'
+                reason = reason or f'config: {_message(exc)}'
+                parsed[config] = ((config.split('/')[0], ('?', reason)), (status, reason))
+        key, failed = parsed[config]
+        status, reason = failed or (None, None)
         group = groups.setdefault(key, dict(
-            detector=key[0], heads=[] if reason else list(key[1]), checkpoints=0, det_inst=0,
-            configs=[], names=[], status='cannot build' if reason else None, reason=reason))
+            detector=key[0], heads=[] if failed else list(key[1]), checkpoints=0, det_inst=0,
+            configs=[], names=[], status=status, reason=reason))
         group['checkpoints'] += 1
         group['det_inst'] += int(entry['det_inst'])
         group['names'].append(entry['name'])
