@@ -84,9 +84,11 @@ def head_types(node, out: Optional[List[str]] = None) -> List[str]:
     return out
 
 
-def _weight(config: str) -> tuple:
+def _weight(config: str, folder: str) -> tuple:
+    """Sort key of a group's configs: the group's own folder first, then light, then short."""
     name = config.lower()
-    return (any(h in name for h in HEAVY), not any(h in name for h in LIGHT), len(name), name)
+    return (config.split('/')[0] != folder, any(h in name for h in HEAVY),
+            not any(h in name for h in LIGHT), len(name), name)
 
 
 def group_checkpoints(root: Path, entries: Sequence[dict]) -> List[dict]:
@@ -122,7 +124,10 @@ def group_checkpoints(root: Path, entries: Sequence[dict]) -> List[dict]:
         if config not in group['configs']:
             group['configs'].append(config)
     for group in groups.values():
-        group['config'] = min(group['configs'], key=_weight)
+        folders = [c.split('/')[0] for c in group['configs']]
+        folder = max(folders, key=folders.count)
+        group['configs'].sort(key=lambda c: _weight(c, folder))
+        group['config'] = group['configs'][0]
     return list(groups.values())
 
 
@@ -140,6 +145,8 @@ def zoo_config(config: str, input_size: int):
 
     def walk(node, test):
         if isinstance(node, dict):
+            if isinstance(node.get('pretrained'), str):  # DetectoRS's RFP backbone
+                node['pretrained'] = None
             if test and 'score_thr' in node:
                 node['score_thr'] = 0.0
             kind = node.get('type')
@@ -314,9 +321,14 @@ def _message(exc: BaseException) -> str:
     return f'{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ""} ({where})'
 
 
-def _child(conn, config: str, input_size: int) -> None:
+def _child(conn, configs: Sequence[str], input_size: int, tries: int = 3) -> None:
+    """Check the first config of ``configs`` that can be built here (at most ``tries``)."""
     try:
-        conn.send(check_group(config, input_size))
+        for config in configs[:tries]:
+            result = dict(check_group(config, input_size), config=config)
+            if result['status'] != 'cannot build':
+                break
+        conn.send(result)
     finally:
         conn.close()
 
@@ -332,7 +344,7 @@ def run(groups: List[dict], input_size: int, timeout: float, jobs: int) -> None:
         while todo and len(running) < jobs:
             group = todo.pop(0)
             recv, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_child, args=(send, group['config'], input_size))
+            proc = ctx.Process(target=_child, args=(send, group['configs'], input_size))
             proc.start()
             send.close()
             running.append((group, proc, recv, time.monotonic()))

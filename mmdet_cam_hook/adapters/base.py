@@ -141,6 +141,9 @@ class DetectorAdapter:
     #: base's, along the MRO up to the listed class) is refused by :func:`build_adapter`.
     relies_on: Tuple[str, ...] = ('forward', 'predict', 'predict_by_feat',
                                   '_predict_by_feat_single', '_bbox_post_process')
+    #: Other parts of the model the adapter runs itself, by the same rule:
+    #: ``{path: (head_types, relies_on)}`` (e.g. a two-stage adapter's ``rpn_head``).
+    relies_on_parts: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {}
     #: True when every level map feeds every detection (DETR's encoder mixes the levels): the
     #: level-aware default then averages the maps of all level layers for each detection.
     levels_shared: bool = False

@@ -58,13 +58,50 @@ def head_matches(head_cls: type, head_path: Optional[str] = None) -> List[HeadMa
         rank = next((i for i, n in enumerate(names) if n in adapter_cls.head_types), None)
         if rank is None:
             continue
-        overrides = sorted({m for cls in mro[:rank] for m in adapter_cls.relies_on
-                            if m in cls.__dict__})
-        matches.append(HeadMatch(adapter_cls, names[rank], rank, tuple(overrides)))
+        _, overrides = _overridden(head_cls, names[rank:rank + 1], adapter_cls.relies_on)
+        matches.append(HeadMatch(adapter_cls, names[rank], rank, overrides))
     return sorted(matches, key=lambda m: m.rank)
 
 
-def refusal(head_cls: type, matches: Sequence[HeadMatch]) -> str:
+def _overridden(cls: type, listed: Sequence[str], methods: Sequence[str]
+                ) -> Tuple[Optional[str], Tuple[str, ...]]:
+    """The nearest class of ``cls``'s MRO named in ``listed`` (None if none is) and the
+    ``methods`` that ``cls`` or a base before it defines."""
+    names = [c.__name__ for c in cls.__mro__]
+    rank = next((i for i, n in enumerate(names) if n in listed), None)
+    if rank is None:
+        return None, ()
+    return names[rank], tuple(sorted({m for c in cls.__mro__[:rank] for m in methods
+                                      if m in c.__dict__}))
+
+
+def part_refusal(adapter_cls: type, model: nn.Module) -> Optional[str]:
+    """Why a part of ``model`` that ``adapter_cls`` runs itself (its ``relies_on_parts``) is
+    not what it supports, by the head's rule; None when every part is.
+
+    Args:
+        adapter_cls (type): The adapter class.
+        model (nn.Module): The detector.
+
+    Returns:
+        str | None: The reason, naming the part, its class and the methods it overrides.
+    """
+    for path, (listed, methods) in adapter_cls.relies_on_parts.items():
+        part = module_at(model, path)
+        if part is None:
+            return f'{adapter_cls.__name__} needs a `{path}`, the model has none'
+        base, overrides = _overridden(type(part), listed, methods)
+        if base is None:
+            return (f'its {path} {type(part).__name__} is none of {list(listed)} that '
+                    f'{adapter_cls.__name__} runs')
+        if overrides:
+            return (f'its {path} {type(part).__name__} subclasses {base} but overrides '
+                    f'{", ".join(overrides)}, which {adapter_cls.__name__} relies on')
+    return None
+
+
+def refusal(head_cls: type, matches: Sequence[HeadMatch],
+            parts: Optional[dict] = None) -> str:
     """Why ``head_cls`` is not supported, for the error :func:`build_adapter` raises: each
     supported class it subclasses and the relied-upon methods it overrides (or that the
     adapter's ``accepts`` refused the rest of the model), and the supported heads.
@@ -72,6 +109,8 @@ def refusal(head_cls: type, matches: Sequence[HeadMatch]) -> str:
     Args:
         head_cls (type): The head class.
         matches (Sequence[HeadMatch]): Its matches (:func:`head_matches`), possibly empty.
+        parts (dict, optional): ``{adapter class: reason}`` from :func:`part_refusal`, for
+            matches refused by a part of the model. Defaults to None.
 
     Returns:
         str: The message (naming the head, pointing at docs/DESIGN.md).
@@ -82,6 +121,8 @@ def refusal(head_cls: type, matches: Sequence[HeadMatch]) -> str:
         if m.overrides:
             why.append(f'it subclasses {m.listed} ({adapter}) but overrides '
                        f'{", ".join(m.overrides)}, which {adapter} relies on')
+        elif (parts or {}).get(m.adapter):
+            why.append(f'{adapter} takes {m.listed}, but {parts[m.adapter]}')
         else:
             why.append(f'{adapter} takes {m.listed} but does not accept this model '
                        f'(see {adapter}.accepts)')
@@ -111,12 +152,16 @@ def build_adapter(model: nn.Module) -> DetectorAdapter:
             matches += [m for m in head_matches(type(head), adapter_cls.head_path)
                         if m.adapter is adapter_cls]
     matches.sort(key=lambda m: m.rank)
+    parts = {}
     for m in matches:
-        if not m.overrides and m.adapter.accepts(model):
+        if m.overrides:
+            continue
+        parts[m.adapter] = part_refusal(m.adapter, model)
+        if parts[m.adapter] is None and m.adapter.accepts(model):
             return m.adapter(model)
     if matches:
         head = module_at(model, matches[0].adapter.head_path)
-        raise ValueError(refusal(type(head), matches))
+        raise ValueError(refusal(type(head), matches, parts))
     paths = sorted({cls.head_path for cls in ADAPTERS.module_dict.values()})
     found = [type(m).__name__ + ('' if p == 'bbox_head' else f' ({p})') for p in paths
              for m in [module_at(model, p)] if m is not None]

@@ -41,6 +41,11 @@ class RoIOutputs(NamedTuple):
     rpn: tuple
 
 
+#: What the two-stage adapters run of the RPN themselves (its forward, its own decoding).
+_RPN_RELIES_ON = ('forward', 'forward_single', 'predict_by_feat', '_predict_by_feat_single',
+                  '_bbox_post_process')
+
+
 def _overrides(cls: type, base: type, names: Sequence[str]) -> bool:
     return any(getattr(cls, n, None) is not getattr(base, n) for n in names)
 
@@ -57,6 +62,9 @@ class TwoStageAdapter(DetectorAdapter):
 
     head_types = ('BBoxHead', 'ConvFCBBoxHead')
     relies_on = ('forward', 'predict_by_feat', '_predict_by_feat_single', 'regress_by_class')
+    relies_on_parts = {'rpn_head': (('RPNHead', ), _RPN_RELIES_ON),
+                       'roi_head': (('StandardRoIHead', ), ('predict', 'predict_bbox',
+                                                            '_bbox_forward'))}
     excluded_types = ('SABLHead', 'MultiInstanceBBoxHead')
     head_path = 'roi_head.bbox_head'
     family = 'two-stage'
@@ -293,6 +301,7 @@ class CascadeRCNNAdapter(TwoStageAdapter):
 
     head_types = ('CascadeRoIHead', )
     relies_on = ('predict', 'predict_bbox', '_refine_roi', '_bbox_forward')
+    relies_on_parts = {'rpn_head': (('RPNHead', ), _RPN_RELIES_ON)}
     excluded_types = ('HybridTaskCascadeRoIHead', 'SCNetRoIHead')
     head_path = 'roi_head'
     family = 'two-stage'

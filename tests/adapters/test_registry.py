@@ -179,3 +179,28 @@ def test_a_refused_subclass_fails_at_construction_not_in_explain():
     with pytest.raises(ValueError, match=re.escape(str(info.value))):
         DetCAMHook().before_run(runner)
     assert calls == []
+
+
+@pytest.mark.parametrize('roi_head, rpn_head, message', [
+    ('GridRoIHead', 'RPNHead', r'its roi_head GridRoIHead subclasses StandardRoIHead but '
+                               r'overrides predict_bbox, which TwoStageAdapter relies on'),
+    ('DoubleHeadRoIHead', 'RPNHead', r'its roi_head DoubleHeadRoIHead subclasses '
+                                     r'StandardRoIHead but overrides _bbox_forward'),
+    ('StandardRoIHead', 'CascadeRPNHead', r"its rpn_head CascadeRPNHead is none of \['RPNHead'\]"),
+    ('StandardRoIHead', 'StageCascadeRPNHead', r'its rpn_head StageCascadeRPNHead subclasses '
+                                               r'RPNHead but overrides [\w, ]*forward'),
+    ('StandardRoIHead', None, r'TwoStageAdapter needs a `rpn_head`, the model has none'),
+])
+def test_a_part_the_adapter_runs_is_checked_by_the_same_rule(roi_head, rpn_head, message):
+    """Two-stage models: the box head (``Shared2FCBBoxHead``) is supported, but the RoI head or
+    the RPN the adapter runs itself is not (Grid R-CNN, Double-Head R-CNN's RoI head, Cascade
+    RPN, Fast R-CNN without an RPN): refused, naming that part, before anything runs."""
+    if any({roi_head, rpn_head} & set(a.head_types) for a in ADAPTERS.module_dict.values()):
+        pytest.skip(f'an adapter lists {roi_head} or {rpn_head} now')
+    model = _detector_with(_uninitialised(HEADS[roi_head]), 'roi_head')
+    model.roi_head.bbox_head = _uninitialised(HEADS['Shared2FCBBoxHead'])
+    if rpn_head:
+        model.rpn_head = _uninitialised(HEADS[rpn_head])
+    with pytest.raises(ValueError, match=r'no adapter for the head Shared2FCBBoxHead \('
+                                         r'TwoStageAdapter takes ConvFCBBoxHead, but ' + message):
+        build_adapter(model)
