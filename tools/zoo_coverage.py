@@ -288,7 +288,9 @@ def check_group(config: str, input_size: int) -> dict:
     except ValueError as exc:  # the engine's clear errors at construction
         return dict(status='refused', reason=str(exc).split('; supported heads')[0])
     except Exception as exc:  # noqa: BLE001
-        return dict(status='error', reason=f'CAMEngine(model): {_message(exc)}')
+        reason = _build_reason(exc)
+        return dict(status='cannot build' if reason else 'error',
+                    reason=reason or f'CAMEngine(model): {_message(exc)}')
     image = synthetic_image(160, 224, seed=1)
     inputs, meta = preprocess(model, engine.pipeline, image)
     try:

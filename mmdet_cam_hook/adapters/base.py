@@ -408,4 +408,11 @@ def trace_level_layers(model: nn.Module, features, size: int) -> List[str]:
     if missing:
         raise ValueError(f'no module of {type(model).__name__} outputs the feature map of '
                          f'level(s) {missing}; pass `target_layers` explicitly')
+    shared = {n: [lv for lv, m in enumerate(names) if m == n] for n in names}
+    shared = {n: levels for n, levels in shared.items() if len(levels) > 1}
+    if shared:  # one module run once per level (DyHead's blocks): its output is the last call's
+        name, levels = next(iter(shared.items()))
+        raise ValueError(f'no module of {type(model).__name__} outputs the feature map of one '
+                         f'level only: {name!r} runs once for each of the levels {levels}; '
+                         'pass `target_layers` explicitly')
     return names

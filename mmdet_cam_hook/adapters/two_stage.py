@@ -63,8 +63,8 @@ class TwoStageAdapter(DetectorAdapter):
     head_types = ('BBoxHead', 'ConvFCBBoxHead')
     relies_on = ('forward', 'predict_by_feat', '_predict_by_feat_single', 'regress_by_class')
     relies_on_parts = {'rpn_head': (('RPNHead', ), _RPN_RELIES_ON),
-                       'roi_head': (('StandardRoIHead', ), ('predict', 'predict_bbox',
-                                                            '_bbox_forward'))}
+                       'roi_head': (('StandardRoIHead', 'PointRendRoIHead'),
+                                    ('predict', 'predict_bbox', '_bbox_forward', 'predict_mask'))}
     excluded_types = ('SABLHead', 'MultiInstanceBBoxHead')
     head_path = 'roi_head.bbox_head'
     family = 'two-stage'

@@ -204,3 +204,26 @@ def test_a_part_the_adapter_runs_is_checked_by_the_same_rule(roi_head, rpn_head,
     with pytest.raises(ValueError, match=r'no adapter for the head Shared2FCBBoxHead \('
                                          r'TwoStageAdapter takes ConvFCBBoxHead, but ' + message):
         build_adapter(model)
+
+
+def test_a_module_run_once_per_level_is_no_level_layer():
+    """DyHead's blocks run once per level: the module's output is only the last call's, so it
+    is no level layer and the level-aware default is refused at build, naming it."""
+    import torch
+
+    from mmdet_cam_hook.adapters import trace_level_layers
+
+    model = nn.Module()
+    model.conv = nn.Conv2d(3, 3, 1)
+    model.down = nn.AvgPool2d(2)
+
+    def features(x):
+        return model.conv(x), model.conv(model.down(x))
+
+    with pytest.raises(ValueError, match=r"'conv' runs once for each of the levels \[0, 1\]; "
+                                         r'pass `target_layers`'):
+        trace_level_layers(model, features, 8)
+    model.conv2 = nn.Conv2d(3, 3, 1)
+    assert trace_level_layers(model, lambda x: (model.conv(x), model.conv2(model.down(x))),
+                              8) == ['conv', 'conv2']
+    assert torch.is_grad_enabled()
