@@ -91,14 +91,18 @@ def _weight(config: str, folder: str) -> tuple:
             not any(h in name for h in LIGHT), len(name), name)
 
 
-def group_checkpoints(root: Path, entries: Sequence[dict]) -> List[dict]:
+def group_checkpoints(root: Path, entries: Sequence[dict],
+                      cache: Optional[Path] = None) -> List[dict]:
     """Groups of checkpoints by (detector, heads), with the lightest config of each as its
     representative; configs that cannot be parsed here form groups by (folder, reason), with
-    status ``cannot build``."""
+    status ``cannot build``. ``cache`` (a JSON file) keeps the parsed keys between runs."""
     from mmengine.config import Config
 
     groups: Dict[tuple, dict] = OrderedDict()
     parsed: Dict[str, tuple] = {}
+    if cache is not None and cache.exists():
+        parsed = {c: ((k[0], tuple(k[1])), tuple(f) if f else None)
+                  for c, (k, f) in json.loads(cache.read_text(encoding='utf-8')).items()}
     for entry in entries:
         config = entry['config']
         if config not in parsed:
@@ -123,6 +127,8 @@ def group_checkpoints(root: Path, entries: Sequence[dict]) -> List[dict]:
         group['names'].append(entry['name'])
         if config not in group['configs']:
             group['configs'].append(config)
+    if cache is not None:
+        cache.write_text(json.dumps(parsed), encoding='utf-8')
     for group in groups.values():
         folders = [c.split('/')[0] for c in group['configs']]
         folder = max(folders, key=folders.count)
@@ -147,8 +153,9 @@ def zoo_config(config: str, input_size: int):
         if isinstance(node, dict):
             if isinstance(node.get('pretrained'), str):  # DetectoRS's RFP backbone
                 node['pretrained'] = None
-            if test and 'score_thr' in node:
-                node['score_thr'] = 0.0
+            for key in ('score_thr', 'conf_thr'):  # YOLOv3's objectness pre-filter too
+                if test and key in node:
+                    node[key] = 0.0
             kind = node.get('type')
             if kind == 'Resize' and 'scale' in node:
                 node['scale'] = (input_size, input_size)
@@ -220,6 +227,9 @@ def _build_reason(exc: BaseException) -> Optional[str]:
         path = str(exc.filename or '').split('.mim/')[-1]
         return ('config not in the wheel' if 'not in the wheel' in msg
                 else f'reads a file not in the wheel: {path or msg}')
+    wanted = re.findall(r'(\w+) is not installed|install (?:the package )?`?([\w-]+)', low)
+    if wanted and isinstance(exc, (RuntimeError, NotImplementedError)):
+        return f'needs the package `{next(n for n in wanted[-1] if n)}`: {msg}'
     if any(k in low for k in ('http', 'download', 'urlopen', 'name resolution', 'urlerror')):
         return f'downloads a file: {msg}'
     if 'cpu' in low or 'cuda' in low or 'not implemented' in low:
@@ -400,6 +410,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help='Seconds per group before it is killed. Defaults to 240.')
     parser.add_argument('--jobs', type=int, default=1, help='Groups checked at once. '
                         'Defaults to 1.')
+    parser.add_argument('--parse-cache', metavar='PATH', help='A JSON file keeping the '
+                        "configs' (detector, heads) between runs (parsing them all takes ~1 "
+                        'min); delete it after changing the installed packages')
     args = parser.parse_args(argv)
 
     import mmdet
@@ -410,7 +423,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     init_default_scope('mmdet')
     root = mim_root()
-    groups = group_checkpoints(root, checkpoints(root))
+    cache = Path(args.parse_cache) if args.parse_cache else None
+    groups = group_checkpoints(root, checkpoints(root), cache)
     pattern = re.compile(args.only) if args.only else None
     if pattern:
         for g in groups:
