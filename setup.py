@@ -50,6 +50,9 @@ setup(
         # report.html's curve plots (matplotlib) and its browser tests (Playwright driving the
         # OS's Chromium: no browser is downloaded).
         'report': ['matplotlib>=3.7', 'playwright>=1.40'],
+        # More of mmdet's model zoo builds (tools/zoo_coverage.py): BoxInst needs scikit-image,
+        # ByteTrack and OC-SORT need lap.
+        'zoo': ['scikit-image', 'lap'],
     },
     entry_points={'console_scripts': ['mmdet-cam=mmdet_cam_hook.cli.cam:main',
                                       'mmdet-cam-eval=mmdet_cam_hook.cli.eval:main']},

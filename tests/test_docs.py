@@ -78,3 +78,37 @@ def test_write_regenerates_between_the_markers(tmp_path, capsys):
     assert 'supported-heads:begin' in capsys.readouterr().err
     with pytest.raises(ValueError, match='markers'):
         replace_table(f'{TABLE_END} before {TABLE_BEGIN}')
+
+
+ZOO_JSON = README.parent / 'docs' / 'zoo_coverage.json'
+
+
+def test_readme_zoo_coverage_is_the_generated_one():
+    """README's model-zoo coverage section is the one ``tools/zoo_coverage.py`` generates from
+    its last run (``docs/zoo_coverage.json``); no model is built here."""
+    import json
+
+    from mmdet_cam_hook.adapters.table import (
+        COVERAGE_BEGIN,
+        COVERAGE_END,
+        COVERAGE_STATUSES,
+        coverage_section,
+        coverage_shares,
+        replace_coverage,
+    )
+
+    data = json.loads(ZOO_JSON.read_text(encoding='utf-8'))
+    text = README.read_text(encoding='utf-8')
+    assert text.count(COVERAGE_BEGIN) == 1 and text.count(COVERAGE_END) == 1
+    assert replace_coverage(text, data) == text, \
+        'README.md is stale: python tools/zoo_coverage.py --write-readme README.md (or --json)'
+    section = coverage_section(data)
+    assert len([line for line in section.splitlines() if line.startswith('| ')]) == \
+        len(data['groups']) + 1
+    assert {g['status'] for g in data['groups']} <= set(COVERAGE_STATUSES)
+    assert all(g['reason'] for g in data['groups'] if g['status'] != 'explained')
+    shares = coverage_shares(data)
+    assert shares['all'][1] == sum(g['checkpoints'] for g in data['groups'])
+    assert shares['det_inst_buildable'][1] <= shares['det_inst'][1] <= shares['all'][1]
+    with pytest.raises(ValueError, match='markers'):
+        replace_coverage('no markers', data)

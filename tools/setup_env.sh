@@ -82,6 +82,8 @@ if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'" 2>/dev
 fi
 log "mmdet + this package (editable)"
 pip_install mmdet
+log "model-zoo extras: scikit-image (BoxInst), lap (ByteTrack, OC-SORT); ~40 s"
+pip_install scikit-image lap
 pip_install --no-build-isolation -e .
 log "the multimodal extra (transformers, tokenizers: text-prompted detectors' tests)"
 pip_install transformers tokenizers huggingface-hub safetensors

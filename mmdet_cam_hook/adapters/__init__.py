@@ -20,15 +20,15 @@ from .base import (
     ADAPTERS,
     Detections,
     DetectorAdapter,
-    build_adapter,
     locate_priors,
-    supported_heads,
     trace_level_layers,
 )
+from .support import HeadMatch, build_adapter, head_matches, supported_heads
 from .table import replace_table, supported_detectors, supported_table
 
 __all__ = [
-    'ADAPTERS', 'DetectorAdapter', 'Detections', 'build_adapter', 'locate_priors',
+    'ADAPTERS', 'DetectorAdapter', 'Detections', 'HeadMatch', 'build_adapter', 'head_matches',
+    'locate_priors',
     'replace_table', 'supported_detectors', 'supported_heads', 'supported_table',
     'trace_level_layers'
 ]

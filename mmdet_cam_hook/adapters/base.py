@@ -13,8 +13,9 @@ class through :data:`ADAPTERS` (an MMEngine ``Registry``), never from a config f
 (d) what the local-window gradient shortcut needs, only where it is exact
     (:meth:`DetectorAdapter.window_branches`, :meth:`DetectorAdapter.window_scores`).
 
-Adding a head: subclass the closest adapter, set ``head_types`` and register it with
-``@ADAPTERS.register_module()``; add one row to the tests' table of heads.
+Adding a head: subclass the closest adapter, set ``head_types`` (and ``relies_on``) and
+register it with ``@ADAPTERS.register_module()``; add one row to the tests' table of heads.
+Which heads an adapter takes is one rule, :mod:`.support` (:func:`~.support.build_adapter`).
 
 Interface changes since the first commit (all backward compatible):
 - ``excluded_types``: head classes an adapter must not take although they subclass one of its
@@ -51,8 +52,8 @@ import torch
 from mmengine.registry import Registry
 from torch import nn
 
-#: Adapters by class name; :func:`build_adapter` looks the head's class (and its bases) up in
-#: each adapter's ``head_types``.
+#: Adapters by class name; :func:`~.support.build_adapter` looks the head's class (and its
+#: bases) up in each adapter's ``head_types``.
 ADAPTERS = Registry('CAM adapter', scope='mmdet_cam_hook')
 
 
@@ -135,6 +136,14 @@ class DetectorAdapter:
     head_types: Tuple[str, ...] = ()
     #: Subclasses of ``head_types`` this adapter must not take (they decode differently).
     excluded_types: Tuple[str, ...] = ()
+    #: Methods of the head (the module at ``head_path``) this adapter re-runs or mirrors: a
+    #: subclass of a listed class that overrides one of them (in its own ``__dict__`` or a
+    #: base's, along the MRO up to the listed class) is refused by :func:`build_adapter`.
+    relies_on: Tuple[str, ...] = ('forward', 'predict', 'predict_by_feat',
+                                  '_predict_by_feat_single', '_bbox_post_process')
+    #: Other parts of the model the adapter runs itself, by the same rule:
+    #: ``{path: (head_types, relies_on)}`` (e.g. a two-stage adapter's ``rpn_head``).
+    relies_on_parts: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {}
     #: True when every level map feeds every detection (DETR's encoder mixes the levels): the
     #: level-aware default then averages the maps of all level layers for each detection.
     levels_shared: bool = False
@@ -332,44 +341,6 @@ def complete_stages(model: nn.Module, stages: Dict[str, Sequence[str]],
     return {name: paths for name, paths in out.items() if paths}
 
 
-def build_adapter(model: nn.Module) -> DetectorAdapter:
-    """The adapter for ``model``'s head class (or the nearest base class that has one).
-
-    Each adapter looks at the module at its ``head_path`` (``bbox_head``, or
-    ``roi_head.bbox_head`` for two-stage detectors); the adapter whose ``head_types`` holds the
-    nearest class in that module's MRO (none of it in ``excluded_types``) and that
-    :meth:`~DetectorAdapter.accepts` the model wins; ties go to the first registered.
-
-    Raises:
-        ValueError: If no adapter supports the head, naming it and the supported heads.
-    """
-    best, best_rank = None, None
-    for adapter_cls in ADAPTERS.module_dict.values():
-        head = module_at(model, adapter_cls.head_path)
-        if head is None:
-            continue
-        mro = [cls.__name__ for cls in type(head).__mro__]
-        if set(adapter_cls.excluded_types) & set(mro):
-            continue
-        rank = next((i for i, n in enumerate(mro) if n in adapter_cls.head_types), None)
-        if rank is not None and (best_rank is None or rank < best_rank) \
-                and adapter_cls.accepts(model):
-            best, best_rank = adapter_cls, rank
-    if best is not None:
-        return best(model)
-    paths = sorted({cls.head_path for cls in ADAPTERS.module_dict.values()})
-    found = [type(m).__name__ + ('' if p == 'bbox_head' else f' ({p})') for p in paths
-             for m in [module_at(model, p)] if m is not None]
-    name = ', '.join(found) if found else f'{type(model).__name__} (no bbox_head)'
-    raise ValueError(f'mmdet-cam-hook has no adapter for the head {name}; supported heads: '
-                     f'{supported_heads()}. See docs/DESIGN.md ("Adding a head")')
-
-
-def supported_heads() -> List[str]:
-    """Every head class name some adapter supports, sorted."""
-    return sorted({t for cls in ADAPTERS.module_dict.values() for t in cls.head_types})
-
-
 def locate_priors(prior_idx: torch.Tensor, sizes: Sequence[Tuple[int, int]],
                   num_base_priors: int = 1) -> Tuple[torch.Tensor, ...]:
     """Split flat prior indices over all levels into ``(levels, ys, xs, anchors)``.
@@ -437,4 +408,11 @@ def trace_level_layers(model: nn.Module, features, size: int) -> List[str]:
     if missing:
         raise ValueError(f'no module of {type(model).__name__} outputs the feature map of '
                          f'level(s) {missing}; pass `target_layers` explicitly')
+    shared = {n: [lv for lv, m in enumerate(names) if m == n] for n in names}
+    shared = {n: levels for n, levels in shared.items() if len(levels) > 1}
+    if shared:  # one module run once per level (DyHead's blocks): its output is the last call's
+        name, levels = next(iter(shared.items()))
+        raise ValueError(f'no module of {type(model).__name__} outputs the feature map of one '
+                         f'level only: {name!r} runs once for each of the levels {levels}; '
+                         'pass `target_layers` explicitly')
     return names

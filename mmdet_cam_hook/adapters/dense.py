@@ -80,6 +80,9 @@ class DenseAdapter(DetectorAdapter):
     (FCOS/ATSS centerness) is the head's third output when it has one.
     """
 
+    relies_on = ('forward', 'forward_single', 'predict', 'predict_by_feat',
+                 '_predict_by_feat_single', '_bbox_post_process')
+
     # ------------------------------------------------------------------ helpers
     def _split(self, outs: tuple) -> Tuple[Sequence[torch.Tensor], Sequence[torch.Tensor],
                                            Optional[Sequence[torch.Tensor]]]:

@@ -46,6 +46,7 @@ class DETRAdapter(DetectorAdapter):
     """
 
     head_types = ('DETRHead', )
+    relies_on = ('_predict_by_feat_single', )
     family = 'DETR'
     detectors = 'DINO, Deformable DETR, DETR'
     doc_score = ('σ(cls[q, c]) (DINO, Deformable DETR); softmax(cls[q])[c] without no-object '

@@ -41,6 +41,11 @@ class RoIOutputs(NamedTuple):
     rpn: tuple
 
 
+#: What the two-stage adapters run of the RPN themselves (its forward, its own decoding).
+_RPN_RELIES_ON = ('forward', 'forward_single', 'predict_by_feat', '_predict_by_feat_single',
+                  '_bbox_post_process')
+
+
 def _overrides(cls: type, base: type, names: Sequence[str]) -> bool:
     return any(getattr(cls, n, None) is not getattr(base, n) for n in names)
 
@@ -55,7 +60,11 @@ class TwoStageAdapter(DetectorAdapter):
     ``predict``/``predict_bbox``, e.g. Grid R-CNN, is not taken). ``self.head`` is the RoI head.
     """
 
-    head_types = ('BBoxHead', )
+    head_types = ('BBoxHead', 'ConvFCBBoxHead')
+    relies_on = ('forward', 'predict_by_feat', '_predict_by_feat_single', 'regress_by_class')
+    relies_on_parts = {'rpn_head': (('RPNHead', ), _RPN_RELIES_ON),
+                       'roi_head': (('StandardRoIHead', 'PointRendRoIHead'),
+                                    ('predict', 'predict_bbox', '_bbox_forward', 'predict_mask'))}
     excluded_types = ('SABLHead', 'MultiInstanceBBoxHead')
     head_path = 'roi_head.bbox_head'
     family = 'two-stage'
@@ -291,6 +300,8 @@ class CascadeRCNNAdapter(TwoStageAdapter):
     """
 
     head_types = ('CascadeRoIHead', )
+    relies_on = ('predict', 'predict_bbox', '_refine_roi', '_bbox_forward')
+    relies_on_parts = {'rpn_head': (('RPNHead', ), _RPN_RELIES_ON)}
     excluded_types = ('HybridTaskCascadeRoIHead', 'SCNetRoIHead')
     head_path = 'roi_head'
     family = 'two-stage'
