@@ -23,10 +23,10 @@ import torch
 from mmengine.structures import InstanceData
 from torch import nn
 
-from .base import Detections, locate_priors
+from .base import Detections, DetectorAdapter, locate_priors
 
-__all__ = ['Candidates', 'pair_table', 'record_post_process', 'rescaled', 'flat_prior_index',
-           'dense_candidates']
+__all__ = ['Candidates', 'check_candidates', 'dense_candidates', 'flat_prior_index',
+           'nms_threshold', 'pair_table', 'record_post_process', 'rescaled']
 
 
 @dataclass
@@ -50,6 +50,8 @@ class Candidates:
         index (torch.Tensor | None): (N,) RoI or query index; None for dense heads.
         rois (torch.Tensor | None): (N, S, 4) the RoIs each stage pooled from (two-stage).
         class_agnostic (bool): NMS compared boxes of all classes (not only of one class).
+        nms_iou (float | None): NMS's IoU threshold (a box overlapping a higher-scoring kept
+            one by more is suppressed); None without NMS (DETR).
     """
 
     bboxes: torch.Tensor
@@ -65,6 +67,7 @@ class Candidates:
     index: Optional[torch.Tensor] = None
     rois: Optional[torch.Tensor] = None
     class_agnostic: bool = False
+    nms_iou: Optional[float] = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -181,6 +184,26 @@ def dense_candidates(bboxes: torch.Tensor, scores: torch.Tensor, seen: List[Inst
     kept = pair_table(num, num_classes, prior, dets.labels,
                       torch.arange(len(dets), device=device))
     levels, ys, xs, anchors = locate_priors(rows, sizes, num_base_priors)
+    nms = test_cfg.get('nms') or {}
     return Candidates(bboxes, scores, entered, kept, levels, ys, xs, anchors, dets,
-                      float(pre_thr),
-                      class_agnostic=bool((test_cfg.get('nms') or {}).get('class_agnostic')))
+                      float(pre_thr), class_agnostic=bool(nms.get('class_agnostic')),
+                      nms_iou=nms_threshold(nms))
+
+
+def nms_threshold(nms_cfg) -> Optional[float]:
+    """The IoU threshold of an mmdet ``nms`` config (``iou_threshold``, or ``iou_thr`` in
+    older configs); None without one."""
+    value = (nms_cfg or {}).get('iou_threshold', (nms_cfg or {}).get('iou_thr'))
+    return None if value is None else float(value)
+
+
+def check_candidates(adapter: DetectorAdapter) -> None:
+    """Refuse, early, an adapter that cannot list its candidates (misses need them).
+
+    Raises:
+        ValueError: Naming the adapter and its head.
+    """
+    if type(adapter).candidates is DetectorAdapter.candidates:
+        raise ValueError(f'`explain_misses` needs the candidates before NMS, which '
+                         f'{type(adapter).__name__} (head {type(adapter.head).__name__}) does '
+                         'not list; set explain_misses=False')

@@ -31,7 +31,7 @@ from mmengine.structures import InstanceData
 from torch import nn
 
 from .base import ADAPTERS, Detections, DetectorAdapter, complete_stages, trace_level_layers
-from .candidates import Candidates, pair_table
+from .candidates import Candidates, nms_threshold, pair_table
 
 
 class RoIOutputs(NamedTuple):
@@ -270,7 +270,8 @@ class TwoStageAdapter(DetectorAdapter):
         return Candidates(boxes, scores, scores > pre_thr, kept, levels, ys, xs,
                           torch.zeros_like(levels), dets, pre_thr,
                           index=torch.arange(num, device=rois.device), rois=per_stage,
-                          class_agnostic=bool(nms.get('class_agnostic', False)))
+                          class_agnostic=bool(nms.get('class_agnostic', False)),
+                          nms_iou=nms_threshold(nms))
 
     def _roi_places(self, per_stage: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """``levels, ys, xs`` of (N, S, 4) per-stage RoIs: the level the extractor pools the
