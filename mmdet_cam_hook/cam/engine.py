@@ -46,7 +46,13 @@ from .methods import (
     method_from,
     methods_from,
 )
-from .misses import cat_detections, explain_misses, ground_truth_args, results_with_misses
+from .misses import (
+    MissReport,
+    cat_detections,
+    explain_misses,
+    ground_truth_args,
+    results_with_misses,
+)
 from .result import CAMResult
 from .routes import ROUTES, Forward, GradientRoutes, TargetLayer
 
@@ -294,6 +300,26 @@ class CAMEngine:
         """
         outs, metas = self.detector.outputs([load_image(image)])
         return self._decode(outs, metas[0])
+
+    def misses(self, image: ImageLike, gt_bboxes, gt_labels,
+               miss_iou: float = 0.5) -> MissReport:
+        """The misses and false positives of ``image`` without maps (what
+        ``explain(gt_bboxes=..., gt_labels=...)`` reports, with empty ``cams``), from one
+        forward pass without gradients: for counting them over a data set
+        (``mmdet-cam-eval --explain-misses``).
+
+        Raises:
+            ValueError: On bad ground truth or ``miss_iou``, or an image that cannot be read.
+            NotImplementedError: For an adapter that cannot list its candidates.
+        """
+        gt = ground_truth_args(gt_bboxes, gt_labels, miss_iou)
+        if gt is None:
+            raise ValueError('`misses` needs the ground truth: `gt_bboxes` and `gt_labels`')
+        outs, metas = self.detector.outputs([load_image(image)])
+        dets = self._decode(outs, metas[0])
+        with torch.no_grad():
+            cands = self.adapter.candidates(outs, metas[0], self.score_thr, dets)
+        return explain_misses(cands, gt[0], gt[1], self.score_thr, gt[2])
 
     def _decode(self, outs, metainfo: dict) -> Detections:
         """The one decoding rule of the engine: the adapter's, then ``topk``."""

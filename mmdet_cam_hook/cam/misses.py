@@ -97,7 +97,7 @@ class Miss:
             return f'top-k cut: {score:.2f}'
         if self.reason == 'wrong_class':
             return f'seen as {name(self.candidate_label)}: {score:.2f}'
-        return f'no candidate ({name(self.gt_label)})'
+        return 'no candidate'
 
     def to_dict(self) -> dict:
         """The record without its maps, JSON-ready (lists, ints, floats, None)."""

@@ -57,6 +57,7 @@ from .common import build_engine, load_model, resolve_config, resolve_device, ru
 from .distributed import distributed_env, gather, join
 from .explaining import Tally, explain_batch, result_of
 from .folder import Overlap, collect_images, rank_share
+from .misses import check_misses_args
 from .outputs import check_out_dir, save_outputs
 
 # Named, not __name__: under `python -m mmdet_cam_hook.cli` (and torchrun's `-m`) this module
@@ -150,6 +151,17 @@ def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
                         'CPU, batches were no faster than 1 (benchmarks/bench_folder.py). '
                         'Reading the next images and writing outputs overlap with the '
                         'computation whatever N. Defaults to %(default)s')
+    parser.add_argument('--ann-file', default=None, metavar='COCO.json',
+                        help='COCO annotations of the images (matched by file name), for '
+                        '--explain-misses')
+    parser.add_argument('--explain-misses', action='store_true',
+                        help='With --ann-file: for each ground-truth box no detection matched '
+                        '(same class, IoU >= 0.5), the map of its best candidate before the '
+                        'threshold and NMS, next to the detection maps: '
+                        '{stem}_miss{g}_{method}.jpg (g: the box\'s index in the image\'s '
+                        'annotations; the ground truth in orange, the candidate in magenta, '
+                        'the reason in its label), and the false positives in red in '
+                        '{stem}_misses.jpg')
     parser.add_argument('--list-layers', action='store_true',
                         help='Print the layer names with output shape, stride and the gradient '
                         "route the engine takes for each, at the config's test input size, "
@@ -327,6 +339,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     engine = build_engine(model, args, drise_masks=args.drise_masks)
     class_names = (getattr(model, 'dataset_meta', None) or {}).get('classes')
+    check_misses_args(args, engine, class_names)
     tally = Tally(single=len(job.every) == 1)
     written = _explain_all(engine, job, args, class_names, tally)
     return _report(job, args, tally, written)

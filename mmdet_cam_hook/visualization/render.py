@@ -385,7 +385,7 @@ def render_misses_row(result, class_names: Optional[Sequence[str]] = None,
         if miss.candidate_box is not None:
             _draw_boxes(tile, np.asarray([miss.candidate_box]) * shown, MISS_COLOR, thickness)
         tiles.append(tile)
-        captions.append(f'GT {miss.gt_index} {_class_name(miss.gt_label, class_names)} '
+        captions.append(f'GT {miss.gt_index} {_class_name(miss.gt_label, class_names)}: '
                         f'{miss.caption(class_names)}')
     return _grid(_captioned_tiles(tiles, captions), PANEL_COLUMNS)
 
@@ -404,3 +404,22 @@ def stack_rows(panel: np.ndarray, row: Optional[np.ndarray]) -> np.ndarray:
     out[:panel.shape[0], :panel.shape[1]] = panel
     out[panel.shape[0] + _GAP:, :row.shape[1]] = row
     return out
+
+
+def draw_miss(result, miss, class_names: Optional[Sequence[str]] = None) -> np.ndarray:
+    """One miss on the image (at ``result.scale``): its candidate's map for ``result.method``
+    (the image alone without one), the ground-truth box in :data:`GT_COLOR`, the candidate's
+    in :data:`MISS_COLOR` labelled with the reason (e.g. ``missed: 0.12 < 0.30``)."""
+    image = result.image
+    cam = miss.cams.get(result.method)
+    tile = image.copy() if cam is None else overlay_cam(image, cam.astype(np.float32))
+    thickness = _line_thickness(tile.shape)
+    _draw_boxes(tile, np.asarray([miss.gt_box]) * result.scale, GT_COLOR, thickness)
+    if miss.candidate_box is None:
+        x1, y1 = np.asarray(miss.gt_box[:2]) * result.scale
+    else:
+        box = np.asarray([miss.candidate_box]) * result.scale
+        _draw_boxes(tile, box, MISS_COLOR, thickness)
+        x1, y1 = _on_canvas(box, tile.shape)[0, :2]
+    _put_label(tile, miss.caption(class_names), x1, y1, MISS_COLOR, _font_scale(tile.shape))
+    return tile
