@@ -169,3 +169,50 @@ def test_detr_candidates_equal_predict_by_feat_single():
     _same_rows(_pairs(cands, rows, labels), ref)
     _check_kept(cands)
     np.testing.assert_array_equal(cands.index.numpy(), np.arange(30))
+
+
+@pytest.mark.parametrize('name', ['faster-rcnn', 'deformable-detr'])
+def test_miss_maps_on_the_roi_and_exact_routes(name):
+    """A miss's candidate is one more row of the engine's maps: on the RoI route (Faster R-CNN)
+    and the exact route (Deformable DETR) its Grad-CAM map equals grad-cam's class run on that
+    RoI's / query's score, taken to the original image."""
+    from mmdet_cam_hook.cam.geometry import Letterbox
+    from mmdet_cam_hook.testing.reference import reference_input_cams
+
+    model = _model(name)
+    image = synthetic_image(100, 140, seed=3)
+    engine = CAMEngine(model, score_thr=0.9)  # (almost) nothing kept: every GT is missed
+    adapter, outs, meta, cands = _outputs(model, 0.9, image)
+    # ground truth: the boxes of the two best dropped candidates no kept detection matches
+    dropped = (cands.kept < 0).nonzero().tolist()
+    rows = sorted(dropped, key=lambda rc: -float(cands.scores[rc[0], rc[1]]))[:60]
+    gt, labels = [], []
+    for row, label in rows:
+        box = cands.boxes(label)[row]
+        if len(gt) == 2:
+            break
+        if all(_iou(box, d) < 0.5 for d in cands.detections.bboxes) and \
+                all(_iou(box, g) < 0.5 for g in gt):
+            gt.append(box)
+            labels.append(label)
+    assert len(gt) == 2
+    res = engine.explain(image, methods='gradcam', gt_bboxes=torch.stack(gt).numpy(),
+                         gt_labels=labels)['gradcam']
+    inputs, _ = preprocess(model, engine.pipeline, image)
+    letterbox = Letterbox.from_metainfo(meta)
+    mapped = [m for m in res.misses if m.candidate is not None]
+    assert mapped
+    for miss in mapped:
+        row = cands.rows([miss.candidate], [miss.candidate_label])
+        layers = [engine.layers[int(row.levels)].name] if engine.level_aware \
+            else engine.layer_names
+        ref = reference_input_cams(model, inputs, 'gradcam', [layers], row, metainfo=meta)
+        model.zero_grad(set_to_none=True)
+        ref = letterbox.to_original(torch.from_numpy(ref), image.shape[:2]).clamp(0, 1)
+        np.testing.assert_allclose(miss.cams['gradcam'], ref[0].numpy(), atol=1e-4)
+
+
+def _iou(a, b):
+    from mmdet_cam_hook.cam.geometry import box_iou
+
+    return float(box_iou(np.asarray(a, np.float64), np.asarray(b, np.float64)[None])[0])
