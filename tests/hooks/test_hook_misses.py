@@ -1,9 +1,9 @@
 """Misses end to end: DetCAMHook(explain_misses=True) on a real MMEngine run of a tiny YOLOX-nano
-(mmdet's config, 4 training and 2 validation images of the shapes data set, 2 epochs, CPU),
-read back from TensorBoard with its own reader; then the trained model with the score threshold
-raised so that objects are missed: every unmatched ground-truth box has a record whose
-candidate score is the raw per-prior score ``sigmoid(cls) * sigmoid(obj)`` and whose map is
-grad-cam's class on that score.
+(mmdet's config, 4 training and 2 validation images of the shapes data set, 2 epochs, CPU, then
+``runner.test()`` as mmdet's ``tools/test.py`` runs it), read back from TensorBoard with its
+own reader; then the trained model with the score threshold raised so that objects are missed:
+every unmatched ground-truth box has a record whose candidate score is the raw per-prior score
+``sigmoid(cls) * sigmoid(obj)`` and whose map is grad-cam's class on that score.
 """
 import cv2
 import numpy as np
@@ -50,6 +50,7 @@ def run(tmp_path_factory):
                    backends=('LocalVisBackend', 'TensorboardVisBackend'))
     runner = Runner.from_cfg(cfg)
     runner.train()
+    runner.test()  # what mmdet's tools/test.py runs: the hook's after_test_epoch
     return runner
 
 
@@ -73,6 +74,8 @@ def test_misses_in_tensorboard(run):
         shares = [values[f'miss_share_{r}'][step] for r in REASONS]
         assert sum(shares) == pytest.approx(1.0 if misses else 0.0)
     assert values['misses'][-1] > 0  # two epochs on 4 images: the model misses objects
+    test = events.Scalars('cam_test/misses')
+    assert [(s.step, s.value) for s in test] == [(2, values['misses'][-1])]  # the same model
     vis_image = run_log_dir(run) / 'vis_data' / 'vis_image'
     for method, probe in ((m, p) for m in METHODS for p in probes):
         name = f'cam_val_{method}_{probe.name}'
