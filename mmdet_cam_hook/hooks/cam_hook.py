@@ -231,7 +231,8 @@ class DetCAMHook(Hook):
             ValueError: On a head no adapter supports (naming it and the supported heads), an
                 unknown target layer (with close matches), a model whose level feature maps
                 cannot be found (default layers), no test pipeline, a dataset index out of
-                range, or a probe image that cannot be read or decoded.
+                range, a probe image that cannot be read or decoded, or ``explain_misses`` on a
+                head whose adapter cannot list its candidates.
         """
         model = self._unwrap(runner.model)
         adapter = build_adapter(model)  # an unsupported head fails here, before training
