@@ -294,6 +294,28 @@ class DetectorAdapter:
     doc_layers: str = ''
     doc_route: str = ''
 
+    # ------------------------------------------------------------------ (e) candidates
+    def candidates(self, outs: tuple, metainfo: dict, score_thr: float,
+                   detections: Optional[Detections] = None) -> 'Candidates':  # noqa: F821
+        """Every prior / RoI / query of image 0 before the score threshold and NMS, with its
+        box in original-image pixels, its per-class scores (the formula of :meth:`scores`),
+        which pairs went into NMS and which kept detection each became
+        (:class:`~mmdet_cam_hook.adapters.candidates.Candidates`): what explains a miss.
+
+        Args:
+            outs (tuple): The head's outputs (:meth:`head_outputs`).
+            metainfo (dict): The image's metainfo.
+            score_thr (float): The engine's score threshold, as for :meth:`decode`.
+            detections (Detections, optional): The kept detections (e.g. after the engine's
+                ``topk``). Defaults to None: :meth:`decode`'s.
+
+        Raises:
+            NotImplementedError: For an adapter that cannot list its candidates.
+        """
+        raise NotImplementedError(f'{type(self).__name__} ({type(self.head).__name__}) cannot '
+                                  'list its candidates before NMS, so misses cannot be '
+                                  'explained for this head')
+
 
 def module_at(model: nn.Module, path: str) -> Optional[nn.Module]:
     """The submodule at the dotted attribute ``path`` (``roi_head.bbox_head``), or None."""

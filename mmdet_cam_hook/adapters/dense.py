@@ -25,6 +25,7 @@ from mmengine.structures import InstanceData
 from torch import nn
 
 from .base import Detections, DetectorAdapter, locate_priors
+from .candidates import Candidates, dense_candidates, record_post_process, rescaled
 
 #: Norms whose statistics are taken over positions: a score then reads the whole map.
 _GLOBAL_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
@@ -276,3 +277,65 @@ class DenseAdapter(DetectorAdapter):
         if len(outs) > 1:
             prob = prob * outs[1][k, dets.anchors].sigmoid()
         return prob
+
+    # ------------------------------------------------------------------ (e) candidates
+    def candidates(self, outs: tuple, metainfo: dict, score_thr: float,
+                   detections: Optional[Detections] = None) -> Candidates:
+        """Every prior of image 0 before the score threshold and NMS
+        (:class:`~.candidates.Candidates`): boxes decoded as ``_predict_by_feat_single`` does
+        and rescaled by the head's ``_bbox_post_process``, per-class scores with the head's
+        formula (times the score factor, as the post-process multiplies it in), and the pairs
+        that went into NMS as recorded from :meth:`decode`.
+
+        Args:
+            outs (tuple): The head's outputs.
+            metainfo (dict): The image's metainfo.
+            score_thr (float): The engine's score threshold (the pre-NMS filter is
+                ``min(test_cfg.score_thr, score_thr)``, as in :meth:`decode`).
+            detections (Detections, optional): The kept detections (e.g. after the engine's
+                ``topk``). Defaults to None: :meth:`decode`'s.
+        """
+        cls_scores, bbox_preds, score_factors = self._split(outs)
+        with record_post_process(self.head) as seen:
+            dets = self.decode(outs, metainfo, score_thr)
+        sizes = [tuple(c.shape[-2:]) for c in cls_scores]
+        priors = self.head.prior_generator.grid_priors(
+            sizes, dtype=cls_scores[0].dtype, device=cls_scores[0].device)
+        with torch.no_grad():
+            boxes = self._prior_boxes([b[0].detach() for b in bbox_preds], priors,
+                                      metainfo['img_shape'])
+            scores = self._prior_scores(
+                [c[0].detach() for c in cls_scores],
+                None if score_factors is None else [s[0].detach() for s in score_factors])
+            boxes = rescaled(self.head, boxes, metainfo)
+        return dense_candidates(boxes, scores, seen, dets if detections is None else detections,
+                                sizes, self.num_base_priors, self._pre_cfg(score_thr).score_thr,
+                                self.head.test_cfg)
+
+    def _prior_boxes(self, bbox_pred_list: List[torch.Tensor], mlvl_priors: List[torch.Tensor],
+                     img_shape) -> torch.Tensor:
+        """(N, 4) every prior's box on the network input, decoded as
+        ``_predict_by_feat_single`` decodes the kept ones."""
+        from mmdet.structures.bbox import cat_boxes
+
+        dim = self.head.bbox_coder.encode_size
+        pred = torch.cat([b.permute(1, 2, 0).reshape(-1, dim) for b in bbox_pred_list])
+        return self.head.bbox_coder.decode(cat_boxes(mlvl_priors), pred, max_shape=img_shape)
+
+    def _prior_scores(self, cls_score_list: List[torch.Tensor],
+                      score_factor_list: Optional[List[torch.Tensor]]) -> torch.Tensor:
+        """(N, C) every prior's per-class score: the class activation of
+        ``_predict_by_feat_single`` times the sigmoid score factor if the head has one."""
+        head = self.head
+        cls = torch.cat([c.permute(1, 2, 0).reshape(-1, head.cls_out_channels)
+                         for c in cls_score_list])
+        if getattr(head.loss_cls, 'custom_cls_channels', False):
+            scores = head.loss_cls.get_activation(cls)
+        elif head.use_sigmoid_cls:
+            scores = cls.sigmoid()
+        else:
+            scores = cls.softmax(-1)[:, :-1]
+        if score_factor_list is not None:
+            factor = torch.cat([s.permute(1, 2, 0).reshape(-1) for s in score_factor_list])
+            scores = scores * factor.sigmoid()[:, None]
+        return scores

@@ -21,6 +21,7 @@ from mmengine.structures import InstanceData
 from torch import nn
 
 from .base import ADAPTERS, Detections, DetectorAdapter, complete_stages, trace_level_layers
+from .candidates import Candidates, pair_table
 
 #: Side of the zero input used to find the level maps' strides and modules.
 _TRACE_SIZE = 256
@@ -175,3 +176,43 @@ class DETRAdapter(DetectorAdapter):
                                             'neck': ['neck'], 'backbone': ['backbone']},
                                rest='decoder')
 
+
+    # ------------------------------------------------------------------ (e) candidates
+    def candidates(self, outs: QueryOutputs, metainfo: dict, score_thr: float,
+                   detections: Optional[Detections] = None) -> Candidates:
+        """Every query before the top-k and the score threshold (DETR has no NMS): its box as
+        :meth:`decode` converts it, its per-class scores (the formula of :meth:`scores`), and
+        the (query, class) pairs that made ``DETRHead._predict_by_feat_single``'s
+        ``max_per_img`` top-k (:meth:`decode` with no threshold)."""
+        entered_dets = self.decode(outs, metainfo, -1.0)
+        dets = self.decode(outs, metainfo, score_thr) if detections is None else detections
+        cls_score, bbox_pred = outs.cls_scores[0].detach(), outs.bbox_preds[0].detach()
+        num = len(cls_score)
+        with torch.no_grad():
+            probs = cls_score.sigmoid() if self.head.loss_cls.use_sigmoid \
+                else cls_score.softmax(-1)[:, :-1]
+            boxes, centres = self._query_boxes(bbox_pred, metainfo)
+        device = cls_score.device
+        entered = pair_table(num, self.head.num_classes, entered_dets.index, entered_dets.labels)
+        kept = pair_table(num, self.head.num_classes, dets.index.to(device),
+                          dets.labels.to(device), torch.arange(len(dets), device=device))
+        cells = (centres / self.strides()[0]).floor().long()
+        zeros = torch.zeros(num, dtype=torch.long, device=device)
+        return Candidates(boxes, probs, entered, kept, zeros, cells[:, 1], cells[:, 0], zeros,
+                          dets, -1.0, index=torch.arange(num, device=device))
+
+    @staticmethod
+    def _query_boxes(bbox_pred: torch.Tensor, metainfo: dict):
+        """(Q, 4) every query's box in original-image pixels and (Q, 2) its centre on the
+        network input, converted as :meth:`decode` converts the kept ones."""
+        from mmdet.structures.bbox import bbox_cxcywh_to_xyxy
+
+        img_shape = metainfo['img_shape']
+        boxes = bbox_cxcywh_to_xyxy(bbox_pred)
+        boxes[:, 0::2] = boxes[:, 0::2] * img_shape[1]
+        boxes[:, 1::2] = boxes[:, 1::2] * img_shape[0]
+        boxes[:, 0::2].clamp_(min=0, max=img_shape[1])
+        boxes[:, 1::2].clamp_(min=0, max=img_shape[0])
+        centres = bbox_pred[:, :2] * bbox_pred.new_tensor(img_shape[::-1])
+        boxes /= boxes.new_tensor(metainfo['scale_factor']).repeat((1, 2))
+        return boxes, centres

@@ -63,3 +63,13 @@ class GFLAdapter(DenseAdapter):
 
     def _score_branches(self, level: int) -> Optional[List[List[nn.Module]]]:
         return [[*self.head.cls_convs, self.head.gfl_cls]]
+
+    def _prior_boxes(self, bbox_pred_list: List[torch.Tensor], mlvl_priors: List[torch.Tensor],
+                     img_shape) -> torch.Tensor:
+        """(N, 4) every prior's box: the integral of its distribution times the stride,
+        decoded from the anchor centre (as :meth:`_level_results`)."""
+        head = self.head
+        preds = [head.integral(b.permute(1, 2, 0)) * s[0]
+                 for b, s in zip(bbox_pred_list, head.prior_generator.strides)]
+        return head.bbox_coder.decode(head.anchor_center(torch.cat(mlvl_priors)),
+                                      torch.cat(preds), max_shape=img_shape)

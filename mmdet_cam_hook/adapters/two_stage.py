@@ -31,6 +31,7 @@ from mmengine.structures import InstanceData
 from torch import nn
 
 from .base import ADAPTERS, Detections, DetectorAdapter, complete_stages, trace_level_layers
+from .candidates import Candidates, nms_threshold, pair_table
 
 
 class RoIOutputs(NamedTuple):
@@ -242,6 +243,54 @@ class TwoStageAdapter(DetectorAdapter):
         return complete_stages(self.model, {'roi_head': ['roi_head'], 'rpn_head': ['rpn_head'],
                                             'neck': ['neck'], 'backbone': ['backbone']},
                                rest='roi_head')
+
+    # ------------------------------------------------------------------ (e) candidates
+    def candidates(self, outs: RoIOutputs, metainfo: dict, score_thr: float,
+                   detections: Optional[Detections] = None) -> Candidates:
+        """Every RoI (proposal) before the score threshold and NMS: its refined box for every
+        class and its class probabilities, from the RoI head's own decoding
+        (:meth:`_predict_single` with no score filter, no cap and an NMS that suppresses
+        nothing, so boxes are rescaled exactly as for the kept ones); a pair went into NMS
+        when its score passed ``min(test_cfg.score_thr, score_thr)`` (mmdet's
+        ``multiclass_nms`` has no top-k before NMS)."""
+        from mmdet.structures.bbox import bbox2roi
+
+        dets = self.decode(outs, metainfo, score_thr) if detections is None else detections
+        feats = tuple(f.detach() for f in outs.feats)
+        cfg = copy.deepcopy(self.roi_head.test_cfg)
+        pre_thr = min(float(cfg.get('score_thr', 0.0)), float(score_thr))
+        cfg.update(score_thr=-1.0, max_per_img=-1, nms=dict(type='nms', iou_threshold=1.0))
+        num_classes = self._last_bbox_head.num_classes
+        with torch.no_grad():
+            rois = bbox2roi([self.proposals(outs, metainfo)])
+            num = len(rois)
+            stage_rois, cls_score, bbox_pred = self._stage_forward(feats, rois, metainfo)
+            scores = self._activation(cls_score)[:, :num_classes]
+            boxes = rois.new_zeros((num, num_classes, 4))
+            if num:
+                every = self._predict_single(stage_rois[-1], cls_score, bbox_pred, metainfo, cfg)
+                boxes[every.roi_idx, every.labels] = every.bboxes
+        per_stage = torch.stack([r[:, 1:] for r in stage_rois], 1)  # (N, S, 4)
+        levels, ys, xs = self._roi_places(per_stage)
+        kept = pair_table(num, num_classes, dets.index.to(rois.device),
+                          dets.labels.to(rois.device),
+                          torch.arange(len(dets), device=rois.device))
+        nms = self.roi_head.test_cfg.get('nms') or {}
+        return Candidates(boxes, scores, scores > pre_thr, kept, levels, ys, xs,
+                          torch.zeros_like(levels), dets, pre_thr,
+                          index=torch.arange(num, device=rois.device), rois=per_stage,
+                          class_agnostic=bool(nms.get('class_agnostic', False)),
+                          nms_iou=nms_threshold(nms))
+
+    def _roi_places(self, per_stage: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """``levels, ys, xs`` of (N, S, 4) per-stage RoIs: the level the extractor pools the
+        last stage's RoI from and its centre's cell there (as :meth:`decode`)."""
+        last = torch.cat([per_stage.new_zeros((len(per_stage), 1)), per_stage[:, -1]], 1)
+        levels = self.extractor.map_roi_levels(last, len(self.strides()))
+        strides = torch.tensor(self.strides(), device=levels.device)[levels]
+        cx = (per_stage[:, -1, 0] + per_stage[:, -1, 2]) / 2
+        cy = (per_stage[:, -1, 1] + per_stage[:, -1, 3]) / 2
+        return levels, (cy / strides).floor().long(), (cx / strides).floor().long()
 
 
 class RoIGradient:

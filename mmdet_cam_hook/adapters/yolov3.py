@@ -8,6 +8,7 @@ from mmengine.structures import InstanceData
 from torch import nn
 
 from .base import ADAPTERS, Detections
+from .candidates import Candidates, dense_candidates, record_post_process, rescaled
 from .dense import DenseAdapter
 
 
@@ -108,3 +109,31 @@ class YOLOv3Adapter(DenseAdapter):
         k = torch.arange(len(dets), device=outs[0].device)
         attrs = outs[0].reshape(len(dets), -1, self.head.num_attrib)[k, dets.anchors]
         return self._attr_score(attrs, dets.labels)
+
+    def candidates(self, outs: tuple, metainfo: dict, score_thr: float,
+                   detections: Optional[Detections] = None) -> Candidates:
+        """Every anchor before the thresholds and NMS: the box :meth:`decode` decodes (rescaled
+        by the head's post-process), ``sigmoid(cls[c]) * sigmoid(obj)`` for every class, and
+        the pairs that went into NMS (past ``conf_thr``, the class filter and the global
+        top-k), recorded from :meth:`decode`."""
+        head = self.head
+        with record_post_process(head) as seen:
+            dets = self.decode(outs, metainfo, score_thr)
+        (pred_maps, ) = outs
+        sizes = [tuple(p.shape[-2:]) for p in pred_maps]
+        with torch.no_grad():
+            anchors = torch.cat(head.prior_generator.grid_priors(sizes,
+                                                                 device=pred_maps[0].device))
+            preds, strides = [], []
+            for pred, stride in zip(pred_maps, head.featmap_strides):
+                pred = pred[0].detach().permute(1, 2, 0).reshape(-1, head.num_attrib).clone()
+                pred[:, :2] = pred[:, :2].sigmoid()
+                preds.append(pred)
+                strides.append(pred.new_tensor(stride).expand(len(pred)))
+            preds = torch.cat(preds)
+            boxes = head.bbox_coder.decode(anchors, preds[:, :4], torch.cat(strides)[:, None])
+            scores = preds[:, 5:].sigmoid() * preds[:, 4:5].sigmoid()
+            boxes = rescaled(head, boxes, metainfo)
+        return dense_candidates(boxes, scores, seen, dets if detections is None else detections,
+                                sizes, self.num_base_priors, self._pre_cfg(score_thr).score_thr,
+                                head.test_cfg)

@@ -12,6 +12,7 @@ from mmengine.structures import InstanceData
 from torch import nn
 
 from .base import ADAPTERS, Detections, DetectorAdapter, locate_priors
+from .candidates import Candidates, dense_candidates, record_post_process, rescaled
 
 
 def sort_and_locate(results: InstanceData, score_thr: float, sizes,
@@ -87,3 +88,30 @@ class YOLOXAdapter(DetectorAdapter):
         c = cls.shape[-1] // 2
         idx = torch.arange(len(dets), device=windows.device)
         return cls[idx, dets.labels, c, c].sigmoid() * obj[:, 0, c, c].sigmoid()
+
+    # ------------------------------------------------------------------ (e) candidates
+    def candidates(self, outs: tuple, metainfo: dict, score_thr: float,
+                   detections: Optional[Detections] = None) -> Candidates:
+        """Every prior before the score threshold and NMS: the box :meth:`decode` decodes
+        (``_bbox_decode``, rescaled by the head's post-process), ``sigmoid(cls[c]) *
+        sigmoid(obj)`` for every class (only the best class of a prior goes into NMS), and the
+        pairs that did, recorded from :meth:`decode` (see :meth:`DetectorAdapter.candidates`).
+        """
+        head = self.head
+        with record_post_process(head) as seen:
+            dets = self.decode(outs, metainfo, score_thr)
+        cls_scores, bbox_preds, objectnesses = (tuple(t.detach() for t in o) for o in outs)
+        sizes = [tuple(c.shape[2:]) for c in cls_scores]
+        with torch.no_grad():
+            priors = torch.cat(head.prior_generator.grid_priors(
+                sizes, dtype=cls_scores[0].dtype, device=cls_scores[0].device,
+                with_stride=True))
+            cls = torch.cat([c[0].permute(1, 2, 0).reshape(-1, c.shape[1])
+                             for c in cls_scores]).sigmoid()
+            reg = torch.cat([b[0].permute(1, 2, 0).reshape(-1, 4) for b in bbox_preds])
+            obj = torch.cat([o[0].permute(1, 2, 0).reshape(-1) for o in objectnesses]).sigmoid()
+            boxes = rescaled(head, head._bbox_decode(priors, reg[None])[0], metainfo)
+        pre_thr = min(float(head.test_cfg.get('score_thr', 0.0)), float(score_thr))
+        return dense_candidates(boxes, cls * obj[:, None], seen,
+                                dets if detections is None else detections, sizes, 1, pre_thr,
+                                head.test_cfg)

@@ -46,6 +46,13 @@ from .methods import (
     method_from,
     methods_from,
 )
+from .misses import (
+    MissReport,
+    cat_detections,
+    explain_misses,
+    ground_truth_args,
+    results_with_misses,
+)
 from .result import CAMResult
 from .routes import ROUTES, Forward, GradientRoutes, TargetLayer
 from .tokens import TokenMaps, token_results, token_rows
@@ -280,7 +287,10 @@ class CAMEngine:
                 renormalize: bool = False,
                 max_size: Optional[int] = None,
                 detections: Optional[Detections] = None,
-                texts: Union[None, str, Sequence[str]] = None) -> Dict[str, CAMResult]:
+                texts: Union[None, str, Sequence[str]] = None,
+                gt_bboxes=None,
+                gt_labels=None,
+                miss_iou: float = 0.5) -> Dict[str, CAMResult]:
         """Per-detection CAMs of one image for one or more methods, from one forward pass.
 
         Works inside ``torch.no_grad()`` and ``torch.inference_mode()`` blocks too: gradients
@@ -309,6 +319,15 @@ class CAMEngine:
                 ``score_thr`` and ``topk`` are not applied. Defaults to None (decode).
             texts (str | Sequence[str], optional): The prompt for this call (text-prompted
                 detectors; see the constructor). Defaults to None (the engine's).
+            gt_bboxes (array-like, optional): (G, 4) ground-truth boxes x1y1x2y2 in
+                original-image pixels. With ``gt_labels``, each result gets ``misses`` (one
+                record per ground-truth box no detection matched: its best candidate before the
+                threshold and NMS, why it was dropped and its map per method, from the same
+                forward pass: :mod:`~mmdet_cam_hook.cam.misses`) and ``false_positive`` (per
+                detection). Defaults to None (no ground truth).
+            gt_labels (array-like, optional): (G,) their classes. Defaults to None.
+            miss_iou (float): Minimum IoU between a miss's ground-truth box and its candidate's
+                box. Defaults to 0.5.
 
         Returns:
             dict[str, CAMResult]: One result per method, keyed by its name.
@@ -323,8 +342,9 @@ class CAMEngine:
         if detections is not None and not isinstance(detections, Detections):
             raise TypeError(f'`detections` must be None or a Detections, '
                             f'got {type(detections).__name__}')
+        gt = ground_truth_args(gt_bboxes, gt_labels, miss_iou)
         with torch.inference_mode(False), self._prompt(texts):
-            return self._explain([img], methods, renormalize, max_size, detections)[0]
+            return self._explain([img], methods, renormalize, max_size, detections, gt)[0]
 
     def explain_tokens(self,
                        image: ImageLike,
@@ -378,6 +398,26 @@ class CAMEngine:
         with self._prompt(texts):
             outs, metas = self.detector.outputs([load_image(image)])
             return self._decode(outs, metas[0])
+
+    def misses(self, image: ImageLike, gt_bboxes, gt_labels,
+               miss_iou: float = 0.5) -> MissReport:
+        """The misses and false positives of ``image`` without maps (what
+        ``explain(gt_bboxes=..., gt_labels=...)`` reports, with empty ``cams``), from one
+        forward pass without gradients: for counting them over a data set
+        (``mmdet-cam-eval --explain-misses``).
+
+        Raises:
+            ValueError: On bad ground truth or ``miss_iou``, or an image that cannot be read.
+            NotImplementedError: For an adapter that cannot list its candidates.
+        """
+        gt = ground_truth_args(gt_bboxes, gt_labels, miss_iou)
+        if gt is None:
+            raise ValueError('`misses` needs the ground truth: `gt_bboxes` and `gt_labels`')
+        outs, metas = self.detector.outputs([load_image(image)])
+        dets = self._decode(outs, metas[0])
+        with torch.no_grad():
+            cands = self.adapter.candidates(outs, metas[0], self.score_thr, dets)
+        return explain_misses(cands, gt[0], gt[1], self.score_thr, gt[2])
 
     def _decode(self, outs, metainfo: dict) -> Detections:
         """The one decoding rule of the engine: the adapter's, then ``topk``."""
@@ -434,7 +474,8 @@ class CAMEngine:
 
     def _explain(self, imgs: List[np.ndarray], methods: List[CAMMethod], renormalize: bool,
                  max_size: Optional[int],
-                 given: Optional[Detections] = None) -> List[Dict[str, CAMResult]]:
+                 given: Optional[Detections] = None,
+                 gt: Optional[tuple] = None) -> List[Dict[str, CAMResult]]:
         """One forward pass for ``imgs`` (one image unless every layer is ``local``), then
         each image's detections and maps."""
         model, adapter = self.model, self.adapter
@@ -463,12 +504,14 @@ class CAMEngine:
                             for i in range(len(imgs))]
             del feats, outs, acts
             return [self._explain_one(img, meta, forwards.pop(0), methods, renormalize,
-                                      max_size, given) for img, meta in zip(imgs, metas)]
+                                      max_size, given, gt) for img, meta in zip(imgs, metas)]
 
     def _explain_one(self, img: np.ndarray, metainfo: dict, fwd: Forward,
                      methods: List[CAMMethod], renormalize: bool, max_size: Optional[int],
-                     given: Optional[Detections]) -> Dict[str, CAMResult]:
-        """One image's detections and maps, from its part of the forward pass."""
+                     given: Optional[Detections],
+                     gt: Optional[tuple] = None) -> Dict[str, CAMResult]:
+        """One image's detections and maps, from its part of the forward pass; with ``gt``
+        (boxes, labels, miss IoU), the misses' candidates are mapped as more rows."""
         letterbox = Letterbox.from_metainfo(metainfo)
         gradient = [m for m in methods if isinstance(m, GradientMethod)]
         need_grad = any(m.uses_gradients for m in gradient)
@@ -479,6 +522,12 @@ class CAMEngine:
                                 for f in fields(Detections)))
         else:
             dets = self._decode(fwd.outs, metainfo)
+        report, num = None, len(dets)
+        if gt is not None:
+            with torch.no_grad():
+                cands = self.adapter.candidates(fwd.outs, metainfo, self.score_thr, dets)
+            report = explain_misses(cands, gt[0], gt[1], self.score_thr, gt[2])
+            dets = cat_detections(dets, report.rows)
         scale, shown = shrink_image(img, max_size)
         out_hw = shown.shape[:2]
         with torch.enable_grad():
@@ -491,12 +540,15 @@ class CAMEngine:
                     m.explain(self.detector, img, bboxes, labels, letterbox)).to(device)
                 maps[m.name] = (letterbox.to_original(on_input, out_hw).clamp_(0.0, 1.0),
                                 on_input if self.keep_input_cams else None)
-        return {
-            m.name: CAMResult.from_tensors(m.name, shown, scale, dets, *maps[m.name],
-                                 used if m in gradient else [[] for _ in used], letterbox,
-                                 renormalize)
-            for m in methods
-        }
+        if report is None:
+            return {
+                m.name: CAMResult.from_tensors(m.name, shown, scale, dets, *maps[m.name],
+                                     used if m in gradient else [[] for _ in used], letterbox,
+                                     renormalize)
+                for m in methods
+            }
+        return results_with_misses([(m.name, m in gradient) for m in methods], shown, scale,
+                                   dets, maps, used, letterbox, renormalize, report, num)
 
     # ----------------------------------------------------------------------------------------
     @contextlib.contextmanager

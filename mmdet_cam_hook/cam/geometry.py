@@ -5,6 +5,7 @@ YOLOX's test pipeline resizes with ``keep_ratio`` and pads at the bottom and rig
 network input is ``round(ori_h * sy) x round(ori_w * sx)`` at the top left.
 """
 import functools
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Tuple, TypeVar
 
@@ -180,6 +181,63 @@ def box_iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
     areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
     union = area + areas - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def check_boxes(bboxes, arg: str) -> np.ndarray:
+    """``bboxes`` as a (K, 4) float64 array; ValueError naming ``arg`` otherwise."""
+    bboxes = np.asarray(bboxes, dtype=np.float64)
+    if bboxes.size == 0:
+        return bboxes.reshape(0, 4)
+    if bboxes.ndim != 2 or bboxes.shape[1] != 4:
+        raise ValueError(f'`{arg}` must have shape (K, 4) (x1, y1, x2, y2), got {bboxes.shape}')
+    return bboxes
+
+
+def match_to_ground_truth(bboxes, labels, gt_bboxes, gt_labels,
+                          iou_thr: float = 0.5) -> np.ndarray:
+    """Match detections to ground truth, greedily in the given (score-descending) order.
+
+    Each detection takes the unmatched ground-truth box of its class with the highest IoU if
+    that IoU is at least ``iou_thr``; every ground-truth box is taken at most once.
+
+    Args:
+        bboxes (array-like): ``(K, 4)`` detection boxes ``x1, y1, x2, y2``.
+        labels (array-like): ``(K,)`` detection class indices.
+        gt_bboxes (array-like): ``(G, 4)`` ground-truth boxes.
+        gt_labels (array-like): ``(G,)`` ground-truth class indices.
+        iou_thr (float): Minimum IoU for a match, in ``(0, 1]``. Defaults to 0.5.
+
+    Returns:
+        np.ndarray: ``(K,)`` int64, the matched ground-truth index or -1.
+
+    Raises:
+        ValueError: If the shapes disagree or ``iou_thr`` is outside ``(0, 1]``.
+    """
+    if isinstance(iou_thr, bool) or not isinstance(iou_thr, numbers.Real) \
+            or not 0 < iou_thr <= 1:
+        raise ValueError(f'`iou_thr` must be a number in (0, 1], got {iou_thr!r}')
+    bboxes = check_boxes(bboxes, 'bboxes')
+    gt_bboxes = check_boxes(gt_bboxes, 'gt_bboxes')
+    labels = np.asarray(labels).reshape(-1)
+    gt_labels = np.asarray(gt_labels).reshape(-1)
+    if len(bboxes) != len(labels):
+        raise ValueError(f'`bboxes` and `labels` must have the same length, got {len(bboxes)} '
+                         f'and {len(labels)}')
+    if len(gt_bboxes) != len(gt_labels):
+        raise ValueError(f'`gt_bboxes` and `gt_labels` must have the same length, got '
+                         f'{len(gt_bboxes)} and {len(gt_labels)}')
+    taken = np.zeros(len(gt_bboxes), dtype=bool)
+    match = np.full(len(bboxes), -1, dtype=np.int64)
+    for k, (box, label) in enumerate(zip(bboxes, labels)):
+        candidates = ~taken & (gt_labels == label)
+        if not candidates.any():
+            continue
+        ious = np.where(candidates, box_iou(box, gt_bboxes), -1.0)
+        best = int(np.argmax(ious))
+        if ious[best] >= iou_thr:
+            taken[best] = True
+            match[k] = best
+    return match
 
 
 def shrink_image(img: np.ndarray, max_size: Optional[int]) -> Tuple[float, np.ndarray]:

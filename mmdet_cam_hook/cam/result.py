@@ -42,6 +42,12 @@ class CAMResult:
             original pixels, with each one's prior, label and level; RoIs or queries), on the
             model's device, for re-scoring them (the faithfulness probe) without decoding the
             image again. None for a result not made by the engine.
+        misses (list[Miss] | None): With ground truth (``explain(gt_bboxes=..., gt_labels=...)``):
+            one :class:`~mmdet_cam_hook.cam.misses.Miss` per ground-truth box no detection
+            matched, with its best candidate, the reason and the candidate's map per method
+            (the same list in every method's result). None without ground truth.
+        false_positive (np.ndarray | None): (K,) bool with ground truth: the detection matches
+            no ground-truth box (same class, IoU >= 0.5). None without ground truth.
     """
 
     bboxes: np.ndarray
@@ -57,6 +63,8 @@ class CAMResult:
     letterbox: Letterbox = field(repr=False)
     scale: float = 1.0
     detections: Optional[Detections] = field(default=None, repr=False)
+    misses: Optional[List[Miss]] = field(default=None, repr=False)  # noqa: F821
+    false_positive: Optional[np.ndarray] = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.scores)

@@ -59,6 +59,7 @@ from .common import build_engine, load_model, resolve_config, resolve_device, ru
 from .distributed import distributed_env, gather, join
 from .explaining import Tally, explain_batch, result_of
 from .folder import Overlap, collect_images, rank_share
+from .misses import check_misses_args
 from .outputs import check_out_dir, save_outputs
 from .reporting import CamReport
 
@@ -158,6 +159,17 @@ def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
                         'each detection\'s map, a sortable table) and manifest.json (the '
                         'run\'s records for scripts) into --out-dir, with the thumbnails in '
                         '--out-dir/report_files')
+    parser.add_argument('--ann-file', default=None, metavar='COCO.json',
+                        help='COCO annotations of the images (matched by file name), for '
+                        '--explain-misses')
+    parser.add_argument('--explain-misses', action='store_true',
+                        help='With --ann-file: for each ground-truth box no detection matched '
+                        '(same class, IoU >= 0.5), the map of its best candidate before the '
+                        'threshold and NMS, next to the detection maps: '
+                        '{stem}_miss{g}_{method}.jpg (g: the box\'s index in the image\'s '
+                        'annotations; the ground truth in orange, the candidate in magenta, '
+                        'the reason in its label), and the false positives in red in '
+                        '{stem}_misses.jpg')
     parser.add_argument('--list-layers', action='store_true',
                         help='Print the layer names with output shape, stride and the gradient '
                         "route the engine takes for each, at the config's test input size, "
@@ -341,6 +353,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     engine = build_engine(model, args, drise_masks=args.drise_masks)
     class_names = engine.phrases or (getattr(model, 'dataset_meta', None) or {}).get('classes')
+    check_misses_args(args, engine, class_names)
     tally = Tally(single=len(job.every) == 1)
     report = CamReport(args, engine, class_names, job.every) if args.report else None
     written = _explain_all(engine, job, args, class_names, tally, report)

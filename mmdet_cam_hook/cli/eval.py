@@ -100,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
                         'own level')
     parser.add_argument('--drise-masks', type=positive_int_arg, default=1000,
                         help='Random masks per image for drise. Defaults to %(default)s')
+    parser.add_argument('--explain-misses', action='store_true',
+                        help='Also explain each ground-truth box no detection matched (same '
+                        'class, IoU >= 0.5) by its best candidate before the threshold and NMS: '
+                        'the JSON gets a list "misses" of records (gt_index, gt_box, gt_label, '
+                        'reason, candidate_box, candidate_label, candidate_score, '
+                        'suppressed_by, image) and "miss_summary" (misses, false_positives, '
+                        'miss_candidate_score, miss_share_<reason>, counts per reason). One '
+                        'more forward pass per image')
     parser.add_argument('--out', default='results.json',
                         help='JSON file to write (rank 0). Defaults to %(default)s')
     parser.add_argument('--report', nargs='?', const='', default=None, metavar='DIR',
@@ -190,6 +198,13 @@ def _setup(args: argparse.Namespace) -> _Setup:
         raise UserError(str(exc)) from exc
     engine = build_engine(model, args, drise_masks=args.drise_masks,
                           drise_batch_size=args.batch_size, drise_seed=args.seed)
+    if getattr(args, 'explain_misses', False):
+        from ..adapters.candidates import check_candidates
+
+        try:
+            check_candidates(engine.adapter)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
     randomized = None
     if args.randomization:
         from ..evaluation.sanity import randomized_engines
@@ -241,10 +256,41 @@ def _evaluate(setup: _Setup, args: argparse.Namespace, rank: int,
                                 '--batch-size or --device cpu') from exc
             except (OSError, ValueError) as exc:
                 raise UserError(f'{path}: {exc}') from exc
+            if getattr(args, 'explain_misses', False):
+                record = dict(record, **{_MISSES: _miss_rows(setup.engine, image, path,
+                                                             gt_bboxes, gt_labels)})
             records.append((index, record))
             if report is not None:
                 report.add(index, path, image, keep, record)
     return records, unreadable
+
+
+#: The key of an image's misses in its record while the ranks gather them (never a method).
+_MISSES = '(misses)'
+
+
+def _miss_rows(engine, image, path, gt_bboxes, gt_labels) -> dict:
+    """One image's miss records (without maps, each with its ``image``) and false-positive
+    flags, for the JSON (:meth:`~mmdet_cam_hook.cam.engine.CAMEngine.misses`)."""
+    report = engine.misses(image, gt_bboxes, gt_labels)
+    return dict(misses=report.misses, false_positive=report.false_positive, image=str(path))
+
+
+def _misses_json(records: list) -> dict:
+    """``misses`` (the records, each with its ``image``) and ``miss_summary``
+    (:class:`~mmdet_cam_hook.evaluation.misses.MissCounts`), from the records' miss rows
+    (which are removed from them)."""
+    from ..evaluation.misses import MissCounts
+
+    counts, rows = MissCounts(), []
+    for record in records:
+        part = record.pop(_MISSES)
+        counts.update(part['misses'], part['false_positive'])
+        rows += [dict(m.to_dict(), image=part['image']) for m in part['misses']]
+    summary = {name: (None if value != value else value)  # NaN is not JSON
+               for name, value in counts.summary().items()}
+    return dict(misses=rows, miss_summary=dict(summary, counts=counts.counts(),
+                                               images=counts.images))
 
 
 def _write_results(args: argparse.Namespace, out: Path, setup: _Setup, records: list,
@@ -257,6 +303,7 @@ def _write_results(args: argparse.Namespace, out: Path, setup: _Setup, records: 
     from ..evaluation.evaluate import markdown_table, summarize
 
     settings = setup.settings
+    misses = _misses_json(records) if getattr(args, 'explain_misses', False) else {}
     summary = summarize(records, settings)
     result = dict(
         settings=dict(config=str(args.config), checkpoint=str(args.checkpoint),
@@ -267,7 +314,7 @@ def _write_results(args: argparse.Namespace, out: Path, setup: _Setup, records: 
                       target_layers=args.target_layers, drise_masks=args.drise_masks,
                       randomization=bool(args.randomization)),
         unreadable_images=len(unreadable), unreadable_paths=unreadable,
-        methods=summary)
+        methods=summary, **misses)
     text = json.dumps(result, indent=2) + '\n'
 
     def write(tmp: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Optional
 
 from ..checks import UserError
 from .folder import Loaded
+from .misses import ground_truth_kwargs
 
 __all__ = ['ImageError', 'SAME_ERROR_LIMIT', 'Tally', 'explain_one', 'explain_batch',
            'result_of']
@@ -36,8 +37,8 @@ def explain_one(engine, image, args, source: Path):
     import torch
 
     try:
-        return engine.explain(image, methods=[args.method],
-                              renormalize=args.renormalize)[args.method]
+        return engine.explain(image, methods=[args.method], renormalize=args.renormalize,
+                              **ground_truth_kwargs(args, source))[args.method]
     except torch.OutOfMemoryError as exc:
         raise UserError(f'CUDA out of memory on {args.device} while processing {source}; try '
                         '--device cpu (or fewer detections with --topk)') from exc
@@ -80,9 +81,9 @@ class Tally:
         self._errors.append(cause)
 
     def explained(self, path: Path, result, score_thr: float) -> bool:
-        """Whether ``result`` has detections (outputs to write)."""
+        """Whether ``result`` has detections or misses (outputs to write)."""
         self._errors.clear()
-        if len(result) == 0:
+        if len(result) == 0 and not result.misses:
             self.empty.append(path)
             if not self.single:
                 logger.warning('%s: no detections with score >= %g', path, score_thr)
@@ -103,7 +104,7 @@ def explain_batch(engine, loaded: list[Loaded], args) -> Optional[dict]:
     import torch
 
     good = [item for item in loaded if item.error is None]
-    if len(good) < 2:
+    if len(good) < 2 or getattr(args, 'explain_misses', False):  # misses: one at a time
         return None
     try:
         results = engine.explain_batch([item.image for item in good], methods=[args.method],

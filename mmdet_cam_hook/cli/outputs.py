@@ -45,10 +45,13 @@ def output_name(stem: str, kind: str, method: str, k: Optional[int] = None) -> s
 
     Args:
         stem (str): The image's file stem.
-        kind (str): ``'combined'``, ``'det'`` (detection ``k``'s map), ``'raw'`` or one of
-            :data:`EXTRA_NAMES` (``'original'``, ``'detection'``: the boxes, ``'panel'``).
+        kind (str): ``'combined'``, ``'det'`` (detection ``k``'s map), ``'raw'``, ``'miss'``
+            (the map of ground-truth box ``k``'s best candidate, ``--explain-misses``),
+            ``'misses'`` (the false positives and misses) or one of :data:`EXTRA_NAMES`
+            (``'original'``, ``'detection'``: the boxes, ``'panel'``).
         method (str): ``--method``.
-        k (int, optional): The detection's index, for ``kind='det'``.
+        k (int, optional): The detection's index, for ``kind='det'``; the ground-truth box's,
+            for ``kind='miss'``.
 
     Returns:
         str: E.g. ``street_gradcam.jpg``, ``street_det0_hirescam.jpg``, ``street_hirescam.npz``.
@@ -59,10 +62,14 @@ def output_name(stem: str, kind: str, method: str, k: Optional[int] = None) -> s
         return f'{stem}_det{k}_{method}.jpg'
     if kind == 'raw':
         return f'{stem}_{method}.npz'
+    if kind == 'miss':
+        return f'{stem}_miss{k}_{method}.jpg'
+    if kind == 'misses':
+        return f'{stem}_misses.jpg'
     if kind in EXTRA_NAMES:
         return f'{stem}_{kind}.jpg'
-    raise ValueError(f"`kind` must be one of {['combined', 'det', 'raw', *EXTRA_NAMES]}, "
-                     f'got {kind!r}')
+    kinds = ['combined', 'det', 'raw', 'miss', 'misses', *EXTRA_NAMES]
+    raise ValueError(f'`kind` must be one of {kinds}, got {kind!r}')
 
 
 def _owner(name: str, stems, method: str, save_all: bool, save_raw: bool) -> Optional[str]:
@@ -211,4 +218,20 @@ def save_outputs(result, stem: str, out_dir: Path, class_names, save_all: bool =
                                  dtype=str),
             image=np.array('' if source is None else str(source)))
         written.append(_write(name('raw'), lambda tmp: np.savez_compressed(tmp, **arrays)))
+    if result.misses is not None:
+        written += _write_misses(result, name, class_names)
+    return written
+
+
+def _write_misses(result, name, class_names) -> list[Path]:
+    """``--explain-misses``: each miss's candidate map (the GT box orange, the candidate
+    magenta, labelled with the reason) and the misses row of the panel."""
+    from ..visualization.render import draw_miss, render_misses_row
+
+    written = [_write_image(name('misses'), render_misses_row(result, class_names,
+                                                              max_misses=len(result.misses)))]
+    for miss in result.misses:
+        if result.method in miss.cams:
+            written.append(_write_image(name('miss', miss.gt_index),
+                                        draw_miss(result, miss, class_names)))
     return written

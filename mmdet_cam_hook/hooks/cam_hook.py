@@ -14,6 +14,7 @@ The class is registered under two names: ``DetCAMHook`` and ``YOLOXGradCAMHook``
 while it explained YOLOX only, so that existing configs keep working (same class, same
 behaviour; :data:`YOLOXGradCAMHook` is the same object in python).
 """
+import math
 import time
 import traceback
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from mmengine.model import is_model_wrapper
 from torch import nn
 
 from ..adapters import build_adapter
+from ..adapters.candidates import check_candidates
 from ..adapters.grounding import phrases_of
 from ..cam.engine import CAMEngine
 from ..cam.layers import resolve_layers
@@ -34,12 +36,13 @@ from ..cam.methods import METHODS, CAMMethod, methods_from
 from ..checks import check_bool, check_int, check_max_size, check_score_thr, check_topk
 from ..evaluation.evaluate import image_seed, probe_faithfulness
 from ..evaluation.metrics import MapScores, match_to_ground_truth
+from ..evaluation.misses import MissCounts
 from ..runtime.pipeline import test_pipeline_cfg
 from ..runtime.state import preserved_rng
 from ..visualization.cards import render_cards
 from ..visualization.delivery import Delivery
 from ..visualization.plots import plot_curves
-from ..visualization.render import render_panel
+from ..visualization.render import render_misses_row, render_panel, stack_rows
 from . import schedule
 from .probes import Probe, ProbeSet, ProbeSpec, safe_name
 
@@ -158,6 +161,16 @@ class DetCAMHook(Hook):
             the network per detection and method: with the demo's 8 probes, ``topk=4`` and two
             methods, about +25 s per validation (YOLOX-nano at 256 px, 2 CPU cores).
             Defaults to False.
+        explain_misses (bool): For probes with ground truth (dataset probes): explain what
+            the model missed and where it fired wrongly (:mod:`~..cam.misses`). Each panel gets
+            a row with the false positives (red) and, per missed ground-truth box (orange), its
+            best candidate before the threshold and NMS (magenta) with that candidate's map and
+            the reason (``missed: 0.12 < 0.30``, ``suppressed by #2``, ``top-k cut``, ``seen as
+            B``, ``no candidate``); the scalars ``cam_{mode}/misses``, ``false_positives``,
+            ``miss_candidate_score`` and ``miss_share_<reason>`` are logged per validation.
+            Off by default: each miss costs one more map per method (from the same forward
+            pass), and early in training nearly every ground-truth box is a miss.
+            Defaults to False.
         texts (str | Sequence[str], optional): The prompt of a text-prompted detector
             (Grounding DINO): ``'red car . person'`` or a list of phrases; panels name each
             detection by its phrase. None: the dataset's class names, as mmdet's own validation
@@ -184,6 +197,7 @@ class DetCAMHook(Hook):
                  max_image_size: Optional[int] = 1600,
                  strict: bool = False,
                  faithfulness: bool = False,
+                 explain_misses: bool = False,
                  texts: Union[None, str, Sequence[str]] = None) -> None:
         self._probes = ProbeSet(probe_images)
         self.probe_spec = self._probes.spec
@@ -200,6 +214,7 @@ class DetCAMHook(Hook):
         self.max_image_size = check_max_size(max_image_size, 'max_image_size')
         self.strict = check_bool(strict, 'strict')
         self.faithfulness = check_bool(faithfulness, 'faithfulness')
+        self.explain_misses = check_bool(explain_misses, 'explain_misses')
         self.texts = None if texts is None else phrases_of(texts)
 
         self._engine: Optional[CAMEngine] = None
@@ -234,11 +249,14 @@ class DetCAMHook(Hook):
             ValueError: On a head no adapter supports (naming it and the supported heads), an
                 unknown target layer (with close matches), a model whose level feature maps
                 cannot be found (default layers), no test pipeline, a dataset index out of
-                range, a probe image that cannot be read or decoded, or ``texts`` for a detector
-                that takes no prompt.
+                range, a probe image that cannot be read or decoded, ``explain_misses`` on a
+                head whose adapter cannot list its candidates, or ``texts`` for a detector that
+                takes no prompt.
         """
         model = self._unwrap(runner.model)
         adapter = build_adapter(model)  # an unsupported head fails here, before training
+        if self.explain_misses:
+            check_candidates(adapter)
         if self.texts is not None and not hasattr(adapter, 'set_prompt'):
             raise ValueError(f'`texts` is for text-prompted detectors (Grounding DINO); '
                              f'{type(adapter.head).__name__} takes no prompt')
@@ -352,6 +370,7 @@ class DetCAMHook(Hook):
         probes = self._probes.for_loop(runner, mode)
         class_names = engine.phrases or self._class_names(runner, mode)
         scores = {method: MapScores() for method in self.methods}
+        misses = MissCounts()
         log = Delivery(runner.visualizer, strict=self.strict)
         failed, curves = [], {}  # curves: {method: [Curves of each probe]}, prior protocol
         with torch.enable_grad(), preserved_rng(next(engine.model.parameters()).device):
@@ -374,12 +393,17 @@ class DetCAMHook(Hook):
                         f'{mode} at step {step}; the other probes are still logged (strict=True '
                         f'raises instead): {detail}')
                     continue
+                if _MISSES in numbers:
+                    misses.update(*numbers.pop(_MISSES))
                 for method, (image_scores, aucs) in numbers.items():
                     scores[method].add(image_scores, aucs)
                 for method, by_protocol in probe_curves.items():
                     curves.setdefault(method, []).append(by_protocol['prior'])
         scalars = {f'cam_{mode}/{safe_name(method)}_{name}': value
                    for method in self.methods for name, value in scores[method].summary().items()}
+        if misses.images:
+            scalars.update({f'cam_{mode}/{name}': value for name, value in
+                            misses.summary().items() if math.isfinite(value)})
         if scalars:
             log.add_scalars(scalars, step)
         self._log_curves(runner, log, mode, step, curves)
@@ -403,7 +427,13 @@ class DetCAMHook(Hook):
         """
         numbers = {}
         image = self._probes.image(probe)
-        results = engine.explain(image, methods=self._methods, max_size=self.max_image_size)
+        with_gt = self.explain_misses and probe.gt_bboxes is not None
+        results = engine.explain(image, methods=self._methods, max_size=self.max_image_size,
+                                 **(dict(gt_bboxes=probe.gt_bboxes, gt_labels=probe.gt_labels)
+                                    if with_gt else {}))
+        if with_gt:  # the same records in every method's result: counted once
+            first = next(iter(results.values()))
+            numbers[_MISSES] = (first.misses, first.false_positive)
         # probe_faithfulness gives the mean over the probe's K detections: K copies of it weigh
         # the probe by its detections, so the run's number is the mean over detections.
         faith = probe_faithfulness(engine, image, results, seed=image_seed(0, probe.index),
@@ -417,19 +447,23 @@ class DetCAMHook(Hook):
             numbers[method] = (image_scores, aucs)
             self._log_views(log, f'cam_{mode}_{safe_name(method)}_{probe.name}',
                             result.renormalized() if self.renormalize else result, probe,
-                            gt_bboxes, class_names, step)
+                            gt_bboxes, class_names, step, misses_row=with_gt)
         return numbers
 
     def _log_views(self, log: Delivery, name: str, result, probe: Probe, gt_bboxes,
-                   class_names: Optional[Sequence[str]], step: int) -> None:
-        """The full panel for local files, the cards (an overview and one per detection, with
-        slots named by the ground-truth box they matched, :func:`..visualization.cards.
-        detection_slots`) for the other backends; each drawn only if a backend takes it."""
+                   class_names: Optional[Sequence[str]], step: int,
+                   misses_row: bool = False) -> None:
+        """The full panel for local files (with the misses row under it when
+        ``misses_row``), the cards (an overview and one per detection, with slots named by the
+        ground-truth box they matched, :func:`..visualization.cards.detection_slots`) for the
+        other backends; each drawn only if a backend takes it."""
         panel, cards = None, {}
         if log.needs_panel:
             panel = render_panel(result, class_names=class_names,
                                  max_detections=self.max_detection_tiles,
                                  max_size=self.max_image_size, gt_bboxes=gt_bboxes)
+            if misses_row:
+                panel = stack_rows(panel, render_misses_row(result, class_names))
         if log.needs_cards:
             match = None if gt_bboxes is None else match_to_ground_truth(
                 result.bboxes, result.labels, gt_bboxes, probe.gt_labels)
@@ -467,6 +501,10 @@ class DetCAMHook(Hook):
             f'{len(self.methods)} method(s) after {mode} at step {step} in {seconds:.1f} s; '
             f'items delivered per backend: {log.delivered() or "none"}{summary}')
 
+
+#: The key of a probe's misses and false-positive flags among its per-method numbers (never a
+#: method's name).
+_MISSES = '(misses)'
 
 #: The name this hook had while it explained YOLOX only; configs with
 #: ``type='YOLOXGradCAMHook'`` build the same class.

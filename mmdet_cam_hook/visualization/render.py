@@ -341,3 +341,98 @@ def render_panel(result,
                                    max(1, round(panel.shape[0] * factor))),
                            interpolation=cv2.INTER_AREA)
     return panel
+
+
+#: Box colour of a miss's best candidate (BGR magenta), next to its ground-truth box in
+#: :data:`GT_COLOR`.
+MISS_COLOR = (255, 0, 255)
+#: Box colour of a false positive (a kept detection that matches no ground truth; BGR red).
+FP_COLOR = (0, 0, 255)
+
+
+def render_misses_row(result, class_names: Optional[Sequence[str]] = None,
+                      max_misses: int = 3) -> Optional[np.ndarray]:
+    """The misses row of a panel, for a result with ground truth (``result.misses``).
+
+    Tiles, each captioned: the detections with false positives in :data:`FP_COLOR` (the
+    others in :data:`DET_COLOR`), then, for the first ``max_misses`` misses, the candidate's map
+    (the image alone for ``no_candidate``) with the ground-truth box in :data:`GT_COLOR` and
+    the candidate's box in :data:`MISS_COLOR`, captioned with the reason
+    (:meth:`~mmdet_cam_hook.cam.misses.Miss.caption`, e.g. ``missed: 0.12 < 0.30``).
+
+    Args:
+        result (CAMResult): A result with ``misses`` and ``false_positive`` (the records' boxes
+            in original-image pixels; the row is drawn at ``result.scale``).
+        class_names (Sequence[str], optional): Names indexed by label. Defaults to None.
+        max_misses (int): Miss tiles at most, at least 0. Defaults to 3.
+
+    Returns:
+        np.ndarray | None: The row (uint8 BGR), or None for a result without ground truth.
+    """
+    max_misses = check_int(max_misses, 'max_misses', low=0)
+    if result.misses is None:
+        return None
+    image = result.image
+    _check_image(image, 'result.image')
+    height, width = image.shape[:2]
+    scale = max(1.0, MIN_TILE_SIZE / max(height, width))
+    size = (int(round(width * scale)), int(round(height * scale)))
+
+    def grow(array: np.ndarray) -> np.ndarray:
+        return array if scale == 1.0 else cv2.resize(array, size, interpolation=cv2.INTER_LINEAR)
+
+    base = grow(image)
+    thickness = _line_thickness(base.shape)
+    boxes = _check_boxes(result.bboxes, 'result.bboxes') * scale
+    fp = np.asarray(result.false_positive, dtype=bool).reshape(-1)
+    dets = draw_detections(base, boxes[~fp], result.labels[~fp], result.scores[~fp],
+                           class_names)
+    _draw_boxes(dets, boxes[fp], FP_COLOR, thickness)
+    tiles = [dets]
+    captions = [f'false positives: {int(fp.sum())}/{len(fp)}, misses: {len(result.misses)}']
+    shown = scale * result.scale  # records are in original-image pixels
+    for miss in result.misses[:max_misses]:
+        cam = miss.cams.get(result.method)
+        tile = base.copy() if cam is None else overlay_cam(base, grow(cam.astype(np.float32)))
+        _draw_boxes(tile, np.asarray([miss.gt_box]) * shown, GT_COLOR, thickness)
+        if miss.candidate_box is not None:
+            _draw_boxes(tile, np.asarray([miss.candidate_box]) * shown, MISS_COLOR, thickness)
+        tiles.append(tile)
+        captions.append(f'GT {miss.gt_index} {_class_name(miss.gt_label, class_names)}: '
+                        f'{miss.caption(class_names)}')
+    return _grid(_captioned_tiles(tiles, captions), PANEL_COLUMNS)
+
+
+def stack_rows(panel: np.ndarray, row: Optional[np.ndarray]) -> np.ndarray:
+    """``panel`` with ``row`` below it (shrunk to the panel's width if wider, the narrower one
+    padded on the right); ``panel`` itself when ``row`` is None."""
+    if row is None:
+        return panel
+    if row.shape[1] > panel.shape[1]:
+        factor = panel.shape[1] / row.shape[1]
+        row = cv2.resize(row, (panel.shape[1], max(1, round(row.shape[0] * factor))),
+                         interpolation=cv2.INTER_AREA)
+    width = max(panel.shape[1], row.shape[1])
+    out = np.full((panel.shape[0] + _GAP + row.shape[0], width, 3), _BACKGROUND, np.uint8)
+    out[:panel.shape[0], :panel.shape[1]] = panel
+    out[panel.shape[0] + _GAP:, :row.shape[1]] = row
+    return out
+
+
+def draw_miss(result, miss, class_names: Optional[Sequence[str]] = None) -> np.ndarray:
+    """One miss on the image (at ``result.scale``): its candidate's map for ``result.method``
+    (the image alone without one), the ground-truth box in :data:`GT_COLOR`, the candidate's
+    in :data:`MISS_COLOR` labelled with the reason (e.g. ``missed: 0.12 < 0.30``)."""
+    image = result.image
+    cam = miss.cams.get(result.method)
+    tile = image.copy() if cam is None else overlay_cam(image, cam.astype(np.float32))
+    thickness = _line_thickness(tile.shape)
+    _draw_boxes(tile, np.asarray([miss.gt_box]) * result.scale, GT_COLOR, thickness)
+    if miss.candidate_box is None:
+        x1, y1 = np.asarray(miss.gt_box[:2]) * result.scale
+    else:
+        box = np.asarray([miss.candidate_box]) * result.scale
+        _draw_boxes(tile, box, MISS_COLOR, thickness)
+        x1, y1 = _on_canvas(box, tile.shape)[0, :2]
+    _put_label(tile, miss.caption(class_names), x1, y1, MISS_COLOR, _font_scale(tile.shape))
+    return tile
