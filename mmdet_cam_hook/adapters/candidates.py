@@ -197,13 +197,34 @@ def nms_threshold(nms_cfg) -> Optional[float]:
     return None if value is None else float(value)
 
 
+#: What an adapter's ``candidates`` relies on: a subclass that changes any of these after the
+#: class that wrote ``candidates`` decodes or scores differently, so its candidates are not
+#: verified (each adapter lists its own, with a test against its head's decoding).
+CANDIDATES_RELY_ON = ('decode', '_level_results', 'scores', '_read', '_prob', '_split',
+                      'head_outputs', '_locate')
+
+
+#: The methods that make an adapter's candidates: the class that last defines one of them is
+#: the one whose decoding they were written (and tested) for.
+CANDIDATE_PARTS = ('candidates', '_prior_boxes', '_prior_scores')
+
+
 def check_candidates(adapter: DetectorAdapter) -> None:
-    """Refuse, early, an adapter that cannot list its candidates (misses need them).
+    """Refuse, early, an adapter that cannot list its candidates (misses need them): one that
+    has no ``candidates``, or inherits one written for a base class while changing how it
+    decodes or scores (:data:`CANDIDATES_RELY_ON`).
 
     Raises:
-        ValueError: Naming the adapter and its head.
+        ValueError: Naming the adapter, its head and (for an inherited one) what it changes.
     """
-    if type(adapter).candidates is DetectorAdapter.candidates:
-        raise ValueError(f'`explain_misses` needs the candidates before NMS, which '
-                         f'{type(adapter).__name__} (head {type(adapter.head).__name__}) does '
-                         'not list; set explain_misses=False')
+    mro = type(adapter).__mro__
+    owner = next(c for c in mro if any(part in c.__dict__ for part in CANDIDATE_PARTS))
+    changed = sorted({name for c in mro[:mro.index(owner)] for name in CANDIDATES_RELY_ON
+                      if name in c.__dict__})
+    if owner is DetectorAdapter or changed:
+        why = ('does not list them' if owner is DetectorAdapter else
+               f'inherits them from {owner.__name__} but changes {changed}, so they are not '
+               'verified for it')
+        raise ValueError(f'`explain_misses` needs the candidates before NMS; '
+                         f'{type(adapter).__name__} (head {type(adapter.head).__name__}) {why}; '
+                         'set explain_misses=False')

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..adapters import Detections, DetectorAdapter, build_adapter
+from ..adapters.candidates import check_candidates
 from ..checks import check_int, check_max_size, check_score_thr, check_topk
 from ..runtime.detector import BatchedDetector, image_outputs
 from ..runtime.io import ImageLike, load_image
@@ -343,6 +344,8 @@ class CAMEngine:
             raise TypeError(f'`detections` must be None or a Detections, '
                             f'got {type(detections).__name__}')
         gt = ground_truth_args(gt_bboxes, gt_labels, miss_iou)
+        if gt is not None:
+            check_candidates(self.adapter)
         with torch.inference_mode(False), self._prompt(texts):
             return self._explain([img], methods, renormalize, max_size, detections, gt)[0]
 
@@ -408,9 +411,11 @@ class CAMEngine:
 
         Raises:
             ValueError: On bad ground truth or ``miss_iou``, or an image that cannot be read.
-            NotImplementedError: For an adapter that cannot list its candidates.
+            ValueError: For an adapter that cannot list its candidates.
         """
         gt = ground_truth_args(gt_bboxes, gt_labels, miss_iou)
+        if gt is not None:
+            check_candidates(self.adapter)
         if gt is None:
             raise ValueError('`misses` needs the ground truth: `gt_bboxes` and `gt_labels`')
         outs, metas = self.detector.outputs([load_image(image)])
