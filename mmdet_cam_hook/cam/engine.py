@@ -20,6 +20,7 @@ gradient method a layer's activations and gradients, and calls each perturbation
 """
 import contextlib
 import dataclasses
+import warnings
 from dataclasses import fields
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -33,7 +34,7 @@ from ..runtime.detector import BatchedDetector, image_outputs
 from ..runtime.io import ImageLike, load_image
 from ..runtime.pipeline import build_pipeline, preprocess, preprocess_batch, test_pipeline_cfg
 from ..runtime.state import capture_outputs, read_only
-from . import maths
+from . import maths, targets
 from .geometry import Letterbox, shrink_image
 from .layers import LayerInfo, check_usable, probe_layers, resolve_layers, usable_hint
 from .local import LocalGradient
@@ -48,6 +49,7 @@ from .methods import (
 )
 from .result import CAMResult
 from .routes import ROUTES, Forward, GradientRoutes, TargetLayer
+from .targets import Contrast
 
 __all__ = ['CAMEngine', 'compute_cams', 'ROUTES', 'TargetLayer']
 
@@ -212,6 +214,22 @@ class CAMEngine:
     def _reach(self) -> dict:
         return self.routes.reach
 
+    def _contrast(self, contrast: Contrast, methods: List[CAMMethod]) -> Contrast:
+        """``contrast`` checked against the model's classes (:func:`.targets.resolve_contrast`);
+        a warning, once per engine, when some of ``methods`` have no target to contrast."""
+        if contrast is None:
+            return None
+        contrast = targets.resolve_contrast(
+            contrast, (getattr(self.model, 'dataset_meta', None) or {}).get('classes'),
+            targets.num_classes(self.adapter))
+        blind = [m.name for m in methods if not m.uses_gradients]
+        if blind and not getattr(self, '_warned_contrast', False):
+            self._warned_contrast = True
+            warnings.warn(f'contrast={contrast!r}: the methods {blind} read no gradient of a '
+                          'score, so their maps are those of the detection itself',
+                          UserWarning, stacklevel=3)
+        return contrast
+
     def _methods(self, methods) -> List[CAMMethod]:
         """The method objects for ``methods=``; the name ``drise`` means this engine's
         :attr:`drise` (configured by ``drise_*``)."""
@@ -223,7 +241,8 @@ class CAMEngine:
                 methods: Union[MethodSpec, Sequence[MethodSpec]] = ('gradcam', ),
                 renormalize: bool = False,
                 max_size: Optional[int] = None,
-                detections: Optional[Detections] = None) -> Dict[str, CAMResult]:
+                detections: Optional[Detections] = None,
+                contrast: Contrast = None) -> Dict[str, CAMResult]:
         """Per-detection CAMs of one image for one or more methods, from one forward pass.
 
         Works inside ``torch.no_grad()`` and ``torch.inference_mode()`` blocks too: gradients
@@ -250,22 +269,32 @@ class CAMEngine:
                 the results report the given boxes, labels and scores. For comparing two models
                 on the same detections (the randomisation check, :mod:`..evaluation.sanity`).
                 ``score_thr`` and ``topk`` are not applied. Defaults to None (decode).
+            contrast (None | str | int): Explain "class A rather than class B": each map is
+                that of ``score[A] - score[B]`` of the detection's own prior, RoI or query (A
+                its label), with the adapter's own score formula (:mod:`.targets`). B is
+                ``'runner_up'`` (the class that prior scores highest after A), a class index or
+                a class name; the results' ``contrast_labels`` name B per detection.
+                Gradient-free and perturbation methods are unchanged. Defaults to None (each
+                detection's own score).
 
         Returns:
             dict[str, CAMResult]: One result per method, keyed by its name.
 
         Raises:
-            ValueError: On an unknown method, a bad ``max_size``, an image that cannot be read
-                or one the test pipeline cannot resize (e.g. 4000x2 pixels).
+            ValueError: On an unknown method, a bad ``max_size`` or ``contrast`` (an unknown
+                class, naming the valid choices), an image that cannot be read or one the test
+                pipeline cannot resize (e.g. 4000x2 pixels).
         """
         methods = self._methods(methods)
         max_size = check_max_size(max_size)
+        contrast = self._contrast(contrast, methods)
         img = load_image(image)
         if detections is not None and not isinstance(detections, Detections):
             raise TypeError(f'`detections` must be None or a Detections, '
                             f'got {type(detections).__name__}')
         with torch.inference_mode(False):
-            return self._explain([img], methods, renormalize, max_size, detections)[0]
+            return self._explain([img], methods, renormalize, max_size, detections,
+                                 contrast=contrast)[0]
 
     def detect(self, image: ImageLike) -> Detections:
         """The detections :meth:`explain` would explain for ``image``: the adapter's decoding
@@ -300,7 +329,8 @@ class CAMEngine:
                       images: Sequence[ImageLike],
                       methods: Union[MethodSpec, Sequence[MethodSpec]] = ('gradcam', ),
                       renormalize: bool = False,
-                      max_size: Optional[int] = None) -> List[Dict[str, CAMResult]]:
+                      max_size: Optional[int] = None,
+                      contrast: Contrast = None) -> List[Dict[str, CAMResult]]:
         """:meth:`explain` for several images, through the network as one batch when the
         engine is :attr:`batchable` (one at a time otherwise).
 
@@ -312,7 +342,7 @@ class CAMEngine:
 
         Args:
             images (Sequence[str | PathLike | np.ndarray]): Paths or HxWx3 uint8 BGR arrays.
-            methods, renormalize, max_size: As for :meth:`explain`.
+            methods, renormalize, max_size, contrast: As for :meth:`explain`.
 
         Returns:
             list[dict[str, CAMResult]]: One :meth:`explain` result per image, in order.
@@ -323,6 +353,7 @@ class CAMEngine:
         """
         methods = self._methods(methods)
         max_size = check_max_size(max_size)
+        contrast = self._contrast(contrast, methods)
         imgs = []
         for i, image in enumerate(images):
             try:
@@ -332,11 +363,12 @@ class CAMEngine:
         groups = [imgs] if self.batchable else [[img] for img in imgs]
         with torch.inference_mode(False):
             return [res for group in groups if group
-                    for res in self._explain(group, methods, renormalize, max_size)]
+                    for res in self._explain(group, methods, renormalize, max_size,
+                                             contrast=contrast)]
 
     def _explain(self, imgs: List[np.ndarray], methods: List[CAMMethod], renormalize: bool,
-                 max_size: Optional[int],
-                 given: Optional[Detections] = None) -> List[Dict[str, CAMResult]]:
+                 max_size: Optional[int], given: Optional[Detections] = None,
+                 contrast: Contrast = None) -> List[Dict[str, CAMResult]]:
         """One forward pass for ``imgs`` (one image unless every layer is ``local``), then
         each image's detections and maps."""
         model, adapter = self.model, self.adapter
@@ -365,11 +397,13 @@ class CAMEngine:
                             for i in range(len(imgs))]
             del feats, outs, acts
             return [self._explain_one(img, meta, forwards.pop(0), methods, renormalize,
-                                      max_size, given) for img, meta in zip(imgs, metas)]
+                                      max_size, given, contrast)
+                    for img, meta in zip(imgs, metas)]
 
     def _explain_one(self, img: np.ndarray, metainfo: dict, fwd: Forward,
                      methods: List[CAMMethod], renormalize: bool, max_size: Optional[int],
-                     given: Optional[Detections]) -> Dict[str, CAMResult]:
+                     given: Optional[Detections],
+                     contrast: Contrast = None) -> Dict[str, CAMResult]:
         """One image's detections and maps, from its part of the forward pass."""
         letterbox = Letterbox.from_metainfo(metainfo)
         gradient = [m for m in methods if isinstance(m, GradientMethod)]
@@ -381,10 +415,13 @@ class CAMEngine:
                                 for f in fields(Detections)))
         else:
             dets = self._decode(fwd.outs, metainfo)
+        labels_b = None if contrast is None else targets.contrast_labels(
+            self.adapter, fwd.outs, dets, contrast, targets.num_classes(self.adapter))
         scale, shown = shrink_image(img, max_size)
         out_hw = shown.shape[:2]
         with torch.enable_grad():
-            maps, used = self._maps(gradient, dets, fwd, need_grad, letterbox, out_hw)
+            maps, used = self._maps(gradient, dets, fwd, need_grad, letterbox, out_hw,
+                                    labels_b)
         del fwd
         bboxes, labels = dets.bboxes.detach().cpu().numpy(), dets.labels.cpu().numpy()
         for m in methods:  # perturbation methods: the detector on perturbed images
@@ -396,7 +433,7 @@ class CAMEngine:
         return {
             m.name: CAMResult.from_tensors(m.name, shown, scale, dets, *maps[m.name],
                                  used if m in gradient else [[] for _ in used], letterbox,
-                                 renormalize)
+                                 renormalize, contrast_labels=labels_b)
             for m in methods
         }
 
@@ -421,7 +458,8 @@ class CAMEngine:
         return self.layers
 
     def _maps(self, methods, dets: Detections, fwd: Forward, need_grad: bool,
-              letterbox: Letterbox, out_hw: Tuple[int, int]
+              letterbox: Letterbox, out_hw: Tuple[int, int],
+              labels_b: Optional[torch.Tensor] = None
               ) -> Tuple[Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]], List[List[str]]]:
         """Per method, the (K, H, W) maps on the returned image (``out_hw``) and, with
         ``keep_input_cams``, the (K, H_in, W_in) maps on the input grid, both on the model's
@@ -430,7 +468,9 @@ class CAMEngine:
         Detections are taken level by level in chunks of ``chunk_size``: the gradients held at
         once are at most ``chunk_size`` x C x h x w per layer, and each chunk's maps go from the
         input grid to the returned image before the next chunk. A gradient-free method's map is
-        computed once per layer and shared by every detection."""
+        computed once per layer and shared by every detection. With ``labels_b`` (the
+        contrast's class B of each detection) the gradients are those of ``score[label] -
+        score[B]`` (:func:`.targets.subtract`)."""
         num = len(dets)
         device = fwd.feats[0].device
 
@@ -454,6 +494,10 @@ class CAMEngine:
                                    device=dets.levels.device)
                 sub = dets.select(idx)
                 grads = self.routes.grads(layers, sub, fwd, no_path, level) if need_grad else {}
+                if need_grad and labels_b is not None:
+                    sub_b = targets.relabel(sub, labels_b[idx])
+                    grads = targets.subtract(grads, self.routes.grads(layers, sub_b, fwd, {},
+                                                                      level))
                 idx = idx.to(device)
                 for m in methods:
                     per_layer = [self._layer_maps(m, layer, fwd, grads, len(sub), shared)

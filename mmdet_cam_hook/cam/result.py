@@ -42,6 +42,9 @@ class CAMResult:
             original pixels, with each one's prior, label and level; RoIs or queries), on the
             model's device, for re-scoring them (the faithfulness probe) without decoding the
             image again. None for a result not made by the engine.
+        contrast_labels (np.ndarray | None): (K,) int64 class B of each detection when the
+            maps are contrastive (``explain(..., contrast=...)``: ``cams`` explain ``score[A] -
+            score[B]``, A being ``labels``); None otherwise.
     """
 
     bboxes: np.ndarray
@@ -57,6 +60,7 @@ class CAMResult:
     letterbox: Letterbox = field(repr=False)
     scale: float = 1.0
     detections: Optional[Detections] = field(default=None, repr=False)
+    contrast_labels: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -69,9 +73,11 @@ class CAMResult:
     def from_tensors(cls, method: str, img: np.ndarray, scale: float, dets: Detections,
                      cams: torch.Tensor, input_maps: Optional[torch.Tensor],
                      used: List[List[str]], letterbox: Letterbox,
-                     renormalize: bool) -> CAMResult:
+                     renormalize: bool,
+                     contrast_labels: Optional[torch.Tensor] = None) -> CAMResult:
         """The engine's result of one method from its maps on the device: only the finished
-        maps leave it (``combined`` is computed there); ``renormalize`` as in ``explain``."""
+        maps leave it (``combined`` is computed there); ``renormalize`` and ``contrast_labels``
+        (class B of each detection) as in ``explain``."""
         combined = combined_map(cams, img.shape[:2])
         bboxes = dets.bboxes.detach().cpu().numpy().astype(np.float32) * np.float32(scale)
         result = cls(
@@ -87,7 +93,9 @@ class CAMResult:
             input_cams=None if input_maps is None else input_maps.cpu().numpy(),
             letterbox=letterbox,
             scale=scale,
-            detections=dets)
+            detections=dets,
+            contrast_labels=None if contrast_labels is None else
+            contrast_labels.cpu().numpy().astype(np.int64))
         return result.renormalized(copy=False) if renormalize else result
 
     def tensors(self, device: Optional[torch.device] = None) -> CAMTensors:

@@ -6,7 +6,8 @@ how much faster the engine is. Generic over heads: the model is wrapped so that 
 the head's raw outputs, and the target is the adapter's own score of one detection. Not used by
 the hook or the CLI.
 """
-from typing import List, Optional
+import dataclasses
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,9 +45,22 @@ class DetectionScoreTarget:
         return self.adapter.scores(outs, self.det)[0]
 
 
+class ContrastTarget(DetectionScoreTarget):
+    """grad-cam target: the adapter's score of one detection minus the score its own prior
+    (RoI, query) gives class ``label_b`` (the contrastive target, computed the plain way)."""
+
+    def __init__(self, adapter: DetectorAdapter, det: Detections, label_b: int) -> None:
+        super().__init__(adapter, det)
+        self.other = dataclasses.replace(det, labels=torch.full_like(det.labels, int(label_b)))
+
+    def __call__(self, outs) -> torch.Tensor:
+        return super().__call__(outs) - self.adapter.scores(outs, self.other)[0]
+
+
 def reference_input_cams(model: nn.Module, inputs: torch.Tensor, method: str,
                          layers_per_det: List[List[str]], dets: Detections,
-                         metainfo: Optional[dict] = None) -> np.ndarray:
+                         metainfo: Optional[dict] = None,
+                         contrast_labels: Optional[Sequence[int]] = None) -> np.ndarray:
     """One grad-cam call per detection; maps on the network-input grid, (K, H_in, W_in).
 
     The caller owns the model's state (grad-cam puts it in eval mode and leaves ``.grad`` on its
@@ -60,6 +74,8 @@ def reference_input_cams(model: nn.Module, inputs: torch.Tensor, method: str,
         dets (Detections): The detections (the engine's decoding).
         metainfo (dict, optional): The image's metainfo, for heads whose forward needs it
             (DETR's padding masks). Defaults to None.
+        contrast_labels (Sequence[int], optional): Class B of each detection: the target is
+            then ``score[A] - score[B]`` (:class:`ContrastTarget`). Defaults to None.
     """
     adapter = build_adapter(model)
     wrapper = HeadOutputs(adapter, metainfo)
@@ -68,5 +84,7 @@ def reference_input_cams(model: nn.Module, inputs: torch.Tensor, method: str,
         modules = [m for _, m in resolve_layers(model, names)]
         det = dets.select(slice(k, k + 1))
         with METHODS[method].cam_class(model=wrapper, target_layers=modules) as cam:
-            out.append(cam(inputs, [DetectionScoreTarget(adapter, det)])[0])
+            target = (DetectionScoreTarget(adapter, det) if contrast_labels is None else
+                      ContrastTarget(adapter, det, contrast_labels[k]))
+            out.append(cam(inputs, [target])[0])
     return np.stack(out) if out else np.zeros((0, *inputs.shape[-2:]), np.float32)
