@@ -36,8 +36,8 @@ def explain_one(engine, image, args, source: Path):
     import torch
 
     try:
-        return engine.explain(image, methods=[args.method],
-                              renormalize=args.renormalize)[args.method]
+        return engine.explain(image, methods=[args.method], renormalize=args.renormalize,
+                              contrast=getattr(args, 'contrast', None))[args.method]
     except torch.OutOfMemoryError as exc:
         raise UserError(f'CUDA out of memory on {args.device} while processing {source}; try '
                         '--device cpu (or fewer detections with --topk)') from exc
@@ -107,7 +107,8 @@ def explain_batch(engine, loaded: list[Loaded], args) -> Optional[dict]:
         return None
     try:
         results = engine.explain_batch([item.image for item in good], methods=[args.method],
-                                       renormalize=args.renormalize)
+                                       renormalize=args.renormalize,
+                                       contrast=getattr(args, 'contrast', None))
     except torch.OutOfMemoryError as exc:
         raise UserError(f'CUDA out of memory on {args.device} while processing a batch of '
                         f'{len(good)} images from {good[0].path}; try a smaller --batch-size, '

@@ -10,7 +10,7 @@ order, starting at 0)::
     --save-all:  {stem}_original.jpg, {stem}_detection.jpg (boxes only) and
                  {stem}_panel.jpg (everything in one labelled image)
     --save-raw:  {stem}_{method}.npz (bboxes, labels, scores, levels, cams, combined,
-                 renormalized, ...)
+                 renormalized, ...; contrast_labels with --contrast)
 
 Refused before the model is loaded (:func:`check_inputs`, :func:`check_out_dir`): two inputs
 with one stem; with ``--method gradcam`` inputs ``a`` and ``a_det0`` (both would write
@@ -210,5 +210,7 @@ def save_outputs(result, stem: str, out_dir: Path, class_names, save_all: bool =
             class_names=np.array([] if class_names is None else [str(c) for c in class_names],
                                  dtype=str),
             image=np.array('' if source is None else str(source)))
+        if result.contrast_labels is not None:  # --contrast: class B of each detection
+            arrays['contrast_labels'] = result.contrast_labels
         written.append(_write(name('raw'), lambda tmp: np.savez_compressed(tmp, **arrays)))
     return written

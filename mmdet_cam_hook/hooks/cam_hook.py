@@ -30,6 +30,7 @@ from ..adapters import build_adapter
 from ..cam.engine import CAMEngine
 from ..cam.layers import resolve_layers
 from ..cam.methods import METHODS, CAMMethod, methods_from
+from ..cam.targets import check_contrast, num_classes, resolve_contrast
 from ..checks import check_bool, check_int, check_max_size, check_score_thr, check_topk
 from ..evaluation.evaluate import image_seed, probe_faithfulness
 from ..evaluation.metrics import MapScores
@@ -146,6 +147,10 @@ class DetCAMHook(Hook):
             the network per detection and method: with the demo's 8 probes, ``topk=4`` and two
             methods, about +25 s per validation (YOLOX-nano at 256 px, 2 CPU cores).
             Defaults to False.
+        contrast (None | str | int): Log contrastive maps, "class A rather than class B"
+            (``CAMEngine.explain(..., contrast=...)``): ``'runner_up'`` (each detection's
+            second-best class at its own prior, RoI or query), a class index or a class name.
+            None logs the maps of each detection's own score. Defaults to None.
 
     Raises:
         TypeError: If an argument has the wrong type.
@@ -167,7 +172,8 @@ class DetCAMHook(Hook):
                  max_detection_tiles: int = 4,
                  max_image_size: Optional[int] = 1600,
                  strict: bool = False,
-                 faithfulness: bool = False) -> None:
+                 faithfulness: bool = False,
+                 contrast: Union[None, str, int] = None) -> None:
         self._probes = ProbeSet(probe_images)
         self.probe_spec = self._probes.spec
         self.interval = check_int(interval, 'interval')
@@ -183,6 +189,7 @@ class DetCAMHook(Hook):
         self.max_image_size = check_max_size(max_image_size, 'max_image_size')
         self.strict = check_bool(strict, 'strict')
         self.faithfulness = check_bool(faithfulness, 'faithfulness')
+        self.contrast = check_contrast(contrast)
 
         self._engine: Optional[CAMEngine] = None
         self._pipeline: Optional[list] = None
@@ -203,6 +210,21 @@ class DetCAMHook(Hook):
                              'level-aware default, got []')
         return list(names)
 
+    def _check_contrast(self, runner, model: nn.Module, adapter) -> None:
+        """``contrast`` against the head's classes (and, for a class name, the model's or the
+        visualizer's class names when either has them; else at the first explanation)."""
+        if self.contrast is None:
+            return
+        classes = None
+        for meta in (getattr(model, 'dataset_meta', None),
+                     getattr(runner.visualizer, 'dataset_meta', None)):
+            if meta and meta.get('classes'):
+                classes = list(meta['classes'])
+                break
+        if isinstance(self.contrast, str) and classes is None:
+            return
+        resolve_contrast(self.contrast, classes, num_classes(adapter))
+
     # ------------------------------------------------------------------------ stages
     def before_run(self, runner) -> None:
         """Check the run against the real model and data, on every rank, so that a mistake
@@ -216,7 +238,8 @@ class DetCAMHook(Hook):
             ValueError: On a head no adapter supports (naming it and the supported heads), an
                 unknown target layer (with close matches), a model whose level feature maps
                 cannot be found (default layers), no test pipeline, a dataset index out of
-                range, or a probe image that cannot be read or decoded.
+                range, a ``contrast`` class the head does not have, or a probe image that
+                cannot be read or decoded.
         """
         model = self._unwrap(runner.model)
         adapter = build_adapter(model)  # an unsupported head fails here, before training
@@ -225,6 +248,7 @@ class DetCAMHook(Hook):
             adapter.level_layers()
         else:
             resolve_layers(model, self.target_layers, arg='target_layers')
+        self._check_contrast(runner, model, adapter)
         self._pipeline = self._test_pipeline(runner, model)
         self._probes.prepare(runner, keep=is_main_process())
 
@@ -359,7 +383,8 @@ class DetCAMHook(Hook):
         """
         numbers = {}
         image = self._probes.image(probe)
-        results = engine.explain(image, methods=self._methods, max_size=self.max_image_size)
+        results = engine.explain(image, methods=self._methods, max_size=self.max_image_size,
+                                 contrast=self.contrast)
         # probe_faithfulness gives the mean over the probe's K detections: K copies of it weigh
         # the probe by its detections, so the run's number is the mean over detections.
         faith = probe_faithfulness(engine, image, results, seed=image_seed(0, probe.index)) \

@@ -152,3 +152,80 @@ def test_methods_without_a_target_say_so_once():
     with warnings.catch_warnings():
         warnings.simplefilter('error', UserWarning)
         engine.explain(image, methods=['eigencam'], contrast='runner_up')
+
+
+# --------------------------------------------------------------------------- hook and CLI
+CLI_CONFIG = """_base_ = 'mmdet::yolox/yolox_nano_8xb8-300e_coco.py'
+img_scale = (128, 128)
+model = dict(bbox_head=dict(num_classes=3), test_cfg=dict(score_thr=0.0))
+test_pipeline = [
+    dict(type='LoadImageFromFile', backend_args=None),
+    dict(type='Resize', scale=img_scale, keep_ratio=True),
+    dict(type='Pad', pad_to_square=True, pad_val=dict(img=(114.0, 114.0, 114.0))),
+    dict(type='PackDetInputs',
+         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
+test_dataloader = val_dataloader
+"""
+
+
+@pytest.fixture(scope='module')
+def cli_files(tmp_path_factory):
+    """A YOLOX-nano config, a perturbed random-init checkpoint with class names, an image."""
+    import cv2
+
+    from mmdet_cam_hook.runtime.model import init_model
+    from mmdet_cam_hook.testing import perturb_head
+
+    root = tmp_path_factory.mktemp('contrast_cli')
+    (root / 'yolox.py').write_text(CLI_CONFIG)
+    model = init_model(str(root / 'yolox.py'))
+    perturb_head(model, **{k: v for k, v in YOLOX.items() if k != 'calibrate'})
+    torch.save(dict(state_dict=model.state_dict(),
+                    meta=dict(dataset_meta=dict(classes=('cat', 'dog', 'bird')))),
+               root / 'yolox.pth')
+    cv2.imwrite(str(root / 'street.jpg'), synthetic_image(96, 128, seed=4))
+    return root
+
+
+def _cli(root, *extra):
+    from mmdet_cam_hook.cli.cam import main
+
+    return main([str(root / 'yolox.py'), str(root / 'yolox.pth'), str(root / 'street.jpg'),
+                 '--device', 'cpu', '--score-thr', '0', '--topk', '3', '--method', 'hirescam',
+                 *map(str, extra)])
+
+
+def test_cli_contrast_writes_contrast_labels(cli_files, capsys):
+    out = cli_files / 'out'
+    assert _cli(cli_files, '--out-dir', out, '--save-raw', '--contrast', 'dog') == 0
+    raw = np.load(out / 'street_hirescam.npz')
+    np.testing.assert_array_equal(raw['contrast_labels'], [1, 1, 1])
+    assert _cli(cli_files, '--out-dir', out, '--save-raw', '--contrast', 'runner_up') == 0
+    raw = np.load(out / 'street_hirescam.npz')
+    assert (raw['contrast_labels'] != raw['labels']).all()
+    assert _cli(cli_files, '--out-dir', cli_files / 'plain', '--save-raw') == 0
+    assert 'contrast_labels' not in np.load(cli_files / 'plain' / 'street_hirescam.npz')
+    capsys.readouterr()
+    assert _cli(cli_files, '--out-dir', out, '--contrast', 'dgo') == 1
+    err = capsys.readouterr().err
+    assert "`--contrast` must be 'runner_up', a class index in [0, 2] or one of the class " \
+        "names ['cat', 'dog', 'bird'], got 'dgo'; close matches: ['dog']" in err
+
+
+def test_hook_contrast_is_checked_when_built_and_before_training(tmp_path):
+    from mmengine.runner import Runner
+
+    from mmdet_cam_hook.demo.shapes import generate_shapes
+    from mmdet_cam_hook.hooks.cam_hook import DetCAMHook
+    from mmdet_cam_hook.testing import TINY_SIZE, cam_hook, tiny_cfg
+
+    with pytest.raises(TypeError, match=r'`contrast` must be .* got float 0.5'):
+        DetCAMHook(contrast=0.5)
+    data = generate_shapes(tmp_path / 'shapes', num_train=2, num_val=1, image_size=TINY_SIZE,
+                           seed=0)
+    runner = Runner.from_cfg(tiny_cfg(data, tmp_path / 'bad', hooks=[cam_hook(contrast=9)]))
+    with pytest.raises(ValueError, match=r'class index in \[0, \d\].* got 9'):
+        runner.train()
+    assert runner.iter == 0
