@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..adapters import Detections, DetectorAdapter, build_adapter
+from ..adapters.masks import MaskBranch, build_mask_branch
 from ..checks import check_int, check_max_size, check_score_thr, check_topk
 from ..runtime.detector import BatchedDetector, image_outputs
 from ..runtime.io import ImageLike, load_image
@@ -121,6 +122,8 @@ class CAMEngine:
                            batch_size=check_int(drise_batch_size, 'drise_batch_size'),
                            seed=check_int(drise_seed, 'drise_seed', low=0))
         self.adapter: DetectorAdapter = build_adapter(model)
+        #: The instance-mask branch (masks and mask maps), None for a box-only detector.
+        self.mask_branch: Optional[MaskBranch] = build_mask_branch(self.adapter)
         self.pipeline = build_pipeline(self._test_pipeline(test_pipeline))
         self.local_grad = self.adapter.level_gradient() or LocalGradient(self.adapter)
         self.level_aware = target_layers is None
@@ -422,6 +425,8 @@ class CAMEngine:
         with torch.enable_grad():
             maps, used = self._maps(gradient, dets, fwd, need_grad, letterbox, out_hw,
                                     labels_b)
+            masks, mask_maps = (None, None) if self.mask_branch is None else \
+                targets.mask_maps(self, gradient, dets, fwd, metainfo, letterbox, out_hw)
         del fwd
         bboxes, labels = dets.bboxes.detach().cpu().numpy(), dets.labels.cpu().numpy()
         for m in methods:  # perturbation methods: the detector on perturbed images
@@ -433,7 +438,8 @@ class CAMEngine:
         return {
             m.name: CAMResult.from_tensors(m.name, shown, scale, dets, *maps[m.name],
                                  used if m in gradient else [[] for _ in used], letterbox,
-                                 renormalize, contrast_labels=labels_b)
+                                 renormalize, contrast_labels=labels_b, masks=masks,
+                                 mask_cams=None if mask_maps is None else mask_maps.get(m.name))
             for m in methods
         }
 

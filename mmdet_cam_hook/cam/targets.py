@@ -10,21 +10,27 @@
   route the layer already takes (:func:`subtract`): exact wherever the score's route is, at
   twice its gradient work.
 
+- ``mask``: an instance's mask target (:mod:`..adapters.masks`: the mean of its mask
+  probabilities over its own predicted binary mask), for models with a mask branch: the
+  results' ``mask_cams`` (:func:`mask_maps`), beside the class maps.
+
 Gradient-free methods (EigenCAM) and perturbation methods (D-RISE) have no target: their maps
 do not change with ``contrast``, and the engine says so once.
 """
 import dataclasses
 import difflib
-from typing import Dict, Optional, Sequence, Union
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..adapters import Detections, DetectorAdapter
 from ..checks import is_int
+from . import maths
 from .local import WindowGradients
 
 __all__ = ['RUNNER_UP', 'Contrast', 'check_contrast', 'resolve_contrast', 'num_classes',
-           'class_scores', 'contrast_labels', 'relabel', 'subtract']
+           'class_scores', 'contrast_labels', 'relabel', 'subtract', 'mask_layers', 'mask_maps']
 
 #: ``contrast='runner_up'``: class B is the prior's own second-best class.
 RUNNER_UP = 'runner_up'
@@ -174,3 +180,71 @@ def subtract(grads_a: Dict[str, Grads], grads_b: Dict[str, Grads]) -> Dict[str, 
             dense = [g.dense() if isinstance(g, WindowGradients) else g for g in (a, b)]
             out[name] = dense[0] - dense[1]
     return out
+
+
+# --------------------------------------------------------------------------- mask target
+def mask_layers(layers: Sequence, level_names: Sequence[str], level_aware: bool,
+                level: int) -> Optional[List]:
+    """The target layers of the mask maps of instances whose masks come from ``level``: the
+    level's own layer (level-aware default), else the engine's layers when every one of them
+    is a level map; None when some is not (the mask branch's gradient is on level maps)."""
+    if level_aware:
+        return [layers[level]]
+    if all(layer.name in level_names for layer in layers):
+        return list(layers)
+    return None
+
+
+def mask_maps(engine, methods, dets: Detections, fwd, metainfo: dict, letterbox,
+              out_hw: Tuple[int, int]) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
+    """The instances' masks and, per method, their mask maps (the mask target of
+    :mod:`..adapters.masks`), on the returned image.
+
+    Args:
+        engine (CAMEngine): The engine (its mask branch, layers and chunk size).
+        methods (list[GradientMethod]): The gradient-family methods.
+        dets (Detections): The instances.
+        fwd (Forward): The image's forward pass.
+        metainfo (dict): The image's metainfo.
+        letterbox (Letterbox): Where the image sits in the network input.
+        out_hw (tuple[int, int]): Size of the returned image.
+
+    Returns:
+        tuple: ``masks`` (K, H, W) bool on the returned image (nearest-resized when
+        ``max_size`` shrank it), and ``{method: (K, H, W) maps}``, or None when the engine's
+        target layers are not level maps (then a warning says so, once per engine).
+    """
+    branch = engine.mask_branch
+    masks = branch.masks(fwd.outs, dets, metainfo)
+    if tuple(masks.shape[-2:]) != tuple(out_hw) and len(masks):
+        masks = torch.nn.functional.interpolate(masks[:, None].float(), size=out_hw,
+                                                mode='nearest')[:, 0] > 0.5
+    level_names = engine._level_names
+    levels = branch.levels(dets, metainfo).tolist()
+    device = fwd.feats[0].device
+    maps = {m.name: torch.zeros((len(dets), *out_hw), device=device) for m in methods}
+    shared: dict = {}
+    for level in sorted(set(levels)):
+        layers = mask_layers(engine.layers, level_names, engine.level_aware, level)
+        if layers is None:
+            if not getattr(engine, '_warned_mask_layers', False):
+                engine._warned_mask_layers = True
+                warnings.warn(f'mask maps need level-map target layers ({level_names}); '
+                              f'{engine.layer_names} are not all level maps, so '
+                              '`mask_cams` is None', UserWarning, stacklevel=4)
+            return masks, None
+        idx_all = [k for k, lv in enumerate(levels) if lv == level]
+        for start in range(0, len(idx_all), engine.chunk_size):
+            idx = torch.tensor(idx_all[start:start + engine.chunk_size], device=device)
+            sub = dets.select(idx.to(dets.labels.device))
+            grads = {}
+            for layer in layers:
+                act = fwd.acts[layer.name]
+                grads[layer.name] = (branch.gradient(act, level, sub, metainfo)
+                                     if level_names.index(layer.name) == level else
+                                     act.new_zeros((len(sub), *act.shape[1:])))
+            for m in methods:
+                per_layer = [engine._layer_maps(m, layer, fwd, grads, len(sub), shared)
+                             for layer in layers]
+                maps[m.name][idx] = maths.image_maps(per_layer, letterbox, out_hw)
+    return masks, maps
