@@ -328,3 +328,36 @@ def render_panel(result,
                                    max(1, round(panel.shape[0] * factor))),
                            interpolation=cv2.INTER_AREA)
     return panel
+
+
+#: Outline colour of instance masks (BGR magenta: distinct from the green boxes and JET).
+MASK_COLOR = (255, 0, 255)
+
+
+def draw_mask_outlines(image: np.ndarray, masks: np.ndarray, color=MASK_COLOR) -> np.ndarray:
+    """Draw the outline of each instance mask (its outer and inner borders), as thick as the
+    boxes :func:`draw_detections` draws.
+
+    Args:
+        image (np.ndarray): ``(H, W, 3)`` uint8 BGR image (not modified).
+        masks (np.ndarray): ``(K, H, W)`` bool masks on the image (``CAMResult.masks``).
+        color (tuple[int, int, int]): BGR colour of the outlines. Defaults to magenta.
+
+    Returns:
+        np.ndarray: A new ``(H, W, 3)`` uint8 BGR image.
+
+    Raises:
+        ValueError: If the masks are not ``(K, H, W)`` of the image's size.
+    """
+    _check_image(image)
+    masks = np.asarray(masks)
+    if masks.ndim != 3 or masks.shape[1:] != image.shape[:2]:
+        raise ValueError(f'`masks` must be (K, {image.shape[0]}, {image.shape[1]}) like the '
+                         f'image, got {masks.shape}')
+    out = image.copy()
+    thickness = _line_thickness(image.shape)
+    for mask in masks:
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP,
+                                       cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(out, contours, -1, color, thickness, cv2.LINE_8)
+    return out

@@ -171,3 +171,74 @@ def test_mask_maps_equal_grad_cam(name):
                                    atol=1e-4, err_msg=method)
         assert (res.mask_cams[idx].reshape(len(idx), -1).max(1) > 0).all(), method
         assert not np.allclose(res.mask_cams, res.cams, atol=1e-2), method
+
+
+# --------------------------------------------------------------------------- outputs
+CLI_CONFIG = """_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
+model = dict(
+    backbone=dict(depth=18, init_cfg=None), neck=dict(in_channels=[64, 128, 256, 512]),
+    roi_head=dict(bbox_roi_extractor=dict(finest_scale=8), bbox_head=dict(num_classes=3),
+                  mask_roi_extractor=dict(finest_scale=8),
+                  mask_head=dict(num_classes=3, conv_out_channels=32)),
+    test_cfg=dict(rpn=dict(max_per_img=100), rcnn=dict(score_thr=0.0, max_per_img=20)))
+test_pipeline = [
+    dict(type='LoadImageFromFile', backend_args=None),
+    dict(type='Resize', scale=(128, 128), keep_ratio=True),
+    dict(type='PackDetInputs',
+         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
+test_dataloader = val_dataloader
+"""
+
+
+def test_cli_writes_mask_maps_and_raw_masks(tmp_path):
+    """``mmdet-cam`` on a Mask R-CNN checkpoint: ``{stem}_mask_det{k}_{method}.jpg`` per
+    instance, and ``masks``/``mask_cams`` in ``--save-raw`` equal to the engine's."""
+    import cv2
+
+    from mmdet_cam_hook.cli.cam import main
+
+    model = _model('mask-rcnn')
+    (tmp_path / 'mask_rcnn.py').write_text(CLI_CONFIG)
+    torch.save(dict(state_dict=model.state_dict(),
+                    meta=dict(dataset_meta=dict(classes=('a', 'b', 'c')))),
+               tmp_path / 'mask_rcnn.pth')
+    image = _image()
+    cv2.imwrite(str(tmp_path / 'street.png'), image)
+    out = tmp_path / 'out'
+    assert main([str(tmp_path / 'mask_rcnn.py'), str(tmp_path / 'mask_rcnn.pth'),
+                 str(tmp_path / 'street.png'), '--out-dir', str(out), '--device', 'cpu',
+                 '--score-thr', '0', '--topk', '3', '--method', 'hirescam', '--save-raw']) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {f'street_mask_det{k}_hirescam.jpg' for k in range(3)} <= names
+    raw = np.load(out / 'street_hirescam.npz')
+    res = CAMEngine(model, score_thr=0.0, topk=3).explain(image, methods='hirescam')['hirescam']
+    np.testing.assert_array_equal(raw['masks'], res.masks)
+    np.testing.assert_allclose(raw['mask_cams'], res.mask_cams, atol=1e-5)
+    np.testing.assert_allclose(raw['cams'], res.cams, atol=1e-5)
+
+
+def test_mask_outlines_are_drawn_on_the_border_only():
+    from mmdet_cam_hook.visualization.render import MASK_COLOR, draw_mask_outlines
+
+    image = np.zeros((40, 50, 3), np.uint8)
+    masks = np.zeros((1, 40, 50), bool)
+    masks[0, 10:30, 5:25] = True
+    out = draw_mask_outlines(image, masks)
+    drawn = (out == MASK_COLOR).all(axis=2)
+    assert drawn[10, 5:25].all() and drawn[29, 5:25].all() and drawn[10:30, 5].all()
+    assert not drawn[12:28, 7:23].any() and not drawn[:9].any() and not image.any()
+    with pytest.raises(ValueError, match=r'`masks` must be \(K, 40, 50\)'):
+        draw_mask_outlines(image, masks[:, :20])
+
+
+def test_inputs_whose_mask_maps_would_collide_are_refused(tmp_path):
+    from pathlib import Path
+
+    from mmdet_cam_hook.checks import UserError
+    from mmdet_cam_hook.cli.outputs import check_inputs
+
+    with pytest.raises(UserError, match='a_mask_det0_hirescam.jpg'):
+        check_inputs([Path('x/a.jpg'), Path('y/a_mask.jpg')], 'hirescam')
+    check_inputs([Path('x/a.jpg'), Path('y/b_mask.jpg')], 'hirescam')
