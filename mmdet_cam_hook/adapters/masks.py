@@ -56,7 +56,7 @@ class MaskBranch:
         adapter (DetectorAdapter): The detector's adapter (decoding and class scores).
     """
 
-    #: For the README: the family and its mask target.
+    #: The README's mask target of the family (tests/adapters/test_masks.py checks it is there).
     doc_target: str = ''
 
     def __init__(self, adapter: DetectorAdapter) -> None:
@@ -89,8 +89,8 @@ class MaskBranch:
 class RoIMaskBranch(MaskBranch):
     """Mask R-CNN's ``FCNMaskHead`` under a ``StandardRoIHead`` (see the module docstring)."""
 
-    doc_target = ('mean of sigmoid(mask logits of its label) over its own 28x28 binary mask, '
-                  'in the RoI of its final box')
+    doc_target = ('mean of σ(mask logits of its label) over its own 28x28 binary mask, in the '
+                  'RoI of its final box')
 
     def __init__(self, adapter: TwoStageAdapter) -> None:
         super().__init__(adapter)
@@ -210,8 +210,8 @@ class RoIMaskBranch(MaskBranch):
 class CascadeRoIMaskBranch(RoIMaskBranch):
     """Cascade Mask R-CNN: every stage's mask head on the final box, sigmoids averaged."""
 
-    doc_target = ('mean over stages of sigmoid(mask logits of its label), averaged over its '
-                  'own 28x28 binary mask, in the RoI of its final box')
+    doc_target = ('mean over the 3 stages of σ(mask logits), averaged over its own 28x28 '
+                  'binary mask (as `CascadeRoIHead.predict_mask` merges them)')
 
     @classmethod
     def accepts(cls, adapter: DetectorAdapter) -> bool:

@@ -242,3 +242,13 @@ def test_inputs_whose_mask_maps_would_collide_are_refused(tmp_path):
     with pytest.raises(UserError, match='a_mask_det0_hirescam.jpg'):
         check_inputs([Path('x/a.jpg'), Path('y/a_mask.jpg')], 'hirescam')
     check_inputs([Path('x/a.jpg'), Path('y/b_mask.jpg')], 'hirescam')
+
+
+def test_readme_states_each_mask_target():
+    from pathlib import Path
+
+    from mmdet_cam_hook.adapters.masks import MASK_BRANCHES
+
+    text = (Path(__file__).resolve().parents[2] / 'README.md').read_text(encoding='utf-8')
+    for branch in MASK_BRANCHES:
+        assert f'| {branch.doc_target} |' in text, branch.__name__
