@@ -14,6 +14,7 @@ The class is registered under two names: ``DetCAMHook`` and ``YOLOXGradCAMHook``
 while it explained YOLOX only, so that existing configs keep working (same class, same
 behaviour; :data:`YOLOXGradCAMHook` is the same object in python).
 """
+import dataclasses
 import time
 import traceback
 from collections.abc import Mapping
@@ -30,14 +31,15 @@ from ..adapters import build_adapter
 from ..cam.engine import CAMEngine
 from ..cam.layers import resolve_layers
 from ..cam.methods import METHODS, CAMMethod, methods_from
+from ..cam.result import CAMResult, combined_map
 from ..cam.targets import check_contrast, num_classes, resolve_contrast
 from ..checks import check_bool, check_int, check_max_size, check_score_thr, check_topk
 from ..evaluation.evaluate import image_seed, probe_faithfulness
-from ..evaluation.metrics import MapScores
+from ..evaluation.metrics import MapScores, energy_in_mask
 from ..runtime.pipeline import test_pipeline_cfg
 from ..runtime.state import preserved_rng
 from ..visualization.delivery import Delivery
-from ..visualization.render import render_panel
+from ..visualization.render import draw_mask_outlines, render_panel
 from . import schedule
 from .probes import Probe, ProbeSet, ProbeSpec, safe_name
 
@@ -400,7 +402,24 @@ class DetCAMHook(Hook):
                                  class_names=class_names, max_detections=self.max_detection_tiles,
                                  max_size=self.max_image_size, gt_bboxes=gt_bboxes)
             log.add_image(f'cam_{mode}_{safe_name(method)}_{probe.name}', panel, step)
+            if result.mask_cams is not None:  # a model with masks: its mask maps too
+                aucs['mask_energy_in_mask'] = energy_in_mask(result.mask_cams,
+                                                             result.masks).tolist()
+                log.add_image(f'cam_{mode}_{safe_name(method)}_mask_{probe.name}',
+                              render_panel(self._mask_result(result), class_names=class_names,
+                                           max_detections=self.max_detection_tiles,
+                                           max_size=self.max_image_size, gt_bboxes=gt_bboxes),
+                              step)
         return numbers
+
+    @staticmethod
+    def _mask_result(result: CAMResult) -> CAMResult:
+        """The result as its mask maps' panel shows it: the mask maps as ``cams``, every
+        instance's mask outline drawn on the image."""
+        cams = torch.from_numpy(result.mask_cams)
+        return dataclasses.replace(result, cams=result.mask_cams,
+                                   combined=combined_map(cams, result.ori_shape).numpy(),
+                                   image=draw_mask_outlines(result.image, result.masks))
 
     def _report(self, runner, mode: str, step: int, explained: int, probes: int,
                 log: Delivery, seconds: float, scalars: Dict[str, float]) -> None:

@@ -252,3 +252,32 @@ def test_readme_states_each_mask_target():
     text = (Path(__file__).resolve().parents[2] / 'README.md').read_text(encoding='utf-8')
     for branch in MASK_BRANCHES:
         assert f'| {branch.doc_target} |' in text, branch.__name__
+
+
+def test_hook_logs_mask_panels_and_mask_energy(tmp_path):
+    """DetCAMHook on a (random-init, test-only) Mask R-CNN run, read back from TensorBoard:
+    a mask-map panel beside each class-map panel, and the mask-energy scalar in [0, 1]."""
+    from mmengine.runner import Runner
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mmdet_cam_hook.demo.shapes import generate_shapes
+    from mmdet_cam_hook.testing import TINY_SIZE, cam_hook, run_log_dir, run_log_text, tiny_cfg
+
+    data = generate_shapes(tmp_path / 'shapes', num_train=2, num_val=1, image_size=TINY_SIZE,
+                           seed=0)
+    methods = ['hirescam']
+    cfg = tiny_cfg(data, tmp_path / 'run', detector='mask-rcnn',
+                   hooks=[cam_hook(methods=methods, probe_images=1)],
+                   backends=('TensorboardVisBackend', ))
+    runner = Runner.from_cfg(cfg)
+    runner.test()
+    events = EventAccumulator(str(run_log_dir(runner) / 'vis_data'),
+                              size_guidance={'images': 0, 'scalars': 0})
+    events.Reload()
+    images = set(events.Tags()['images'])
+    for method in methods:
+        assert any(tag.startswith(f'cam_test_{method}_mask_') for tag in images), images
+        assert sum(tag.startswith(f'cam_test_{method}_') for tag in images) == 2
+    (energy, ) = events.Scalars('cam_test/hirescam_mask_energy_in_mask')
+    assert 0.0 <= energy.value <= 1.0
+    assert 'failed after' not in run_log_text(runner)
