@@ -80,6 +80,12 @@ def _forward(engine, image):
 
 def test_mask_branch_is_chosen_from_the_model(name):
     assert type(CAMEngine(_model(name), score_thr=0.0).mask_branch) is MODELS[name][1]
+    if name == 'mask-rcnn':  # masks=False: the class maps only
+        engine = CAMEngine(_model(name), score_thr=0.0, topk=2, masks=False)
+        res = engine.explain(_image(), methods='hirescam')['hirescam']
+        assert engine.mask_branch is None and res.masks is None and res.mask_cams is None
+        with pytest.raises(TypeError, match='`masks`'):
+            CAMEngine(_model(name), masks='yes')
 
 
 def test_box_only_detector_has_no_masks():
