@@ -44,6 +44,9 @@ setup(
         'tensorboard': ['tensorboard'],
         'mlflow': ['mlflow-skinny>=3,<3.13'],
         'wandb': ['wandb'],
+        # text-prompted detectors (Grounding DINO): mmdet 3.3's language models use
+        # transformers' BertModel and tokenizers; versions checked with mmdet 3.3.0 here
+        'multimodal': ['transformers>=4.40,<5', 'tokenizers'],
     },
     entry_points={'console_scripts': ['mmdet-cam=mmdet_cam_hook.cli.cam:main',
                                       'mmdet-cam-eval=mmdet_cam_hook.cli.eval:main']},

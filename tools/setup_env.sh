@@ -60,6 +60,8 @@ fi
 log "mmdet + this package (editable)"
 pip_install mmdet
 pip_install --no-build-isolation -e .
+log "the multimodal extra (transformers, tokenizers: text-prompted detectors' tests)"
+pip_install transformers tokenizers huggingface-hub safetensors
 
 "$PY" -c "import mmcv.ops, mmdet, pytorch_grad_cam, mmdet_cam_hook" >/dev/null
 echo "$want" > "$STAMP"

@@ -3,6 +3,7 @@ from . import (  # noqa: F401  (register the adapters)
     detr,
     fcos,
     gfl,
+    grounding,
     retinanet,
     rtmdet,
     two_stage,  # noqa: F401  (register the two-stage adapters)

@@ -85,12 +85,9 @@ class DETRAdapter(DetectorAdapter):
         """Detections with the query behind each box: ``DETRHead._predict_by_feat_single``
         (rescaled to the original image) with the query index carried through its top-k; the
         ``max_per_img`` results scoring at least ``score_thr``, by score."""
-        from mmdet.structures.bbox import bbox_cxcywh_to_xyxy
-
         head = self.head
-        cls_score, bbox_pred = outs.cls_scores[0].detach(), outs.bbox_preds[0].detach()
+        cls_score = outs.cls_scores[0].detach()
         max_per_img = head.test_cfg.get('max_per_img', len(cls_score))
-        img_shape = metainfo['img_shape']
         if head.loss_cls.use_sigmoid:
             scores, indexes = cls_score.sigmoid().view(-1).topk(max_per_img)
             labels = indexes % head.num_classes
@@ -99,6 +96,19 @@ class DETRAdapter(DetectorAdapter):
             scores, labels = cls_score.softmax(-1)[..., :-1].max(-1)
             scores, query = scores.topk(max_per_img)
             labels = labels[query]
+        return self._query_detections(outs.bbox_preds[0].detach(), scores, labels, query,
+                                      metainfo, score_thr)
+
+    def _query_detections(self, bbox_pred: torch.Tensor, scores: torch.Tensor,
+                          labels: torch.Tensor, query: torch.Tensor, metainfo: dict,
+                          score_thr: float) -> Detections:
+        """The detections of the selected (query, label) pairs: ``DETRHead``'s box decoding
+        (normalised ``cx, cy, w, h`` to clamped ``x1, y1, x2, y2``, rescaled to the original
+        image), those scoring at least ``score_thr``, by score (stable); the cell of each box
+        centre on the finest level stands for its position."""
+        from mmdet.structures.bbox import bbox_cxcywh_to_xyxy
+
+        img_shape = metainfo['img_shape']
         boxes = bbox_cxcywh_to_xyxy(bbox_pred[query])
         boxes[:, 0::2] = boxes[:, 0::2] * img_shape[1]
         boxes[:, 1::2] = boxes[:, 1::2] * img_shape[0]

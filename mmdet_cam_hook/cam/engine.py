@@ -51,6 +51,7 @@ from .methods import (
 from .result import CAMResult
 from .routes import ROUTES, Forward, GradientRoutes, TargetLayer
 from .targets import Contrast
+from .tokens import TokenMaps, token_results, token_rows
 
 __all__ = ['CAMEngine', 'compute_cams', 'ROUTES', 'TargetLayer']
 
@@ -93,6 +94,11 @@ class CAMEngine:
             (``CAMResult.masks``, ``mask_cams``): one more gradient per instance (measured
             ~1.9x the class maps' time on Mask R-CNN R50 at 512x384, K = 8). False leaves
             them None. Defaults to True.
+        texts (str | Sequence[str], optional): The prompt of a text-prompted detector
+            (Grounding DINO): a caption of phrases (``'red car . person'``) or a list of
+            phrases; a detection's label is its phrase's index (:attr:`phrases`). None: the
+            classes of ``model.dataset_meta``. Refused for a detector that takes no prompt.
+            Defaults to None.
 
     Raises:
         ValueError: On a head no adapter supports (naming it and the supported heads), an
@@ -115,6 +121,7 @@ class CAMEngine:
                  drise_seed: int = 0,
                  keep_input_cams: bool = True,
                  chunk_size: int = _CHUNK,
+                 texts: Union[None, str, Sequence[str]] = None,
                  masks: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f'`model` must be an mmdet detector nn.Module, '
@@ -131,6 +138,8 @@ class CAMEngine:
         #: The instance-mask branch (masks and mask maps), None for a box-only detector.
         self.mask_branch: Optional[MaskBranch] = (
             build_mask_branch(self.adapter) if check_bool(masks, 'masks') else None)
+        if texts is not None:
+            self.set_texts(texts)
         self.pipeline = build_pipeline(self._test_pipeline(test_pipeline))
         self.local_grad = self.adapter.level_gradient() or LocalGradient(self.adapter)
         self.level_aware = target_layers is None
@@ -239,6 +248,52 @@ class CAMEngine:
                           'score, so their maps are those of the detection itself',
                           UserWarning, stacklevel=3)
         return contrast
+    @staticmethod
+    def takes_texts(model: nn.Module) -> bool:
+        """Whether ``model`` is a text-prompted detector (its adapter takes ``texts=``); no
+        forward pass.
+
+        Raises:
+            ValueError: On a head no adapter supports.
+        """
+        return hasattr(build_adapter(model), 'set_prompt')
+
+    @property
+    def phrases(self) -> Optional[List[str]]:
+        """The prompt's phrases of a text-prompted detector, in label order (the labels'
+        names); None for a detector that takes no prompt."""
+        prompt = getattr(self.adapter, 'prompt', None)
+        return None if prompt is None else list(prompt)
+
+    def set_texts(self, texts: Union[str, Sequence[str]]) -> List[str]:
+        """Make ``texts`` the prompt of a text-prompted detector for the next calls.
+
+        Args:
+            texts (str | Sequence[str]): ``'red car . person'`` or ``['red car', 'person']``.
+
+        Returns:
+            list[str]: The phrases, in label order.
+
+        Raises:
+            ValueError: If the detector takes no prompt, or the prompt holds no phrase.
+        """
+        if not hasattr(self.adapter, 'set_prompt'):
+            raise ValueError(f'`texts` is for text-prompted detectors (Grounding DINO); '
+                             f'{type(self.adapter.head).__name__} takes no prompt')
+        return self.adapter.set_prompt(texts)
+
+    @contextlib.contextmanager
+    def _prompt(self, texts) -> Iterator[None]:
+        """``texts`` as the prompt for one call (None: the current one), restored after."""
+        if texts is None:
+            yield
+            return
+        before = self.phrases
+        self.set_texts(texts)
+        try:
+            yield
+        finally:
+            self.adapter.prompt = before
 
     def _methods(self, methods) -> List[CAMMethod]:
         """The method objects for ``methods=``; the name ``drise`` means this engine's
@@ -252,6 +307,7 @@ class CAMEngine:
                 renormalize: bool = False,
                 max_size: Optional[int] = None,
                 detections: Optional[Detections] = None,
+                texts: Union[None, str, Sequence[str]] = None,
                 contrast: Contrast = None) -> Dict[str, CAMResult]:
         """Per-detection CAMs of one image for one or more methods, from one forward pass.
 
@@ -286,6 +342,8 @@ class CAMEngine:
                 a class name; the results' ``contrast_labels`` name B per detection.
                 Gradient-free and perturbation methods are unchanged. Defaults to None (each
                 detection's own score).
+            texts (str | Sequence[str], optional): The prompt for this call (text-prompted
+                detectors; see the constructor). Defaults to None (the engine's).
 
         Returns:
             dict[str, CAMResult]: One result per method, keyed by its name.
@@ -302,23 +360,62 @@ class CAMEngine:
         if detections is not None and not isinstance(detections, Detections):
             raise TypeError(f'`detections` must be None or a Detections, '
                             f'got {type(detections).__name__}')
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), self._prompt(texts):
             return self._explain([img], methods, renormalize, max_size, detections,
                                  contrast=contrast)[0]
 
-    def detect(self, image: ImageLike) -> Detections:
+    def explain_tokens(self,
+                       image: ImageLike,
+                       methods: Union[MethodSpec, Sequence[MethodSpec]] = ('gradcam', ),
+                       texts: Union[None, str, Sequence[str]] = None) -> Dict[str, TokenMaps]:
+        """Per-token maps of a text-prompted detector (:mod:`.tokens`): for each detection (as
+        :meth:`explain` would explain it), one map per token of its phrase, of that token's
+        probability at the detection's query / prior.
+
+        Args:
+            image (str | PathLike | np.ndarray): A path or an HxWx3 uint8 BGR array.
+            methods (str | CAMMethod | dict | Sequence): As for :meth:`explain`.
+            texts (str | Sequence[str], optional): The prompt for this call. Defaults to None
+                (the engine's).
+
+        Returns:
+            dict[str, TokenMaps]: One per method, keyed by its name.
+
+        Raises:
+            ValueError: If the detector takes no prompt, or as :meth:`explain`.
+        """
+        if not hasattr(self.adapter, 'token_targets'):
+            raise ValueError(f'per-token maps are for text-prompted detectors (Grounding DINO, '
+                             f'GLIP); {type(self.adapter.head).__name__} takes no prompt')
+        img = load_image(image)
+        with self._prompt(texts):
+            outs, metas = self.detector.outputs([img])
+            dets = self._decode(outs, metas[0])
+            rows, owner, tokens = token_rows(self.adapter, dets)
+            with self.adapter.token_targets():
+                with torch.no_grad():
+                    rows = dataclasses.replace(rows, scores=self.adapter.scores(outs, rows))
+                results = self.explain(img, methods, detections=rows)
+            names, phrases = self.adapter.token_names(), self.phrases
+        return token_results(results, owner, tokens, names, phrases, dets.labels)
+
+    def detect(self, image: ImageLike,
+               texts: Union[None, str, Sequence[str]] = None) -> Detections:
         """The detections :meth:`explain` would explain for ``image``: the adapter's decoding
         (each kept box with its prior, RoI or query), the engine's ``score_thr`` and ``topk``;
         one forward pass without gradients.
 
         Args:
             image (str | PathLike | np.ndarray): A path or an HxWx3 uint8 BGR array.
+            texts (str | Sequence[str], optional): The prompt for this call (text-prompted
+                detectors). Defaults to None (the engine's).
 
         Returns:
             Detections: Boxes in original-image pixels, sorted by score.
         """
-        outs, metas = self.detector.outputs([load_image(image)])
-        return self._decode(outs, metas[0])
+        with self._prompt(texts):
+            outs, metas = self.detector.outputs([load_image(image)])
+            return self._decode(outs, metas[0])
 
     def _decode(self, outs, metainfo: dict) -> Detections:
         """The one decoding rule of the engine: the adapter's, then ``topk``."""

@@ -160,6 +160,10 @@ def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
                         help='Print the layer names with output shape, stride and the gradient '
                         "route the engine takes for each, at the config's test input size, "
                         'then exit')
+    parser.add_argument('--texts', default=None, metavar='PROMPT',
+                        help='The prompt of a text-prompted detector (Grounding DINO), phrases '
+                        'separated by " . ", e.g. "red car . person"; each detection is labelled '
+                        'with its phrase. Defaults to the classes in the checkpoint\'s meta')
     parser.add_argument('--trust-checkpoint', action='store_true',
                         help='Load a checkpoint that needs more than tensors and the allow-listed '
                         'MMEngine objects (weights_only=False). Unpickling it can run arbitrary '
@@ -352,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(layer_table(model))
         return 0
     engine = build_engine(model, args, drise_masks=args.drise_masks)
-    class_names = (getattr(model, 'dataset_meta', None) or {}).get('classes')
+    class_names = engine.phrases or (getattr(model, 'dataset_meta', None) or {}).get('classes')
     args.contrast = _resolve_contrast(engine, args.contrast, class_names)
     tally = Tally(single=len(job.every) == 1)
     written = _explain_all(engine, job, args, class_names, tally)

@@ -234,13 +234,16 @@ def load_model(args: argparse.Namespace, config):
 
 def build_engine(model, args: argparse.Namespace, **options):
     """The :class:`~mmdet_cam_hook.cam.engine.CAMEngine` of the tools: ``args.target_layers``,
-    ``args.score_thr`` and ``args.topk``, no input-resolution maps kept, and ``options``.
+    ``args.score_thr``, ``args.topk`` and ``args.texts`` (where the tool has it), no
+    input-resolution maps kept, and ``options``.
 
     Raises:
         UserError: If the engine refuses the model or the arguments (e.g. an unknown layer).
     """
     from ..cam.engine import CAMEngine
 
+    if getattr(args, 'texts', None) is not None:
+        options = dict(options, texts=args.texts)
     try:
         return CAMEngine(model, target_layers=args.target_layers, score_thr=args.score_thr,
                          topk=args.topk, keep_input_cams=False, **options)

@@ -28,6 +28,7 @@ from mmengine.model import is_model_wrapper
 from torch import nn
 
 from ..adapters import build_adapter
+from ..adapters.grounding import phrases_of
 from ..cam.engine import CAMEngine
 from ..cam.layers import resolve_layers
 from ..cam.methods import METHODS, CAMMethod, methods_from
@@ -35,9 +36,10 @@ from ..cam.result import CAMResult, combined_map
 from ..cam.targets import check_contrast, num_classes, resolve_contrast
 from ..checks import check_bool, check_int, check_max_size, check_score_thr, check_topk
 from ..evaluation.evaluate import image_seed, probe_faithfulness
-from ..evaluation.metrics import MapScores, energy_in_mask
+from ..evaluation.metrics import MapScores, energy_in_mask, match_to_ground_truth
 from ..runtime.pipeline import test_pipeline_cfg
 from ..runtime.state import preserved_rng
+from ..visualization.cards import render_cards
 from ..visualization.delivery import Delivery
 from ..visualization.render import draw_mask_outlines, render_panel
 from . import schedule
@@ -52,10 +54,13 @@ class DetCAMHook(Hook):
     (:func:`~mmdet_cam_hook.adapters.supported_heads`); ``type='YOLOXGradCAMHook'`` builds this
     same class.
 
-    For each probe image and CAM method it logs one panel through ``runner.visualizer``, so
-    every configured backend receives it: the original, the detections (with ground-truth boxes
-    for dataset probes), the combined CAM overlay and one overlay per detection, labelled with
-    class names and scores. The same probe images are used at every validation, so the maps can
+    For each probe image and CAM method it logs, through every backend of
+    ``runner.visualizer``: to ``LocalVisBackend`` one full-resolution panel (the original, the
+    detections with ground-truth boxes for dataset probes, the combined CAM overlay and one
+    overlay per detection, labelled with class names and scores); to the image backends
+    (TensorBoard, W&B, MLflow, any other) cards drawn for their ~330 px-wide default view
+    (:mod:`..visualization.cards`): an overview and one card per detection.
+    The same probe images are used at every validation, so the maps can
     be compared epoch after epoch. It also logs, per method, the numbers of
     :class:`~..evaluation.metrics.MapScores` over all probes' detections, on the maps before
     ``renormalize``, named as in ``mmdet-cam-eval`` (the same definitions):
@@ -65,7 +70,13 @@ class DetCAMHook(Hook):
 
     Image names are ``cam_{val|test}_{method}_{probe}``: no ``/`` (LocalVisBackend writes nothing
     for it), ``+`` spelled ``p`` (MLflow gets ``{name}_{step}.png``; W&B ignores ``step``:
-    :class:`~..visualization.delivery.Delivery`). The step is the epoch for epoch-based
+    :class:`~..visualization.delivery.Delivery`). The cards are ``{name}/{slot}``, grouped
+    under ``name`` by TensorBoard and W&B: ``all`` (the overview), then per detection ``gt_j``
+    when it matched ground-truth box ``j`` of a dataset probe (so the card follows one object
+    from validation to validation), ``fp_r`` for the other detections of a dataset probe and
+    ``det_r`` (rank ``r`` by score) on a probe without ground truth
+    (:func:`~..visualization.cards.detection_slots`); MLflow stores them as
+    ``{name}/{slot}_{step}.png``. The step is the epoch for epoch-based
     training (as LoggerHook logs validation metrics), the iteration for iteration-based
     training, and 0 in a stand-alone ``val``/``test`` run.
 
@@ -131,11 +142,11 @@ class DetCAMHook(Hook):
             first); bounds the time per validation. None explains all. Defaults to 10.
         renormalize (bool): Show each map min-max scaled inside its own box and zeroed outside.
             Defaults to False.
-        max_detection_tiles (int): Per-detection overlays drawn in each panel (highest scores
-            first); 0 draws only the original, the detections and the combined map. Defaults
-            to 4.
-        max_image_size (int, optional): Longer side, in pixels, of a logged panel and of the
-            maps computed for it: a 6000x4000 probe is explained at this size (the detector
+        max_detection_tiles (int): Per-detection overlays drawn in each panel, and cards sent
+            to the image backends (highest scores first); 0 draws only the original, the
+            detections and the combined map (the overview card). Defaults to 4.
+        max_image_size (int, optional): Longer side, in pixels, of a logged panel or card and of
+            the maps computed for it: a 6000x4000 probe is explained at this size (the detector
             still sees the whole image), so one probe's maps are K float32 maps of at most
             ``max_image_size`` pixels a side. None keeps the full size. Defaults to 1600.
         strict (bool): Raise run-time errors (a failing probe or backend) instead of logging a
@@ -153,6 +164,10 @@ class DetCAMHook(Hook):
             (``CAMEngine.explain(..., contrast=...)``): ``'runner_up'`` (each detection's
             second-best class at its own prior, RoI or query), a class index or a class name.
             None logs the maps of each detection's own score. Defaults to None.
+        texts (str | Sequence[str], optional): The prompt of a text-prompted detector
+            (Grounding DINO): ``'red car . person'`` or a list of phrases; panels name each
+            detection by its phrase. None: the dataset's class names, as mmdet's own validation
+            prompts. Refused (at ``before_run``) for other detectors. Defaults to None.
 
     Raises:
         TypeError: If an argument has the wrong type.
@@ -175,6 +190,7 @@ class DetCAMHook(Hook):
                  max_image_size: Optional[int] = 1600,
                  strict: bool = False,
                  faithfulness: bool = False,
+                 texts: Union[None, str, Sequence[str]] = None,
                  contrast: Union[None, str, int] = None) -> None:
         self._probes = ProbeSet(probe_images)
         self.probe_spec = self._probes.spec
@@ -192,6 +208,7 @@ class DetCAMHook(Hook):
         self.strict = check_bool(strict, 'strict')
         self.faithfulness = check_bool(faithfulness, 'faithfulness')
         self.contrast = check_contrast(contrast)
+        self.texts = None if texts is None else phrases_of(texts)
 
         self._engine: Optional[CAMEngine] = None
         self._pipeline: Optional[list] = None
@@ -240,11 +257,14 @@ class DetCAMHook(Hook):
             ValueError: On a head no adapter supports (naming it and the supported heads), an
                 unknown target layer (with close matches), a model whose level feature maps
                 cannot be found (default layers), no test pipeline, a dataset index out of
-                range, a ``contrast`` class the head does not have, or a probe image that
-                cannot be read or decoded.
+                range, a probe image that cannot be read or decoded, ``texts`` for a detector
+                that takes no prompt, or a ``contrast`` class the head does not have.
         """
         model = self._unwrap(runner.model)
         adapter = build_adapter(model)  # an unsupported head fails here, before training
+        if self.texts is not None and not hasattr(adapter, 'set_prompt'):
+            raise ValueError(f'`texts` is for text-prompted detectors (Grounding DINO); '
+                             f'{type(adapter.head).__name__} takes no prompt')
         self._warn_missing_hooks(runner, model, adapter.required_hooks)
         if self.target_layers is None:
             adapter.level_layers()
@@ -319,10 +339,26 @@ class DetCAMHook(Hook):
 
     def _get_engine(self, runner) -> CAMEngine:
         if self._engine is None:  # built once, on the main process, at the first use
-            self._engine = CAMEngine(self._unwrap(runner.model), target_layers=self.target_layers,
+            model = self._unwrap(runner.model)
+            self._engine = CAMEngine(model, target_layers=self.target_layers,
                                      score_thr=self.score_thr, topk=self.topk,
-                                     test_pipeline=self._pipeline, keep_input_cams=False)
+                                     test_pipeline=self._pipeline, keep_input_cams=False,
+                                     texts=self._texts(runner, model))
         return self._engine
+
+    def _texts(self, runner, model: nn.Module) -> Optional[List[str]]:
+        """The prompt of a text-prompted detector: ``texts`` or, as mmdet's own validation
+        prompts, the dataset's class names; None for other detectors."""
+        if self.texts is not None or not hasattr(build_adapter(model), 'set_prompt'):
+            return self.texts
+        for mode in ('val', 'test', 'train'):
+            try:
+                names = self._class_names(runner, mode)
+            except Exception:  # noqa: BLE001 - a loop without that dataloader
+                names = None
+            if names:
+                return names
+        return None
 
     def _class_names(self, runner, mode: str) -> Optional[Sequence[str]]:
         for meta in (getattr(self._unwrap(runner.model), 'dataset_meta', None),
@@ -338,7 +374,7 @@ class DetCAMHook(Hook):
         start = time.perf_counter()
         engine = self._get_engine(runner)
         probes = self._probes.for_loop(runner, mode)
-        class_names = self._class_names(runner, mode)
+        class_names = engine.phrases or self._class_names(runner, mode)
         scores = {method: MapScores() for method in self.methods}
         log = Delivery(runner.visualizer, strict=self.strict)
         failed = []
@@ -398,28 +434,42 @@ class DetCAMHook(Hook):
             aucs = {f'{c}_auc_prior': [faith[f'{method}_{c}_auc_prior']] * len(result)
                     for c in ('deletion', 'insertion') if f'{method}_{c}_auc_prior' in faith}
             numbers[method] = (image_scores, aucs)
-            panel = render_panel(result.renormalized() if self.renormalize else result,
-                                 class_names=class_names, max_detections=self.max_detection_tiles,
-                                 max_size=self.max_image_size, gt_bboxes=gt_bboxes)
-            log.add_image(f'cam_{mode}_{safe_name(method)}_{probe.name}', panel, step)
+            self._log_views(log, f'cam_{mode}_{safe_name(method)}_{probe.name}',
+                            result.renormalized() if self.renormalize else result, probe,
+                            gt_bboxes, class_names, step)
             if result.mask_cams is not None:  # a model with masks: its mask maps too
                 aucs['mask_energy_in_mask'] = energy_in_mask(result.mask_cams,
                                                              result.masks).tolist()
-                log.add_image(f'cam_{mode}_{safe_name(method)}_mask_{probe.name}',
-                              render_panel(self._mask_result(result), class_names=class_names,
-                                           max_detections=self.max_detection_tiles,
-                                           max_size=self.max_image_size, gt_bboxes=gt_bboxes),
-                              step)
+                self._log_views(log, f'cam_{mode}_{safe_name(method)}_mask_{probe.name}',
+                                self._mask_result(result), probe, gt_bboxes, class_names, step)
         return numbers
 
     @staticmethod
     def _mask_result(result: CAMResult) -> CAMResult:
-        """The result as its mask maps' panel shows it: the mask maps as ``cams``, every
+        """The result as its mask maps' views show it: the mask maps as ``cams``, every
         instance's mask outline drawn on the image."""
         cams = torch.from_numpy(result.mask_cams)
         return dataclasses.replace(result, cams=result.mask_cams,
                                    combined=combined_map(cams, result.ori_shape).numpy(),
                                    image=draw_mask_outlines(result.image, result.masks))
+
+    def _log_views(self, log: Delivery, name: str, result, probe: Probe, gt_bboxes,
+                   class_names: Optional[Sequence[str]], step: int) -> None:
+        """The full panel for local files, the cards (an overview and one per detection, with
+        slots named by the ground-truth box they matched, :func:`..visualization.cards.
+        detection_slots`) for the other backends; each drawn only if a backend takes it."""
+        panel, cards = None, {}
+        if log.needs_panel:
+            panel = render_panel(result, class_names=class_names,
+                                 max_detections=self.max_detection_tiles,
+                                 max_size=self.max_image_size, gt_bboxes=gt_bboxes)
+        if log.needs_cards:
+            match = None if gt_bboxes is None else match_to_ground_truth(
+                result.bboxes, result.labels, gt_bboxes, probe.gt_labels)
+            cards = render_cards(result, class_names=class_names,
+                                 max_detections=self.max_detection_tiles,
+                                 max_size=self.max_image_size, gt_bboxes=gt_bboxes, match=match)
+        log.add_views(name, panel, cards, step)
 
     def _report(self, runner, mode: str, step: int, explained: int, probes: int,
                 log: Delivery, seconds: float, scalars: Dict[str, float]) -> None:

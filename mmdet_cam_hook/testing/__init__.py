@@ -30,7 +30,7 @@ def yolox_config(size: str = 'nano', input_size: int = 128, num_classes: int = 3
     cfg.model.test_cfg.score_thr = 0.0
     for key in ('test_dataloader', 'val_dataloader'):
         for t in cfg[key].dataset.pipeline:
-            if t.type == 'Resize':
+            if t.type in ('Resize', 'FixScaleResize'):
                 t.scale = (input_size, input_size)
     return cfg
 
@@ -77,7 +77,7 @@ def detector_config(config: str, input_size: int = 128, num_classes: int = 3,
     _drop_pretrained(cfg.model)
     for key in ('test_dataloader', 'val_dataloader'):
         for t in cfg[key].dataset.pipeline:
-            if t.type == 'Resize':
+            if t.type in ('Resize', 'FixScaleResize'):
                 t.scale = (input_size, input_size)
             elif t.type == 'Pad' and t.get('size') is not None:
                 t.size = (input_size, input_size)
@@ -242,6 +242,7 @@ TINY_CONFIGS = {
     'faster-rcnn': 'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
     # shrunk as Faster R-CNN; for val/test-only runs (the shapes json has no masks to train on)
     'mask-rcnn': 'mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
+    'grounding-dino': 'grounding_dino/grounding_dino_r50_scratch_8xb2_1x_coco.py',
 }
 #: How :func:`tiny_cfg` shrinks Faster R-CNN (as tests/test_two_stage.py does): ResNet-18, few
 #: proposals and sampled RoIs.

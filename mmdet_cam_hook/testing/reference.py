@@ -71,7 +71,7 @@ class MaskScoreTarget(DetectionScoreTarget):
 
 def reference_input_cams(model: nn.Module, inputs: torch.Tensor, method: str,
                          layers_per_det: List[List[str]], dets: Detections,
-                         metainfo: Optional[dict] = None,
+                         metainfo: Optional[dict] = None, texts=None,
                          contrast_labels: Optional[Sequence[int]] = None,
                          mask_branch=None) -> np.ndarray:
     """One grad-cam call per detection; maps on the network-input grid, (K, H_in, W_in).
@@ -87,12 +87,16 @@ def reference_input_cams(model: nn.Module, inputs: torch.Tensor, method: str,
         dets (Detections): The detections (the engine's decoding).
         metainfo (dict, optional): The image's metainfo, for heads whose forward needs it
             (DETR's padding masks). Defaults to None.
+        texts (str | Sequence[str], optional): The prompt of a text-prompted detector.
+            Defaults to None (the model's classes).
         contrast_labels (Sequence[int], optional): Class B of each detection: the target is
             then ``score[A] - score[B]`` (:class:`ContrastTarget`). Defaults to None.
         mask_branch (MaskBranch, optional): Explain each instance's mask target instead
             (:class:`MaskScoreTarget`; needs ``metainfo``). Defaults to None.
     """
     adapter = build_adapter(model)
+    if texts is not None:
+        adapter.set_prompt(texts)
     wrapper = HeadOutputs(adapter, metainfo)
     out = []
     for k, names in enumerate(layers_per_det):

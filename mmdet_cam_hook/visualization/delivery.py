@@ -66,6 +66,8 @@ class Delivery:
     the image summary its ``add_image`` would build, through the writer's public
     ``file_writer.add_summary`` (``add_image`` would encode again, with PIL, about 2x slower
     than OpenCV). The other backends (W&B, MLflow, any other) get ``add_image`` with RGB pixels.
+    :meth:`add_views` sends the full panel to ``LocalVisBackend`` only and the cards, drawn
+    for a ~330 px display, to the others.
     MLflow uses an image's name as the artifact file name, needs an extension and ignores
     ``step``, so MLflow backends get ``{name}_{step}.png``. ``LocalVisBackend``'s own
     ``cv2.imwrite`` fails silently (unwritable folder, full disk); the bytes written here raise
@@ -98,6 +100,53 @@ class Delivery:
         panel = Panel(image)
         for key, backend in self.backends.items():
             self._send(key, name, lambda b=backend: self._image_to(b, name, panel, step))
+
+    @property
+    def needs_panel(self) -> bool:
+        """Whether a backend takes the full panel (a ``LocalVisBackend``)."""
+        return any(isinstance(b, LocalVisBackend) for b in self.backends.values())
+
+    @property
+    def needs_cards(self) -> bool:
+        """Whether a backend takes the cards (any backend but ``LocalVisBackend``)."""
+        return any(not isinstance(b, LocalVisBackend) for b in self.backends.values())
+
+    def add_views(self, name: str, panel: Optional[np.ndarray], cards: Dict[str, np.ndarray],
+                  step: int) -> None:
+        """Send one probe's views: the full panel to ``LocalVisBackend`` (the PNG people open),
+        the cards (:func:`.cards.render_cards`) to every other backend, as ``{name}/{slot}``:
+        TensorBoard and W&B group those names under ``name``, one card per slot with the step
+        slider for time; MLflow stores ``{name}/{slot}_{step}.png``. The panel, or the cards,
+        count as one item per backend; a backend that fails on one card loses that item.
+
+        Args:
+            name (str): The probe's and method's name (no ``/``).
+            panel (np.ndarray, optional): The full panel, ``(H, W, 3)`` uint8 **BGR**; may be
+                None when no backend :attr:`needs_panel`.
+            cards (dict[str, np.ndarray]): The cards by slot name, uint8 **BGR**; may be empty
+                when no backend :attr:`needs_cards`.
+            step (int): The step.
+        """
+        full = Panel(panel)
+        views = {f'{name}/{slot}': Panel(card) for slot, card in cards.items()}
+        for key, backend in self.backends.items():
+            if isinstance(backend, LocalVisBackend):
+                self._send(key, name, lambda b=backend: self._local_image(b, name, full, step))
+            else:
+                self._send(key, name, lambda b=backend: self._cards_to(b, views, step))
+
+    def _cards_to(self, backend, views: Dict[str, Panel], step: int) -> None:
+        failed = []
+        for tag, card in views.items():  # one failing card does not cost the others
+            try:
+                self._image_to(backend, tag, card, step)
+            except Exception as exc:  # noqa: BLE001 - recorded (and raised) below
+                if self.strict:
+                    raise
+                failed.append(f'{tag}: {type(exc).__name__}: {exc}')
+        if failed:
+            raise RuntimeError(f'{len(failed)} of {len(views)} card(s) lost; first: '
+                               f'{failed[0]}')
 
     def _image_to(self, backend, name: str, panel: Panel, step: int) -> None:
         if isinstance(backend, MLflowVisBackend):

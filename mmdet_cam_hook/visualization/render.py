@@ -21,6 +21,19 @@ DET_COLOR = (0, 255, 0)
 #: Box colour of ground-truth boxes on the panel (BGR orange-blue, distinct from green and JET
 #: red).
 GT_COLOR = (255, 128, 0)
+#: How each kind of box is drawn on the cards the image backends get
+#: (:mod:`.cards`): BGR ``color``, line ``thickness`` at the card's natural width, ``dashed``.
+#: Every line also gets a 1 px black outline, so it stands out on any colour of the JET map.
+#: Chosen for a ~330 px display: green and magenta do not occur in JET, white is its only
+#: colour-less line. ``false_positive`` is a detection that matches no ground-truth box of its
+#: class (IoU >= 0.5, the pointing game's match); ``miss`` a ground-truth box no detection
+#: matched.
+PALETTE = {
+    'detection': dict(color=(0, 255, 0), thickness=2, dashed=False),
+    'false_positive': dict(color=(255, 0, 255), thickness=2, dashed=False),
+    'ground_truth': dict(color=(255, 255, 255), thickness=2, dashed=False),
+    'miss': dict(color=(255, 255, 255), thickness=2, dashed=True),
+}
 #: Small images are upscaled on the panel so that their longer side has at least this many
 #: pixels: text drawn on a 128 px tile is not readable.
 MIN_TILE_SIZE = 256

@@ -282,8 +282,9 @@ def test_hook_logs_mask_panels_and_mask_energy(tmp_path):
     events.Reload()
     images = set(events.Tags()['images'])
     for method in methods:
-        assert any(tag.startswith(f'cam_test_{method}_mask_') for tag in images), images
-        assert sum(tag.startswith(f'cam_test_{method}_') for tag in images) == 2
+        ours = [tag for tag in images if tag.startswith(f'cam_test_{method}_')]
+        masks = [tag for tag in ours if tag.startswith(f'cam_test_{method}_mask_')]
+        assert masks and len(masks) < len(ours), images
     (energy, ) = events.Scalars('cam_test/hirescam_mask_energy_in_mask')
     assert 0.0 <= energy.value <= 1.0
     assert 'failed after' not in run_log_text(runner)

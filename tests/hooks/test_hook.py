@@ -39,6 +39,7 @@ from mmdet_cam_hook.testing import (
     tiny_cfg,
     unwrap_model,
 )
+from mmdet_cam_hook.visualization.cards import CARD_WIDTH
 
 SIZE = TINY_SIZE  # network input and longest image side
 METHODS = list(TINY_METHODS)
@@ -171,20 +172,24 @@ def test_tensorboard_images_and_scalars(runs):
     events = EventAccumulator(str(run_log_dir(runner) / 'vis_data'),
                               size_guidance={'images': 0, 'scalars': 0})
     events.Reload()
-    assert names <= set(events.Tags()['images'])
-    vis_image = run_log_dir(runner) / 'vis_data' / 'vis_image'
+    # issue 24: TensorBoard gets the cards (an overview and one per detection, grouped under the
+    # panel's name), no longer the wide panel, which stays in the local PNGs
+    tags = set(events.Tags()['images'])
+    assert {f'{n}/all' for n in names} <= tags
     for name in names:
-        images = events.Images(name)
-        assert [e.step for e in images] == [1, 2]  # one per validation, step = epoch
-        for event in images:  # the same pixels as the local PNG of that step
+        slots = {t.split('/', 1)[1] for t in tags if t.startswith(name + '/')}
+        assert all(re.fullmatch(r'all|gt_\d+|fp_\d+', s) for s in slots), slots  # GT known
+        for step in (1, 2):  # step = epoch; the overview plus the top 3 detections (topk=3)
+            assert sum(step in [e.step for e in events.Images(f'{name}/{s}')]
+                       for s in slots) == 4
+        for event in events.Images(f'{name}/all'):
             decoded = cv2.imdecode(np.frombuffer(event.encoded_image_string, np.uint8),
                                    cv2.IMREAD_COLOR)
             assert decoded.shape[:2] == (event.height, event.width)
-            local = cv2.imread(str(vis_image / f'{name}_{event.step}.png'), cv2.IMREAD_COLOR)
-            np.testing.assert_array_equal(decoded, local)
+            assert decoded.shape[1] == CARD_WIDTH
     # runner.test() after training: its own names, at the last epoch
     for name in {f'cam_test_{m}_{p.name}' for m in METHODS for p in hook._probes['test']}:
-        assert [e.step for e in events.Images(name)] == [2]
+        assert [e.step for e in events.Images(f'{name}/all')] == [2]
     for method in METHODS:
         scalars = events.Scalars(f'cam_val/{method}_energy_in_box')
         assert [s.step for s in scalars] == [1, 2]
@@ -201,7 +206,7 @@ def _panels_at_steps_1_and_2(runner, hook, methods):
     events = EventAccumulator(str(run_log_dir(runner) / 'vis_data'),
                               size_guidance={'images': 0, 'scalars': 0})
     events.Reload()
-    names = {f'cam_val_{m}_{p.name}' for m in methods for p in probes}
+    names = {f'cam_val_{m}_{p.name}/all' for m in methods for p in probes}  # the overviews
     assert names <= set(events.Tags()['images'])
     for name in names:
         images = events.Images(name)
@@ -209,7 +214,7 @@ def _panels_at_steps_1_and_2(runner, hook, methods):
         decoded = cv2.imdecode(np.frombuffer(images[-1].encoded_image_string, np.uint8),
                                cv2.IMREAD_COLOR)
         assert decoded.shape[:2] == (images[-1].height, images[-1].width)
-        assert decoded.shape[1] > 3 * SIZE  # original, detections, combined map, ...
+        assert decoded.shape[1] == CARD_WIDTH  # drawn for TensorBoard's default card (issue 24)
     return events
 
 
@@ -580,7 +585,7 @@ def test_lost_local_panels_are_reported_once_and_training_continues(shapes, tmp_
     (probe, ) = hooks_of(runner, DetCAMHook)[0]._probes['val']
     events = EventAccumulator(str(run_log_dir(runner) / 'vis_data'), size_guidance={'images': 0})
     events.Reload()
-    assert [e.step for e in events.Images(f'cam_val_gradcam_{probe.name}')] == [1, 2]
+    assert [e.step for e in events.Images(f'cam_val_gradcam_{probe.name}/all')] == [1, 2]
 
     log = run_log_text(runner)
     assert log.count('DetCAMHook: LocalVisBackend lost') == 1  # once, at step 1

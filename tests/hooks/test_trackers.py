@@ -23,6 +23,7 @@ from mmdet_cam_hook.demo.shapes import generate_shapes
 from mmdet_cam_hook.hooks.cam_hook import DetCAMHook
 from mmdet_cam_hook.testing import TINY_SIZE as SIZE
 from mmdet_cam_hook.testing import cam_hook, hooks_of, run_log_dir, tiny_cfg
+from mmdet_cam_hook.visualization.cards import CARD_WIDTH
 
 METHODS = ['gradcam', 'hirescam']
 STEPS = [1, 2]
@@ -81,13 +82,16 @@ def test_mlflow_run_has_one_image_artifact_per_probe_method_and_step(tracked, tm
     (run, ) = client.search_runs([experiment.experiment_id])
     run_id = run.info.run_id
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    # MLflow needs an extension and ignores the step: it is part of the name
-    expected = {f'{name}_{step}.png' for name in tracked['names'] for step in STEPS}
-    assert {a for a in artifacts if a.startswith('cam_')} == expected
+    # issue 24: the cards, one folder per probe and method (the full panel stays local); MLflow
+    # needs an extension and ignores the step: it is part of the name
+    assert {a for a in artifacts if a.startswith('cam_')} == set(tracked['names'])
     for name in tracked['names']:
+        cards = {a.path for a in client.list_artifacts(run_id, name)}
         for step in STEPS:
-            path = client.download_artifacts(run_id, f'{name}_{step}.png', str(tmp_path))
-            assert np.array_equal(cv2.imread(path), tracked['local_png'](name, step))
+            # the overview and the top 3 detections (topk=3), each slot once per step
+            assert len({c for c in cards if c.endswith(f'_{step}.png')}) == 4
+            path = client.download_artifacts(run_id, f'{name}/all_{step}.png', str(tmp_path))
+            assert cv2.imread(path).shape[1] == CARD_WIDTH
     for method in METHODS:
         key = f'cam_val/{method}_energy_in_box'
         history = client.get_metric_history(run_id, key)
@@ -102,17 +106,25 @@ def _wandb_records(run_dir: Path) -> list:
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{')]
 
 
-def test_wandb_offline_run_has_the_images_and_the_scalar_history(tracked):
+def test_wandb_offline_run_has_the_images_and_the_scalar_history(tracked, tmp_path):
     (run_dir, ) = (tracked['root'] / 'wandb').glob('offline-run-*')
     history = [r['history']['item'] for r in _wandb_records(run_dir) if r['type'] == 'history']
     assert history
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracked['uri'])
+    (run, ) = client.search_runs([client.get_experiment_by_name('cam').experiment_id])
     for name in tracked['names']:
-        # W&B ignores MMEngine's step: one history row per validation, in order
-        images = [row for row in history if row.get(f'{name}._type') == 'image-file']
+        # W&B ignores MMEngine's step: one history row per validation, in order; its overview
+        # card has the pixels of MLflow's copy of that step (issue 24: cards, not the panel)
+        key = f'{name}/all'
+        images = [row for row in history if row.get(f'{key}._type') == 'image-file']
         assert len(images) == len(STEPS)
         for row, step in zip(images, STEPS):
-            png = cv2.imread(str(run_dir / 'files' / row[f'{name}.path']))
-            assert np.array_equal(png, tracked['local_png'](name, step))
+            png = cv2.imread(str(run_dir / 'files' / row[f'{key}.path']))
+            path = client.download_artifacts(run.info.run_id, f'{key}_{step}.png',
+                                             str(tmp_path / str(step)))
+            assert np.array_equal(png, cv2.imread(path))
     for method in METHODS:
         key = f'cam_val/{method}_energy_in_box'
         values = [row[key] for row in history if key in row]
