@@ -89,16 +89,16 @@ class CAMEngine:
         chunk_size (int): Detections whose gradients are held at once (``chunk_size`` x C x h
             x w per target layer): bounds the memory at large K; larger chunks batch more work
             per call. Defaults to 16.
-        masks (bool): For a model with masks (:func:`~..adapters.masks.build_mask_branch`:
-            Mask R-CNN, Cascade Mask R-CNN), also return each instance's mask and mask map
-            (``CAMResult.masks``, ``mask_cams``): one more gradient per instance (measured
-            ~1.9x the class maps' time on Mask R-CNN R50 at 512x384, K = 8). False leaves
-            them None. Defaults to True.
         texts (str | Sequence[str], optional): The prompt of a text-prompted detector
             (Grounding DINO): a caption of phrases (``'red car . person'``) or a list of
             phrases; a detection's label is its phrase's index (:attr:`phrases`). None: the
             classes of ``model.dataset_meta``. Refused for a detector that takes no prompt.
             Defaults to None.
+        masks (bool): For a model with masks (:func:`~..adapters.masks.build_mask_branch`:
+            Mask R-CNN, Cascade Mask R-CNN), also return each instance's mask and mask map
+            (``CAMResult.masks``, ``mask_cams``): one more gradient per instance (measured
+            ~1.9x the class maps' time on Mask R-CNN R50 at 512x384, K = 8). False leaves
+            them None. Defaults to True.
 
     Raises:
         ValueError: On a head no adapter supports (naming it and the supported heads), an
