@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field, fields
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -311,7 +311,8 @@ def ground_truth_args(gt_bboxes, gt_labels, miss_iou) -> Optional[tuple]:
 
 def results_with_misses(methods: Sequence[tuple], shown: np.ndarray, scale: float,
                         rows: Detections, maps: dict, used: List[List[str]], letterbox,
-                        renormalize: bool, report: MissReport, num: int) -> Dict[str, CAMResult]:
+                        renormalize: bool, report: MissReport, num: int,
+                        extra: Optional[Callable[[str], dict]] = None) -> Dict[str, CAMResult]:
     """The engine's results of the first ``num`` rows (the detections), with the misses'
     candidates (the other rows) attached as records (:func:`attach_misses`).
 
@@ -323,13 +324,16 @@ def results_with_misses(methods: Sequence[tuple], shown: np.ndarray, scale: floa
         used (list[list[str]]): Each row's layers.
         report (MissReport): The misses.
         num (int): How many rows are detections.
+        extra (Callable[[str], dict], optional): More ``CAMResult.from_tensors`` keywords per
+            method name (the contrast's labels, the masks and mask maps of the detections).
     """
     dets = rows.select(slice(0, num))
     results = {
         name: CAMResult.from_tensors(
             name, shown, scale, dets, maps[name][0][:num],
             None if maps[name][1] is None else maps[name][1][:num],
-            (used if layered else [[] for _ in used])[:num], letterbox, renormalize)
+            (used if layered else [[] for _ in used])[:num], letterbox, renormalize,
+            **(extra(name) if extra is not None else {}))
         for name, layered in methods
     }
     attach_misses(results, report, {name: maps[name][0][num:].cpu().numpy()

@@ -48,6 +48,16 @@ class CAMResult:
             (the same list in every method's result). None without ground truth.
         false_positive (np.ndarray | None): (K,) bool with ground truth: the detection matches
             no ground-truth box (same class, IoU >= 0.5). None without ground truth.
+        contrast_labels (np.ndarray | None): (K,) int64 class B of each detection when the
+            maps are contrastive (``explain(..., contrast=...)``: ``cams`` explain ``score[A] -
+            score[B]``, A being ``labels``); None otherwise.
+        masks (np.ndarray | None): (K, H, W) bool, each instance's predicted mask on
+            ``image`` (equal to ``model.predict``'s masks at the original size); None for a
+            box-only detector.
+        mask_cams (np.ndarray | None): (K, H, W) float32 in [0, 1], each instance's mask map:
+            the evidence for its own predicted mask (the mask target of
+            :mod:`~mmdet_cam_hook.adapters.masks`), for gradient-family methods of a model
+            with masks; None otherwise. ``renormalize`` leaves them raw.
     """
 
     bboxes: np.ndarray
@@ -65,6 +75,9 @@ class CAMResult:
     detections: Optional[Detections] = field(default=None, repr=False)
     misses: Optional[List[Miss]] = field(default=None, repr=False)  # noqa: F821
     false_positive: Optional[np.ndarray] = field(default=None, repr=False)
+    contrast_labels: Optional[np.ndarray] = None
+    masks: Optional[np.ndarray] = field(default=None, repr=False)
+    mask_cams: Optional[np.ndarray] = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -77,9 +90,14 @@ class CAMResult:
     def from_tensors(cls, method: str, img: np.ndarray, scale: float, dets: Detections,
                      cams: torch.Tensor, input_maps: Optional[torch.Tensor],
                      used: List[List[str]], letterbox: Letterbox,
-                     renormalize: bool) -> CAMResult:
+                     renormalize: bool,
+                     contrast_labels: Optional[torch.Tensor] = None,
+                     masks: Optional[torch.Tensor] = None,
+                     mask_cams: Optional[torch.Tensor] = None) -> CAMResult:
         """The engine's result of one method from its maps on the device: only the finished
-        maps leave it (``combined`` is computed there); ``renormalize`` as in ``explain``."""
+        maps leave it (``combined`` is computed there); ``renormalize`` and ``contrast_labels``
+        (class B of each detection) as in ``explain``; ``masks`` and ``mask_cams`` of an
+        instance-segmentation model."""
         combined = combined_map(cams, img.shape[:2])
         bboxes = dets.bboxes.detach().cpu().numpy().astype(np.float32) * np.float32(scale)
         result = cls(
@@ -95,7 +113,11 @@ class CAMResult:
             input_cams=None if input_maps is None else input_maps.cpu().numpy(),
             letterbox=letterbox,
             scale=scale,
-            detections=dets)
+            detections=dets,
+            contrast_labels=None if contrast_labels is None else
+            contrast_labels.cpu().numpy().astype(np.int64),
+            masks=None if masks is None else masks.cpu().numpy().astype(bool),
+            mask_cams=None if mask_cams is None else mask_cams.clamp(0.0, 1.0).cpu().numpy())
         return result.renormalized(copy=False) if renormalize else result
 
     def tensors(self, device: Optional[torch.device] = None) -> CAMTensors:

@@ -136,6 +136,12 @@ def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
     parser.add_argument('--device', default=None,
                         help='Device for inference (cuda:0, cpu). Defaults to cuda:0 when CUDA '
                         'is available, else cpu')
+    parser.add_argument('--contrast', type=contrast_arg, default=None, metavar='B',
+                        help='Explain "class A rather than class B": each map is that of the '
+                        "detection's score for its class A minus its own prior's (RoI's, "
+                        "query's) score for B: runner_up (the prior's second-best class), a "
+                        'class index or a class name. --save-raw stores B as contrast_labels. '
+                        'Defaults to the score itself')
     parser.add_argument('--renormalize', action='store_true',
                         help='Renormalize CAM within bounding boxes (and zero it outside)')
     parser.add_argument('--save-all', action='store_true',
@@ -183,6 +189,26 @@ def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
                         'MMEngine objects (weights_only=False). Unpickling it can run arbitrary '
                         'code: only for files from a source you trust')
     return parser
+
+
+def contrast_arg(text: str):
+    """``--contrast``: ``runner_up``, a class index (digits) or a class name."""
+    return int(text) if text.isdigit() else text
+
+
+def _resolve_contrast(engine, contrast, class_names):
+    """``--contrast`` checked against the model's classes, before any image is explained.
+
+    Raises:
+        UserError: On a class the model does not have (naming the valid choices).
+    """
+    from ..cam.targets import num_classes, resolve_contrast
+
+    try:
+        return resolve_contrast(contrast, class_names, num_classes(engine.adapter),
+                                arg='--contrast')
+    except (ValueError, TypeError) as exc:
+        raise UserError(str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,6 +380,7 @@ def run(args: argparse.Namespace) -> int:
     engine = build_engine(model, args, drise_masks=args.drise_masks)
     class_names = engine.phrases or (getattr(model, 'dataset_meta', None) or {}).get('classes')
     check_misses_args(args, engine, class_names)
+    args.contrast = _resolve_contrast(engine, args.contrast, class_names)
     tally = Tally(single=len(job.every) == 1)
     report = CamReport(args, engine, class_names, job.every) if args.report else None
     written = _explain_all(engine, job, args, class_names, tally, report)

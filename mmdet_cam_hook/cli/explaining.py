@@ -38,6 +38,7 @@ def explain_one(engine, image, args, source: Path):
 
     try:
         return engine.explain(image, methods=[args.method], renormalize=args.renormalize,
+                              contrast=getattr(args, 'contrast', None),
                               **ground_truth_kwargs(args, source))[args.method]
     except torch.OutOfMemoryError as exc:
         raise UserError(f'CUDA out of memory on {args.device} while processing {source}; try '
@@ -108,7 +109,8 @@ def explain_batch(engine, loaded: list[Loaded], args) -> Optional[dict]:
         return None
     try:
         results = engine.explain_batch([item.image for item in good], methods=[args.method],
-                                       renormalize=args.renormalize)
+                                       renormalize=args.renormalize,
+                                       contrast=getattr(args, 'contrast', None))
     except torch.OutOfMemoryError as exc:
         raise UserError(f'CUDA out of memory on {args.device} while processing a batch of '
                         f'{len(good)} images from {good[0].path}; try a smaller --batch-size, '

@@ -7,15 +7,19 @@ order, starting at 0)::
     {stem}_gradcam.jpg           all detections' maps (pixel-wise max) with boxes and labels;
                                  named as in the seed tool whatever --method is
     {stem}_det{k}_{method}.jpg   detection k's own map with its box
+    {stem}_mask_det{k}_{method}.jpg   instance k's mask map with its mask outline and box
+                                 (models with masks: Mask R-CNN, Cascade Mask R-CNN)
     --save-all:  {stem}_original.jpg, {stem}_detection.jpg (boxes only) and
                  {stem}_panel.jpg (everything in one labelled image)
     --save-raw:  {stem}_{method}.npz (bboxes, labels, scores, levels, cams, combined,
-                 renormalized, ...)
+                 renormalized, ...; contrast_labels with --contrast; masks and
+                 mask_cams for models with masks)
 
 Refused before the model is loaded (:func:`check_inputs`, :func:`check_out_dir`): two inputs
 with one stem; with ``--method gradcam`` inputs ``a`` and ``a_det0`` (both would write
-``a_det0_gradcam.jpg``); an ``--out-dir`` that is the input folder; an output name that is one
-of the inputs.
+``a_det0_gradcam.jpg``); inputs ``a`` and ``a_mask`` (both would write
+``a_mask_det0_{method}.jpg``); an ``--out-dir`` that is the input folder; an output name that
+is one of the inputs.
 """
 from __future__ import annotations
 
@@ -45,10 +49,11 @@ def output_name(stem: str, kind: str, method: str, k: Optional[int] = None) -> s
 
     Args:
         stem (str): The image's file stem.
-        kind (str): ``'combined'``, ``'det'`` (detection ``k``'s map), ``'raw'``, ``'miss'``
-            (the map of ground-truth box ``k``'s best candidate, ``--explain-misses``),
-            ``'misses'`` (the false positives and misses) or one of :data:`EXTRA_NAMES`
-            (``'original'``, ``'detection'``: the boxes, ``'panel'``).
+        kind (str): ``'combined'``, ``'det'`` (detection ``k``'s map), ``'mask_det'``
+            (instance ``k``'s mask map), ``'raw'``, ``'miss'`` (the map of ground-truth box
+            ``k``'s best candidate, ``--explain-misses``), ``'misses'`` (the false positives
+            and misses) or one of :data:`EXTRA_NAMES` (``'original'``, ``'detection'``: the
+            boxes, ``'panel'``).
         method (str): ``--method``.
         k (int, optional): The detection's index, for ``kind='det'``; the ground-truth box's,
             for ``kind='miss'``.
@@ -60,6 +65,8 @@ def output_name(stem: str, kind: str, method: str, k: Optional[int] = None) -> s
         return f'{stem}_{COMBINED_NAME}.jpg'
     if kind == 'det':
         return f'{stem}_det{k}_{method}.jpg'
+    if kind == 'mask_det':
+        return f'{stem}_mask_det{k}_{method}.jpg'
     if kind == 'raw':
         return f'{stem}_{method}.npz'
     if kind == 'miss':
@@ -68,7 +75,7 @@ def output_name(stem: str, kind: str, method: str, k: Optional[int] = None) -> s
         return f'{stem}_misses.jpg'
     if kind in EXTRA_NAMES:
         return f'{stem}_{kind}.jpg'
-    kinds = ['combined', 'det', 'raw', 'miss', 'misses', *EXTRA_NAMES]
+    kinds = ['combined', 'det', 'mask_det', 'raw', 'miss', 'misses', *EXTRA_NAMES]
     raise ValueError(f'`kind` must be one of {kinds}, got {kind!r}')
 
 
@@ -80,6 +87,8 @@ def _owner(name: str, stems, method: str, save_all: bool, save_raw: bool) -> Opt
         if name.endswith(suffix) and name[:-len(suffix)] in stems:
             return name[:-len(suffix)]
     base = re.fullmatch(r'(.+)_det(0|[1-9][0-9]*)_' + re.escape(method) + r'\.jpg', name)
+    if base and base[1].endswith('_mask') and base[1][:-len('_mask')] in stems:
+        return base[1][:-len('_mask')]
     return base[1] if base and base[1] in stems else None
 
 
@@ -93,7 +102,8 @@ def check_inputs(paths: Sequence[Path], method: str) -> None:
     Raises:
         UserError: If two inputs share a file stem, or (with ``--method gradcam``) one's stem
             is the other's plus ``_det{k}`` (``a_det0_gradcam.jpg`` is both ``a_det0``'s
-            combined map and ``a``'s detection 0).
+            combined map and ``a``'s detection 0), or one's stem is the other's plus ``_mask``
+            (``a_mask_det0_{method}.jpg`` is ``a``'s mask map 0 and ``a_mask``'s detection 0).
     """
     seen: dict[str, Path] = {}
     for p in paths:
@@ -108,6 +118,12 @@ def check_inputs(paths: Sequence[Path], method: str) -> None:
                 f'{seen[base[1]]} and {p} would both write {output_name(stem, "combined", method)}'
                 f" (the first one's detection {int(base[2])}, the second one's combined map); "
                 'process them separately or rename one')
+        if stem.endswith('_mask') and stem[:-len('_mask')] in seen:
+            raise UserError(
+                f'{seen[stem[:-len("_mask")]]} and {p} would both write '
+                f'{output_name(stem[:-len("_mask")], "mask_det", method, 0)} (the first one\'s '
+                "mask map 0 of a model with masks, the second one's detection 0); process them "
+                'separately or rename one')
 
 
 def check_out_dir(paths: Sequence[Path], img: str, out_dir: Path, method: str,
@@ -184,7 +200,12 @@ def save_outputs(result, stem: str, out_dir: Path, class_names, save_all: bool =
     Raises:
         UserError: If the folder cannot be created or a file cannot be written.
     """
-    from ..visualization.render import draw_detections, overlay_cam, render_panel
+    from ..visualization.render import (
+        draw_detections,
+        draw_mask_outlines,
+        overlay_cam,
+        render_panel,
+    )
 
     image, method = result.image, result.method
     boxes, labels, scores = result.bboxes, result.labels, result.scores
@@ -203,6 +224,10 @@ def save_outputs(result, stem: str, out_dir: Path, class_names, save_all: bool =
         written.append(_write_image(name('det', k), draw_detections(
             overlay_cam(image, result.cams[k]), boxes[k:k + 1], labels[k:k + 1],
             scores[k:k + 1], class_names)))
+    for k in range(len(result) if result.mask_cams is not None else 0):
+        written.append(_write_image(name('mask_det', k), draw_detections(
+            draw_mask_outlines(overlay_cam(image, result.mask_cams[k]), result.masks[k:k + 1]),
+            boxes[k:k + 1], labels[k:k + 1], scores[k:k + 1], class_names)))
     if save_all:
         written.append(_write_image(name('original'), image))
         written.append(_write_image(name('detection'),
@@ -217,6 +242,12 @@ def save_outputs(result, stem: str, out_dir: Path, class_names, save_all: bool =
             class_names=np.array([] if class_names is None else [str(c) for c in class_names],
                                  dtype=str),
             image=np.array('' if source is None else str(source)))
+        if result.contrast_labels is not None:  # --contrast: class B of each detection
+            arrays['contrast_labels'] = result.contrast_labels
+        if result.masks is not None:  # a model with masks
+            arrays['masks'] = result.masks
+        if result.mask_cams is not None:
+            arrays['mask_cams'] = result.mask_cams
         written.append(_write(name('raw'), lambda tmp: np.savez_compressed(tmp, **arrays)))
     if result.misses is not None:
         written += _write_misses(result, name, class_names)

@@ -63,6 +63,30 @@ def energy_in_box(cams, bboxes) -> np.ndarray:
     return shares
 
 
+def energy_in_mask(cams, masks) -> np.ndarray:
+    """Share of each mask map's energy that lies inside its own instance mask (the mask
+    counterpart of :func:`energy_in_box`); a blank map explains nothing and scores NaN (left
+    out of means, as :class:`MapScores` leaves blank maps out of its localisation numbers).
+
+    Args:
+        cams (array-like): ``(K, H, W)`` non-negative maps (``CAMResult.mask_cams``).
+        masks (array-like): ``(K, H, W)`` bool instance masks (``CAMResult.masks``).
+
+    Returns:
+        np.ndarray: ``(K,)`` float64 shares (NaN for a blank map).
+
+    Raises:
+        ValueError: If the shapes disagree or a map has negative or NaN values.
+    """
+    cams = _check_cams(cams)
+    masks = np.asarray(masks, dtype=bool)
+    if masks.shape != cams.shape:
+        raise ValueError(f'`masks` must have the shape of `cams` {cams.shape}, got {masks.shape}')
+    totals = cams.reshape(len(cams), -1).sum(axis=1, dtype=np.float64)
+    inside = (cams * masks).reshape(len(cams), -1).sum(axis=1, dtype=np.float64)
+    return np.divide(inside, totals, out=np.full_like(totals, np.nan), where=totals > 0)
+
+
 def pointing_game(cams, bboxes, labels, gt_bboxes, gt_labels,
                   iou_thr: float = 0.5) -> tuple[int, int]:
     """Pointing game (Zhang et al., ECCV 2016) for per-detection maps against ground truth.

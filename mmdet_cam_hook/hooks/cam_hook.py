@@ -14,6 +14,7 @@ The class is registered under two names: ``DetCAMHook`` and ``YOLOXGradCAMHook``
 while it explained YOLOX only, so that existing configs keep working (same class, same
 behaviour; :data:`YOLOXGradCAMHook` is the same object in python).
 """
+import dataclasses
 import math
 import time
 import traceback
@@ -33,16 +34,23 @@ from ..adapters.grounding import phrases_of
 from ..cam.engine import CAMEngine
 from ..cam.layers import resolve_layers
 from ..cam.methods import METHODS, CAMMethod, methods_from
+from ..cam.result import CAMResult, combined_map
+from ..cam.targets import check_contrast, num_classes, resolve_contrast
 from ..checks import check_bool, check_int, check_max_size, check_score_thr, check_topk
 from ..evaluation.evaluate import image_seed, probe_faithfulness
-from ..evaluation.metrics import MapScores, match_to_ground_truth
+from ..evaluation.metrics import MapScores, energy_in_mask, match_to_ground_truth
 from ..evaluation.misses import MissCounts
 from ..runtime.pipeline import test_pipeline_cfg
 from ..runtime.state import preserved_rng
 from ..visualization.cards import render_cards
 from ..visualization.delivery import Delivery
 from ..visualization.plots import plot_curves
-from ..visualization.render import render_misses_row, render_panel, stack_rows
+from ..visualization.render import (
+    draw_mask_outlines,
+    render_misses_row,
+    render_panel,
+    stack_rows,
+)
 from . import schedule
 from .probes import Probe, ProbeSet, ProbeSpec, safe_name
 
@@ -171,6 +179,10 @@ class DetCAMHook(Hook):
             Off by default: each miss costs one more map per method (from the same forward
             pass), and early in training nearly every ground-truth box is a miss.
             Defaults to False.
+        contrast (None | str | int): Log contrastive maps, "class A rather than class B"
+            (``CAMEngine.explain(..., contrast=...)``): ``'runner_up'`` (each detection's
+            second-best class at its own prior, RoI or query), a class index or a class name.
+            None logs the maps of each detection's own score. Defaults to None.
         texts (str | Sequence[str], optional): The prompt of a text-prompted detector
             (Grounding DINO): ``'red car . person'`` or a list of phrases; panels name each
             detection by its phrase. None: the dataset's class names, as mmdet's own validation
@@ -198,7 +210,8 @@ class DetCAMHook(Hook):
                  strict: bool = False,
                  faithfulness: bool = False,
                  explain_misses: bool = False,
-                 texts: Union[None, str, Sequence[str]] = None) -> None:
+                 texts: Union[None, str, Sequence[str]] = None,
+                 contrast: Union[None, str, int] = None) -> None:
         self._probes = ProbeSet(probe_images)
         self.probe_spec = self._probes.spec
         self.interval = check_int(interval, 'interval')
@@ -215,6 +228,7 @@ class DetCAMHook(Hook):
         self.strict = check_bool(strict, 'strict')
         self.faithfulness = check_bool(faithfulness, 'faithfulness')
         self.explain_misses = check_bool(explain_misses, 'explain_misses')
+        self.contrast = check_contrast(contrast)
         self.texts = None if texts is None else phrases_of(texts)
 
         self._engine: Optional[CAMEngine] = None
@@ -236,6 +250,21 @@ class DetCAMHook(Hook):
                              'level-aware default, got []')
         return list(names)
 
+    def _check_contrast(self, runner, model: nn.Module, adapter) -> None:
+        """``contrast`` against the head's classes (and, for a class name, the model's or the
+        visualizer's class names when either has them; else at the first explanation)."""
+        if self.contrast is None:
+            return
+        classes = None
+        for meta in (getattr(model, 'dataset_meta', None),
+                     getattr(runner.visualizer, 'dataset_meta', None)):
+            if meta and meta.get('classes'):
+                classes = list(meta['classes'])
+                break
+        if isinstance(self.contrast, str) and classes is None:
+            return
+        resolve_contrast(self.contrast, classes, num_classes(adapter))
+
     # ------------------------------------------------------------------------ stages
     def before_run(self, runner) -> None:
         """Check the run against the real model and data, on every rank, so that a mistake
@@ -250,8 +279,8 @@ class DetCAMHook(Hook):
                 unknown target layer (with close matches), a model whose level feature maps
                 cannot be found (default layers), no test pipeline, a dataset index out of
                 range, a probe image that cannot be read or decoded, ``explain_misses`` on a
-                head whose adapter cannot list its candidates, or ``texts`` for a detector that
-                takes no prompt.
+                head whose adapter cannot list its candidates, ``texts`` for a detector that
+                takes no prompt, or a ``contrast`` class the head does not have.
         """
         model = self._unwrap(runner.model)
         adapter = build_adapter(model)  # an unsupported head fails here, before training
@@ -265,6 +294,7 @@ class DetCAMHook(Hook):
             adapter.level_layers()
         else:
             resolve_layers(model, self.target_layers, arg='target_layers')
+        self._check_contrast(runner, model, adapter)
         self._pipeline = self._test_pipeline(runner, model)
         self._probes.prepare(runner, keep=is_main_process())
 
@@ -429,6 +459,7 @@ class DetCAMHook(Hook):
         image = self._probes.image(probe)
         with_gt = self.explain_misses and probe.gt_bboxes is not None
         results = engine.explain(image, methods=self._methods, max_size=self.max_image_size,
+                                 contrast=self.contrast,
                                  **(dict(gt_bboxes=probe.gt_bboxes, gt_labels=probe.gt_labels)
                                     if with_gt else {}))
         if with_gt:  # the same records in every method's result: counted once
@@ -448,7 +479,21 @@ class DetCAMHook(Hook):
             self._log_views(log, f'cam_{mode}_{safe_name(method)}_{probe.name}',
                             result.renormalized() if self.renormalize else result, probe,
                             gt_bboxes, class_names, step, misses_row=with_gt)
+            if result.mask_cams is not None:  # a model with masks: its mask maps too
+                aucs['mask_energy_in_mask'] = energy_in_mask(result.mask_cams,
+                                                             result.masks).tolist()
+                self._log_views(log, f'cam_{mode}_{safe_name(method)}_mask_{probe.name}',
+                                self._mask_result(result), probe, gt_bboxes, class_names, step)
         return numbers
+
+    @staticmethod
+    def _mask_result(result: CAMResult) -> CAMResult:
+        """The result as its mask maps' views show it: the mask maps as ``cams``, every
+        instance's mask outline drawn on the image."""
+        cams = torch.from_numpy(result.mask_cams)
+        return dataclasses.replace(result, cams=result.mask_cams,
+                                   combined=combined_map(cams, result.ori_shape).numpy(),
+                                   image=draw_mask_outlines(result.image, result.masks))
 
     def _log_views(self, log: Delivery, name: str, result, probe: Probe, gt_bboxes,
                    class_names: Optional[Sequence[str]], step: int,

@@ -240,6 +240,8 @@ TINY_CONFIGS = {
     'yolox': 'yolox/yolox_nano_8xb8-300e_coco.py',
     'rtmdet': 'rtmdet/rtmdet_tiny_8xb32-300e_coco.py',
     'faster-rcnn': 'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
+    # shrunk as Faster R-CNN; for val/test-only runs (the shapes json has no masks to train on)
+    'mask-rcnn': 'mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
     'grounding-dino': 'grounding_dino/grounding_dino_r50_scratch_8xb2_1x_coco.py',
 }
 #: How :func:`tiny_cfg` shrinks Faster R-CNN (as tests/test_two_stage.py does): ResNet-18, few
@@ -310,7 +312,7 @@ def tiny_cfg(data, work_dir, *, hooks=(), backends=('LocalVisBackend', ), max_ep
     _drop_pretrained(cfg.model)
     cfg.work_dir = str(work_dir)
     cfg.experiment_name = f'tiny_{uuid.uuid4().hex[:8]}'
-    if detector == 'faster-rcnn':
+    if detector in ('faster-rcnn', 'mask-rcnn'):
         cfg.merge_from_dict(TINY_FASTER_RCNN)
     _set_num_classes(cfg.model, len(data.classes))
     cfg.model.data_preprocessor.batch_augments = None
@@ -339,7 +341,7 @@ def tiny_cfg(data, work_dir, *, hooks=(), backends=('LocalVisBackend', ), max_ep
     else:
         train_set = _tiny_dataset(data, 'train', load + augment)
         cfg.train_cfg.pop('dynamic_intervals', None)
-        if detector == 'faster-rcnn':
+        if detector in ('faster-rcnn', 'mask-rcnn'):
             cfg.optim_wrapper.optimizer.lr = 0.005  # no warm-up in so short a run
     cfg.train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
                                 sampler=dict(type='DefaultSampler', shuffle=True),

@@ -6,7 +6,8 @@ how much faster the engine is. Generic over heads: the model is wrapped so that 
 the head's raw outputs, and the target is the adapter's own score of one detection. Not used by
 the hook or the CLI.
 """
-from typing import List, Optional
+import dataclasses
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,9 +45,35 @@ class DetectionScoreTarget:
         return self.adapter.scores(outs, self.det)[0]
 
 
+class ContrastTarget(DetectionScoreTarget):
+    """grad-cam target: the adapter's score of one detection minus the score its own prior
+    (RoI, query) gives class ``label_b`` (the contrastive target, computed the plain way)."""
+
+    def __init__(self, adapter: DetectorAdapter, det: Detections, label_b: int) -> None:
+        super().__init__(adapter, det)
+        self.other = dataclasses.replace(det, labels=torch.full_like(det.labels, int(label_b)))
+
+    def __call__(self, outs) -> torch.Tensor:
+        return super().__call__(outs) - self.adapter.scores(outs, self.other)[0]
+
+
+class MaskScoreTarget(DetectionScoreTarget):
+    """grad-cam target: the mask target of one instance (its mask branch's ``scores``, on the
+    live level maps of grad-cam's own forward pass)."""
+
+    def __init__(self, adapter: DetectorAdapter, det: Detections, branch, metainfo: dict) -> None:
+        super().__init__(adapter, det)
+        self.branch, self.metainfo = branch, metainfo
+
+    def __call__(self, outs) -> torch.Tensor:
+        return self.branch.scores(outs, self.det, self.metainfo)[0]
+
+
 def reference_input_cams(model: nn.Module, inputs: torch.Tensor, method: str,
                          layers_per_det: List[List[str]], dets: Detections,
-                         metainfo: Optional[dict] = None, texts=None) -> np.ndarray:
+                         metainfo: Optional[dict] = None, texts=None,
+                         contrast_labels: Optional[Sequence[int]] = None,
+                         mask_branch=None) -> np.ndarray:
     """One grad-cam call per detection; maps on the network-input grid, (K, H_in, W_in).
 
     The caller owns the model's state (grad-cam puts it in eval mode and leaves ``.grad`` on its
@@ -62,6 +89,10 @@ def reference_input_cams(model: nn.Module, inputs: torch.Tensor, method: str,
             (DETR's padding masks). Defaults to None.
         texts (str | Sequence[str], optional): The prompt of a text-prompted detector.
             Defaults to None (the model's classes).
+        contrast_labels (Sequence[int], optional): Class B of each detection: the target is
+            then ``score[A] - score[B]`` (:class:`ContrastTarget`). Defaults to None.
+        mask_branch (MaskBranch, optional): Explain each instance's mask target instead
+            (:class:`MaskScoreTarget`; needs ``metainfo``). Defaults to None.
     """
     adapter = build_adapter(model)
     if texts is not None:
@@ -72,5 +103,11 @@ def reference_input_cams(model: nn.Module, inputs: torch.Tensor, method: str,
         modules = [m for _, m in resolve_layers(model, names)]
         det = dets.select(slice(k, k + 1))
         with METHODS[method].cam_class(model=wrapper, target_layers=modules) as cam:
-            out.append(cam(inputs, [DetectionScoreTarget(adapter, det)])[0])
+            if mask_branch is not None:
+                target = MaskScoreTarget(adapter, det, mask_branch, metainfo)
+            elif contrast_labels is not None:
+                target = ContrastTarget(adapter, det, contrast_labels[k])
+            else:
+                target = DetectionScoreTarget(adapter, det)
+            out.append(cam(inputs, [target])[0])
     return np.stack(out) if out else np.zeros((0, *inputs.shape[-2:]), np.float32)

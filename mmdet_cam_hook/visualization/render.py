@@ -436,3 +436,37 @@ def draw_miss(result, miss, class_names: Optional[Sequence[str]] = None) -> np.n
         x1, y1 = _on_canvas(box, tile.shape)[0, :2]
     _put_label(tile, miss.caption(class_names), x1, y1, MISS_COLOR, _font_scale(tile.shape))
     return tile
+
+
+#: Outline colour of instance masks (BGR cyan: distinct from the green boxes, the magenta miss
+#: candidates and JET).
+MASK_COLOR = (255, 255, 0)
+
+
+def draw_mask_outlines(image: np.ndarray, masks: np.ndarray, color=MASK_COLOR) -> np.ndarray:
+    """Draw the outline of each instance mask (its outer and inner borders), as thick as the
+    boxes :func:`draw_detections` draws.
+
+    Args:
+        image (np.ndarray): ``(H, W, 3)`` uint8 BGR image (not modified).
+        masks (np.ndarray): ``(K, H, W)`` bool masks on the image (``CAMResult.masks``).
+        color (tuple[int, int, int]): BGR colour of the outlines. Defaults to cyan.
+
+    Returns:
+        np.ndarray: A new ``(H, W, 3)`` uint8 BGR image.
+
+    Raises:
+        ValueError: If the masks are not ``(K, H, W)`` of the image's size.
+    """
+    _check_image(image)
+    masks = np.asarray(masks)
+    if masks.ndim != 3 or masks.shape[1:] != image.shape[:2]:
+        raise ValueError(f'`masks` must be (K, {image.shape[0]}, {image.shape[1]}) like the '
+                         f'image, got {masks.shape}')
+    out = image.copy()
+    thickness = _line_thickness(image.shape)
+    for mask in masks:
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP,
+                                       cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(out, contours, -1, color, thickness, cv2.LINE_8)
+    return out
