@@ -7,7 +7,9 @@ perturbed so that scores do not tie) and checks it the way the tests' table of h
 
 1. ``CAMEngine(model).detect(image)`` equals ``model.predict`` (boxes, labels, scores), exactly;
 2. HiResCAM maps of a couple of detections (the best one and one on another level) equal a
-   plain full backward of that detection's score (``mmdet_cam_hook.testing.reference``).
+   plain full backward of that detection's score (``mmdet_cam_hook.testing.reference``);
+   Grad-CAM maps for text-prompted models, prompted with their classes and a tiny BERT saved
+   here (mmdet's configs name ``bert-base-uncased``, which is not downloaded).
 
 Each group is then *explained*, *refused* (the engine's clear error at construction, e.g. a
 head no adapter supports), *cannot build* here (a missing package, no CPU kernel, a config
@@ -170,7 +172,29 @@ def zoo_config(config: str, input_size: int):
     walk(cfg.model, False)
     for key in ('test_dataloader', 'val_dataloader'):
         walk(cfg.get(key), False)
+    if 'language_model' in cfg.model:  # text-prompted: a tiny BERT saved here, no download
+        bert = _tiny_bert()
+        cfg.model.language_model.name = bert
+        if 'lang_model_name' in cfg.model.get('bbox_head', {}):
+            cfg.model.bbox_head.lang_model_name = bert
+        if 'num_cp' in cfg.model.get('encoder', {}):
+            cfg.model.encoder.num_cp = 0  # activation checkpointing (fairscale): memory only
     return cfg
+
+
+_BERT: List[str] = []
+
+
+def _tiny_bert() -> str:
+    """A tiny random BERT and its tokenizer saved once per process
+    (:func:`mmdet_cam_hook.testing.text.tiny_bert`), for configs naming ``bert-base-uncased``."""
+    import tempfile
+
+    from mmdet_cam_hook.testing.text import tiny_bert
+
+    if not _BERT:
+        _BERT.append(tiny_bert(tempfile.mkdtemp(prefix='zoo_bert_')))
+    return _BERT[0]
 
 
 def build_model(config: str, input_size: int, seed: int = 0):
@@ -303,6 +327,13 @@ def check_group(config: str, input_size: int) -> dict:
                     reason=reason or f'CAMEngine(model): {_message(exc)}')
     image = synthetic_image(160, 224, seed=1)
     inputs, meta = preprocess(model, engine.pipeline, image)
+    # text-prompted models: the engine's prompt (the classes) as mmdet's own predict takes it;
+    # their maps are checked with Grad-CAM (HiResCAM's channel sum cancels below float32's
+    # precision on these random-init models: README, "Text-prompted detectors")
+    method = 'hirescam'
+    if engine.phrases is not None:
+        meta = dict(meta, text=' . '.join(engine.phrases), custom_entities=True)
+        method = 'gradcam'
     try:
         with torch.no_grad():
             pred = model.predict(inputs, [DetDataSample(metainfo=meta)])[0].pred_instances
@@ -315,8 +346,8 @@ def check_group(config: str, input_size: int) -> dict:
         if differs or len(dets) == 0:
             return dict(out, status='error', reason=differs or 'no detections to explain')
         sub = dets.select(torch.tensor(_picked(dets)))
-        res = engine.explain(image, methods='hirescam', detections=sub)['hirescam']
-        ref = reference_input_cams(model, inputs, 'hirescam', res.layers, sub, metainfo=meta)
+        res = engine.explain(image, methods=method, detections=sub)[method]
+        ref = reference_input_cams(model, inputs, method, res.layers, sub, metainfo=meta)
         model.zero_grad(set_to_none=True)
         diff = float(np.abs(res.input_cams - ref).max())
     except Exception as exc:  # noqa: BLE001
