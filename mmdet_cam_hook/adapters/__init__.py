@@ -4,6 +4,7 @@ from . import (  # noqa: F401  (register the adapters)
     fcos,
     gfl,
     retinanet,
+    rpn,
     rtmdet,
     two_stage,  # noqa: F401  (register the two-stage adapters)
     yolov3,
