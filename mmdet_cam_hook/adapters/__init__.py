@@ -3,7 +3,9 @@ from . import (  # noqa: F401  (register the adapters)
     detr,
     fcos,
     gfl,
+    query,
     retinanet,
+    roi_variants,
     rpn,
     rtmdet,
     two_stage,  # noqa: F401  (register the two-stage adapters)

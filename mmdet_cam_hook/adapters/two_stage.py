@@ -204,6 +204,13 @@ class TwoStageAdapter(DetectorAdapter):
         roi = torch.cat([rois.new_zeros((len(rois), 1)), rois[:, 0]], 1).to(feats[0])
         return self.roi_head._bbox_forward(tuple(feats), roi)['cls_score']
 
+    def _pooled_logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(K, C + 1) logits of the bbox head on (K, C, s, s) RoI features pooled by the
+        extractor (the shared head first, if any), for :class:`RoIGradient`."""
+        roi_head = self.roi_head
+        x = roi_head.shared_head(pooled) if roi_head.with_shared_head else pooled
+        return roi_head.bbox_head(x)[0]
+
     # ------------------------------------------------------------------ (c) layers
     def strides(self) -> List[int]:
         """Strides of the level maps the RoI extractor reads."""
@@ -260,14 +267,12 @@ class RoIGradient:
         """Gradients of ``dets``' scores (all pooled from ``level``) w.r.t. ``feat``
         (1, C, h, w), as (K, C, h, w)."""
         adapter = self.adapter
-        roi_head = adapter.roi_head
         layer = adapter.extractor.roi_layers[level]
         base = feat.detach()
         rois = torch.cat([base.new_zeros((len(dets), 1)), dets.rois[:, -1].to(base)], 1)
         with torch.enable_grad():
             pooled = layer(base, rois).detach().requires_grad_(True)
-            x = roi_head.shared_head(pooled) if roi_head.with_shared_head else pooled
-            cls_score, _ = roi_head.bbox_head(x)
+            cls_score = adapter._pooled_logits(pooled)
             prob = adapter._activation(cls_score).gather(1, dets.labels[:, None].long())[:, 0]
             (grad, ) = torch.autograd.grad(prob.sum(), pooled)
             leaf = base.clone().requires_grad_(True)

@@ -1,7 +1,7 @@
-"""Two-stage detectors (Faster R-CNN, Mask R-CNN's box branch, Cascade R-CNN) on random-init
-models from mmdet's own configs at 128 px: adapter selection from the RoI bbox head, decoding
-equal to ``model.predict``, the RoI route and the exact route equal grad-cam's class run once
-per detection, non-blank level-aware maps on every RoI level.
+"""Two-stage detectors (Faster R-CNN, Mask R-CNN's box branch, Cascade R-CNN, Double-Head
+R-CNN) on random-init models from mmdet's own configs at 128 px: adapter selection from the RoI
+bbox head, decoding equal to ``model.predict``, the RoI route and the exact route equal
+grad-cam's class run once per detection, non-blank level-aware maps on every RoI level.
 
 The models use ResNet-18 (mmdet's configs with ``backbone.depth=18``), 100 proposals, and a
 small RoI extractor ``finest_scale`` (5-8 instead of 56) so that 128 px RoIs land on all four
@@ -15,6 +15,7 @@ from torch import nn
 
 from mmdet_cam_hook import METHODS, CAMEngine
 from mmdet_cam_hook.adapters import build_adapter
+from mmdet_cam_hook.adapters.roi_variants import DoubleHeadAdapter
 from mmdet_cam_hook.adapters.two_stage import CascadeRCNNAdapter, RoIGradient, TwoStageAdapter
 from mmdet_cam_hook.runtime.pipeline import preprocess
 from mmdet_cam_hook.testing import (
@@ -37,6 +38,8 @@ MODELS = {
     'mask-rcnn': ('mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', TwoStageAdapter, 'local', 8),
     'cascade-rcnn': ('cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py', CascadeRCNNAdapter,
                      'exact', 8),
+    'double-head': ('double_heads/dh-faster-rcnn_r50_fpn_1x_coco.py', DoubleHeadAdapter, 'local',
+                    8),
 }
 CAM_METHODS = [m for m in sorted(METHODS) if not getattr(METHODS[m], 'black_box', False)]
 _BUILT = {}
