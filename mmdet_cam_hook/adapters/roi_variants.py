@@ -7,11 +7,16 @@ small change (see :mod:`.two_stage`).
   classification branch (fully connected layers on the first input), so the level gradient of
   :class:`~.two_stage.RoIGradient` is that of the RoI's own pooled features, as for Faster
   R-CNN.
+- HTC (``HybridTaskCascadeRoIHead``): Cascade R-CNN's box stages, with the semantic head's
+  feature fused into the RoI features (``semantic_fusion``), computed on the live level maps.
 """
+from typing import Sequence
+
 import torch
+from torch import nn
 
 from .base import ADAPTERS
-from .two_stage import TwoStageAdapter
+from .two_stage import CascadeRCNNAdapter, TwoStageAdapter, _overrides, cascade_stages_standard
 
 
 @ADAPTERS.register_module()
@@ -39,3 +44,42 @@ class DoubleHeadAdapter(TwoStageAdapter):
         """The classification branch's logits; the regression input is a constant (the score
         does not read it)."""
         return self.roi_head.bbox_head(pooled, pooled.detach())[0]
+
+
+@ADAPTERS.register_module()
+class HTCAdapter(CascadeRCNNAdapter):
+    """``HybridTaskCascadeRoIHead`` (HTC's box branch): Cascade R-CNN's stages, whose RoI
+    features may be summed with the RoI-pooled semantic feature of ``semantic_head`` (which
+    reads every FPN level) when ``'bbox'`` is in ``semantic_fusion``.
+
+    Score of a detection (RoI i, class c), as Cascade R-CNN's::
+
+        softmax(mean_s cls_score_s(roi_s[i]))[c]
+
+    with the semantic feature computed on the live level maps.
+    """
+
+    head_types = ('HybridTaskCascadeRoIHead', )
+    excluded_types = ()
+    family = 'two-stage'
+    detectors = 'HTC (its box branch)'
+    doc_score = ('softmax(mean over stages of cls_s[i])[c], each stage on its own refined RoI '
+                 '(semantic feature fused)')
+    doc_layers = "the FPN output the last stage's RoI was pooled from, `neck.fpn_convs.{0..3}`"
+    doc_route = 'exact (stages and the semantic head read several levels)'
+
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        from mmdet.models.roi_heads import HybridTaskCascadeRoIHead
+
+        return (getattr(model, 'rpn_head', None) is not None
+                and not _overrides(type(model.roi_head), HybridTaskCascadeRoIHead,
+                                   ('predict', 'predict_bbox', '_refine_roi', '_bbox_forward'))
+                and cascade_stages_standard(model.roi_head))
+
+    def _stage_kwargs(self, feats: Sequence[torch.Tensor]) -> dict:
+        """``semantic_feat``: ``semantic_head``'s feature, as ``HybridTaskCascadeRoIHead.
+        predict`` computes it (None without a semantic head)."""
+        roi_head = self.roi_head
+        return {'semantic_feat': roi_head.semantic_head(tuple(feats))[1]
+                if roi_head.with_semantic else None}

@@ -281,6 +281,20 @@ class RoIGradient:
         return torch.stack(out) if out else base.new_zeros((0, *base.shape[1:]))
 
 
+def cascade_stages_standard(roi_head: nn.Module) -> bool:
+    """Whether every stage of a cascade RoI head decodes with
+    ``BBoxHead._predict_by_feat_single`` and all its RoI extractors are alike (same class,
+    same strides)."""
+    from mmdet.models.roi_heads.bbox_heads import BBoxHead
+
+    extractors = roi_head.bbox_roi_extractor
+    return (all(not _overrides(type(h), BBoxHead, ('_predict_by_feat_single', ))
+                for h in roi_head.bbox_head)
+            and all(type(e) is type(extractors[0])
+                    and e.featmap_strides == extractors[0].featmap_strides
+                    for e in extractors))
+
+
 @ADAPTERS.register_module()
 class CascadeRCNNAdapter(TwoStageAdapter):
     """``CascadeRoIHead`` (Cascade R-CNN, Cascade Mask R-CNN's box branch).
@@ -313,18 +327,11 @@ class CascadeRCNNAdapter(TwoStageAdapter):
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
         from mmdet.models.roi_heads import CascadeRoIHead
-        from mmdet.models.roi_heads.bbox_heads import BBoxHead
 
-        roi_head = model.roi_head
-        extractors = roi_head.bbox_roi_extractor
         return (getattr(model, 'rpn_head', None) is not None
-                and not _overrides(type(roi_head), CascadeRoIHead,
+                and not _overrides(type(model.roi_head), CascadeRoIHead,
                                    ('predict', 'predict_bbox', '_refine_roi'))
-                and all(not _overrides(type(h), BBoxHead, ('_predict_by_feat_single', ))
-                        for h in roi_head.bbox_head)
-                and all(type(e) is type(extractors[0])
-                        and e.featmap_strides == extractors[0].featmap_strides
-                        for e in extractors))
+                and cascade_stages_standard(model.roi_head))
 
     @property
     def _last_bbox_head(self) -> nn.Module:
@@ -336,8 +343,9 @@ class CascadeRCNNAdapter(TwoStageAdapter):
 
         roi_head = self.roi_head
         stage_rois, ms_scores, bbox_pred = [], [], None
+        kwargs = self._stage_kwargs(feats)
         for stage in range(roi_head.num_stages):
-            res = roi_head._bbox_forward(stage, tuple(feats), rois)
+            res = roi_head._bbox_forward(stage, tuple(feats), rois, **kwargs)
             stage_rois.append(rois)
             cls_score, bbox_pred = res['cls_score'], res['bbox_pred']
             ms_scores.append(cls_score)
@@ -354,10 +362,17 @@ class CascadeRCNNAdapter(TwoStageAdapter):
     def _roi_logits(self, feats, rois):
         """Mean over stages of each stage's logits on its own RoIs, (K, C + 1)."""
         logits = []
+        kwargs = self._stage_kwargs(feats)
         for stage in range(self.roi_head.num_stages):
             roi = torch.cat([rois.new_zeros((len(rois), 1)), rois[:, stage]], 1).to(feats[0])
-            logits.append(self.roi_head._bbox_forward(stage, tuple(feats), roi)['cls_score'])
+            logits.append(self.roi_head._bbox_forward(stage, tuple(feats), roi,
+                                                      **kwargs)['cls_score'])
         return sum(logits) / float(len(logits))
+
+    def _stage_kwargs(self, feats: Sequence[torch.Tensor]) -> dict:
+        """Extra keyword arguments of the RoI head's ``_bbox_forward`` computed once from the
+        level maps (none here; HTC's semantic feature)."""
+        return {}
 
     def level_of_layer(self, name: str) -> Optional[int]:
         """None: a level map may feed any detection (through one of its stages)."""

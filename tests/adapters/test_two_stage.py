@@ -1,7 +1,9 @@
 """Two-stage detectors (Faster R-CNN, Mask R-CNN's box branch, Cascade R-CNN, Double-Head
-R-CNN) on random-init models from mmdet's own configs at 128 px: adapter selection from the RoI
-bbox head, decoding equal to ``model.predict``, the RoI route and the exact route equal
-grad-cam's class run once per detection, non-blank level-aware maps on every RoI level.
+R-CNN, HTC's box branch) on random-init models from mmdet's own configs at 128 px: adapter
+selection from the RoI bbox head, decoding equal to ``model.predict``, the RoI route and the
+exact route equal grad-cam's class run once per detection, non-blank level-aware maps on every
+RoI level. HTC's maps take Cascade R-CNN's exact route (checked on Cascade R-CNN; one HTC run
+against grad-cam costs ~40 s here), its scores are checked against its decoding.
 
 The models use ResNet-18 (mmdet's configs with ``backbone.depth=18``), 100 proposals, and a
 small RoI extractor ``finest_scale`` (5-8 instead of 56) so that 128 px RoIs land on all four
@@ -15,7 +17,7 @@ from torch import nn
 
 from mmdet_cam_hook import METHODS, CAMEngine
 from mmdet_cam_hook.adapters import build_adapter
-from mmdet_cam_hook.adapters.roi_variants import DoubleHeadAdapter
+from mmdet_cam_hook.adapters.roi_variants import DoubleHeadAdapter, HTCAdapter
 from mmdet_cam_hook.adapters.two_stage import CascadeRCNNAdapter, RoIGradient, TwoStageAdapter
 from mmdet_cam_hook.runtime.pipeline import preprocess
 from mmdet_cam_hook.testing import (
@@ -40,6 +42,8 @@ MODELS = {
                      'exact', 8),
     'double-head': ('double_heads/dh-faster-rcnn_r50_fpn_1x_coco.py', DoubleHeadAdapter, 'local',
                     8),
+    # HTC's box branch (its semantic head is not built here: see the module docstring)
+    'htc': ('htc/htc-without-semantic_r50_fpn_1x_coco.py', HTCAdapter, 'exact', 8),
 }
 CAM_METHODS = [m for m in sorted(METHODS) if not getattr(METHODS[m], 'black_box', False)]
 _BUILT = {}
@@ -130,7 +134,7 @@ def test_adapter_is_chosen_from_the_roi_bbox_head(name):
     assert adapter.head is model.roi_head
     assert adapter.level_layers() == [f'neck.fpn_convs.{i}' for i in range(4)]
     assert adapter.strides() == [4, 8, 16, 32]
-    expected = [None] * 4 if name == 'cascade-rcnn' else [0, 1, 2, 3]
+    expected = [None] * 4 if MODELS[name][2] == 'exact' else [0, 1, 2, 3]
     assert [adapter.level_of_layer(n) for n in adapter.level_layers()] == expected
 
 
@@ -181,9 +185,10 @@ def test_detections_equal_model_predict(name):
     assert scores.requires_grad
     torch.testing.assert_close(scores, dets.scores, rtol=0, atol=1e-6)
     assert sorted(dets.levels.unique().tolist()) == [0, 1, 2, 3]
-    assert dets.rois.shape == (len(dets), 3 if name == 'cascade-rcnn' else 1, 4)
+    assert dets.rois.shape == (len(dets), 3 if MODELS[name][2] == 'exact' else 1, 4)
 
 
+@pytest.mark.parametrize('name', [n for n in MODELS if n != 'htc'])
 def test_maps_equal_grad_cam(name):
     """Level-aware default: one forward, then the RoI route (Faster/Mask) or the exact route
     (Cascade); maps equal grad-cam's class run once per detection, one detection per level
