@@ -83,3 +83,72 @@ class HTCAdapter(CascadeRCNNAdapter):
         roi_head = self.roi_head
         return {'semantic_feat': roi_head.semantic_head(tuple(feats))[1]
                 if roi_head.with_semantic else None}
+
+
+@ADAPTERS.register_module()
+class GridRCNNAdapter(TwoStageAdapter):
+    """``GridRoIHead`` (Grid R-CNN): the RoI bbox head classifies the proposals (its boxes are
+    the proposals: ``with_reg=False`` in mmdet's configs), NMS keeps some, then the grid head
+    moves each kept box (heat maps of 9 grid points pooled on the box), as
+    ``GridRoIHead.predict_bbox`` does.
+
+    "The score" is the one ``model.predict`` reports: the RoI classifier's, which the grid head
+    does not change::
+
+        softmax(cls[i])[c] of the kept proposal i
+
+    so the level-aware default, the RoI route and the score are Faster R-CNN's; the grid head
+    only moves the box (decoding runs it on the kept boxes, without gradients).
+    """
+
+    head_types = ('GridRoIHead', )
+    head_path = 'roi_head'
+    family = 'two-stage'
+    detectors = 'Grid R-CNN'
+    doc_score = ("softmax(cls[i])[c] of the kept RoI i (the grid head moves the box, not the "
+                 'score)')
+    doc_layers = 'the FPN output the RoI was pooled from, `neck.fpn_convs.{0..3}` (strides 4-32)'
+    doc_route = ("one backward through the RoI head for all detections, then RoIAlign's own "
+                 'backward per detection (exact)')
+
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        from mmdet.models.roi_heads import GridRoIHead
+        from mmdet.models.roi_heads.bbox_heads import BBoxHead
+
+        roi_head = getattr(model, 'roi_head', None)
+        return (getattr(model, 'rpn_head', None) is not None
+                and isinstance(roi_head, GridRoIHead)
+                and not _overrides(type(roi_head), GridRoIHead, ('predict', 'predict_bbox'))
+                and not _overrides(type(roi_head.bbox_head), BBoxHead,
+                                   ('_predict_by_feat_single', )))
+
+    def decode(self, outs, metainfo: dict, score_thr: float):
+        """Faster R-CNN's decoding on the network input's scale, then the grid head on the
+        kept boxes (rescaled to the original image by its own ``_predict_by_feat_single``)."""
+        dets = super().decode(outs, {**metainfo, 'scale_factor': (1.0, 1.0)}, score_thr)
+        if len(dets) > 0:
+            dets.bboxes = self._grid_boxes(outs.feats, dets.bboxes, metainfo)
+        return dets
+
+    def _grid_boxes(self, feats: Sequence[torch.Tensor], bboxes: torch.Tensor,
+                    metainfo: dict) -> torch.Tensor:
+        from mmdet.structures.bbox import bbox2roi
+
+        roi_head = self.roi_head
+        extractor, grid_head = roi_head.grid_roi_extractor, roi_head.grid_head
+        had, mode = hasattr(grid_head, 'test_mode'), getattr(grid_head, 'test_mode', None)
+        try:
+            with torch.no_grad():
+                x = extractor(tuple(f.detach() for f in feats)[:len(extractor.featmap_strides)],
+                              bbox2roi([bboxes]))
+                if roi_head.with_shared_head:
+                    x = roi_head.shared_head(x)
+                grid_head.test_mode = True
+                fused = grid_head(x)['fused']
+                return grid_head._predict_by_feat_single(fused, bboxes, metainfo, rescale=True)
+        finally:  # the model as found (mmdet's own predict sets the flag for good)
+            if had:
+                grid_head.test_mode = mode
+            else:
+                del grid_head.test_mode
