@@ -9,6 +9,7 @@ from . import (  # noqa: F401  (register the adapters)
     rpn,
     rtmdet,
     two_stage,  # noqa: F401  (register the two-stage adapters)
+    wrappers,
     yolov3,
     yolox,
 )
