@@ -152,3 +152,81 @@ class GridRCNNAdapter(TwoStageAdapter):
                 grid_head.test_mode = mode
             else:
                 del grid_head.test_mode
+
+
+@ADAPTERS.register_module()
+class MaskScoringRCNNAdapter(TwoStageAdapter):
+    """``MaskScoringRoIHead`` (Mask Scoring R-CNN): ``model.predict`` reports the RoI
+    classifier's probability times the mask IoU the ``mask_iou_head`` predicts for the kept box
+    and class (``MaskIoUHead.predict_by_feat``), and that product is the score explained::
+
+        softmax(cls[i])[c] * iou_c(mask_roi_align(box))
+
+    ``box`` being the kept (refined) box on the network input, pooled by the mask RoI
+    extractor, whose level may differ from the RoI's: every level layer then feeds every
+    detection and maps take the exact route. ``Detections.rois`` holds the RoI and the box
+    (S = 2).
+    """
+
+    head_types = ('MaskScoringRoIHead', )
+    head_path = 'roi_head'
+    family = 'two-stage'
+    detectors = 'Mask Scoring R-CNN (its box score, with the mask IoU)'
+    doc_score = 'softmax(cls[i])[c] · mask IoU of the kept box (as `model.predict` reports it)'
+    doc_layers = 'the FPN output the RoI was pooled from, `neck.fpn_convs.{0..3}` (strides 4-32)'
+    doc_route = 'exact (the mask IoU pools the box, maybe from another level)'
+
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        from mmdet.models.roi_heads import MaskScoringRoIHead
+        from mmdet.models.roi_heads.bbox_heads import BBoxHead
+
+        roi_head = getattr(model, 'roi_head', None)
+        return (getattr(model, 'rpn_head', None) is not None
+                and isinstance(roi_head, MaskScoringRoIHead)
+                and not _overrides(type(roi_head), MaskScoringRoIHead,
+                                   ('predict', 'predict_bbox', 'predict_mask', '_mask_forward'))
+                and not _overrides(type(roi_head.bbox_head), BBoxHead,
+                                   ('_predict_by_feat_single', )))
+
+    def decode(self, outs, metainfo: dict, score_thr: float):
+        """Faster R-CNN's decoding on the network input's scale, the mask IoU of each kept box
+        multiplied in, then the boxes rescaled as ``FCNMaskHead.predict_by_feat`` does."""
+        dets = super().decode(outs, {**metainfo, 'scale_factor': (1.0, 1.0)}, score_thr)
+        with torch.no_grad():
+            iou = self._mask_iou(tuple(f.detach() for f in outs.feats), dets.bboxes,
+                                 dets.labels)
+        dets.scores = dets.scores * iou
+        dets.rois = torch.cat([dets.rois, dets.bboxes[:, None]], 1)
+        dets.bboxes = dets.bboxes / dets.bboxes.new_tensor(metainfo['scale_factor']).repeat(
+            (1, 2))
+        dets = dets.select(dets.scores >= score_thr)
+        return dets.select(dets.scores.argsort(descending=True, stable=True))
+
+    def _mask_iou(self, feats: Sequence[torch.Tensor], boxes: torch.Tensor,
+                  labels: torch.Tensor) -> torch.Tensor:
+        """(K,) mask IoU predicted for each box (network input) and class."""
+        from mmdet.structures.bbox import bbox2roi
+
+        if len(boxes) == 0:
+            return boxes.new_zeros((0, ))
+        roi_head = self.roi_head
+        res = roi_head._mask_forward(tuple(feats), bbox2roi([boxes]))
+        k = torch.arange(len(labels), device=labels.device)
+        iou = roi_head.mask_iou_head(res['mask_feats'], res['mask_preds'][k, labels])
+        return iou[k, labels]
+
+    def scores(self, outs, dets) -> torch.Tensor:
+        """(K,) class probability of the RoI times the mask IoU of the box, live."""
+        if len(dets) == 0:
+            return outs.feats[0].new_zeros((0, ))
+        probs = super().scores(outs, dets)
+        return probs * self._mask_iou(outs.feats, dets.rois[:, -1].to(outs.feats[0]),
+                                      dets.labels.long())
+
+    def level_of_layer(self, name: str):
+        """None: the box may be pooled from another level than the RoI."""
+        return None
+
+    def level_gradient(self) -> None:
+        return None

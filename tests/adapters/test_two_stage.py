@@ -286,3 +286,45 @@ def test_explain_batch_equals_explain():
         assert len(got['gradcam']) == len(want) == 4
         np.testing.assert_allclose(got['gradcam'].scores, want.scores, rtol=1e-5)
         np.testing.assert_allclose(got['gradcam'].cams, want.cams, atol=1e-4)
+
+
+def test_mask_scoring_rcnn_explains_the_score_with_the_mask_iou():
+    """Mask Scoring R-CNN (narrow): ``model.predict``'s scores are the RoI class probability
+    times the predicted mask IoU of the kept box; decoding equals them (the detections scoring
+    >= 0: a random-init IoU head predicts some negative IoUs), the live score equals the
+    decoded one, the box is the second pooled stage, maps (exact route) equal grad-cam's."""
+    from mmdet.structures import DetDataSample
+
+    from mmdet_cam_hook.adapters.roi_variants import MaskScoringRCNNAdapter
+
+    torch.set_num_threads(1)
+    mask = {'model.roi_head.mask_roi_extractor.out_channels': 32,
+            'model.roi_head.mask_head.in_channels': 32,
+            'model.roi_head.mask_head.conv_out_channels': 32,
+            **{f'model.roi_head.mask_iou_head.{k}': v for k, v in (
+                ('in_channels', 32), ('conv_out_channels', 32), ('fc_out_channels', 128),
+                ('num_classes', 3))}}
+    model = build_two_stage('ms_rcnn/ms-rcnn_r50-caffe_fpn_1x_coco.py', cfg_options={
+        **SMALL, **NARROW, **mask, 'model.roi_head.bbox_roi_extractor.finest_scale': 8,
+        'model.test_cfg.rcnn.score_thr': 0.0})
+    image = synthetic_image(96, 160, seed=4)
+    engine = CAMEngine(model, score_thr=0.0, topk=8)
+    assert type(engine.adapter) is MaskScoringRCNNAdapter
+    assert [layer.route for layer in engine.layers] == ['exact'] * 4
+    inputs, meta, dets = _decoded(model, engine, image)
+    with torch.no_grad():
+        pred = model.predict(inputs, [DetDataSample(metainfo=meta)])[0].pred_instances
+    pred = pred[pred.scores >= 0]
+    order = pred.scores.argsort(descending=True, stable=True)
+    assert len(dets) == len(pred) > 0
+    assert torch.equal(dets.bboxes, pred.bboxes[order])
+    assert torch.equal(dets.scores, pred.scores[order])
+    assert torch.equal(dets.labels, pred.labels[order])
+    assert dets.rois.shape == (len(dets), 2, 4)
+    adapter = engine.adapter
+    scores = adapter.scores(adapter.head_outputs(adapter.features(inputs)), dets)
+    torch.testing.assert_close(scores, dets.scores, rtol=0, atol=1e-6)
+    res = engine.explain(image, methods='gradcam')['gradcam']
+    idx = _per_level(res.levels)
+    np.testing.assert_allclose(res.input_cams[idx], _reference(model, engine, image, res, idx),
+                               atol=1e-4)
