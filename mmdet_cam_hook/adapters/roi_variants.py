@@ -8,7 +8,8 @@ small change (see :mod:`.two_stage`).
   :class:`~.two_stage.RoIGradient` is that of the RoI's own pooled features, as for Faster
   R-CNN.
 - HTC (``HybridTaskCascadeRoIHead``): Cascade R-CNN's box stages, with the semantic head's
-  feature fused into the RoI features (``semantic_fusion``), computed on the live level maps.
+  feature fused into the RoI features (``semantic_fusion``), computed on the live level maps;
+  SCNet (``SCNetRoIHead``) the same with its global context feature too.
 """
 from typing import Sequence
 
@@ -48,9 +49,10 @@ class DoubleHeadAdapter(TwoStageAdapter):
 
 @ADAPTERS.register_module()
 class HTCAdapter(CascadeRCNNAdapter):
-    """``HybridTaskCascadeRoIHead`` (HTC's box branch): Cascade R-CNN's stages, whose RoI
-    features may be summed with the RoI-pooled semantic feature of ``semantic_head`` (which
-    reads every FPN level) when ``'bbox'`` is in ``semantic_fusion``.
+    """``HybridTaskCascadeRoIHead`` (HTC's box branch) and ``SCNetRoIHead`` (SCNet's):
+    Cascade R-CNN's stages, whose RoI features may be summed with the RoI-pooled semantic
+    feature of ``semantic_head`` (which reads every FPN level; HTC: when ``'bbox'`` is in
+    ``semantic_fusion``) and, in SCNet, fused with the global context head's feature.
 
     Score of a detection (RoI i, class c), as Cascade R-CNN's::
 
@@ -59,30 +61,36 @@ class HTCAdapter(CascadeRCNNAdapter):
     with the semantic feature computed on the live level maps.
     """
 
-    head_types = ('HybridTaskCascadeRoIHead', )
+    head_types = ('HybridTaskCascadeRoIHead', 'SCNetRoIHead')
     excluded_types = ()
     family = 'two-stage'
-    detectors = 'HTC (its box branch)'
+    detectors = 'HTC, SCNet (their box branch)'
     doc_score = ('softmax(mean over stages of cls_s[i])[c], each stage on its own refined RoI '
-                 '(semantic feature fused)')
+                 '(semantic and global context features fused)')
     doc_layers = "the FPN output the last stage's RoI was pooled from, `neck.fpn_convs.{0..3}`"
-    doc_route = 'exact (stages and the semantic head read several levels)'
+    doc_route = 'exact (stages and the semantic/context heads read several levels)'
 
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
-        from mmdet.models.roi_heads import HybridTaskCascadeRoIHead
+        from mmdet.models.roi_heads import HybridTaskCascadeRoIHead, SCNetRoIHead
 
+        roi_head = model.roi_head
+        base = SCNetRoIHead if isinstance(roi_head, SCNetRoIHead) else HybridTaskCascadeRoIHead
         return (getattr(model, 'rpn_head', None) is not None
-                and not _overrides(type(model.roi_head), HybridTaskCascadeRoIHead,
+                and not _overrides(type(roi_head), base,
                                    ('predict', 'predict_bbox', '_refine_roi', '_bbox_forward'))
-                and cascade_stages_standard(model.roi_head))
+                and cascade_stages_standard(roi_head))
 
     def _stage_kwargs(self, feats: Sequence[torch.Tensor]) -> dict:
-        """``semantic_feat``: ``semantic_head``'s feature, as ``HybridTaskCascadeRoIHead.
-        predict`` computes it (None without a semantic head)."""
+        """``semantic_feat`` (``semantic_head``'s feature; None without one) and, in SCNet,
+        ``glbctx_feat`` (``glbctx_head``'s), as the RoI head's ``predict`` computes them."""
         roi_head = self.roi_head
-        return {'semantic_feat': roi_head.semantic_head(tuple(feats))[1]
-                if roi_head.with_semantic else None}
+        kwargs = {'semantic_feat': roi_head.semantic_head(tuple(feats))[1]
+                  if roi_head.with_semantic else None}
+        if hasattr(roi_head, 'with_glbctx'):
+            kwargs['glbctx_feat'] = (roi_head.glbctx_head(tuple(feats))[1]
+                                     if roi_head.with_glbctx else None)
+        return kwargs
 
 
 @ADAPTERS.register_module()
