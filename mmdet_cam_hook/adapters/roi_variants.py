@@ -238,3 +238,47 @@ class MaskScoringRCNNAdapter(TwoStageAdapter):
 
     def level_gradient(self) -> None:
         return None
+
+
+@ADAPTERS.register_module()
+class TridentAdapter(TwoStageAdapter):
+    """``TridentRoIHead`` (TridentNet) testing one branch (``test_branch_idx >= 0``, as in
+    mmdet's configs: the backbone runs that branch's dilation only). ``model.predict`` then is
+    Faster R-CNN's (C4: the RoI head's shared ``res5`` on one stride-16 map), followed by
+    ``merge_trident_bboxes``: NMS over the (one) branch's detections again and
+    ``max_per_img``, which decoding repeats. With all branches at test
+    (``test_branch_idx=-1``) the model is refused.
+    """
+
+    head_types = ('TridentRoIHead', )
+    head_path = 'roi_head'
+    family = 'two-stage'
+    detectors = 'TridentNet (one test branch)'
+    doc_score = "softmax(cls[i])[c] of the kept RoI i (the test branch's)"
+    doc_layers = 'the backbone output the RoI is pooled from (`backbone.layer3`, stride 16)'
+    doc_route = ("one backward through the RoI head for all detections, then RoIAlign's own "
+                 'backward per detection (exact)')
+
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        from mmdet.models.roi_heads import TridentRoIHead
+        from mmdet.models.roi_heads.bbox_heads import BBoxHead
+
+        roi_head = getattr(model, 'roi_head', None)
+        return (getattr(model, 'rpn_head', None) is not None
+                and isinstance(roi_head, TridentRoIHead) and roi_head.test_branch_idx != -1
+                and not _overrides(type(roi_head), TridentRoIHead,
+                                   ('predict', 'predict_bbox', 'merge_trident_bboxes'))
+                and not _overrides(type(roi_head.bbox_head), BBoxHead,
+                                   ('_predict_by_feat_single', )))
+
+    def decode(self, outs, metainfo: dict, score_thr: float):
+        """Faster R-CNN's decoding, then ``merge_trident_bboxes``' NMS and ``max_per_img``."""
+        from mmcv.ops import batched_nms
+
+        dets = super().decode(outs, metainfo, score_thr)
+        if len(dets) > 0:
+            cfg = self.roi_head.test_cfg
+            _, keep = batched_nms(dets.bboxes, dets.scores, dets.labels, cfg['nms'])
+            dets = dets.select(keep[:cfg['max_per_img']] if cfg['max_per_img'] > 0 else keep)
+        return dets

@@ -329,3 +329,40 @@ def test_mask_scoring_rcnn_explains_the_score_with_the_mask_iou():
     idx = _per_level(res.levels)
     np.testing.assert_allclose(res.input_cams[idx], _reference(model, engine, image, res, idx),
                                atol=1e-4)
+
+
+def test_tridentnet_one_test_branch():
+    """TridentNet (ResNet-50 Trident backbone, C4, the middle branch at test as in mmdet's
+    config): decoding (Faster R-CNN's, then ``merge_trident_bboxes``' NMS) equals
+    ``model.predict``; the level layer is the backbone's output on the RoI route, and maps
+    equal grad-cam's."""
+    from mmdet.structures import DetDataSample
+
+    from mmdet_cam_hook.adapters.roi_variants import TridentAdapter
+
+    torch.set_num_threads(1)
+    model = build_two_stage('tridentnet/tridentnet_r50-caffe_1x_coco.py', cfg_options={
+        'model.test_cfg.rpn.max_per_img': 30, 'model.test_cfg.rcnn.score_thr': 0.0})
+    image = synthetic_image(96, 160, seed=4)
+    engine = CAMEngine(model, score_thr=0.0, topk=4)
+    assert type(engine.adapter) is TridentAdapter
+    assert engine.layer_names == ['backbone.layer3']
+    assert [layer.route for layer in engine.layers] == ['local']
+    inputs, meta, dets = _decoded(model, engine, image)
+    with torch.no_grad():
+        pred = model.predict(inputs, [DetDataSample(metainfo=meta)])[0].pred_instances
+    order = pred.scores.argsort(descending=True, stable=True)
+    assert len(dets) == len(pred) > 4
+    assert torch.equal(dets.bboxes, pred.bboxes[order])
+    assert torch.equal(dets.scores, pred.scores[order])
+    assert torch.equal(dets.labels, pred.labels[order])
+    res = engine.explain(image, methods='hirescam')['hirescam']
+    idx = [0, 3]
+    np.testing.assert_allclose(res.input_cams[idx], _reference(model, engine, image, res, idx),
+                               atol=1e-4)
+    model.roi_head.test_branch_idx = -1
+    try:
+        with pytest.raises(ValueError, match='TridentRoIHead'):
+            build_adapter(model)
+    finally:
+        model.roi_head.test_branch_idx = 1
