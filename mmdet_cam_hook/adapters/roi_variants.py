@@ -34,6 +34,7 @@ class DoubleHeadAdapter(TwoStageAdapter):
     """
 
     head_types = ('DoubleConvFCBBoxHead', )
+    excluded_types = ()
     family = 'two-stage'
     detectors = 'Double-Head R-CNN'
     doc_score = 'softmax(cls[i])[c] of the fc (classification) branch on the kept RoI i'
@@ -110,6 +111,7 @@ class GridRCNNAdapter(TwoStageAdapter):
     """
 
     head_types = ('GridRoIHead', )
+    excluded_types = ()
     head_path = 'roi_head'
     family = 'two-stage'
     detectors = 'Grid R-CNN'
@@ -177,6 +179,7 @@ class MaskScoringRCNNAdapter(TwoStageAdapter):
     """
 
     head_types = ('MaskScoringRoIHead', )
+    excluded_types = ()
     head_path = 'roi_head'
     family = 'two-stage'
     detectors = 'Mask Scoring R-CNN (its box score, with the mask IoU)'
@@ -251,6 +254,7 @@ class TridentAdapter(TwoStageAdapter):
     """
 
     head_types = ('TridentRoIHead', )
+    excluded_types = ()
     head_path = 'roi_head'
     family = 'two-stage'
     detectors = 'TridentNet (one test branch)'

@@ -59,7 +59,8 @@ class TwoStageAdapter(DetectorAdapter):
     excluded_types = ('SABLHead', 'MultiInstanceBBoxHead')
     head_path = 'roi_head.bbox_head'
     family = 'two-stage'
-    detectors = 'Faster R-CNN, Mask R-CNN (its box branch)'
+    detectors = ('Faster R-CNN, Mask R-CNN (its box branch), Libra R-CNN, Dynamic R-CNN, PISA, '
+                 'PointRend (its box branch)')
     doc_score = "softmax(cls[i])[c] of the kept RoI i (or the loss's own activation)"
     doc_layers = 'the FPN output the RoI was pooled from, `neck.fpn_convs.{0..3}` (strides 4-32)'
     doc_route = ("one backward through the RoI head for all detections, then RoIAlign's own "
