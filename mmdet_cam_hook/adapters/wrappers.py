@@ -39,6 +39,9 @@ class SemiSupervisedAdapter(DetectorAdapter):
     """
 
     head_types = ('BaseDetector', )
+    #: Nothing of the branch's detector class: the inner adapter is chosen (and a head it does
+    #: not support refused) by :func:`~.base.build_adapter` on the branch itself.
+    relies_on: tuple = ()
     head_path = 'teacher'
     family = 'wrapper'
     detectors = 'SoftTeacher (its teacher; the student with semi_test_cfg.predict_on=student)'

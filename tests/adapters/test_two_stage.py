@@ -338,11 +338,22 @@ def test_tridentnet_one_test_branch():
     equal grad-cam's."""
     from mmdet.structures import DetDataSample
 
+    from mmdet_cam_hook.adapters.base import module_at
     from mmdet_cam_hook.adapters.roi_variants import TridentAdapter
 
     torch.set_num_threads(1)
     model = build_two_stage('tridentnet/tridentnet_r50-caffe_1x_coco.py', cfg_options={
         'model.test_cfg.rpn.max_per_img': 30, 'model.test_cfg.rcnn.score_thr': 0.0})
+    # mmdet's TridentConv allocates its weight uninitialised and no init_cfg reaches it (the
+    # ResNet's Kaiming init is for nn.Conv2d): give it a tenth of He-normal values (full scale
+    # blows this random-init ResNet-50's features up: its caffe BatchNorms are identities)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.backbone.named_parameters():
+            if type(module_at(model.backbone, name.rsplit('.', 1)[0])).__name__ == 'TridentConv' \
+                    and name.endswith('weight'):
+                fan_in = param[0].numel()
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1 * (2 / fan_in) ** 0.5)
     image = synthetic_image(96, 160, seed=4)
     engine = CAMEngine(model, score_thr=0.0, topk=4)
     assert type(engine.adapter) is TridentAdapter
