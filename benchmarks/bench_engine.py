@@ -82,6 +82,13 @@ MODELS = {
     'faster-rcnn-r50': (lambda size: build_detector(
         'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', size, num_classes=80,
         perturb=FASTER_RCNN), 512, 'backbone.layer4'),
+    # issue 19's RoI/query families: Double-Head R-CNN (the RoI route through its classification
+    # branch), Sparse R-CNN (exact route: self-attention mixes the 100 proposals)
+    'dh-faster-rcnn-r50': (lambda size: build_detector(
+        'double_heads/dh-faster-rcnn_r50_fpn_1x_coco.py', size, num_classes=80,
+        perturb=FASTER_RCNN), 512, 'backbone.layer4'),
+    'sparse-rcnn-r50': (lambda size: build_detector(
+        'sparse_rcnn/sparse-rcnn_r50_fpn_1x_coco.py', size, num_classes=80), 512, None),
     'dino-4scale-r50': (lambda size: build_detector(
         'dino/dino-4scale_r50_8xb2-12e_coco.py', size, num_classes=80), 320, None),
     # Issue 19's dense heads with an exact window (the rest take the exact route, as FCOS).

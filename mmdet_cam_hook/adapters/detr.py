@@ -1,4 +1,4 @@
-"""The DETR family: DETR, Deformable DETR and DINO.
+"""The DETR family: DETR, Deformable DETR, DINO, Conditional DETR and DAB-DETR.
 
 A detection is a pair (query, class). Its score is the head's own class score of that query at
 the last decoder layer: ``sigmoid(cls[q, c])`` for Deformable DETR and DINO (focal-loss heads,
@@ -37,8 +37,9 @@ class QueryOutputs(NamedTuple):
 
 @ADAPTERS.register_module()
 class DETRAdapter(DetectorAdapter):
-    """``DETRHead`` and its subclasses (``DeformableDETRHead``, ``DINOHead``) in mmdet's
-    ``DetectionTransformer`` detectors (``forward_transformer``, then the head).
+    """``DETRHead`` and its subclasses (``DeformableDETRHead``, ``DINOHead``,
+    ``ConditionalDETRHead``, ``DABDETRHead``) in mmdet's ``DetectionTransformer`` detectors
+    (``forward_transformer``, then the head).
 
     Score of a detection (query q, class c), on the last decoder layer's logits::
 
@@ -46,12 +47,13 @@ class DETRAdapter(DetectorAdapter):
         softmax(cls[q])[c], c < C          (DETR; the no-object logit is in the softmax)
     """
 
-    head_types = ('DETRHead', )
+    head_types = ('DETRHead', 'DeformableDETRHead', 'DINOHead', 'ConditionalDETRHead',
+                  'DABDETRHead')
     relies_on = ('_predict_by_feat_single', )
     family = 'DETR'
-    detectors = 'DINO, Deformable DETR, DETR'
-    doc_score = ('σ(cls[q, c]) (DINO, Deformable DETR); softmax(cls[q])[c] without no-object '
-                 '(DETR); last decoder layer')
+    detectors = 'DINO, Deformable DETR, DETR, Conditional DETR, DAB-DETR'
+    doc_score = ('σ(cls[q, c]) (DINO, Deformable DETR, Conditional DETR, DAB-DETR); '
+                 'softmax(cls[q])[c] without no-object (DETR); last decoder layer')
     doc_layers = ('all neck outputs together, maps averaged (`neck.convs.{0,1,2}`, '
                   '`neck.extra_convs.0`, strides 8-64; DETR: `neck.convs.0`)')
     doc_route = 'exact (one backward through the transformer per detection)'

@@ -69,7 +69,8 @@ class TwoStageAdapter(DetectorAdapter):
     excluded_types = ('SABLHead', 'MultiInstanceBBoxHead')
     head_path = 'roi_head.bbox_head'
     family = 'two-stage'
-    detectors = 'Faster R-CNN, Mask R-CNN (its box branch)'
+    detectors = ('Faster R-CNN, Mask R-CNN (its box branch), Libra R-CNN, Dynamic R-CNN, PISA, '
+                 'PointRend (its box branch)')
     doc_score = "softmax(cls[i])[c] of the kept RoI i (or the loss's own activation)"
     doc_layers = 'the FPN output the RoI was pooled from, `neck.fpn_convs.{0..3}` (strides 4-32)'
     doc_route = ("one backward through the RoI head for all detections, then RoIAlign's own "
@@ -214,6 +215,13 @@ class TwoStageAdapter(DetectorAdapter):
         roi = torch.cat([rois.new_zeros((len(rois), 1)), rois[:, 0]], 1).to(feats[0])
         return self.roi_head._bbox_forward(tuple(feats), roi)['cls_score']
 
+    def _pooled_logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(K, C + 1) logits of the bbox head on (K, C, s, s) RoI features pooled by the
+        extractor (the shared head first, if any), for :class:`RoIGradient`."""
+        roi_head = self.roi_head
+        x = roi_head.shared_head(pooled) if roi_head.with_shared_head else pooled
+        return roi_head.bbox_head(x)[0]
+
     # ------------------------------------------------------------------ (c) layers
     def strides(self) -> List[int]:
         """Strides of the level maps the RoI extractor reads."""
@@ -225,12 +233,32 @@ class TwoStageAdapter(DetectorAdapter):
         return tuple(self.model.extract_feat(inputs))
 
     def level_layers(self) -> List[str]:
-        """The modules outputting the maps the RoI extractor reads (``neck.fpn_convs.l``)."""
+        """The modules outputting the maps the RoI extractor reads (``neck.fpn_convs.l``).
+
+        A neck made of several necks whose last adds to each level what no module outputs
+        (Libra R-CNN's ``BFP``: the balanced feature, resized, plus the level's FPN map) has no
+        such module: then the first neck's outputs (``neck.0.fpn_convs.l``) are the level
+        layers, each feeding every level (:meth:`level_of_layer` is None)."""
         if getattr(self, '_level_layers', None) is None:
-            num = len(self.strides())
-            self._level_layers = trace_level_layers(
-                self.model, lambda x: self.features(x)[:num], 2 * max(self.strides()))
+            num, size = len(self.strides()), 2 * max(self.strides())
+            self._mixed_levels = False
+            try:
+                self._level_layers = trace_level_layers(
+                    self.model, lambda x: self.features(x)[:num], size)
+            except ValueError:
+                neck = getattr(self.model, 'neck', None)
+                if not isinstance(neck, nn.Sequential) or len(neck) < 2:
+                    raise
+                self._level_layers = trace_level_layers(
+                    self.model, lambda x: tuple(neck[0](self.model.backbone(x)))[:num], size)
+                self._mixed_levels = True
         return list(self._level_layers)
+
+    def level_of_layer(self, name: str) -> Optional[int]:
+        """As :meth:`DetectorAdapter.level_of_layer`; None for every layer when the level
+        layers are a first neck's outputs (see :meth:`level_layers`)."""
+        self.level_layers()
+        return None if self._mixed_levels else super().level_of_layer(name)
 
     # ------------------------------------------------------------------ (d) RoI route
     def level_gradient(self) -> Optional['RoIGradient']:
@@ -318,20 +346,32 @@ class RoIGradient:
         """Gradients of ``dets``' scores (all pooled from ``level``) w.r.t. ``feat``
         (1, C, h, w), as (K, C, h, w)."""
         adapter = self.adapter
-        roi_head = adapter.roi_head
         layer = adapter.extractor.roi_layers[level]
         base = feat.detach()
         rois = torch.cat([base.new_zeros((len(dets), 1)), dets.rois[:, -1].to(base)], 1)
         with torch.enable_grad():
             pooled = layer(base, rois).detach().requires_grad_(True)
-            x = roi_head.shared_head(pooled) if roi_head.with_shared_head else pooled
-            cls_score, _ = roi_head.bbox_head(x)
+            cls_score = adapter._pooled_logits(pooled)
             prob = adapter._activation(cls_score).gather(1, dets.labels[:, None].long())[:, 0]
             (grad, ) = torch.autograd.grad(prob.sum(), pooled)
             leaf = base.clone().requires_grad_(True)
             out = [torch.autograd.grad(layer(leaf, rois[k:k + 1]), leaf, grad[k:k + 1])[0][0]
                    for k in range(len(dets))]
         return torch.stack(out) if out else base.new_zeros((0, *base.shape[1:]))
+
+
+def cascade_stages_standard(roi_head: nn.Module) -> bool:
+    """Whether every stage of a cascade RoI head decodes with
+    ``BBoxHead._predict_by_feat_single`` and all its RoI extractors are alike (same class,
+    same strides)."""
+    from mmdet.models.roi_heads.bbox_heads import BBoxHead
+
+    extractors = roi_head.bbox_roi_extractor
+    return (all(not _overrides(type(h), BBoxHead, ('_predict_by_feat_single', ))
+                for h in roi_head.bbox_head)
+            and all(type(e) is type(extractors[0])
+                    and e.featmap_strides == extractors[0].featmap_strides
+                    for e in extractors))
 
 
 @ADAPTERS.register_module()
@@ -368,18 +408,11 @@ class CascadeRCNNAdapter(TwoStageAdapter):
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
         from mmdet.models.roi_heads import CascadeRoIHead
-        from mmdet.models.roi_heads.bbox_heads import BBoxHead
 
-        roi_head = model.roi_head
-        extractors = roi_head.bbox_roi_extractor
         return (getattr(model, 'rpn_head', None) is not None
-                and not _overrides(type(roi_head), CascadeRoIHead,
+                and not _overrides(type(model.roi_head), CascadeRoIHead,
                                    ('predict', 'predict_bbox', '_refine_roi'))
-                and all(not _overrides(type(h), BBoxHead, ('_predict_by_feat_single', ))
-                        for h in roi_head.bbox_head)
-                and all(type(e) is type(extractors[0])
-                        and e.featmap_strides == extractors[0].featmap_strides
-                        for e in extractors))
+                and cascade_stages_standard(model.roi_head))
 
     @property
     def _last_bbox_head(self) -> nn.Module:
@@ -391,8 +424,9 @@ class CascadeRCNNAdapter(TwoStageAdapter):
 
         roi_head = self.roi_head
         stage_rois, ms_scores, bbox_pred = [], [], None
+        kwargs = self._stage_kwargs(feats)
         for stage in range(roi_head.num_stages):
-            res = roi_head._bbox_forward(stage, tuple(feats), rois)
+            res = roi_head._bbox_forward(stage, tuple(feats), rois, **kwargs)
             stage_rois.append(rois)
             cls_score, bbox_pred = res['cls_score'], res['bbox_pred']
             ms_scores.append(cls_score)
@@ -409,10 +443,17 @@ class CascadeRCNNAdapter(TwoStageAdapter):
     def _roi_logits(self, feats, rois):
         """Mean over stages of each stage's logits on its own RoIs, (K, C + 1)."""
         logits = []
+        kwargs = self._stage_kwargs(feats)
         for stage in range(self.roi_head.num_stages):
             roi = torch.cat([rois.new_zeros((len(rois), 1)), rois[:, stage]], 1).to(feats[0])
-            logits.append(self.roi_head._bbox_forward(stage, tuple(feats), roi)['cls_score'])
+            logits.append(self.roi_head._bbox_forward(stage, tuple(feats), roi,
+                                                      **kwargs)['cls_score'])
         return sum(logits) / float(len(logits))
+
+    def _stage_kwargs(self, feats: Sequence[torch.Tensor]) -> dict:
+        """Extra keyword arguments of the RoI head's ``_bbox_forward`` computed once from the
+        level maps (none here; HTC's semantic feature)."""
+        return {}
 
     def level_of_layer(self, name: str) -> Optional[int]:
         """None: a level map may feed any detection (through one of its stages)."""

@@ -1,6 +1,7 @@
-"""The DETR family (DINO, Deformable DETR, DETR) on random-init models from mmdet's own configs
-at 128 px: adapter selection from the head, decoding equal to ``model.predict``, every level
-map on the exact route, maps equal grad-cam's class run once per detection.
+"""The DETR family (DINO, Deformable DETR, DETR, Conditional DETR, DAB-DETR) on random-init
+models from mmdet's own configs at 128 px: adapter selection from the head, decoding equal to
+``model.predict``, every level map on the exact route, maps equal grad-cam's class run once per
+detection.
 
 The models are shrunk (the adapter reads the head's outputs, not the widths): ResNet-18 with 16
 base channels, 30 queries, 2 encoder and 2 decoder layers. Torch runs at one thread.
@@ -27,6 +28,9 @@ MODELS = {
     'deformable-detr': ('deformable_detr/deformable-detr_r50_16xb2-50e_coco.py', [32, 64, 128],
                         FOUR_LEVELS, [8, 16, 32, 64]),
     'detr': ('detr/detr_r50_8xb2-150e_coco.py', [128], ['neck.convs.0'], [32]),
+    'conditional-detr': ('conditional_detr/conditional-detr_r50_8xb2-50e_coco.py', [128],
+                         ['neck.convs.0'], [32]),
+    'dab-detr': ('dab_detr/dab-detr_r50_8xb2-50e_coco.py', [128], ['neck.convs.0'], [32]),
 }
 CAM_METHODS = [m for m in sorted(METHODS) if not getattr(METHODS[m], 'black_box', False)]
 _BUILT = {}

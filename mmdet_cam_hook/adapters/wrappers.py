@@ -1,0 +1,108 @@
+"""Detectors wrapped in another model: the semi-supervised ``SemiBaseDetector`` family
+(SoftTeacher), whose ``teacher`` and ``student`` are each a whole detector.
+
+:class:`SemiSupervisedAdapter` explains the detector ``model.predict`` runs: mmdet's own switch
+``semi_test_cfg.predict_on`` (``'teacher'``, the default and the setting of mmdet's SoftTeacher
+configs, or ``'student'``). To explain the student, set it in the config
+(``model.semi_test_cfg.predict_on='student'``, e.g. ``--cfg-options`` for mmdet's tools) or on
+the built model (``model.semi_test_cfg['predict_on'] = 'student'``) before the engine or hook is
+built; ``model.predict`` then reports the student's detections too, so the maps explain what
+the user sees. Everything else is the inner detector's own adapter (chosen by the same rule),
+its layer names prefixed with ``teacher.`` / ``student.``.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .base import ADAPTERS, Detections, DetectorAdapter, LevelGradient, complete_stages
+from .support import build_adapter
+
+#: The values ``semi_test_cfg.predict_on`` takes.
+BRANCHES = ('teacher', 'student')
+
+
+@ADAPTERS.register_module()
+class SemiSupervisedAdapter(DetectorAdapter):
+    """``SemiBaseDetector`` subclasses (``SoftTeacher``): the adapter of the branch
+    ``semi_test_cfg.predict_on`` names (default ``'teacher'``), with prefixed layer names.
+
+    Raises:
+        ValueError: If ``predict_on`` is not one of :data:`BRANCHES` (when the engine is
+            built), or the inner detector has no adapter.
+    """
+
+    head_types = ('BaseDetector', )
+    #: Nothing of the branch's detector class: the inner adapter is chosen (and a head it does
+    #: not support refused) by :func:`~.base.build_adapter` on the branch itself.
+    relies_on: tuple = ()
+    head_path = 'teacher'
+    family = 'wrapper'
+    detectors = 'SoftTeacher (its teacher; the student with semi_test_cfg.predict_on=student)'
+    doc_score = "the inner detector's"
+    doc_layers = "the inner detector's, prefixed `teacher.` (or `student.`)"
+    doc_route = "the inner detector's"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        branch = dict(getattr(model, 'semi_test_cfg', None) or {}).get('predict_on', 'teacher')
+        if branch not in BRANCHES:
+            raise ValueError(f'`semi_test_cfg.predict_on` of {type(model).__name__} must be one '
+                             f'of {list(BRANCHES)}, got {branch!r}')
+        self.branch = branch
+        self.prefix = branch + '.'
+        self.inner = build_adapter(getattr(model, branch))
+        self.head = self.inner.head
+        self.levels_shared = self.inner.levels_shared
+
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        from mmdet.models.detectors import SemiBaseDetector
+
+        return isinstance(model, SemiBaseDetector)
+
+    # ------------------------------------------------------------------ the inner adapter's
+    def features(self, inputs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        return self.inner.features(inputs)
+
+    def head_outputs(self, feats: Sequence[torch.Tensor],
+                     metainfo: Optional[Sequence[dict]] = None):
+        return self.inner.head_outputs(feats, metainfo)
+
+    def decode(self, outs, metainfo: dict, score_thr: float) -> Detections:
+        return self.inner.decode(outs, metainfo, score_thr)
+
+    def scores(self, outs, dets: Detections) -> torch.Tensor:
+        return self.inner.scores(outs, dets)
+
+    def strides(self) -> List[int]:
+        return self.inner.strides()
+
+    def level_layers(self) -> List[str]:
+        return [self.prefix + name for name in self.inner.level_layers()]
+
+    def level_roots(self, level: int) -> List[str]:
+        return [self.prefix + name for name in self.inner.level_roots(level)]
+
+    def level_of_layer(self, name: str) -> Optional[int]:
+        """The inner adapter's answer for a layer of the explained branch; None for the other
+        branch (it feeds no detection)."""
+        if not name.startswith(self.prefix):
+            return None
+        return self.inner.level_of_layer(name[len(self.prefix):])
+
+    def level_gradient(self) -> Optional[LevelGradient]:
+        return self.inner.level_gradient()
+
+    def window_branches(self, level: int) -> Optional[List[List[nn.Module]]]:
+        return self.inner.window_branches(level)
+
+    def window_scores(self, level: int, windows: torch.Tensor, dets: Detections) -> torch.Tensor:
+        return self.inner.window_scores(level, windows, dets)
+
+    def stages(self) -> Dict[str, List[str]]:
+        """The explained branch's stages, prefixed; the other branch (which feeds no
+        detection) goes with the first stage."""
+        inner = self.inner.stages()
+        stages = {name: [self.prefix + p for p in paths] for name, paths in inner.items()}
+        return complete_stages(self.model, stages, rest=next(iter(stages)))
