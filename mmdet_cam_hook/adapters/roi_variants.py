@@ -34,6 +34,9 @@ class DoubleHeadAdapter(TwoStageAdapter):
     """
 
     head_types = ('DoubleConvFCBBoxHead', )
+    relies_on_parts = {'rpn_head': TwoStageAdapter.relies_on_parts['rpn_head'],
+                       'roi_head': (('DoubleHeadRoIHead', ),
+                                    ('predict', 'predict_bbox', '_bbox_forward'))}
     excluded_types = ()
     family = 'two-stage'
     detectors = 'Double-Head R-CNN'
@@ -111,6 +114,8 @@ class GridRCNNAdapter(TwoStageAdapter):
     """
 
     head_types = ('GridRoIHead', )
+    relies_on = ('predict', 'predict_bbox', '_bbox_forward')
+    relies_on_parts = {'rpn_head': TwoStageAdapter.relies_on_parts['rpn_head']}
     excluded_types = ()
     head_path = 'roi_head'
     family = 'two-stage'
@@ -179,6 +184,8 @@ class MaskScoringRCNNAdapter(TwoStageAdapter):
     """
 
     head_types = ('MaskScoringRoIHead', )
+    relies_on = ('predict', 'predict_bbox', 'predict_mask', '_mask_forward')
+    relies_on_parts = {'rpn_head': TwoStageAdapter.relies_on_parts['rpn_head']}
     excluded_types = ()
     head_path = 'roi_head'
     family = 'two-stage'
@@ -254,6 +261,8 @@ class TridentAdapter(TwoStageAdapter):
     """
 
     head_types = ('TridentRoIHead', )
+    relies_on = ('predict', 'predict_bbox', '_bbox_forward')
+    relies_on_parts = {'rpn_head': TwoStageAdapter.relies_on_parts['rpn_head']}
     excluded_types = ()
     head_path = 'roi_head'
     family = 'two-stage'
