@@ -91,6 +91,9 @@ MODELS = {
         'sparse_rcnn/sparse-rcnn_r50_fpn_1x_coco.py', size, num_classes=80), 512, None),
     'dino-4scale-r50': (lambda size: build_detector(
         'dino/dino-4scale_r50_8xb2-12e_coco.py', size, num_classes=80), 320, None),
+    # Grounding DINO R50 at its config's sizes (900 queries, 6+6 layers) with a random BERT of
+    # BERT-base's shape (12 layers of 768) saved here; prompted with three phrases
+    'grounding-dino-r50': (lambda size: _grounding_dino(size), 320, None),
     # Issue 19's dense heads with an exact window (the rest take the exact route, as FCOS).
     'fsaf-r50': (lambda size: build_detector(
         'fsaf/fsaf_r50_fpn_1x_coco.py', size, num_classes=80, perturb=RETINANET), 512,
@@ -117,6 +120,15 @@ def _ssd(model):
 # RTMDet keeps every (prior, class) pair above the score threshold before NMS (nms_pre=30000 per
 # level); a random-init model scores all 8400 x 80 of them ~0.5, which makes NMS, not the CAMs,
 # the cost. nms_pre=1000 (RetinaNet's, FCOS's) keeps the decode at a trained model's size.
+
+
+def _grounding_dino(size):
+    import tempfile
+
+    from mmdet_cam_hook.testing.text import build_grounding_dino, tiny_bert
+
+    bert = tiny_bert(tempfile.mkdtemp(prefix='bench_bert_'), hidden_size=768, num_layers=12)
+    return build_grounding_dino(bert, input_size=size, small=False)
 
 
 def forward_backward(engine, inputs, meta, dets):

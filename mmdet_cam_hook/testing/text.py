@@ -30,7 +30,7 @@ SMALL_GROUNDING = {'model.backbone.depth': 18, 'model.backbone.base_channels': 1
 
 
 def tiny_bert(folder, words: Sequence[str] = WORDS, hidden_size: int = 32,
-              seed: int = 0) -> str:
+              seed: int = 0, num_layers: int = 2) -> str:
     """Save a random 2-layer BERT and its tokenizer into ``folder``.
 
     Args:
@@ -38,6 +38,7 @@ def tiny_bert(folder, words: Sequence[str] = WORDS, hidden_size: int = 32,
         words (Sequence[str]): The vocabulary after ``[PAD] [UNK] [CLS] [SEP] [MASK]``.
         hidden_size (int): The encoder's width. Defaults to 32.
         seed (int): Seed of the random weights. Defaults to 0.
+        num_layers (int): Encoder layers (BERT-base has 12 of width 768). Defaults to 2.
 
     Returns:
         str: ``folder``, for a config's ``lang_model_name``.
@@ -51,7 +52,7 @@ def tiny_bert(folder, words: Sequence[str] = WORDS, hidden_size: int = 32,
     BertTokenizer(str(vocab)).save_pretrained(str(folder))
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(words) + 5, hidden_size=hidden_size,
-                        num_hidden_layers=2, num_attention_heads=2,
+                        num_hidden_layers=num_layers, num_attention_heads=2,
                         intermediate_size=2 * hidden_size, max_position_embeddings=256)
     BertModel(config, add_pooling_layer=False).save_pretrained(str(folder))
     return str(folder)
@@ -60,7 +61,7 @@ def tiny_bert(folder, words: Sequence[str] = WORDS, hidden_size: int = 32,
 def build_grounding_dino(bert: str, input_size: int = 128, seed: int = 0,
                          cfg_options: Optional[dict] = None,
                          classes: Sequence[str] = ('red car', 'person', 'dog'),
-                         config: str = GROUNDING_DINO) -> torch.nn.Module:
+                         config: str = GROUNDING_DINO, small: bool = True) -> torch.nn.Module:
     """A random-init Grounding DINO from mmdet's own config with the tiny BERT at ``bert`` (see
     :func:`tiny_bert`), shrunk (:data:`SMALL_GROUNDING`; a Swin backbone as
     :data:`SMALL_SWIN`), ``.cfg`` set and ``dataset_meta``'s classes ``classes``, in eval mode.
@@ -73,18 +74,20 @@ def build_grounding_dino(bert: str, input_size: int = 128, seed: int = 0,
         classes (Sequence[str]): The model's class names (its default prompt).
         config (str): mmdet's config, :data:`GROUNDING_DINO` (ResNet-50, from scratch) or
             :data:`MM_GROUNDING_DINO` (MM-Grounding-DINO, Swin-T). Defaults to the first.
+        small (bool): Shrink it (False: the config's own sizes, 900 queries, 6+6 layers, for
+            benchmarks; activation checkpointing still off). Defaults to True.
 
     Returns:
         nn.Module: The detector.
     """
     from . import build_detector
 
-    small = dict(SMALL_GROUNDING)
-    if 'swin' in config:
+    small_opts = dict(SMALL_GROUNDING) if small else {'model.encoder.num_cp': 0}
+    if small and 'swin' in config:
         for key in ('model.backbone.depth', 'model.backbone.base_channels'):
-            small.pop(key)
-        small.update(SMALL_SWIN)
-    options = {**small, 'model.language_model.name': bert, **(cfg_options or {})}
+            small_opts.pop(key)
+        small_opts.update(SMALL_SWIN)
+    options = {**small_opts, 'model.language_model.name': bert, **(cfg_options or {})}
     model = build_detector(config, input_size=input_size, seed=seed,
                            cfg_options=options, num_classes=len(classes))
     model.dataset_meta = dict(classes=tuple(classes))
