@@ -123,8 +123,11 @@ def _events(work_dir: Path) -> dict:
 
 
 def _cam_steps(events: dict, prefix: str) -> dict:
+    """The steps of each image and scalar tag starting with ``prefix``; of the images, the
+    probes' overview cards (``.../all``: one per probe and method)."""
     return {
-        kind: {t: sorted(s) for t, s in events[kind].items() if t.startswith(prefix)}
+        kind: {t: sorted(s) for t, s in events[kind].items() if t.startswith(prefix)
+               and (kind == 'scalars' or t.endswith('/all'))}
         for kind in ('images', 'scalars')
     }
 

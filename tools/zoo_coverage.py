@@ -348,6 +348,8 @@ def check_group(config: str, input_size: int) -> dict:
             return dict(out, status='error', reason=differs or 'no detections to explain')
         sub = dets.select(torch.tensor(_picked(dets)))
         res = engine.explain(image, methods=method, detections=sub)[method]
+        for param in model.parameters():  # grad-cam needs a graph: a frozen part (SoftTeacher's
+            param.requires_grad_(True)    # teacher) would give it none; ours needs no parameter
         ref = reference_input_cams(model, inputs, method, res.layers, sub, metainfo=meta)
         model.zero_grad(set_to_none=True)
         diff = float(np.abs(res.input_cams - ref).max())

@@ -669,18 +669,19 @@ def test_replaced_custom_hooks_warn_with_the_fix(shapes, tmp_path, family, missi
 
 
 def test_unsupported_detector_fails_before_training(shapes, tmp_path):
-    """A detector no adapter supports (SSD: mmdet 3.3 cannot even run its inference on a fresh
-    model) fails in before_run, naming its head and the supported ones, also when
-    ``target_layers`` is given (nothing else would look at the head before the first
+    """A detector no adapter supports (CenterNet's ``CenterNetHead``: its heat-map peaks are not
+    yet priors the engine knows) fails in before_run, naming its head and the supported ones,
+    also when ``target_layers`` is given (nothing else would look at the head before the first
     validation)."""
-    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(target_layers='backbone.layer7')])
+    cfg = tiny_cfg(shapes, tmp_path, hooks=[cam_hook(target_layers='backbone.layer4')])
     cfg.model = Config.fromfile(
-        mmdet_config('ssd/ssdlite_mobilenetv2-scratch_8xb24-600e_coco.py')).model
+        mmdet_config('centernet/centernet_r18_8xb16-crop512-140e_coco.py')).model
     cfg.model.bbox_head.num_classes = len(shapes.classes)
+    cfg.model.backbone.init_cfg = None
     cfg.custom_hooks = [h for h in cfg.custom_hooks if h['type'] != 'YOLOXModeSwitchHook']
     runner = Runner.from_cfg(cfg)
-    with pytest.raises(ValueError, match=r'no adapter for the head SSDHead; supported heads: '
-                       r"\[.*'RTMDetHead'.*'YOLOXHead'.*\]"):
+    with pytest.raises(ValueError, match=r'no adapter for the head CenterNetHead; supported '
+                       r"heads: \[.*'RTMDetHead'.*'YOLOXHead'.*\]"):
         runner.train()
     assert runner.iter == 0
 

@@ -79,14 +79,13 @@ def test_misses_in_tensorboard(run):
     vis_image = run_log_dir(run) / 'vis_data' / 'vis_image'
     for method, probe in ((m, p) for m in METHODS for p in probes):
         name = f'cam_val_{method}_{probe.name}'
-        (*_, last) = events.Images(name)
-        decoded = cv2.imdecode(np.frombuffer(last.encoded_image_string, np.uint8),
-                               cv2.IMREAD_COLOR)
+        # TensorBoard gets the cards (issue 24): the overview at each validation
+        assert [e.step for e in events.Images(f'{name}/all')] == [1, 2]
+        # the local panel: the misses row under the two-row panel (3 + 3 detection tiles),
+        # three tile rows
         local = cv2.imread(str(vis_image / f'{name}_2.png'), cv2.IMREAD_COLOR)
-        np.testing.assert_array_equal(decoded, local)
-        # the misses row under the two-row panel (3 + 3 detection tiles): three tile rows
         h, w = hook._probes.image(probe).shape[:2]
-        assert decoded.shape[0] > 3 * round(h * 256 / max(h, w))
+        assert local.shape[0] > 3 * round(h * 256 / max(h, w))
 
 
 def test_trained_model_misses_are_explained(run):
