@@ -56,10 +56,10 @@ from .misses import (
     ground_truth_args,
     results_with_misses,
 )
+from .prompts import PromptedEngine
 from .result import CAMResult
 from .routes import ROUTES, Forward, GradientRoutes, TargetLayer
 from .targets import Contrast
-from .tokens import TokenMaps, token_results, token_rows
 
 __all__ = ['CAMEngine', 'compute_cams', 'ROUTES', 'TargetLayer']
 
@@ -67,7 +67,7 @@ __all__ = ['CAMEngine', 'compute_cams', 'ROUTES', 'TargetLayer']
 _CHUNK = 16
 
 
-class CAMEngine:
+class CAMEngine(PromptedEngine):
     """Computes per-detection CAMs of any detector an adapter supports
     (:func:`~mmdet_cam_hook.adapters.supported_heads`: one-stage, two-stage and DETR-like heads).
 
@@ -256,52 +256,6 @@ class CAMEngine:
                           'score, so their maps are those of the detection itself',
                           UserWarning, stacklevel=3)
         return contrast
-    @staticmethod
-    def takes_texts(model: nn.Module) -> bool:
-        """Whether ``model`` is a text-prompted detector (its adapter takes ``texts=``); no
-        forward pass.
-
-        Raises:
-            ValueError: On a head no adapter supports.
-        """
-        return hasattr(build_adapter(model), 'set_prompt')
-
-    @property
-    def phrases(self) -> Optional[List[str]]:
-        """The prompt's phrases of a text-prompted detector, in label order (the labels'
-        names); None for a detector that takes no prompt."""
-        prompt = getattr(self.adapter, 'prompt', None)
-        return None if prompt is None else list(prompt)
-
-    def set_texts(self, texts: Union[str, Sequence[str]]) -> List[str]:
-        """Make ``texts`` the prompt of a text-prompted detector for the next calls.
-
-        Args:
-            texts (str | Sequence[str]): ``'red car . person'`` or ``['red car', 'person']``.
-
-        Returns:
-            list[str]: The phrases, in label order.
-
-        Raises:
-            ValueError: If the detector takes no prompt, or the prompt holds no phrase.
-        """
-        if not hasattr(self.adapter, 'set_prompt'):
-            raise ValueError(f'`texts` is for text-prompted detectors (Grounding DINO); '
-                             f'{type(self.adapter.head).__name__} takes no prompt')
-        return self.adapter.set_prompt(texts)
-
-    @contextlib.contextmanager
-    def _prompt(self, texts) -> Iterator[None]:
-        """``texts`` as the prompt for one call (None: the current one), restored after."""
-        if texts is None:
-            yield
-            return
-        before = self.phrases
-        self.set_texts(texts)
-        try:
-            yield
-        finally:
-            self.adapter.prompt = before
 
     def _methods(self, methods) -> List[CAMMethod]:
         """The method objects for ``methods=``; the name ``drise`` means this engine's
@@ -386,41 +340,6 @@ class CAMEngine:
         with torch.inference_mode(False), self._prompt(texts):
             return self._explain([img], methods, renormalize, max_size, detections, gt,
                                  contrast=contrast)[0]
-
-    def explain_tokens(self,
-                       image: ImageLike,
-                       methods: Union[MethodSpec, Sequence[MethodSpec]] = ('gradcam', ),
-                       texts: Union[None, str, Sequence[str]] = None) -> Dict[str, TokenMaps]:
-        """Per-token maps of a text-prompted detector (:mod:`.tokens`): for each detection (as
-        :meth:`explain` would explain it), one map per token of its phrase, of that token's
-        probability at the detection's query / prior.
-
-        Args:
-            image (str | PathLike | np.ndarray): A path or an HxWx3 uint8 BGR array.
-            methods (str | CAMMethod | dict | Sequence): As for :meth:`explain`.
-            texts (str | Sequence[str], optional): The prompt for this call. Defaults to None
-                (the engine's).
-
-        Returns:
-            dict[str, TokenMaps]: One per method, keyed by its name.
-
-        Raises:
-            ValueError: If the detector takes no prompt, or as :meth:`explain`.
-        """
-        if not hasattr(self.adapter, 'token_targets'):
-            raise ValueError(f'per-token maps are for text-prompted detectors (Grounding DINO, '
-                             f'GLIP); {type(self.adapter.head).__name__} takes no prompt')
-        img = load_image(image)
-        with self._prompt(texts):
-            outs, metas = self.detector.outputs([img])
-            dets = self._decode(outs, metas[0])
-            rows, owner, tokens = token_rows(self.adapter, dets)
-            with self.adapter.token_targets():
-                with torch.no_grad():
-                    rows = dataclasses.replace(rows, scores=self.adapter.scores(outs, rows))
-                results = self.explain(img, methods, detections=rows)
-            names, phrases = self.adapter.token_names(), self.phrases
-        return token_results(results, owner, tokens, names, phrases, dets.labels)
 
     def detect(self, image: ImageLike,
                texts: Union[None, str, Sequence[str]] = None) -> Detections:

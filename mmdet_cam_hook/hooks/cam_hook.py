@@ -14,7 +14,6 @@ The class is registered under two names: ``DetCAMHook`` and ``YOLOXGradCAMHook``
 while it explained YOLOX only, so that existing configs keep working (same class, same
 behaviour; :data:`YOLOXGradCAMHook` is the same object in python).
 """
-import dataclasses
 import math
 import time
 import traceback
@@ -34,25 +33,17 @@ from ..adapters.grounding import phrases_of
 from ..cam.engine import CAMEngine
 from ..cam.layers import resolve_layers
 from ..cam.methods import METHODS, CAMMethod, methods_from
-from ..cam.result import CAMResult, combined_map
 from ..cam.targets import check_contrast, num_classes, resolve_contrast
 from ..checks import check_bool, check_int, check_max_size, check_score_thr, check_topk
 from ..evaluation.evaluate import image_seed, probe_faithfulness
-from ..evaluation.metrics import MapScores, energy_in_mask, match_to_ground_truth
+from ..evaluation.metrics import MapScores, energy_in_mask
 from ..evaluation.misses import MissCounts
 from ..runtime.pipeline import test_pipeline_cfg
 from ..runtime.state import preserved_rng
-from ..visualization.cards import render_cards
 from ..visualization.delivery import Delivery
-from ..visualization.plots import plot_curves
-from ..visualization.render import (
-    draw_mask_outlines,
-    render_misses_row,
-    render_panel,
-    stack_rows,
-)
 from . import schedule
 from .probes import Probe, ProbeSet, ProbeSpec, safe_name
+from .views import curves_plot, log_views, mask_view
 
 
 @HOOKS.register_module(name=['DetCAMHook', 'YOLOXGradCAMHook'])
@@ -483,39 +474,16 @@ class DetCAMHook(Hook):
                 aucs['mask_energy_in_mask'] = energy_in_mask(result.mask_cams,
                                                              result.masks).tolist()
                 self._log_views(log, f'cam_{mode}_{safe_name(method)}_mask_{probe.name}',
-                                self._mask_result(result), probe, gt_bboxes, class_names, step)
+                                mask_view(result), probe, gt_bboxes, class_names, step)
         return numbers
-
-    @staticmethod
-    def _mask_result(result: CAMResult) -> CAMResult:
-        """The result as its mask maps' views show it: the mask maps as ``cams``, every
-        instance's mask outline drawn on the image."""
-        cams = torch.from_numpy(result.mask_cams)
-        return dataclasses.replace(result, cams=result.mask_cams,
-                                   combined=combined_map(cams, result.ori_shape).numpy(),
-                                   image=draw_mask_outlines(result.image, result.masks))
 
     def _log_views(self, log: Delivery, name: str, result, probe: Probe, gt_bboxes,
                    class_names: Optional[Sequence[str]], step: int,
                    misses_row: bool = False) -> None:
-        """The full panel for local files (with the misses row under it when
-        ``misses_row``), the cards (an overview and one per detection, with slots named by the
-        ground-truth box they matched, :func:`..visualization.cards.detection_slots`) for the
-        other backends; each drawn only if a backend takes it."""
-        panel, cards = None, {}
-        if log.needs_panel:
-            panel = render_panel(result, class_names=class_names,
-                                 max_detections=self.max_detection_tiles,
-                                 max_size=self.max_image_size, gt_bboxes=gt_bboxes)
-            if misses_row:
-                panel = stack_rows(panel, render_misses_row(result, class_names))
-        if log.needs_cards:
-            match = None if gt_bboxes is None else match_to_ground_truth(
-                result.bboxes, result.labels, gt_bboxes, probe.gt_labels)
-            cards = render_cards(result, class_names=class_names,
-                                 max_detections=self.max_detection_tiles,
-                                 max_size=self.max_image_size, gt_bboxes=gt_bboxes, match=match)
-        log.add_views(name, panel, cards, step)
+        """:func:`.views.log_views` with this hook's sizes."""
+        log_views(log, name, result, step, class_names=class_names, gt_bboxes=gt_bboxes,
+                  gt_labels=probe.gt_labels, max_detections=self.max_detection_tiles,
+                  max_size=self.max_image_size, misses_row=misses_row)
 
     def _log_curves(self, runner, log: Delivery, mode: str, step: int, curves: dict) -> None:
         """The probes' deletion/insertion curves (``faithfulness``) as one plot image,
@@ -524,10 +492,7 @@ class DetCAMHook(Hook):
         if not curves:
             return
         try:
-            plot = plot_curves(next(iter(curves.values()))[0].fractions, {
-                method: {kind: [row for c in per_probe for row in getattr(c, kind)]
-                         for kind in ('deletion', 'insertion')}
-                for method, per_probe in curves.items()}, title=f'{mode}, step {step}')
+            plot = curves_plot(curves, title=f'{mode}, step {step}')
         except ImportError as exc:
             if not getattr(self, '_plot_warned', False):
                 self._plot_warned = True
