@@ -177,7 +177,8 @@ def coverage_section(data: dict) -> str:
              f"`model-index.yml` ({shares['all'][1]} checkpoints in {len(data['groups'])} "
              f"groups of (detector, heads)), one random-init model per group at "
              f"{data['input_size']} px: detections equal `model.predict`'s and HiResCAM maps "
-             'equal a plain full backward per detection. Explained: '
+             '(Grad-CAM for the text-prompted models) equal a plain full backward per '
+             'detection. Explained: '
              f"{pct('det_inst_buildable')} of the detection and instance-segmentation "
              f"checkpoints that can be built here offline; {pct('det_inst')} of all of them; "
              f"{pct('all')} of every checkpoint.", '',
