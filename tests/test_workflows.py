@@ -6,7 +6,7 @@ generated shapes dataset, read back from the TensorBoard event files with Tensor
 - the same config stopped after epoch 2 (its checkpoint and validation done) by a test-only hook
   module on ``PYTHONPATH``, then ``--resume`` to epoch 4: the same steps, none twice;
 - ``tools/test.py CFG CKPT`` on the uninterrupted run's checkpoint: ``cam_test_*`` panels and
-  scalars at step 0.
+  scalars at step 0, with the misses (`explain_misses=True`) counted.
 
 Two processes run at a time (one thread each): first the uninterrupted and the interrupted run,
 then the resumed run and ``tools/test.py``.
@@ -79,7 +79,8 @@ def workflows(tmp_path_factory):
     (root / 'modules' / 'cam_test_stop_hook.py').write_text(STOP_HOOK_MODULE)
     cfg = tiny_cfg(data, root / 'unused', max_epochs=4,
                    backends=('LocalVisBackend', 'TensorboardVisBackend'),
-                   hooks=[cam_hook(interval=3, methods='gradcam', probe_images=[1]),
+                   hooks=[cam_hook(interval=3, methods='gradcam', probe_images=[1],
+                                   explain_misses=True),
                           dict(type='StopAfterEpochHook')])
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1)
     cfg.custom_imports = dict(imports=['mmdet_cam_hook', 'cam_test_stop_hook'],
@@ -149,6 +150,7 @@ def test_uninterrupted_training_draws_every_third_and_the_last_validation(workfl
     assert image_tag.startswith('cam_val_gradcam_')
     assert steps['images'][image_tag] == [3, 4]
     assert steps['scalars']['cam_val/gradcam_energy_in_box'] == [3, 4]
+    assert steps['scalars']['cam_val/misses'] == [3, 4]
     assert _validated_epochs(full) == [1, 2, 3, 4]
 
 
@@ -174,4 +176,7 @@ def test_tools_test_logs_cam_test_panels_and_scalars(workflows):
     (image_tag, ) = steps['images']
     assert image_tag.startswith('cam_test_gradcam_') and steps['images'][image_tag] == [0]
     assert steps['scalars']['cam_test/gradcam_energy_in_box'] == [0]
+    # misses (issue 21) through mmdet's own tools/test.py: counted at the test's step
+    assert steps['scalars']['cam_test/misses'] == [0]
+    assert steps['scalars']['cam_test/false_positives'] == [0]
     assert 'DetCAMHook: explained 1/1 probe image(s)' in test['output']
