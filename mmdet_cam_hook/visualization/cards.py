@@ -93,7 +93,9 @@ def render_cards(result,
                  gt_bboxes=None,
                  match=None) -> Dict[str, np.ndarray]:
     """The overview and one card per detection for the ``max_detections`` highest-scoring
-    detections, by slot name (:func:`detection_slots`; the overview is :data:`OVERVIEW_SLOT`).
+    detections, by slot name (:func:`detection_slots`; the overview is :data:`OVERVIEW_SLOT`),
+    and, for a result with misses (``explain(gt_bboxes=...)``), one card per miss (at most
+    ``max_detections``), slot ``miss_{gt_index}``.
 
     Args:
         result (CAMResult): The engine's result (``image``, ``bboxes``, ``labels``, ``scores``,
@@ -142,6 +144,8 @@ def render_cards(result,
     cards = {OVERVIEW_SLOT: _overview(result, base, boxes, gt, match, count)}
     for k, slot in enumerate(detection_slots(count, match)):
         cards[slot] = _detection_card(result, k, base, boxes, gt, match, class_names)
+    for miss in (getattr(result, 'misses', None) or [])[:max_detections]:
+        cards[f'miss_{miss.gt_index}'] = _miss_card(result, miss, base, scale, class_names)
     return {slot: _fit(card, max_size) for slot, card in cards.items()}
 
 
@@ -194,6 +198,23 @@ def _detection_card(result, k: int, base, boxes, gt, match, class_names) -> np.n
     if match is not None:
         caption += f' GT {int(match[k])}' if match[k] >= 0 else ' false pos.'
     return _with_caption(image, caption, style['color'])
+
+
+def _miss_card(result, miss, base, scale: float, class_names) -> np.ndarray:
+    """A miss (``result.misses``, issue 21): its best candidate's map for ``result.method``
+    (the image alone without one), the ground-truth box dashed, the candidate's box dashed in
+    the detection colour, the reason in the caption. Slot ``miss_{gt_index}``: one card per
+    ground-truth object across validations."""
+    cam = miss.cams.get(result.method)
+    image = base.copy() if cam is None else _overlay(base, cam)
+    shown = scale * result.scale  # the records are in original-image pixels
+    draw_box(image, np.asarray(miss.gt_box, dtype=np.float64) * shown, PALETTE['miss'])
+    if miss.candidate_box is not None:
+        draw_box(image, np.asarray(miss.candidate_box, dtype=np.float64) * shown,
+                 PALETTE['candidate'])
+    caption = (f'GT {miss.gt_index} {_class_name(int(miss.gt_label), class_names)}: '
+               f'{miss.caption(class_names)}')
+    return _with_caption(image, caption, PALETTE['candidate']['color'])
 
 
 def _text_size(text: str) -> tuple:

@@ -27,12 +27,14 @@ GT_COLOR = (255, 128, 0)
 #: Chosen for a ~330 px display: green and magenta do not occur in JET, white is its only
 #: colour-less line. ``false_positive`` is a detection that matches no ground-truth box of its
 #: class (IoU >= 0.5, the pointing game's match); ``miss`` a ground-truth box no detection
-#: matched.
+#: matched; ``candidate`` a miss's best candidate before the threshold and NMS (a detection
+#: the model dropped: the detection's colour, dashed).
 PALETTE = {
     'detection': dict(color=(0, 255, 0), thickness=2, dashed=False),
     'false_positive': dict(color=(255, 0, 255), thickness=2, dashed=False),
     'ground_truth': dict(color=(255, 255, 255), thickness=2, dashed=False),
     'miss': dict(color=(255, 255, 255), thickness=2, dashed=True),
+    'candidate': dict(color=(0, 255, 0), thickness=2, dashed=True),
 }
 #: Small images are upscaled on the panel so that their longer side has at least this many
 #: pixels: text drawn on a 128 px tile is not readable.

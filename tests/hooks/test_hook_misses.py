@@ -29,6 +29,7 @@ from mmdet_cam_hook.testing import (
     unwrap_model,
 )
 from mmdet_cam_hook.testing.reference import reference_input_cams
+from mmdet_cam_hook.visualization.cards import CARD_WIDTH
 
 METHODS = ['gradcam', 'hirescam']
 
@@ -77,6 +78,12 @@ def test_misses_in_tensorboard(run):
     test = events.Scalars('cam_test/misses')
     assert [(s.step, s.value) for s in test] == [(2, values['misses'][-1])]  # the same model
     vis_image = run_log_dir(run) / 'vis_data' / 'vis_image'
+    for method in METHODS:  # a card per miss (at most max_detection_tiles per probe)
+        misses = [t for t in events.Tags()['images'] if t.startswith(f'cam_val_{method}_')
+                  and '/miss_' in t and 2 in [e.step for e in events.Images(t)]]
+        assert 1 <= len(misses) <= values['misses'][-1]
+        for tag in misses:
+            assert events.Images(tag)[-1].width == CARD_WIDTH
     for method, probe in ((m, p) for m in METHODS for p in probes):
         name = f'cam_val_{method}_{probe.name}'
         # TensorBoard gets the cards (issue 24): the overview at each validation
