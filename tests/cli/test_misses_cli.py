@@ -23,38 +23,10 @@ THR = '0.42'  # between this model's scores: some objects are found, the others 
 
 
 @pytest.fixture(scope='module')
-def ws(tmp_path_factory):
-    from mmengine.config import Config
-
-    from mmdet_cam_hook.demo.shapes import generate_shapes
-    from mmdet_cam_hook.testing import build_detector, mmdet_config
-
+def ws(tmp_path_factory, make_tiny_coco):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp('misses')
-    data = generate_shapes(root / 'shapes', num_train=1, num_val=3, image_size=64, seed=0)
-    cfg = Config.fromfile(mmdet_config('yolox/yolox_nano_8xb8-300e_coco.py'))
-    cfg.model.bbox_head.num_classes = len(data.classes)
-    cfg.model.data_preprocessor.batch_augments = None
-    pipeline = [dict(type='LoadImageFromFile'),
-                dict(type='Resize', scale=(96, 96), keep_ratio=True),
-                dict(type='Pad', pad_to_square=True, pad_val=dict(img=(114.0, 114.0, 114.0))),
-                dict(type='LoadAnnotations', with_bbox=True), dict(type='PackDetInputs')]
-    dataset = dict(type='CocoDataset', data_root=str(data.root),
-                   ann_file=str(data.ann_file('val')),
-                   data_prefix=dict(img=str(data.img_dir('val')) + os.sep),
-                   metainfo=dict(classes=data.classes), filter_cfg=dict(filter_empty_gt=False),
-                   pipeline=pipeline, test_mode=True)
-    cfg.val_dataloader = cfg.test_dataloader = dict(batch_size=1, num_workers=0,
-                                                    dataset=dataset)
-    cfg.train_dataloader = None
-    cfg.custom_hooks = []
-    config = root / 'tiny.py'
-    cfg.dump(str(config))
-    torch.manual_seed(0)
-    model = build_detector('yolox/yolox_nano_8xb8-300e_coco.py', input_size=96,
-                           num_classes=len(data.classes), perturb=PERTURB)
-    checkpoint = root / 'tiny.pth'
-    torch.save({'state_dict': model.state_dict(), 'meta': {}}, checkpoint)
+    data, cfg, config, checkpoint, model = make_tiny_coco(root, num_val=3, perturb=PERTURB)
     model.cfg = cfg
     return dict(root=root, data=data, config=str(config), checkpoint=str(checkpoint),
                 model=model)

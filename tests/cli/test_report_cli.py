@@ -15,7 +15,7 @@ import torch
 from mmdet_cam_hook.cli.cam import main as cam_main
 from mmdet_cam_hook.cli.eval import main as eval_main
 from mmdet_cam_hook.evaluation.metrics import energy_in_box
-from mmdet_cam_hook.testing import build_detector, mmdet_config, torchrun_beside
+from mmdet_cam_hook.testing import torchrun_beside
 from mmdet_cam_hook.testing.browser import browser_unavailable, launch_chromium, open_page
 from mmdet_cam_hook.visualization.manifest import MANIFEST_SCHEMA, validate
 
@@ -222,35 +222,10 @@ def _assert_close(a, b, where='manifest'):
 
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope='module')
-def eval_run(tmp_path_factory):
+def eval_run(tmp_path_factory, make_tiny_coco):
     """``mmdet-cam-eval --report`` on a 2-image val split (64 px shapes, YOLOX-nano at 96)."""
-    from mmengine.config import Config
-
-    from mmdet_cam_hook.demo.shapes import generate_shapes
-
     root = tmp_path_factory.mktemp('report_eval')
-    data = generate_shapes(root / 'shapes', num_train=1, num_val=2, image_size=64, seed=0)
-    cfg = Config.fromfile(mmdet_config('yolox/yolox_nano_8xb8-300e_coco.py'))
-    cfg.model.bbox_head.num_classes = len(data.classes)
-    cfg.model.data_preprocessor.batch_augments = None
-    pipeline = [dict(type='LoadImageFromFile'),
-                dict(type='Resize', scale=(96, 96), keep_ratio=True),
-                dict(type='Pad', pad_to_square=True, pad_val=dict(img=(114.0, 114.0, 114.0))),
-                dict(type='LoadAnnotations', with_bbox=True), dict(type='PackDetInputs')]
-    dataset = dict(type='CocoDataset', data_root=str(data.root),
-                   ann_file=str(data.ann_file('val')),
-                   data_prefix=dict(img=str(data.img_dir('val')) + os.sep),
-                   metainfo=dict(classes=data.classes), filter_cfg=dict(filter_empty_gt=False),
-                   pipeline=pipeline, test_mode=True)
-    cfg.val_dataloader = cfg.test_dataloader = dict(batch_size=1, num_workers=0,
-                                                    dataset=dataset)
-    cfg.train_dataloader = None
-    cfg.custom_hooks = []
-    cfg.dump(str(root / 'tiny.py'))
-    torch.manual_seed(0)
-    model = build_detector('yolox/yolox_nano_8xb8-300e_coco.py', input_size=96,
-                           num_classes=len(data.classes), perturb=PERTURB)
-    torch.save({'state_dict': model.state_dict(), 'meta': {}}, root / 'tiny.pth')
+    make_tiny_coco(root, num_val=2, perturb=PERTURB)
     code = eval_main([str(root / 'tiny.py'), str(root / 'tiny.pth'), '--score-thr', '0',
                       '--topk', '1', '--steps', '2', '--device', 'cpu', '--methods',
                       'hirescam', '--protocol', 'prior', '--out', str(root / 'results.json'),
