@@ -26,8 +26,12 @@ from mmdet_cam_hook.adapters.mask2former import (
     image_shapes,
 )
 from mmdet_cam_hook.runtime.pipeline import preprocess
-from mmdet_cam_hook.testing import _drop_pretrained, _quiet_init_weights, mmdet_config
-from mmdet_cam_hook.testing import synthetic_image
+from mmdet_cam_hook.testing import (
+    _drop_pretrained,
+    _quiet_init_weights,
+    mmdet_config,
+    synthetic_image,
+)
 from mmdet_cam_hook.testing.reference import reference_input_cams
 
 NUM_CLASSES = 3
