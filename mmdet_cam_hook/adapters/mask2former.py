@@ -37,7 +37,7 @@ from torch import nn
 
 from .base import ADAPTERS, Detections, DetectorAdapter, complete_stages, trace_level_layers
 from .candidates import Candidates, pair_table
-from .masks import MaskBranch
+from .masks import MaskBranch, register_mask_branch
 
 #: Side of the zero input used to find the level maps' strides and modules.
 _TRACE_SIZE = 128
@@ -278,6 +278,7 @@ class MaskFormerAdapter(DetectorAdapter):
                           dets, -1.0, index=queries)
 
 
+@register_mask_branch
 class MaskFormerMaskBranch(MaskBranch):
     """Each instance's mask and mask target for :class:`MaskFormerAdapter` (route 'exact':
     the target mixes every level, so the engine backpropagates :meth:`scores` through the

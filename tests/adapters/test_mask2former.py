@@ -142,7 +142,8 @@ def test_adapter_and_mask_branch_are_chosen_from_the_model(name):
     assert engine.adapter.level_layers() == LEVELS and engine.layer_names == LEVELS
     assert engine.adapter.strides() == [4, 8, 16, 32]
     assert {layer.route for layer in engine.layers} == {'exact'}
-    assert MaskFormerMaskBranch.accepts(engine.adapter)
+    assert type(engine.mask_branch) is MaskFormerMaskBranch
+    assert engine.mask_branch.route == 'exact'
 
 
 def test_decoding_equals_model_predict(name):
@@ -220,7 +221,7 @@ def test_class_maps_equal_grad_cam(name):
     grad-cam's class run once per detection with its score (on the original image: the
     reference's input maps through the same letterbox inverse)."""
     model = _model(name)
-    engine = CAMEngine(model, score_thr=0.0, topk=3)
+    engine = CAMEngine(model, score_thr=0.0, topk=3, masks=False)
     image = _image()
     inputs, meta, dets = _forward(engine, image)
     results = engine.explain(image, methods=METHODS)
@@ -255,6 +256,32 @@ def test_mask_gradient_equals_a_full_backward_per_instance(name):
         alone[0].backward()
         for a, b in zip(shared, fresh):
             torch.testing.assert_close(a, b.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_mask_maps_equal_grad_cam(name):
+    """Each instance's mask map (default layers) equals grad-cam's class run once per instance
+    with the mask target (on the original image); the engine's masks are ``model.predict``'s;
+    mask maps differ from the class maps."""
+    model = _model(name)
+    engine = CAMEngine(model, score_thr=0.0, topk=3)
+    image = _image()
+    inputs, meta, dets = _forward(engine, image)
+    results = engine.explain(image, methods=METHODS)
+    pred = _predict(model, inputs, meta)
+    for method, res in results.items():
+        assert res.mask_cams.shape == res.cams.shape == (3, *image.shape[:2])
+        np.testing.assert_array_equal(res.masks, pred.masks[:3].numpy())
+        try:
+            ref = reference_input_cams(model, inputs, method, [LEVELS] * 3,
+                                       dets.select(slice(0, 3)), metainfo=meta,
+                                       mask_branch=engine.mask_branch)
+        finally:
+            model.zero_grad(set_to_none=True)
+        on_image = res.letterbox.to_original(torch.from_numpy(ref), image.shape[:2])
+        np.testing.assert_allclose(res.mask_cams, on_image.clamp(0, 1).numpy(), atol=1e-4,
+                                   err_msg=method)
+        assert (res.mask_cams.reshape(3, -1).max(1) > 0).all(), method
+        assert not np.allclose(res.mask_cams, res.cams, atol=1e-2), method
 
 
 def test_panoptic_model_reports_its_thing_instances():
