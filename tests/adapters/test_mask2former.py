@@ -173,6 +173,27 @@ def test_decoding_equals_model_predict(name):
     torch.testing.assert_close(live, dets.scores, rtol=0, atol=1e-7)
 
 
+def test_candidates_are_every_query_and_the_pairs_of_the_top_k(name):
+    """Misses' candidates: every query with its per-class scores (the score's formula) and
+    box; the ``max_per_image`` pairs of the top-k entered, the kept ones are the detections
+    (here those above a threshold that drops some)."""
+    model = _model(name)
+    engine = CAMEngine(model, score_thr=0.0)
+    inputs, meta, all_dets = _forward(engine, _image())
+    thr = float(all_dets.scores[5])
+    adapter = engine.adapter
+    with torch.no_grad():
+        outs = adapter.head_outputs(adapter.features(inputs), [meta])
+        dets = adapter.decode(outs, meta, thr)
+        cands = adapter.candidates(outs, meta, thr)
+    assert len(dets) == 6 and len(cands) == 20 and cands.scores.shape == (20, NUM_CLASSES)
+    assert torch.equal(cands.kept[dets.index, dets.labels], torch.arange(6))
+    assert int((cands.kept >= 0).sum()) == 6 and int(cands.entered.sum()) == 20
+    assert bool(cands.entered[all_dets.index, all_dets.labels].all())
+    torch.testing.assert_close(cands.scores[dets.index, dets.labels], dets.scores)
+    torch.testing.assert_close(cands.bboxes[dets.index], dets.bboxes)
+
+
 def test_every_default_layer_feeds_every_detection_and_mask(name):
     """The default layers are the maps the head reads (``features()``, the backbone's
     outputs) and each of them carries a gradient of every detection's score and of every
