@@ -130,6 +130,22 @@ class MaskFormerAdapter(DetectorAdapter):
         return bool(test_cfg.get('instance_on', False)) and not test_cfg.get('semantic_on',
                                                                              False)
 
+    @classmethod
+    def refusal_reason(cls, model: nn.Module) -> Optional[str]:
+        """Why :meth:`accepts` refuses ``model``, for the build-time error (None: it does
+        not)."""
+        if cls.accepts(model):
+            return None
+        test_cfg = getattr(getattr(model, 'panoptic_fusion_head', None), 'test_cfg', None) or {}
+        if not test_cfg.get('instance_on', False):
+            return ('its panoptic_fusion_head reports no instances (test_cfg.instance_on=False, '
+                    'a panoptic-only config): set model.test_cfg.instance_on=True to explain '
+                    "the model's instances")
+        if test_cfg.get('semantic_on', False):
+            return 'its panoptic_fusion_head has test_cfg.semantic_on=True, which mmdet refuses'
+        return (f'{type(model).__name__} is not a MaskFormer detector keeping '
+                "MaskFormer.predict")
+
     # ------------------------------------------------------------------ forward
     def head_outputs(self, feats: Sequence[torch.Tensor],
                      metainfo: Optional[Sequence[dict]] = None) -> MaskFormerOutputs:

@@ -332,8 +332,10 @@ def test_variants_it_cannot_explain_are_refused_at_build():
     calls = []
     model.register_forward_pre_hook(lambda *args: calls.append(args))
     with pytest.raises(ValueError, match=r'no adapter for the head MaskFormerHead \('
-                                         r'MaskFormerAdapter takes MaskFormerHead but does not '
-                                         r'accept this model'):
+                                         r'MaskFormerAdapter takes MaskFormerHead, but its '
+                                         r'panoptic_fusion_head reports no instances \('
+                                         r'test_cfg.instance_on=False.*set '
+                                         r'model.test_cfg.instance_on=True'):
         CAMEngine(model, score_thr=0.0)
     assert calls == []
 
