@@ -10,7 +10,7 @@ the padded input, crops the padding, resizes them to the original image (bilinea
 takes the ``max_per_image`` best (query, class) pairs of ``softmax(cls)[:, :-1]`` over
 ``Q x C`` (no NMS), keeps the thing classes and reports, for pair (q, c)::
 
-    score = softmax(cls[q])[c] * mean(sigmoid(mask[q]) over mask[q] > 0) (+ 1e-6 below)
+    score = softmax(cls[q])[c] * mean(sigmoid(mask[q]) over mask[q] > 0)  (count + 1e-6)
     mask  = mask[q] > 0 at the original size;  bbox = the mask's bounding box (mask2bbox)
 
 A detection is such a pair, the query carried through that top-k, so labels, scores, boxes and
@@ -27,6 +27,12 @@ which no module outputs.
 The mask branch (:class:`MaskFormerMaskBranch`) gives each instance's mask and its mask target:
 the mean of ``sigmoid(mask logits of its query)`` over its own binary mask on the mask
 features' grid (before mmdet's upsampling), inside the unpadded image.
+
+Panoptic configs: Mask2Former's report instances too (``panoptic_on`` and ``instance_on``), and
+those are explained. MaskFormer's panoptic-only config (``instance_on=False``) reports segments
+without a score, so nothing ``model.predict`` scores to explain: it is refused when the engine
+is built (:meth:`MaskFormerAdapter.refusal_reason`); the same weights with
+``model.test_cfg.instance_on=True`` are explained.
 """
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
