@@ -22,7 +22,8 @@ deformable encoder, its FPN), so every level map feeds every detection: the leve
 takes the maps the head reads, the backbone's outputs (``backbone.layer{1..4}``, strides 4-32),
 together (maps averaged, as DETR's neck outputs), on the exact route (one backward through the
 head per detection). The pixel decoder's own multi-scale outputs are reshaped encoder tokens,
-which no module outputs.
+which no module outputs; so are Swin's outputs (reshaped norms): there the default is the one
+module reading each level map, the pixel decoder's per-level input projection.
 
 The mask branch (:class:`MaskFormerMaskBranch`) gives each instance's mask and its mask target:
 the mean of ``sigmoid(mask logits of its query)`` over its own binary mask on the mask
@@ -115,7 +116,8 @@ class MaskFormerAdapter(DetectorAdapter):
     doc_score = ('softmax(cls[q])[c] × mean of σ(mask[q]) over its own binary mask '
                  '(`instance_postprocess`, original size); last decoder layer')
     doc_layers = ('all backbone outputs together, maps averaged (`backbone.layer{1..4}`, '
-                  'strides 4-32: the maps the pixel decoder reads)')
+                  'strides 4-32: the maps the pixel decoder reads; Swin: the pixel '
+                  "decoder's per-level input projections, which read them)")
     doc_route = 'exact (one backward through the pixel decoder and transformer per detection)'
 
     def __init__(self, model: nn.Module) -> None:
@@ -246,10 +248,62 @@ class MaskFormerAdapter(DetectorAdapter):
         return list(self._strides)
 
     def level_layers(self) -> List[str]:
-        """The modules outputting the backbone's maps (``backbone.layer{1..4}``)."""
+        """The modules outputting the backbone's maps (``backbone.layer{1..4}``); for a
+        backbone whose maps no module outputs (Swin reshapes its norms' outputs), the one
+        module of the head that reads each map (the pixel decoder's per-level input
+        projection: ``pixel_decoder.lateral_convs.0``, ``pixel_decoder.input_convs.{2,1,0}``).
+
+        Raises:
+            ValueError: If some level map is neither output nor read by exactly one module.
+        """
         if getattr(self, '_level_layers', None) is None:
-            self._level_layers = trace_level_layers(self.model, self.features, _TRACE_SIZE)
+            try:
+                self._level_layers = trace_level_layers(self.model, self.features, _TRACE_SIZE)
+            except ValueError:
+                self._level_layers = self._reading_layers()
         return list(self._level_layers)
+
+    def _reading_layers(self) -> List[str]:
+        """Per level, the outermost module of the head whose input is the level map, from one
+        forward without gradients on a zero input, in eval mode (flags restored)."""
+        param = next(self.model.parameters())
+        readers: Dict[int, List[str]] = {}
+
+        def make_hook(name):
+
+            def hook(module, args):
+                for arg in args:
+                    if isinstance(arg, torch.Tensor):
+                        readers.setdefault(id(arg), []).append(name)
+
+            return hook
+
+        self.strides()  # its own forward, before the hooks
+        flags = [(m, m.training) for m in self.model.modules()]
+        handles = []
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                feats = self.features(torch.zeros((1, 3, _TRACE_SIZE, _TRACE_SIZE),
+                                                  dtype=param.dtype, device=param.device))
+                handles = [m.register_forward_pre_hook(make_hook(f'{self.head_path}.{n}'))
+                           for n, m in self.head.named_modules() if n]
+                self.head_outputs(feats)  # feats stay alive: their ids are theirs alone
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module, flag in flags:
+                module.training = flag
+        names = []
+        for level, feat in enumerate(feats):
+            found = readers.get(id(feat), [])
+            outer = sorted({n for n in found if not any(n.startswith(o + '.') for o in found)})
+            if len(outer) != 1:
+                raise ValueError(f'no module of {type(self.model).__name__} outputs the feature '
+                                 f'map of level {level}, and {len(outer)} modules read it '
+                                 f'({outer}); pass `target_layers` explicitly')
+            names.append(outer[0])
+        return names
 
     def level_of_layer(self, name: str) -> Optional[int]:
         """None: the pixel decoder mixes the levels, so every layer feeds every detection."""

@@ -317,6 +317,41 @@ def test_mask_maps_equal_grad_cam(name):
         assert not np.allclose(res.mask_cams, res.cams, atol=1e-2), method
 
 
+SWIN = {**{k: v for k, v in _options().items() if k != 'model.backbone.depth'},
+        'model.backbone.embed_dims': 24, 'model.backbone.depths': [1, 1, 1, 1],
+        'model.backbone.num_heads': [1, 1, 2, 2],
+        'model.panoptic_head.in_channels': [24, 48, 96, 192]}
+READERS = ['panoptic_head.pixel_decoder.lateral_convs.0',
+           'panoptic_head.pixel_decoder.input_convs.2',
+           'panoptic_head.pixel_decoder.input_convs.1',
+           'panoptic_head.pixel_decoder.input_convs.0']
+
+
+def test_a_swin_backbone_defaults_to_the_modules_reading_its_maps():
+    """Swin's outputs are reshaped norm outputs (no module outputs them): the default layers
+    are the one module reading each level map (the pixel decoder's input projections, finest
+    first); decoding equals ``model.predict``, class and mask maps equal grad-cam's."""
+    model = build('mask2former/mask2former_swin-t-p4-w7-224_8xb2-lsj-50e_coco.py', SWIN)
+    engine = CAMEngine(model, score_thr=0.0, topk=2)
+    assert engine.layer_names == READERS and engine.adapter.strides() == [4, 8, 16, 32]
+    image = _image()
+    inputs, meta, dets = _forward(engine, image)
+    pred = _predict(model, inputs, meta)
+    torch.testing.assert_close(dets.scores, pred.scores, rtol=0, atol=0)
+    torch.testing.assert_close(dets.bboxes, pred.bboxes, rtol=0, atol=0)
+    res = engine.explain(image, methods='hirescam')['hirescam']
+    for branch, maps in ((None, res.cams), (engine.mask_branch, res.mask_cams)):
+        try:
+            ref = reference_input_cams(model, inputs, 'hirescam', [READERS] * 2,
+                                       dets.select(slice(0, 2)), metainfo=meta,
+                                       mask_branch=branch)
+        finally:
+            model.zero_grad(set_to_none=True)
+        on_image = res.letterbox.to_original(torch.from_numpy(ref), image.shape[:2])
+        np.testing.assert_allclose(maps, on_image.clamp(0, 1).numpy(), atol=1e-4)
+        assert (maps.reshape(2, -1).max(1) > 0).all()
+
+
 def test_panoptic_model_reports_its_thing_instances():
     """mmdet's Mask2Former panoptic config also reports instances (``instance_on=True``):
     supported, stuff classes never decoded, decoding equal to ``model.predict``'s."""
