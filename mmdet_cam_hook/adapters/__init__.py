@@ -7,6 +7,7 @@ from . import (  # noqa: F401  (register the adapters)
     fcos,
     gfl,
     grounding,
+    mask2former,
     query,
     retina_variants,
     retinanet,
