@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from mmengine.config import Config, ConfigDict
+from torch import nn
 
 from mmdet_cam_hook import CAMEngine
 from mmdet_cam_hook.adapters import build_adapter
@@ -58,14 +59,24 @@ def kernel_bias(head, slope: float = 4.0, size: float = 1.5) -> torch.Tensor:
     return torch.cat([w0.flatten(), w1.flatten(), w2.flatten(), *biases])
 
 
-def _model():
-    if 'tiny' not in _BUILT:
-        model = build_detector(CONFIG, perturb=PERTURB)
+def _model(plain: bool = False):
+    """The config's ``RTMDetInsSepBNHead``, or (``plain``) the same head's arguments on an
+    ``RTMDetInsHead`` (convs and BatchNorms shared by levels, a ``Scale`` per level; no mmdet
+    config uses it)."""
+    name = 'plain' if plain else 'sep'
+    if name not in _BUILT:
+        options = None
+        if plain:
+            head = Config.fromfile(mmdet_config(CONFIG)).model.bbox_head.to_dict()
+            head.pop('share_conv')
+            options = {'model.bbox_head': {**head, 'type': 'RTMDetInsHead', '_delete_': True}}
+        model = build_detector(CONFIG, perturb=PERTURB, cfg_options=options)
         with torch.no_grad():
-            for conv in model.bbox_head.rtm_kernel:
-                conv.bias.copy_(kernel_bias(model.bbox_head))
-        _BUILT['tiny'] = model
-    return _BUILT['tiny']
+            for conv in model.bbox_head.rtm_kernel.modules():
+                if isinstance(conv, nn.Conv2d):
+                    conv.bias.copy_(kernel_bias(model.bbox_head))
+        _BUILT[name] = model
+    return _BUILT[name]
 
 
 def _image(seed=1):
@@ -102,8 +113,9 @@ def test_engine_builds_with_the_adapter_and_mask_branch():
     assert engine.layer_names == LAYERS
     assert [layer.route for layer in engine.layers] == ['local'] * 3
     assert engine.adapter.level_of_layer('neck.out_convs.1') == 1
-    # the convs are shared by levels (only the BatchNorms are per level)
-    assert engine.adapter.level_of_layer('bbox_head.cls_convs.1.0.conv') is None
+    # the convs are shared by levels (named once, under level 0), the BatchNorms are not
+    assert 'bbox_head.cls_convs.0.0.conv' in dict(engine.model.named_modules())
+    assert engine.adapter.level_of_layer('bbox_head.cls_convs.0.0.conv') is None
     assert engine.adapter.level_of_layer('bbox_head.cls_convs.1.0.bn') == 1
 
 
@@ -322,3 +334,31 @@ def test_a_head_overriding_what_the_adapter_relies_on_is_refused():
         head.__class__ = RTMDetInsSepBNHead
     assert all(m.adapter is not RTMDetAdapter for m in head_matches(RTMDetInsSepBNHead))
     assert type(CAMEngine(model).adapter) is RTMDetInsAdapter
+
+
+def test_plain_head_shares_convs_and_norms_by_levels():
+    """``RTMDetInsHead``: decoding and masks equal ``model.predict``; its convs (BatchNorms
+    included) feed every level, so they have no level; the window is still the prior's own
+    level's; class maps and mask maps equal grad-cam's per detection."""
+    model = _model(plain=True)
+    engine = CAMEngine(model, score_thr=0.0, topk=40)
+    assert type(engine.adapter) is RTMDetInsAdapter and not engine.adapter._sep
+    assert [layer.route for layer in engine.layers] == ['local'] * 3
+    assert {'bbox_head.cls_convs.0.bn', 'bbox_head.scales.1'} <= set(dict(model.named_modules()))
+    assert engine.adapter.level_of_layer('bbox_head.cls_convs.0.bn') is None
+    image = _image(1)
+    inputs, meta, outs, dets = _decoded(engine, image)
+    pred = _predict(model, inputs, meta)
+    assert torch.equal(dets.bboxes, pred.bboxes) and torch.equal(dets.scores, pred.scores)
+    assert torch.equal(dets.labels, pred.labels)
+    masks = engine.mask_branch.masks(outs, dets, meta)
+    assert torch.equal(masks, pred.masks) and len(masks.sum(dim=(1, 2)).unique()) > 20
+    idx = _per_level(dets.select(slice(0, 40)))
+    assert len(idx) >= 2
+    res = engine.explain(image, methods='hirescam')['hirescam']
+    np.testing.assert_allclose(res.input_cams[idx],
+                               _reference(model, inputs, meta, res, dets, idx), atol=1e-4)
+    ref = _reference(model, inputs, meta, res, dets, idx, layers=[LAYERS] * len(idx),
+                     mask_branch=engine.mask_branch)
+    on_image = res.letterbox.to_original(torch.from_numpy(ref), image.shape[:2])
+    np.testing.assert_allclose(res.mask_cams[idx], on_image.clamp(0, 1).numpy(), atol=1e-4)
