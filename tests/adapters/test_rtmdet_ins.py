@@ -362,3 +362,26 @@ def test_plain_head_shares_convs_and_norms_by_levels():
                      mask_branch=engine.mask_branch)
     on_image = res.letterbox.to_original(torch.from_numpy(ref), image.shape[:2])
     np.testing.assert_allclose(res.mask_cams[idx], on_image.clamp(0, 1).numpy(), atol=1e-4)
+
+
+def test_candidates_hold_every_prior_and_each_kept_detection():
+    """What explains a miss: every prior of the three levels with its per-class scores; each
+    kept detection is one candidate pair, with its box, score and prior."""
+    model = _model()
+    engine = CAMEngine(model, score_thr=0.0)
+    inputs, meta = preprocess(model, engine.pipeline, _image(3))
+    adapter = engine.adapter
+    with torch.no_grad():
+        outs = adapter.head_outputs(adapter.features(inputs))
+        cands = adapter.candidates(outs, meta, 0.3)
+    assert cands.scores.shape == (16 * 16 + 8 * 8 + 4 * 4, 3)
+    dets = cands.detections
+    rows, labels = (cands.kept >= 0).nonzero(as_tuple=True)
+    assert len(rows) == len(dets) > 0 and cands.entered[rows, labels].all()
+    order = cands.kept[rows, labels].argsort()
+    same = cands.rows(rows[order].tolist(), labels[order].tolist())
+    torch.testing.assert_close(same.scores, dets.scores, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(same.bboxes, dets.bboxes, rtol=1e-6, atol=1e-4)
+    for name in ('labels', 'levels', 'ys', 'xs'):
+        assert torch.equal(getattr(same, name), getattr(dets, name)), name
+    torch.testing.assert_close(adapter.scores(outs, same), dets.scores, rtol=0, atol=1e-6)
