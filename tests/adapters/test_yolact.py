@@ -1,0 +1,202 @@
+"""YOLACT (issues 19 and 20) on a random-init model from mmdet's own config at 128 px: the
+adapter chosen from the model, boxes, labels, scores and masks equal to ``model.predict``'s
+(the prior index carried through mmdet's own Fast NMS), softmax scores at the prior and
+anchor, every method's class maps equal grad-cam's class run once per detection (atol 1e-4)
+on every level and route (the 5x5 window where it is exact, the chain route on P6), the mask
+target (prototypes times the prior's coefficients, cropped as mmdet crops) differentiable
+through the full graph and its maps equal grad-cam's run once per instance, and heads that
+change what the adapter relies on refused when the engine is built.
+
+The model uses a narrow ResNet-18 (16 base channels, BatchNorms calibrated), a 32-channel FPN,
+box head and protonet; the classifier, regression and coefficient predictors are spread so
+that scores differ and masks vary. Torch runs at one thread.
+"""
+import numpy as np
+import pytest
+import torch
+
+from mmdet_cam_hook import CAMEngine
+from mmdet_cam_hook.adapters import build_adapter
+from mmdet_cam_hook.adapters.yolact import YOLACTAdapter, YOLACTMaskBranch
+from mmdet_cam_hook.cam import maths
+from mmdet_cam_hook.cam.methods import METHODS as TABLE
+from mmdet_cam_hook.runtime.pipeline import preprocess
+from mmdet_cam_hook.testing import build_detector, synthetic_image
+from mmdet_cam_hook.testing.reference import reference_input_cams
+
+CONFIG = 'yolact/yolact_r50_1xb8-55e_coco.py'
+LIGHT = {'model.backbone.depth': 18, 'model.backbone.base_channels': 16,
+         'model.neck.in_channels': [16, 32, 64, 128], 'model.neck.out_channels': 32,
+         'model.bbox_head.in_channels': 32, 'model.bbox_head.feat_channels': 32,
+         'model.mask_head.in_channels': 32,
+         'model.mask_head.proto_channels': (32, 32, 32, None, 32, 32)}
+PERTURB = dict(calibrate=True,
+               weights={'conv_cls': 0.05, 'conv_reg': 0.003, 'conv_coeff': 0.05},
+               biases={'conv_cls': (0., 0.5), 'conv_coeff': (0., 0.5)})
+FPN_LAYERS = [f'neck.fpn_convs.{i}' for i in range(5)]
+METHODS = ('gradcam', 'hirescam', 'layercam')
+_BUILT = {}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model():
+    if 'yolact' not in _BUILT:
+        _BUILT['yolact'] = build_detector(CONFIG, perturb=PERTURB, cfg_options=LIGHT)
+    return _BUILT['yolact']
+
+
+def _image():
+    return synthetic_image(96, 160, seed=4)  # resized to 128 x 128 (no keep-ratio)
+
+
+def _forward(engine, image):
+    inputs, meta = preprocess(engine.model, engine.pipeline, image)
+    adapter = engine.adapter
+    with torch.no_grad():
+        outs = adapter.head_outputs(adapter.features(inputs))
+        dets = adapter.decode(outs, meta, engine.score_thr)
+    return inputs, meta, outs, dets
+
+
+def _predict(model, inputs, meta):
+    from mmdet.structures import DetDataSample
+
+    with torch.no_grad():
+        pred = model.predict(inputs, [DetDataSample(metainfo=meta)])[0].pred_instances
+    return pred[pred.scores.argsort(descending=True, stable=True)]
+
+
+def _pick(dets, num=40):
+    """The first (highest-scoring) detection of each level among the top ``num``, then more
+    until three anchors are covered."""
+    levels = dets.levels[:num].numpy()
+    idx = [int(np.flatnonzero(levels == lv)[0]) for lv in sorted(set(levels.tolist()))]
+    seen = set(dets.anchors[idx].tolist())
+    for i, a in enumerate(dets.anchors[:num].tolist()):
+        if len(seen) == 3:
+            break
+        if a not in seen:
+            idx.append(i)
+            seen.add(a)
+    assert len(seen) == 3
+    return idx
+
+
+def test_adapter_layers_and_routes():
+    """The level-aware default is the FPN outputs; each level's class branch reads a 5x5
+    window (local route) except P6, which also feeds P7 (``on_input`` extra convs): chain."""
+    engine = CAMEngine(_model(), score_thr=0.0)
+    assert type(engine.adapter) is YOLACTAdapter
+    assert engine.adapter.num_base_priors == 3
+    assert engine.layer_names == FPN_LAYERS
+    assert [layer.route for layer in engine.layers] == ['local'] * 3 + ['chain', 'local']
+    assert engine.local_grad.radii == {level: 2 for level in range(5)}
+    assert [engine.adapter.level_of_layer(n) for n in FPN_LAYERS] == [0, 1, 2, None, 4]
+
+
+def test_decode_and_masks_equal_model_predict():
+    """Boxes, labels, scores (bit-equal) and masks equal ``model.predict``'s, in score order,
+    at the test threshold and at the config's own 0.05; the differentiable score at each
+    prior and anchor is the softmax that Fast NMS kept; masks vary."""
+    model = _model()
+    engine = CAMEngine(model, score_thr=0.0)
+    image = _image()
+    inputs, meta, outs, dets = _forward(engine, image)
+    pred = _predict(model, inputs, meta)
+    assert len(dets) == len(pred) > 20
+    assert torch.equal(dets.bboxes, pred.bboxes) and torch.equal(dets.labels, pred.labels)
+    assert torch.equal(dets.scores, pred.scores)
+    assert len(dets.scores.unique()) == len(dets) and len(dets.anchors.unique()) == 3
+    assert len(dets.levels.unique()) >= 4
+    torch.testing.assert_close(engine.adapter.scores(outs, dets), dets.scores, rtol=0,
+                               atol=1e-6)
+    with torch.no_grad():
+        above = engine.adapter.decode(outs, meta, 0.3)
+    keep = pred.scores >= 0.3
+    assert 0 < len(above) == int(keep.sum()) < len(pred)
+    assert torch.equal(above.bboxes, pred.bboxes[keep])
+    masks = YOLACTMaskBranch(engine.adapter).masks(outs, dets, meta)
+    assert masks.dtype == torch.bool and masks.shape == (len(pred), *image.shape[:2])
+    assert torch.equal(masks, pred.masks)
+    areas = masks.sum(dim=(1, 2))
+    assert len(areas.unique()) > len(dets) // 2 and (areas > 0).sum() > len(dets) // 2, areas
+
+
+def test_class_maps_equal_grad_cam():
+    """Level-aware default (local window on P3-P5 and P7, chain on P6), a detection per level
+    and on each anchor: each method's map equals grad-cam's class run once per detection."""
+    model = _model()
+    engine = CAMEngine(model, score_thr=0.0, topk=40)
+    image = _image()
+    inputs, _, _, dets = _forward(engine, image)
+    idx = _pick(dets)
+    assert len(set(dets.levels[idx].tolist())) >= 4
+    for method, res in engine.explain(image, methods=METHODS).items():
+        try:
+            ref = reference_input_cams(model, inputs, method, [res.layers[i] for i in idx],
+                                       dets.select(torch.tensor(idx)))
+        finally:
+            model.zero_grad(set_to_none=True)
+        np.testing.assert_allclose(res.input_cams[idx], ref, atol=1e-4, err_msg=method)
+
+
+def test_mask_target_mixes_levels_and_equals_grad_cam():
+    """The mask target is in (0, 1] and differentiable; its gradient reaches P3 (the
+    prototypes) and the prior's own level (the coefficients), so no single level map explains
+    it (route 'exact'). Its maps from a plain full backward per instance equal grad-cam's class
+    run once per instance with the mask target."""
+    model = _model()
+    engine = CAMEngine(model, score_thr=0.0, topk=40)
+    branch = YOLACTMaskBranch(engine.adapter)
+    assert branch.route == 'exact' and branch.doc_target
+    inputs, meta, _, dets = _forward(engine, _image())
+    sub = dets.select(torch.tensor(_pick(dets)))
+    adapter = engine.adapter
+    feats = tuple(f.detach().requires_grad_(True) for f in adapter.features(inputs))
+    target = branch.scores(adapter.head_outputs(feats), sub, meta)
+    assert target.requires_grad and bool(((target > 0) & (target <= 1)).all()), target
+    for k, level in enumerate(sub.levels.tolist()):
+        grads = torch.autograd.grad(target[k], feats, retain_graph=True, allow_unused=True)
+        reached = {lv for lv, g in enumerate(grads) if g is not None and bool(g.abs().sum() > 0)}
+        assert reached == {0, level}, (level, reached)
+    for method in METHODS:
+        ours = []
+        for k in range(len(sub)):
+            x = inputs.detach().clone().requires_grad_(True)
+            feats = adapter.features(x)
+            act = feats[int(sub.levels[k])]
+            score = branch.scores(adapter.head_outputs(feats), sub.select(slice(k, k + 1)),
+                                  meta)[0]
+            (grad, ) = torch.autograd.grad(score, act)
+            ours.append(maths.input_maps([TABLE[method].layer_maps(act.detach(), grad, 1)],
+                                         tuple(inputs.shape[-2:])))
+        ref = reference_input_cams(model, inputs, method,
+                                   [[FPN_LAYERS[lv]] for lv in sub.levels.tolist()], sub,
+                                   metainfo=meta, mask_branch=branch)
+        model.zero_grad(set_to_none=True)
+        np.testing.assert_allclose(torch.cat(ours).numpy(), ref, atol=1e-4, err_msg=method)
+
+
+# --------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize('part, method', [('bbox_head', 'forward_single'),
+                                          ('bbox_head', '_bbox_post_process'),
+                                          ('mask_head', 'crop_single'),
+                                          ('mask_head', '_predict_by_feat_single')])
+def test_subclass_changing_what_the_adapter_relies_on_is_refused(part, method):
+    model = _model()
+    module = getattr(model, part)
+    original = type(module)
+    module.__class__ = type('TweakedHead', (original, ), {method: lambda self, *a, **k: None})
+    try:
+        with pytest.raises(ValueError, match=f'TweakedHead.*{method}'):
+            CAMEngine(model, score_thr=0.0)
+    finally:
+        module.__class__ = original
+    assert type(build_adapter(model)) is YOLACTAdapter
