@@ -29,10 +29,12 @@ LIGHT = {'model.backbone.depth': 18, 'model.backbone.base_channels': 16,
          'model.neck.in_channels': [16, 32, 64, 128], 'model.neck.out_channels': 32,
          'model.bbox_head.in_channels': 32, 'model.bbox_head.feat_channels': 32,
          'model.mask_head.in_channels': 32,
-         'model.mask_head.proto_channels': (32, 32, 32, None, 32, 32)}
+         'model.mask_head.proto_channels': (32, 32, 32, None, 32, 32),
+         # 8 candidates a level, no suppression between distinct boxes: every level detects
+         'model.test_cfg.nms_pre': 8, 'model.test_cfg.iou_thr': 1.0}
 PERTURB = dict(calibrate=True,
-               weights={'conv_cls': 0.05, 'conv_reg': 0.003, 'conv_coeff': 0.05},
-               biases={'conv_cls': (0., 0.5), 'conv_coeff': (0., 0.5)})
+               weights={'conv_cls': 0.05, 'conv_reg': 0.003, 'conv_coeff': 0.1},
+               biases={'conv_cls': (0., 0.5), 'conv_coeff': (0.3, 0.5)})
 FPN_LAYERS = [f'neck.fpn_convs.{i}' for i in range(5)]
 METHODS = ('gradcam', 'hirescam', 'layercam')
 _BUILT = {}
@@ -114,19 +116,46 @@ def test_decode_and_masks_equal_model_predict():
     assert torch.equal(dets.bboxes, pred.bboxes) and torch.equal(dets.labels, pred.labels)
     assert torch.equal(dets.scores, pred.scores)
     assert len(dets.scores.unique()) == len(dets) and len(dets.anchors.unique()) == 3
-    assert len(dets.levels.unique()) >= 4
+    assert len(dets.levels.unique()) == 5
     torch.testing.assert_close(engine.adapter.scores(outs, dets), dets.scores, rtol=0,
                                atol=1e-6)
-    with torch.no_grad():
-        above = engine.adapter.decode(outs, meta, 0.3)
-    keep = pred.scores >= 0.3
-    assert 0 < len(above) == int(keep.sum()) < len(pred)
-    assert torch.equal(above.bboxes, pred.bboxes[keep])
     masks = YOLACTMaskBranch(engine.adapter).masks(outs, dets, meta)
     assert masks.dtype == torch.bool and masks.shape == (len(pred), *image.shape[:2])
     assert torch.equal(masks, pred.masks)
-    areas = masks.sum(dim=(1, 2))
-    assert len(areas.unique()) > len(dets) // 2 and (areas > 0).sum() > len(dets) // 2, areas
+    areas = masks.sum(dim=(1, 2))  # one mask per prior (its classes share coefficients)
+    priors = {(lv, y, x, a) for lv, y, x, a in zip(dets.levels.tolist(), dets.ys.tolist(),
+                                                   dets.xs.tolist(), dets.anchors.tolist())}
+    assert len(areas.unique()) > len(priors) // 2 and (areas > 0).sum() > len(dets) // 2, areas
+
+
+def test_decode_equals_model_predict_at_the_configs_own_test_cfg():
+    """With the config's own ``test_cfg`` (1000 candidates a level, Fast NMS at IoU 0.5, top
+    200 a class), at its threshold 0.05 and above: the kept boxes, labels and scores are
+    ``model.predict``'s."""
+    from mmengine.config import Config, ConfigDict
+
+    from mmdet_cam_hook.testing import mmdet_config
+
+    model = _model()
+    engine = CAMEngine(model, score_thr=0.0)
+    inputs, meta = preprocess(model, engine.pipeline, _image())
+    own = Config.fromfile(mmdet_config(CONFIG)).model.test_cfg
+    head = model.bbox_head
+    saved = head.test_cfg
+    head.test_cfg = ConfigDict(own)
+    try:
+        pred = _predict(model, inputs, meta)
+        with torch.no_grad():
+            outs = engine.adapter.head_outputs(engine.adapter.features(inputs))
+            for thr in (float(own.score_thr), 0.3):
+                dets = engine.adapter.decode(outs, meta, thr)
+                keep = pred.scores >= thr
+                assert 0 < len(dets) == int(keep.sum()), thr
+                assert torch.equal(dets.bboxes, pred.bboxes[keep])
+                assert torch.equal(dets.scores, pred.scores[keep])
+                assert torch.equal(dets.labels, pred.labels[keep])
+    finally:
+        head.test_cfg = saved
 
 
 def test_class_maps_equal_grad_cam():
