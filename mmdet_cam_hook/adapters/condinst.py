@@ -31,7 +31,7 @@ from .base import ADAPTERS, Detections
 from .candidates import flat_prior_index
 from .dense import DenseAdapter
 from .fcos import FCOSAdapter
-from .masks import MaskBranch, mask_target
+from .masks import MaskBranch, mask_target, register_mask_branch
 
 #: What the adapter and the mask branch run of ``CondInstMaskHead``: the mask feature module
 #: (``forward``), the dynamic convolution and mmdet's mask post-processing (which also
@@ -113,6 +113,7 @@ class CondInstAdapter(FCOSAdapter):
         return self._locate(results, score_thr, sizes)
 
 
+@register_mask_branch
 class CondInstMaskBranch(MaskBranch):
     """CondInst's / BoxInst's dynamic mask head (see the module docstring)."""
 

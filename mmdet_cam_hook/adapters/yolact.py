@@ -29,7 +29,7 @@ from .base import ADAPTERS, Detections
 from .candidates import flat_prior_index
 from .condinst import _detached, _plain_instance_segmentor, rescale_like_mask_head
 from .dense import DenseAdapter
-from .masks import MaskBranch, mask_target
+from .masks import MaskBranch, mask_target, register_mask_branch
 
 #: What the adapter and the mask branch run of ``YOLACTProtonet``: the protonet, the crop and
 #: mmdet's mask post-processing (which also rescales the boxes).
@@ -127,6 +127,7 @@ class YOLACTAdapter(DenseAdapter):
         return [[*self.head.head_convs, self.head.conv_cls]]
 
 
+@register_mask_branch
 class YOLACTMaskBranch(MaskBranch):
     """YOLACT's prototypes and coefficients (see the module docstring)."""
 
