@@ -18,8 +18,6 @@ import torch
 from mmdet_cam_hook import CAMEngine
 from mmdet_cam_hook.adapters import build_adapter
 from mmdet_cam_hook.adapters.yolact import YOLACTAdapter, YOLACTMaskBranch
-from mmdet_cam_hook.cam import maths
-from mmdet_cam_hook.cam.methods import METHODS as TABLE
 from mmdet_cam_hook.runtime.pipeline import preprocess
 from mmdet_cam_hook.testing import build_detector, synthetic_image
 from mmdet_cam_hook.testing.reference import reference_input_cams
@@ -119,7 +117,7 @@ def test_decode_and_masks_equal_model_predict():
     assert len(dets.levels.unique()) == 5
     torch.testing.assert_close(engine.adapter.scores(outs, dets), dets.scores, rtol=0,
                                atol=1e-6)
-    masks = YOLACTMaskBranch(engine.adapter).masks(outs, dets, meta)
+    masks = engine.mask_branch.masks(outs, dets, meta)
     assert masks.dtype == torch.bool and masks.shape == (len(pred), *image.shape[:2])
     assert torch.equal(masks, pred.masks)
     areas = masks.sum(dim=(1, 2))  # one mask per prior (its classes share coefficients)
@@ -176,15 +174,14 @@ def test_class_maps_equal_grad_cam():
         np.testing.assert_allclose(res.input_cams[idx], ref, atol=1e-4, err_msg=method)
 
 
-def test_mask_target_mixes_levels_and_equals_grad_cam():
-    """The mask target is in (0, 1] and differentiable; its gradient reaches P3 (the
-    prototypes) and the prior's own level (the coefficients), so no single level map explains
-    it (route 'exact'). Its maps from a plain full backward per instance equal grad-cam's class
-    run once per instance with the mask target."""
-    model = _model()
-    engine = CAMEngine(model, score_thr=0.0, topk=40)
-    branch = YOLACTMaskBranch(engine.adapter)
-    assert branch.route == 'exact' and branch.doc_target
+def test_mask_target_mixes_levels():
+    """The mask target is in (0, 1] and differentiable; its gradient (plain autograd, instance
+    by instance) reaches exactly P3 (the prototypes) and the prior's own level (the
+    coefficients), so no single level map explains it: the branch takes the exact route."""
+    engine = CAMEngine(_model(), score_thr=0.0, topk=40)
+    branch = engine.mask_branch
+    assert type(branch) is YOLACTMaskBranch and branch.route == 'exact'
+    assert not engine.batchable  # local class maps, but the mask targets need the graph
     inputs, meta, _, dets = _forward(engine, _image())
     sub = dets.select(torch.tensor(_pick(dets)))
     adapter = engine.adapter
@@ -195,22 +192,35 @@ def test_mask_target_mixes_levels_and_equals_grad_cam():
         grads = torch.autograd.grad(target[k], feats, retain_graph=True, allow_unused=True)
         reached = {lv for lv, g in enumerate(grads) if g is not None and bool(g.abs().sum() > 0)}
         assert reached == {0, level}, (level, reached)
-    for method in METHODS:
-        ours = []
-        for k in range(len(sub)):
-            x = inputs.detach().clone().requires_grad_(True)
-            feats = adapter.features(x)
-            act = feats[int(sub.levels[k])]
-            score = branch.scores(adapter.head_outputs(feats), sub.select(slice(k, k + 1)),
-                                  meta)[0]
-            (grad, ) = torch.autograd.grad(score, act)
-            ours.append(maths.input_maps([TABLE[method].layer_maps(act.detach(), grad, 1)],
-                                         tuple(inputs.shape[-2:])))
-        ref = reference_input_cams(model, inputs, method,
-                                   [[FPN_LAYERS[lv]] for lv in sub.levels.tolist()], sub,
-                                   metainfo=meta, mask_branch=branch)
-        model.zero_grad(set_to_none=True)
-        np.testing.assert_allclose(torch.cat(ours).numpy(), ref, atol=1e-4, err_msg=method)
+
+
+@pytest.mark.parametrize('layers', [None, 'backbone.layer3'])
+def test_engine_masks_and_mask_maps_equal_model_predict_and_grad_cam(layers):
+    """``CAMResult.masks`` equal ``model.predict``'s; every method's mask maps (the level-aware
+    default: all five level maps, as the target mixes them; or a backbone layer) equal
+    grad-cam's class run once per instance with the mask target, on the original image; they
+    are not blank and differ from the class maps."""
+    model = _model()
+    engine = CAMEngine(model, score_thr=0.0, topk=12, target_layers=layers)
+    image = _image()
+    inputs, meta, _, dets = _forward(engine, image)
+    dets = dets.select(slice(0, 12))
+    pred = _predict(model, inputs, meta)
+    results = engine.explain(image, methods=METHODS)
+    names = engine.layer_names
+    assert names == (FPN_LAYERS if layers is None else [layers])
+    for method, res in results.items():
+        assert torch.equal(torch.from_numpy(res.masks), pred.masks[:12])
+        try:
+            ref = reference_input_cams(model, inputs, method, [names] * len(dets), dets,
+                                       metainfo=meta, mask_branch=engine.mask_branch)
+        finally:
+            model.zero_grad(set_to_none=True)
+        on_image = res.letterbox.to_original(torch.from_numpy(ref), image.shape[:2])
+        np.testing.assert_allclose(res.mask_cams, on_image.clamp(0, 1).numpy(), atol=1e-4,
+                                   err_msg=method)
+        assert (res.mask_cams.reshape(len(dets), -1).max(1) > 0).sum() > len(dets) // 2
+        assert not np.allclose(res.mask_cams, res.cams, atol=1e-2), method
 
 
 # --------------------------------------------------------------------------- refusals
