@@ -267,3 +267,11 @@ def test_detector_predicting_otherwise_is_refused():
             CAMEngine(model, score_thr=0.0)
     finally:
         model.__class__ = original
+
+
+def test_misses_are_refused_clearly():
+    """The candidates before NMS are not listed for CondInst (its decoding is not the one
+    ``DenseAdapter.candidates`` was verified for): asking for misses is refused up front."""
+    engine = CAMEngine(_model('condinst'), score_thr=0.0)
+    with pytest.raises(ValueError, match='CondInstAdapter.*CondInstBboxHead.*explain_misses'):
+        engine.explain(_image(), methods='hirescam', gt_bboxes=[[0, 0, 10, 10]], gt_labels=[0])

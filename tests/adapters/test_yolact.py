@@ -239,3 +239,11 @@ def test_subclass_changing_what_the_adapter_relies_on_is_refused(part, method):
     finally:
         module.__class__ = original
     assert type(build_adapter(model)) is YOLACTAdapter
+
+
+def test_misses_are_refused_clearly():
+    """The candidates before Fast NMS are not listed for YOLACT: asking for misses is refused
+    up front."""
+    engine = CAMEngine(_model(), score_thr=0.0)
+    with pytest.raises(ValueError, match='YOLACTAdapter.*YOLACTHead.*explain_misses'):
+        engine.explain(_image(), methods='hirescam', gt_bboxes=[[0, 0, 10, 10]], gt_labels=[0])
