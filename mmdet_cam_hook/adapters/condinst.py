@@ -22,13 +22,13 @@ unpadded part of the map. It reads the mask feature map, which mixes FPN levels 
 prior's parameters on the prior's own level: route ``'exact'``.
 """
 import math
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from mmengine.structures import InstanceData
 
 from .base import ADAPTERS, Detections
-from .candidates import flat_prior_index
+from .candidates import Candidates, dense_candidates, flat_prior_index, record_post_process
 from .dense import DenseAdapter
 from .fcos import FCOSAdapter
 from .masks import MaskBranch, mask_target, register_mask_branch
@@ -111,6 +111,27 @@ class CondInstAdapter(FCOSAdapter):
         if len(results):  # the mask head rescales only non-empty results
             results.bboxes = rescale_like_mask_head(results.bboxes, metainfo)
         return self._locate(results, score_thr, sizes)
+
+    def candidates(self, outs: tuple, metainfo: dict, score_thr: float,
+                   detections: Optional[Detections] = None) -> Candidates:
+        """Every prior of image 0 before the score threshold and NMS, as
+        :meth:`DenseAdapter.candidates` lists them (FCOS's boxes and scores, the pairs that
+        went into NMS recorded from :meth:`decode`), the boxes rescaled as the mask head
+        rescales the kept ones."""
+        cls_scores, bbox_preds, score_factors = self._split(outs)
+        with record_post_process(self.head) as seen:
+            dets = self.decode(outs, metainfo, score_thr)
+        sizes = [tuple(c.shape[-2:]) for c in cls_scores]
+        priors = self.head.prior_generator.grid_priors(
+            sizes, dtype=bbox_preds[0].dtype, device=bbox_preds[0].device)
+        with torch.no_grad():
+            boxes = self._prior_boxes([b[0].detach() for b in bbox_preds], priors,
+                                      metainfo['img_shape'])
+            scores = self._prior_scores([c[0].detach() for c in cls_scores],
+                                        [s[0].detach() for s in score_factors])
+        return dense_candidates(rescale_like_mask_head(boxes, metainfo), scores, seen,
+                                dets if detections is None else detections, sizes, 1,
+                                self._pre_cfg(score_thr).score_thr, self.head.test_cfg)
 
 
 @register_mask_branch

@@ -269,9 +269,57 @@ def test_detector_predicting_otherwise_is_refused():
         model.__class__ = original
 
 
-def test_misses_are_refused_clearly():
-    """The candidates before NMS are not listed for CondInst (its decoding is not the one
-    ``DenseAdapter.candidates`` was verified for): asking for misses is refused up front."""
-    engine = CAMEngine(_model('condinst'), score_thr=0.0)
-    with pytest.raises(ValueError, match='CondInstAdapter.*CondInstBboxHead.*explain_misses'):
-        engine.explain(_image(), methods='hirescam', gt_bboxes=[[0, 0, 10, 10]], gt_labels=[0])
+def test_candidates_equal_predict_by_feat_single():
+    """Every (prior, class) pair before the threshold and NMS equals what
+    ``CondInstBboxHead._predict_by_feat_single`` computes without filter, top-k and NMS (boxes
+    rescaled as the mask head rescales them); the pairs that entered NMS are those its own
+    filter and top-k pass; each kept detection is its candidate pair; misses are explained."""
+    import copy
+
+    model = _model('condinst')
+    engine = CAMEngine(model, score_thr=0.05)
+    image = _image()
+    inputs, meta = preprocess(model, engine.pipeline, image)
+    adapter, head = engine.adapter, model.bbox_head
+    with torch.no_grad():
+        outs = adapter.head_outputs(adapter.features(inputs))
+        cands = adapter.candidates(outs, meta, 0.05)
+    cls, reg, ctr, params = ([t[0] for t in o] for o in outs[:4])
+    sizes = [c.shape[-2:] for c in cls]
+    points = head.prior_generator.grid_priors(sizes, dtype=reg[0].dtype, device=reg[0].device,
+                                              with_stride=True)
+
+    def predict(cfg):
+        with torch.no_grad():
+            res = head._predict_by_feat_single(cls, reg, ctr, params, [p[:, :2] for p in points],
+                                               [p[:, 2] for p in points], meta, cfg,
+                                               rescale=False, with_nms=False)
+        res.bboxes = res.bboxes / res.bboxes.new_tensor(meta['scale_factor']).repeat((1, 2))
+        return res
+
+    every = copy.deepcopy(head.test_cfg)
+    every.update(score_thr=-1.0, nms_pre=10**9, min_bbox_size=-1)
+    ref = predict(every)
+    num, num_classes = cands.scores.shape
+    everything = torch.ones_like(cands.entered).nonzero(as_tuple=True)
+    assert len(everything[0]) == len(ref) == num * num_classes
+    ours = torch.cat([cands.scores[everything][:, None], everything[1][:, None].float(),
+                      cands.rows(*[t.tolist() for t in everything]).bboxes], 1)
+    theirs = torch.cat([ref.scores[:, None], ref.labels[:, None].float(), ref.bboxes], 1)
+
+    def order(t):
+        return t[np.lexsort(t.numpy().T[::-1])]
+
+    torch.testing.assert_close(order(ours), order(theirs))
+    cfg = copy.deepcopy(head.test_cfg)
+    cfg.score_thr = 0.05
+    rows, labels = cands.entered.nonzero(as_tuple=True)
+    assert 0 < len(rows) == len(predict(cfg)) < num * num_classes
+    kept_rows, kept_labels = (cands.kept >= 0).nonzero(as_tuple=True)
+    order_k = cands.kept[kept_rows, kept_labels].argsort()
+    same = cands.rows(kept_rows[order_k].tolist(), kept_labels[order_k].tolist())
+    assert torch.equal(same.bboxes, cands.detections.bboxes)
+    torch.testing.assert_close(same.scores, cands.detections.scores, rtol=1e-6, atol=1e-7)
+    res = engine.explain(image, methods='hirescam', gt_bboxes=[[100, 10, 150, 60]],
+                         gt_labels=[1])['hirescam']
+    assert res.false_positive is not None and len(res.misses) <= 1
