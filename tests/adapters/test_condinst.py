@@ -2,7 +2,8 @@
 128 px: the adapter chosen from the model, boxes, labels, scores and masks equal to
 ``model.predict``'s, every method's class maps equal grad-cam's class run once per detection
 (atol 1e-4) on every level, the mask target differentiable through the full graph (it mixes
-the levels) and its maps equal grad-cam's run once per instance, and heads that change what
+the levels) and its maps equal grad-cam's run once per instance, the candidates before NMS
+equal to the head's own decoding without filter and NMS (misses), and heads that change what
 the adapter relies on refused when the engine is built.
 
 The models use a narrow ResNet-18 (16 base channels), a 32-channel FPN and box head and a
