@@ -2,6 +2,7 @@
 from . import (  # noqa: F401  (register the adapters)
     anchor_free,
     atss_family,
+    condinst,
     detr,
     distillation,
     fcos,
@@ -18,6 +19,7 @@ from . import (  # noqa: F401  (register the adapters)
     ssd,
     two_stage,  # noqa: F401  (register the two-stage adapters)
     wrappers,
+    yolact,
     yolof,
     yolov3,
     yolox,

@@ -42,6 +42,7 @@ REFUSED_CANDIDATES = [
      {**LIGHT_BACKBONE, 'model.bbox_head.in_channels': 32, 'model.bbox_head.feat_channels': 32,
       'model.mask_head.mask_feature_head.in_channels': 32,
       'model.mask_head.mask_feature_head.feat_channels': 16}),
+    ('rtmdet/rtmdet-ins_tiny_8xb32-300e_coco.py', {}),
 ]
 
 
