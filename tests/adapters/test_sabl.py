@@ -9,8 +9,9 @@ equal grad-cam's class run once per detection (atol 1e-4), non-blank on every le
 that overrides what the adapter relies on is refused when the adapter is built.
 
 Narrow ResNet-18 backbones and 32-channel necks and heads (the adapters read the heads'
-structure, not their widths), 256 px for the RetinaNet (P7 2x2), 128 px and 60 proposals for
-the R-CNNs with a small ``finest_scale`` so that RoIs land on all four levels. One thread.
+structure, not their widths), 256 px for the RetinaNet (P7 2x2); 128 px for the R-CNNs, whose
+RPN keeps its 12 best anchors of each level (half-size anchors) and 60 proposals, with a small
+``finest_scale`` so that RoIs land on all four levels. One thread.
 """
 import numpy as np
 import pytest
@@ -37,13 +38,16 @@ RETINA_GN = {**LIGHT_FPN, 'model.bbox_head.in_channels': 32, 'model.bbox_head.fe
 SABL_RETINA = dict(weights={'conv.weight': 0.03, 'retina_cls': 0.03, 'retina_bbox_cls': 0.05,
                             'retina_bbox_reg': 0.003}, biases={'retina_cls': (0., 0.5)})
 RCNN = {**LIGHT_FPN, 'model.rpn_head.in_channels': 32, 'model.rpn_head.feat_channels': 32,
-        'model.test_cfg.rpn.max_per_img': 60}
+        'model.test_cfg.rpn.max_per_img': 60, 'model.test_cfg.rpn.nms_pre': 12,
+        'model.rpn_head.anchor_generator.scales': [4]}
 #: one RoI extractor and bbox head (Faster) or three (Cascade): 32 channels, 128-wide fcs
 RCNN_HEAD = {'out_channels': 32}
 SABL_HEAD = {'cls_in_channels': 32, 'reg_in_channels': 32, 'cls_out_channels': 128,
              'reg_offset_out_channels': 32, 'reg_cls_out_channels': 32}
-SABL_RCNN = dict(weights={'rpn_reg': 0.3, 'fc_cls': 0.05, 'fc_reg_cls': 0.05,
+SABL_RCNN = dict(weights={'rpn_reg': 0.6, 'fc_cls': 0.05, 'fc_reg_cls': 0.05,
                           'fc_reg_offset': 0.01}, biases={'fc_cls': (0., 0.5)})
+#: the RoI extractor's finest_scale that puts this random model's RoIs on all four levels
+FINEST = {'faster': 8, 'cascade': 4}
 CONFIGS = {'retina-gn': 'sabl/sabl-retinanet_r50-gn_fpn_1x_coco.py',
            'faster': 'sabl/sabl-faster-rcnn_r50_fpn_1x_coco.py',
            'cascade': 'sabl/sabl-cascade-rcnn_r50_fpn_1x_coco.py'}
@@ -61,10 +65,9 @@ def _one_thread():
 def _options(name):
     if name == 'retina-gn':
         return RETINA_GN
-    options = {**RCNN}
+    options = {**RCNN, 'model.roi_head.bbox_roi_extractor.out_channels': 32,
+               'model.roi_head.bbox_roi_extractor.finest_scale': FINEST[name]}
     if name == 'faster':
-        options['model.roi_head.bbox_roi_extractor.out_channels'] = 32
-        options['model.roi_head.bbox_roi_extractor.finest_scale'] = 8
         options.update({f'model.roi_head.bbox_head.{k}': v for k, v in SABL_HEAD.items()})
     return options
 
@@ -80,10 +83,8 @@ def _model(name):
             from mmdet_cam_hook.testing import mmdet_config
 
             options = _options(name)
-            if name == 'cascade':  # the stages are a list: set each
+            if name == 'cascade':  # the stages' bbox heads are a list: set each
                 roi = Config.fromfile(mmdet_config(CONFIGS[name])).model.roi_head
-                options['model.roi_head.bbox_roi_extractor'] = [
-                    dict(e, out_channels=32, finest_scale=8) for e in roi.bbox_roi_extractor]
                 options['model.roi_head.bbox_head'] = [dict(h, **SABL_HEAD)
                                                        for h in roi.bbox_head]
             model = build_detector(CONFIGS[name], 128, perturb=SABL_RCNN, cfg_options=options)
