@@ -131,7 +131,7 @@ class GARetinaAdapter(DenseAdapter):
                                             use_loc_filter=True, device=cls_scores[0].device)
         cfg = self._pre_cfg(score_thr)
         nms_pre = cfg.get('nms_pre', -1)
-        boxes, scores_all, prior_idx = [], [], []
+        preds, valid_anchors, scores_all, prior_idx = [], [], [], []
         start = 0
         for cls_score, bbox_pred, anchors, mask in zip(cls_scores, bbox_preds, guided[0],
                                                        masks[0]):
@@ -149,16 +149,17 @@ class GARetinaAdapter(DenseAdapter):
                 _, topk = fg.max(dim=1)[0].topk(nms_pre)
                 anchors, bbox_pred, scores, idx = (anchors[topk, :], bbox_pred[topk, :],
                                                    scores[topk, :], idx[topk])
-            boxes.append(head.bbox_coder.decode(anchors, bbox_pred,
-                                                max_shape=metainfo['img_shape']))
+            preds.append(bbox_pred)
+            valid_anchors.append(anchors)
             scores_all.append(scores)
             prior_idx.append(idx + start)
             start += num
-        if not boxes:
+        if not preds:
             none = torch.zeros((0, ), dtype=torch.long, device=cls_scores[0].device)
             return Detections(cls_scores[0].new_zeros((0, 4)), cls_scores[0].new_zeros((0, )),
                               none, none, none, none, none)
-        bboxes = torch.cat(boxes)
+        bboxes = head.bbox_coder.decode(torch.cat(valid_anchors), torch.cat(preds),
+                                        max_shape=metainfo['img_shape'])
         bboxes /= bboxes.new_tensor(metainfo['scale_factor']).repeat((1, 2))
         scores = torch.cat(scores_all)
         if head.use_sigmoid_cls:  # the dummy background column mmdet adds

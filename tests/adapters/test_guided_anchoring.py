@@ -17,6 +17,8 @@ Narrow ResNet-18 (caffe style, as the configs) and 32-channel neck and heads; 25
 RetinaNet (P7 2x2, smaller than the deformable 3x3 kernel: mmcv pads it), 128 px for the
 R-CNN. The location branch is perturbed so that it keeps some locations and drops others.
 """
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -41,13 +43,18 @@ RETINA = {**LIGHT_FPN, 'model.bbox_head.in_channels': 32, 'model.bbox_head.feat_
 GA_RETINA = dict(calibrate=True,
                  weights={'conv.weight': 0.08, 'conv_loc': 0.1, 'conv_adaption': 0.05,
                           'retina_cls': 0.05, 'retina_reg': 0.003},
-                 biases={'conv_loc': (-4.0, 0.), 'retina_cls': (0., 0.5)})
+                 biases={'conv_loc': (-4.4, 0.), 'retina_cls': (0., 0.5)})
 RPN = {**LIGHT_FPN, 'model.rpn_head.in_channels': 32, 'model.rpn_head.feat_channels': 32}
 GA_RPN = dict(calibrate=True,
-              weights={'conv_loc': 0.1, 'conv_adaption': 0.05, 'conv_cls': 0.05,
-                       'conv_reg': 0.05, 'fc_cls': 0.05},
-              biases={'conv_loc': (-4.0, 0.), 'conv_cls': (0., 0.5), 'fc_cls': (0., 0.5)})
-FASTER = {**RPN, 'model.test_cfg.rpn.max_per_img': 60,
+              weights={'conv_loc': 0.5, 'conv_adaption': 0.05, 'conv_cls': 0.05,
+                       'conv_reg': 0.05},
+              biases={'conv_loc': (-4.6, 0.), 'conv_cls': (0., 0.5)})
+GA_FASTER = dict(weights={'conv_loc': 0.1, 'conv_adaption': 0.05, 'conv_cls': 0.05,
+                          'conv_reg': 0.05, 'fc_cls': 0.002},
+                 biases={'conv_loc': (-5.0, 0.), 'conv_cls': (0., 0.5), 'fc_cls': (0., 0.5)})
+FASTER = {**RPN, 'model.test_cfg.rpn.max_per_img': 60, 'model.test_cfg.rpn.nms_pre': 12,
+          'model.rpn_head.approx_anchor_generator.octave_base_scale': 4,
+          'model.rpn_head.square_anchor_generator.scales': [4],
           'model.roi_head.bbox_roi_extractor.out_channels': 32,
           'model.roi_head.bbox_roi_extractor.finest_scale': 8,
           'model.roi_head.bbox_head.in_channels': 32,
@@ -55,7 +62,7 @@ FASTER = {**RPN, 'model.test_cfg.rpn.max_per_img': 60,
 CONFIGS = {'retina': ('guided_anchoring/ga-retinanet_r50-caffe_fpn_1x_coco.py', 256, RETINA,
                       GA_RETINA),
            'faster': ('guided_anchoring/ga-faster-rcnn_r50-caffe_fpn_1x_coco.py', 128, FASTER,
-                      GA_RPN),
+                      GA_FASTER),
            'rpn': ('guided_anchoring/ga-rpn_r50-caffe_fpn_1x_coco.py', 256,
                    {**RPN, 'model.test_cfg.rpn.max_per_img': 60}, GA_RPN)}
 _BUILT = {}
@@ -85,11 +92,49 @@ def masked_kernel(monkeypatch):
 
 
 def _model(name):
+    """The model; built with the torch kernel (the BatchNorm calibration runs the head)."""
+    import mmcv.ops.masked_conv as masked
+
     if name not in _BUILT:
         config, size, options, perturb = CONFIGS[name]
-        _BUILT[name] = build_detector(config, size, perturb=perturb, cfg_options=options,
-                                      num_classes=1 if name == 'rpn' else 3)
+        with mock.patch.object(masked, 'masked_conv2d', _torch_masked_conv2d):
+            _BUILT[name] = (_build_rpn(config, size, options, perturb) if name == 'rpn' else
+                            build_detector(config, size, perturb=perturb, cfg_options=options))
     return _BUILT[name]
+
+
+def _build_rpn(config, size, options, perturb):
+    """The RPN detector (mmdet's builder has no ``bbox_head.num_classes`` to set: one class),
+    as ``build_detector`` builds the others."""
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.registry import DefaultScope
+
+    from mmdet_cam_hook.testing import (
+        _drop_pretrained,
+        _quiet_init_weights,
+        calibrate_bn,
+        mmdet_config,
+        perturb_head,
+    )
+
+    cfg = Config.fromfile(mmdet_config(config))
+    cfg.merge_from_dict(options)
+    _drop_pretrained(cfg.model)
+    for t in cfg.test_dataloader.dataset.pipeline:
+        if t.type == 'Resize':
+            t.scale = (size, size)
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(cfg.model)
+    _quiet_init_weights(model)
+    model.cfg = cfg
+    perturb = dict(perturb)
+    if perturb.pop('calibrate', False):
+        calibrate_bn(model)
+    perturb_head(model, **perturb)
+    model.dataset_meta = dict(classes=('object', ))
+    return model.eval()
 
 
 def _ga_head(model):
