@@ -10,7 +10,9 @@ Two facts decide how the adapters run the head themselves (:func:`masked_conv`):
 
 - mmcv 2.1.0's masked convolution has no CPU kernel (``masked_im2col_forward_impl``): the
   head's own forward fails on CPU in eval mode as soon as a location is kept;
-- its backward returns no gradient, so on CUDA the score of a detection would have none.
+- its backward returns no gradient (``(None, ) * 5``), so on CUDA the score of a detection
+  would have none; and it takes one image at a time (mmdet's forward masks a batch with
+  image 0's locations).
 
 At a kept location ``MaskedConv2d`` *is* the convolution (weights and bias; zeros elsewhere,
 where nothing is read), so the adapters compute it as the plain convolution times the mask:
@@ -34,20 +36,22 @@ from .two_stage import RoIOutputs, TwoStageAdapter
 
 
 def masked_conv(conv: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """mmcv's ``MaskedConv2d`` at the locations of ``mask`` (1, H, W) bool, zero elsewhere,
-    differentiable: the plain convolution carries the gradient; on CUDA the values are mmcv's
-    masked kernel's (``conv(x, mask)``), on CPU (no kernel) the plain convolution's."""
+    """mmcv's ``MaskedConv2d`` at the locations of ``mask`` (N, 1, H, W) bool (each image its
+    own), zero elsewhere, differentiable: the plain convolution carries the gradient; on CUDA
+    the values are mmcv's masked kernel's (``conv(x, mask)``, one image at a time as it
+    asserts), on CPU (no kernel) the plain convolution's."""
     dense = conv(x, None)  # MaskedConv2d without a mask: nn.Conv2d's forward
     if x.is_cuda:
         with torch.no_grad():
-            value = conv(x, mask)
+            value = torch.cat([conv(x[i:i + 1], mask[i]) for i in range(len(x))])
         return value + (dense - dense.detach())
     return dense * mask.to(dense.dtype)
 
 
 def _loc_mask(head: nn.Module, loc_pred: torch.Tensor) -> torch.Tensor:
-    """The location mask ``forward_single`` computes in eval mode."""
-    return loc_pred.sigmoid()[0] >= head.loc_filter_thr
+    """(N, 1, H, W): the location mask ``forward_single`` computes in eval mode
+    (``loc_pred.sigmoid()[0] >= loc_filter_thr``, for one image), for each image."""
+    return loc_pred.sigmoid() >= head.loc_filter_thr
 
 
 def _strides(head: nn.Module) -> List[int]:

@@ -258,3 +258,22 @@ def test_a_subclass_overriding_the_forward_is_refused(name, path):
     finally:
         head.__class__ = base
     assert build_adapter(model) is not None
+
+
+def test_head_outputs_of_a_batch_are_each_images_own():
+    """Each image of a batch is masked with its own locations (mmdet's forward takes one
+    image: a batch would be masked with image 0's): the outputs equal the image's alone."""
+    model = _model('retina')
+    adapter = build_adapter(model)
+    pipeline = CAMEngine(model, score_thr=0.0).pipeline
+    inputs = torch.cat([preprocess(model, pipeline, synthetic_image(96, 160, seed=s))[0]
+                        for s in (1, 2)])
+    with torch.no_grad():
+        both = adapter.head_outputs(adapter.features(inputs))
+        kept = both[3][0].sigmoid() >= model.bbox_head.loc_filter_thr
+        assert not torch.equal(kept[0], kept[1])
+        for i in range(2):
+            alone = adapter.head_outputs(adapter.features(inputs[i:i + 1]))
+            for mine, own in zip(both, alone):
+                for a, b in zip(mine, own):
+                    torch.testing.assert_close(a[i:i + 1], b, rtol=1e-5, atol=1e-6)
