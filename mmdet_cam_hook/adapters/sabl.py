@@ -219,6 +219,24 @@ class _SABLRoIScores:
                 (1, 2))
         return out
 
+    def _sabl_candidates(self, outs, metainfo: dict, score_thr: float,
+                         detections: Optional[Detections]) -> Candidates:
+        """The two-stage candidates (every RoI's per-class boxes and class probabilities, the
+        pairs whose probability passed the pre-NMS filter: ``multiclass_nms`` filters before
+        it multiplies the score factors in), their scores times each RoI's bucketing
+        confidence (the last stage's)."""
+        from mmdet.structures.bbox import bbox2roi
+
+        cands = TwoStageAdapter.candidates(self, outs, metainfo, score_thr, detections)
+        with torch.no_grad():
+            rois = bbox2roi([self.proposals(outs, metainfo)])
+            if len(rois):
+                stage_rois, _, bbox_pred = self._stage_forward(
+                    tuple(f.detach() for f in outs.feats), rois, metainfo)
+                cands.scores = cands.scores * _bucket_confidence(
+                    self._last_bbox_head, stage_rois[-1][:, 1:], bbox_pred)[:, None]
+        return cands
+
     def _rescore(self, cls_score: torch.Tensor, bbox_pred, rois: torch.Tensor,
                  labels: torch.Tensor) -> torch.Tensor:
         """(K,) ``softmax(cls_score)[label] * confidence`` of K RoIs (x1y1x2y2)."""
@@ -272,6 +290,11 @@ class SABLFasterRCNNAdapter(_SABLRoIScores, TwoStageAdapter):
 
     def level_gradient(self) -> 'SABLRoIGradient':
         return SABLRoIGradient(self)
+
+    def candidates(self, outs, metainfo: dict, score_thr: float,
+                   detections: Optional[Detections] = None) -> Candidates:
+        """Every RoI before the score threshold and NMS (see :meth:`_sabl_candidates`)."""
+        return self._sabl_candidates(outs, metainfo, score_thr, detections)
 
 
 class SABLRoIGradient(RoIGradient):
@@ -355,3 +378,8 @@ class SABLCascadeRCNNAdapter(_SABLRoIScores, CascadeRCNNAdapter):
             bbox_pred = res['bbox_pred']
         return self._rescore(sum(logits) / float(len(logits)), bbox_pred,
                              dets.rois[:, -1].to(feats[0]), dets.labels)
+
+    def candidates(self, outs, metainfo: dict, score_thr: float,
+                   detections: Optional[Detections] = None) -> Candidates:
+        """Every RoI before the score threshold and NMS (see :meth:`_sabl_candidates`)."""
+        return self._sabl_candidates(outs, metainfo, score_thr, detections)

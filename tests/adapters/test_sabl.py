@@ -176,10 +176,12 @@ def test_retina_score_is_class_times_bucketing_confidence():
         assert confid < 0.99
 
 
-def test_retina_candidates_hold_the_kept_detections():
-    """Candidates: every kept detection is one (anchor, class) pair with its box, score and
-    location; a pair that became a detection went into NMS."""
-    model = _model('retina-gn')
+@pytest.mark.parametrize('name', ['retina-gn', 'faster', 'cascade'])
+def test_candidates_hold_the_kept_detections(name):
+    """Candidates: every kept detection is one (anchor or RoI, class) pair with its box,
+    score (the bucketing confidence in) and location; a pair that became a detection went
+    into NMS."""
+    model = _model(name)
     engine = CAMEngine(model, score_thr=0.0)
     check_candidates(engine.adapter)
     _, meta, outs, dets = _decoded(model, engine, synthetic_image(96, 160, seed=1))
