@@ -201,6 +201,13 @@ HEADS.append(dict(name='rtmdet-ins-tiny', config='rtmdet/rtmdet-ins_tiny_8xb32-3
                   perturb=RTMDET_INS, level_layers=YOLO_LAYERS, level_of=[0, 1, 2],
                   routes=['local'] * 3, radius=2, anchors=1, upstream='backbone.stage4',
                   upstream_route='chain'))
+# SABL RetinaNet: square anchors, the bucketing confidence (its own branch) in the score.
+SABL_RETINA = dict(calibrate=True, weights={'conv.weight': 0.08, 'retina_cls': 0.05,
+                                            'retina_bbox_cls': 0.05, 'retina_bbox_reg': 0.003},
+                   biases={'retina_cls': (0., 0.5)})
+HEADS.append(_fpn('sabl-retinanet', 'sabl/sabl-retinanet_r50_fpn_1x_coco.py', SABL_RETINA,
+                  radius=5, routes=['local', 'local', 'local', 'chain', 'local'],
+                  level_of=[0, 1, 2, None, 4]))
 ROWS = {row['name']: row for row in HEADS}
 ALL_METHODS = sorted(CAM_METHODS)  # the gradient and activation methods (not D-RISE)
 _MODELS = {}

@@ -51,10 +51,10 @@ def _registered_heads():
     from mmdet.models.dense_heads import DETRHead
     from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
     from mmdet.models.roi_heads.base_roi_head import BaseRoIHead
-    from mmdet.models.roi_heads.bbox_heads import BBoxHead
+    from mmdet.models.roi_heads.bbox_heads import BBoxHead, SABLHead
     from mmdet.registry import MODELS
 
-    roots = (BaseDenseHead, BBoxHead, BaseRoIHead, DETRHead)
+    roots = (BaseDenseHead, BBoxHead, BaseRoIHead, DETRHead, SABLHead)  # SABLHead: no BBoxHead
     return {name: cls for name, cls in sorted(MODELS.module_dict.items())
             if inspect.isclass(cls) and issubclass(cls, roots) and not inspect.isabstract(cls)}
 
