@@ -116,8 +116,8 @@ class MaskFormerAdapter(DetectorAdapter):
     doc_score = ('softmax(cls[q])[c] × mean of σ(mask[q]) over its own binary mask '
                  '(`instance_postprocess`, original size); last decoder layer')
     doc_layers = ('all backbone outputs together, maps averaged (`backbone.layer{1..4}`, '
-                  'strides 4-32: the maps the pixel decoder reads; Swin: the pixel '
-                  "decoder's per-level input projections, which read them)")
+                  'strides 4-32: the maps the pixel decoder reads; Swin: `backbone:{0..3}`, '
+                  'the maps of its tuple output)')
     doc_route = 'exact (one backward through the pixel decoder and transformer per detection)'
 
     def __init__(self, model: nn.Module) -> None:
@@ -249,61 +249,15 @@ class MaskFormerAdapter(DetectorAdapter):
 
     def level_layers(self) -> List[str]:
         """The modules outputting the backbone's maps (``backbone.layer{1..4}``); for a
-        backbone whose maps no module outputs (Swin reshapes its norms' outputs), the one
-        module of the head that reads each map (the pixel decoder's per-level input
-        projection: ``pixel_decoder.lateral_convs.0``, ``pixel_decoder.input_convs.{2,1,0}``).
+        backbone whose maps no module outputs alone (Swin reshapes its norms' outputs), the
+        maps of its tuple output, ``backbone:{0..3}`` (:func:`~.base.trace_level_layers`).
 
         Raises:
-            ValueError: If some level map is neither output nor read by exactly one module.
+            ValueError: If some level map is output by no module, alone or in a tuple.
         """
         if getattr(self, '_level_layers', None) is None:
-            try:
-                self._level_layers = trace_level_layers(self.model, self.features, _TRACE_SIZE)
-            except ValueError:
-                self._level_layers = self._reading_layers()
+            self._level_layers = trace_level_layers(self.model, self.features, _TRACE_SIZE)
         return list(self._level_layers)
-
-    def _reading_layers(self) -> List[str]:
-        """Per level, the outermost module of the head whose input is the level map, from one
-        forward without gradients on a zero input, in eval mode (flags restored)."""
-        param = next(self.model.parameters())
-        readers: Dict[int, List[str]] = {}
-
-        def make_hook(name):
-
-            def hook(module, args):
-                for arg in args:
-                    if isinstance(arg, torch.Tensor):
-                        readers.setdefault(id(arg), []).append(name)
-
-            return hook
-
-        self.strides()  # its own forward, before the hooks
-        flags = [(m, m.training) for m in self.model.modules()]
-        handles = []
-        try:
-            self.model.eval()
-            with torch.no_grad():
-                feats = self.features(torch.zeros((1, 3, _TRACE_SIZE, _TRACE_SIZE),
-                                                  dtype=param.dtype, device=param.device))
-                handles = [m.register_forward_pre_hook(make_hook(f'{self.head_path}.{n}'))
-                           for n, m in self.head.named_modules() if n]
-                self.head_outputs(feats)  # feats stay alive: their ids are theirs alone
-        finally:
-            for handle in handles:
-                handle.remove()
-            for module, flag in flags:
-                module.training = flag
-        names = []
-        for level, feat in enumerate(feats):
-            found = readers.get(id(feat), [])
-            outer = sorted({n for n in found if not any(n.startswith(o + '.') for o in found)})
-            if len(outer) != 1:
-                raise ValueError(f'no module of {type(self.model).__name__} outputs the feature '
-                                 f'map of level {level}, and {len(outer)} modules read it '
-                                 f'({outer}); pass `target_layers` explicitly')
-            names.append(outer[0])
-        return names
 
     def level_of_layer(self, name: str) -> Optional[int]:
         """None: the pixel decoder mixes the levels, so every layer feeds every detection."""

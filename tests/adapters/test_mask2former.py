@@ -321,16 +321,13 @@ SWIN = {**{k: v for k, v in _options().items() if k != 'model.backbone.depth'},
         'model.backbone.embed_dims': 24, 'model.backbone.depths': [1, 1, 1, 1],
         'model.backbone.num_heads': [1, 1, 2, 2],
         'model.panoptic_head.in_channels': [24, 48, 96, 192]}
-READERS = ['panoptic_head.pixel_decoder.lateral_convs.0',
-           'panoptic_head.pixel_decoder.input_convs.2',
-           'panoptic_head.pixel_decoder.input_convs.1',
-           'panoptic_head.pixel_decoder.input_convs.0']
+READERS = [f'backbone:{i}' for i in range(4)]  # the maps of the backbone's tuple output
 
 
-def test_a_swin_backbone_defaults_to_the_modules_reading_its_maps():
-    """Swin's outputs are reshaped norm outputs (no module outputs them): the default layers
-    are the one module reading each level map (the pixel decoder's input projections, finest
-    first); decoding equals ``model.predict``, class and mask maps equal grad-cam's."""
+def test_a_swin_backbone_defaults_to_the_maps_of_its_tuple_output():
+    """Swin's outputs are reshaped norm outputs (no module outputs them alone): the default
+    layers are the maps of the backbone's tuple output (``backbone:i``, finest first);
+    decoding equals ``model.predict``, class and mask maps equal grad-cam's."""
     model = build('mask2former/mask2former_swin-t-p4-w7-224_8xb2-lsj-50e_coco.py', SWIN)
     engine = CAMEngine(model, score_thr=0.0, topk=2)
     assert engine.layer_names == READERS and engine.adapter.strides() == [4, 8, 16, 32]
