@@ -23,13 +23,14 @@ from typing import Sequence
 import torch
 
 from .base import Detections, DetectorAdapter
-from .masks import CascadeRoIMaskBranch, RoIMaskBranch, mask_target
+from .masks import CascadeRoIMaskBranch, RoIMaskBranch, mask_target, register_mask_branch
 from .roi_variants import HTCAdapter, MaskScoringRCNNAdapter
 from .two_stage import TwoStageAdapter, _overrides
 
 __all__ = ['MaskScoringMaskBranch', 'HTCMaskBranch', 'PointRendMaskBranch']
 
 
+@register_mask_branch
 class MaskScoringMaskBranch(RoIMaskBranch):
     """Mask Scoring R-CNN: Mask R-CNN's mask on the kept box (see the module docstring)."""
 
@@ -54,6 +55,7 @@ class MaskScoringMaskBranch(RoIMaskBranch):
         return torch.cat([boxes.new_zeros((len(boxes), 1)), boxes], 1)
 
 
+@register_mask_branch
 class HTCMaskBranch(CascadeRoIMaskBranch):
     """HTC: every stage's mask head on the final box with the semantic feature fused and the
     mask information flow, sigmoids averaged (see the module docstring)."""
@@ -119,9 +121,11 @@ class HTCMaskBranch(CascadeRoIMaskBranch):
         raise NotImplementedError('HTC masks take the exact route (no one level map)')
 
 
+@register_mask_branch
 class PointRendMaskBranch(RoIMaskBranch):
     """PointRend: the refined mask logits (see the module docstring)."""
 
+    route = 'level'  # 'exact' for an instance whose extractor reads several levels
     doc_target = ('mean of σ(refined mask logits of its label) over its own binary mask at the '
                   "refined resolution (224x224: the coarse 7x7 head's logits, 5 subdivision "
                   'steps of the point head), in the RoI of its final box')
@@ -208,6 +212,3 @@ class PointRendMaskBranch(RoIMaskBranch):
                    for k in range(len(dets))]
         return torch.stack(out)
 
-
-#: The branches of this module, tried after :data:`.masks.MASK_BRANCHES`.
-ROI_MASK_BRANCHES = (MaskScoringMaskBranch, HTCMaskBranch, PointRendMaskBranch)
