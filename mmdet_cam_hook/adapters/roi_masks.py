@@ -11,6 +11,10 @@
   information flow (each head gets the previous one's feature) and averages the sigmoids
   (``merge_aug_masks``). The semantic head reads every FPN level, so the target mixes levels:
   the ``exact`` route.
+- :class:`SCNetMaskBranch`: SCNet (``SCNetRoIHead``). One mask head on the final box, its RoI
+  features summed with the semantic feature, fused with the global context feature and
+  summed with the relayed feature (the last box stage's shared feature on the same box,
+  through ``feat_relay_head``), as ``SCNetRoIHead.predict_mask`` does: the ``exact`` route.
 - :class:`PointRendMaskBranch`: PointRend (``PointRendRoIHead``). The target is on the refined
   mask logits ``predict`` thresholds: the coarse head's 7 x 7 logits upsampled
   ``subdivision_steps`` times, each time the ``subdivision_num_points`` most uncertain points
@@ -27,7 +31,7 @@ from .masks import CascadeRoIMaskBranch, RoIMaskBranch, mask_target, register_ma
 from .roi_variants import HTCAdapter, MaskScoringRCNNAdapter
 from .two_stage import TwoStageAdapter, _overrides
 
-__all__ = ['MaskScoringMaskBranch', 'HTCMaskBranch', 'PointRendMaskBranch']
+__all__ = ['MaskScoringMaskBranch', 'HTCMaskBranch', 'SCNetMaskBranch', 'PointRendMaskBranch']
 
 
 @register_mask_branch
@@ -119,6 +123,53 @@ class HTCMaskBranch(CascadeRoIMaskBranch):
 
     def gradient(self, feat, level, dets, metainfo):
         raise NotImplementedError('HTC masks take the exact route (no one level map)')
+
+
+@register_mask_branch
+class SCNetMaskBranch(RoIMaskBranch):
+    """SCNet: the mask head on the final box with the semantic, global context and relayed
+    features fused (see the module docstring)."""
+
+    route = 'exact'
+    doc_target = ('mean of σ(mask logits of its label) over its own 28x28 binary mask, in the '
+                  'RoI of its final box (semantic, global context and relayed box features '
+                  'fused, as `SCNetRoIHead.predict_mask` does)')
+
+    @classmethod
+    def accepts(cls, adapter: DetectorAdapter) -> bool:
+        from mmdet.models.roi_heads import SCNetRoIHead
+
+        roi_head = getattr(adapter, 'roi_head', None)
+        # predict_mask runs feat_relay_head unconditionally: a model without one fails there
+        return (type(adapter) is HTCAdapter and type(roi_head) is SCNetRoIHead
+                and bool(getattr(roi_head, 'with_mask', False)) and roi_head.with_feat_relay
+                and cls._plain_heads(roi_head.mask_roi_extractor, roi_head.mask_head))
+
+    def _logits(self, feats: Sequence[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
+        """(K, C, 28, 28) the mask logits on ``rois``, by the RoI head's own forwards."""
+        roi_head, feats = self.roi_head, tuple(feats)
+        fused = self.adapter._stage_kwargs(feats)  # semantic_feat, glbctx_feat
+        relayed = roi_head._bbox_forward(stage=-1, x=feats, rois=rois, **fused)['relayed_feat']
+        return roi_head._mask_forward(x=feats, rois=rois, relayed_feat=roi_head.feat_relay_head(
+            relayed), **fused)['mask_preds']
+
+    def scores(self, outs, dets: Detections, metainfo: dict) -> torch.Tensor:
+        if len(dets) == 0:
+            return outs.feats[0].new_zeros((0, ))
+        logits = self._logits(outs.feats, self.rois(dets, metainfo).to(outs.feats[0]))
+        channel = (torch.zeros_like(dets.labels) if self.roi_head.mask_head.class_agnostic
+                   else dets.labels)
+        k = torch.arange(len(dets), device=logits.device)
+        return mask_target(logits[k, channel.long()].sigmoid(), self._thr)
+
+    def _mask_preds(self, feats, rois):
+        return self._logits(feats, rois), False
+
+    def levels(self, dets, metainfo):
+        raise NotImplementedError('SCNet masks take the exact route (no one level map)')
+
+    def gradient(self, feat, level, dets, metainfo):
+        raise NotImplementedError('SCNet masks take the exact route (no one level map)')
 
 
 @register_mask_branch

@@ -1,9 +1,9 @@
-"""Instance masks (Mask R-CNN, Cascade Mask R-CNN, Mask Scoring R-CNN, PointRend, HTC) on
+"""Instance masks (Mask R-CNN, Cascade Mask R-CNN, Mask Scoring R-CNN, PointRend, HTC, SCNet) on
 random-init models from mmdet's own configs at 128 px: the mask branch chosen from the model,
 ``CAMResult.masks`` (and the scores) equal to ``model.predict``'s, the mask target's RoI
 gradient equal to autograd through the mask head, and every method's mask maps equal grad-cam's
 class run once per instance with the mask target (atol 1e-4): on every level the masks come
-from (the ``level`` route), or on all the level maps at once (HTC: the ``exact`` route).
+from (the ``level`` route), or on all the level maps at once (HTC, SCNet: the ``exact`` route).
 
 The models use ResNet-18, 100 proposals, 20 instances, 32-channel mask heads and RoI
 extractors with a small ``finest_scale`` so that 128 px RoIs land on several levels (HTC: a
@@ -20,6 +20,7 @@ from mmdet_cam_hook.adapters.roi_masks import (
     HTCMaskBranch,
     MaskScoringMaskBranch,
     PointRendMaskBranch,
+    SCNetMaskBranch,
 )
 from mmdet_cam_hook.runtime.pipeline import preprocess
 from mmdet_cam_hook.testing import build_detector, synthetic_image
@@ -64,7 +65,10 @@ MODELS = {
     'point-rend': ('point_rend/point-rend_r50-caffe_fpn_ms-1x_coco.py', PointRendMaskBranch,
                    None, 0.0),
     'htc': ('htc/htc_r50_fpn_1x_coco.py', HTCMaskBranch, 8, 0.5),
+    'scnet': ('scnet/scnet_r50_fpn_1x_coco.py', SCNetMaskBranch, 8, 0.0),
 }
+#: The rows whose mask target mixes levels (the semantic / global context heads read them all)
+EXACT = ('htc', 'scnet')
 #: More options per row: ``(cfg_options, mask logits' layer names)``.
 ROWS = {
     'ms-rcnn': ({**MASK_32, **{f'model.roi_head.mask_iou_head.{key}': value for key, value in (
@@ -78,6 +82,8 @@ ROWS = {
                     'model.roi_head.point_head.num_classes': 3,
                     'model.data_preprocessor.std': [57.375, 57.12, 58.395]}, ('fc_logits', )),
     'htc': (HTC_32, ('conv_logits', )),
+    # SCNet's residual mask convs keep their width (a narrower one needs a norm to project)
+    'scnet': ({}, ('conv_logits', )),
 }
 METHODS = ('gradcam', 'hirescam', 'layercam')
 _BUILT = {}
@@ -200,16 +206,16 @@ def test_mask_gradient_equals_the_full_backward(row):
 def test_mask_maps_equal_grad_cam(name):
     """Level-aware default: each instance's mask map is on the level its mask RoI was pooled
     from (``level`` route; PointRend: level 0, the one it samples) or on every level map
-    (HTC, ``exact`` route: the semantic feature reads them all) and equals grad-cam's class
-    run once per instance with the mask target on those layers (on the original image: the
-    reference's input maps through the same letterbox inverse); mask maps differ from the
+    (HTC, SCNet: ``exact`` route, the semantic feature reads them all) and equals grad-cam's
+    class run once per instance with the mask target on those layers (on the original image:
+    the reference's input maps through the same letterbox inverse); mask maps differ from the
     class maps."""
     model = _model(name)
     engine = CAMEngine(model, score_thr=0.0, topk=16)
     image = _image()
     inputs, meta, dets = _forward(engine, image)
     branch = engine.mask_branch
-    assert branch.route == ('exact' if name == 'htc' else 'level')
+    assert branch.route == ('exact' if name in EXACT else 'level')
     if branch.route == 'exact':
         idx = [0, 5]
         layers = [list(engine.layer_names)] * len(idx)
