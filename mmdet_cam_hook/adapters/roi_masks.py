@@ -1,4 +1,4 @@
-"""Mask branches of the RoI-head variants: HTC, Mask Scoring R-CNN and PointRend (see
+"""Mask branches of the RoI-head variants: Mask Scoring R-CNN, HTC, SCNet and PointRend (see
 :mod:`.masks` for what a mask branch gives and what the mask target is).
 
 - :class:`MaskScoringMaskBranch`: Mask Scoring R-CNN (``MaskScoringRoIHead``). The mask is
