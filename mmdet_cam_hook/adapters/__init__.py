@@ -13,6 +13,7 @@ from . import (  # noqa: F401  (register the adapters)
     query,
     retina_variants,
     retinanet,
+    roi_masks,
     roi_variants,
     rpn,
     rtmdet,

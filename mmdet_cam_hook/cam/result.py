@@ -1,10 +1,11 @@
 """What the engine returns: :class:`CAMResult`, one method's per-detection maps of one image,
-and the rules on finished maps (the combined map, renormalising inside boxes)."""
+and the rules on finished maps (the combined map, renormalising inside boxes or instance
+masks)."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -13,7 +14,35 @@ from ..adapters import Detections
 from . import maths
 from .geometry import Letterbox, box_slices
 
-__all__ = ['CAMResult', 'CAMTensors', 'renormalize_in_boxes', 'combined_map']
+__all__ = ['CAMResult', 'CAMTensors', 'RENORMALIZE', 'check_renormalize', 'renormalize_in_boxes',
+           'renormalize_in_masks', 'combined_map']
+
+#: What ``renormalize=`` takes: False/None (raw maps), True or ``'box'`` (inside each
+#: detection's box), ``'mask'`` (inside each instance's predicted mask, for models with masks).
+RENORMALIZE = (False, True, 'box', 'mask')
+Renormalize = Union[None, bool, str]
+
+
+def check_renormalize(renormalize: Renormalize, arg: str = 'renormalize') -> Optional[str]:
+    """``renormalize`` as None (raw maps), ``'box'`` or ``'mask'``.
+
+    Args:
+        renormalize (None | bool | str): One of :data:`RENORMALIZE` (None as False).
+        arg (str): The argument's name in the error. Defaults to ``'renormalize'``.
+
+    Returns:
+        str | None: ``'box'`` (for True too), ``'mask'``, or None.
+
+    Raises:
+        ValueError: On another value, naming the choices.
+    """
+    if renormalize is None or renormalize is False:
+        return None
+    if renormalize is True:
+        return 'box'
+    if isinstance(renormalize, str) and renormalize in ('box', 'mask'):
+        return renormalize
+    raise ValueError(f'`{arg}` must be one of {list(RENORMALIZE)}, got {renormalize!r}')
 
 
 @dataclass
@@ -57,7 +86,7 @@ class CAMResult:
         mask_cams (np.ndarray | None): (K, H, W) float32 in [0, 1], each instance's mask map:
             the evidence for its own predicted mask (the mask target of
             :mod:`~mmdet_cam_hook.adapters.masks`), for gradient-family methods of a model
-            with masks; None otherwise. ``renormalize`` leaves them raw.
+            with masks; None otherwise. ``renormalize`` (box or mask) leaves them raw.
     """
 
     bboxes: np.ndarray
@@ -90,14 +119,15 @@ class CAMResult:
     def from_tensors(cls, method: str, img: np.ndarray, scale: float, dets: Detections,
                      cams: torch.Tensor, input_maps: Optional[torch.Tensor],
                      used: List[List[str]], letterbox: Letterbox,
-                     renormalize: bool,
+                     renormalize: Renormalize,
                      contrast_labels: Optional[torch.Tensor] = None,
                      masks: Optional[torch.Tensor] = None,
                      mask_cams: Optional[torch.Tensor] = None) -> CAMResult:
         """The engine's result of one method from its maps on the device: only the finished
-        maps leave it (``combined`` is computed there); ``renormalize`` and ``contrast_labels``
-        (class B of each detection) as in ``explain``; ``masks`` and ``mask_cams`` of an
-        instance-segmentation model."""
+        maps leave it (``combined`` is computed there); ``renormalize`` (one of
+        :data:`RENORMALIZE`) and ``contrast_labels`` (class B of each detection) as in
+        ``explain``; ``masks`` and ``mask_cams`` of an instance-segmentation model."""
+        within = check_renormalize(renormalize)
         combined = combined_map(cams, img.shape[:2])
         bboxes = dets.bboxes.detach().cpu().numpy().astype(np.float32) * np.float32(scale)
         result = cls(
@@ -118,7 +148,7 @@ class CAMResult:
             contrast_labels.cpu().numpy().astype(np.int64),
             masks=None if masks is None else masks.cpu().numpy().astype(bool),
             mask_cams=None if mask_cams is None else mask_cams.clamp(0.0, 1.0).cpu().numpy())
-        return result.renormalized(copy=False) if renormalize else result
+        return result.renormalized(copy=False, within=within) if within else result
 
     def tensors(self, device: Optional[torch.device] = None) -> CAMTensors:
         """The maps as torch tensors, for GPU users (numpy stays the default form).
@@ -138,21 +168,34 @@ class CAMResult:
             torch.from_numpy(self.combined).to(device),
             None if self.input_cams is None else torch.from_numpy(self.input_cams).to(device))
 
-    def renormalized(self, copy: bool = True) -> CAMResult:
-        """This result with each map min-max scaled inside its own box and zeroed outside
-        (:func:`renormalize_in_boxes`) and ``combined`` recomputed: what ``explain(...,
-        renormalize=True)`` returns. ``input_cams`` keep the raw maps.
+    def renormalized(self, copy: bool = True, within: str = 'box') -> CAMResult:
+        """This result with each map min-max scaled inside its own box (or instance mask) and
+        zeroed outside (:func:`renormalize_in_boxes`, :func:`renormalize_in_masks`) and
+        ``combined`` recomputed: what ``explain(..., renormalize=True)`` (or
+        ``renormalize='mask'``) returns. ``input_cams`` and ``mask_cams`` keep the raw maps.
 
         Args:
             copy (bool): Leave this result's maps as they are (a new result with new maps).
                 False rescales ``cams`` in place and updates this result. Defaults to True.
+            within (str): ``'box'``: each detection's box; ``'mask'``: each instance's
+                predicted mask (:attr:`masks`). Defaults to 'box'.
 
         Returns:
             CAMResult: The renormalised result (``self`` when ``copy=False``).
+
+        Raises:
+            ValueError: On another ``within``, or ``'mask'`` for a result without masks (a
+                box-only detector).
         """
+        if within not in ('box', 'mask'):
+            raise ValueError(f"`within` must be one of ['box', 'mask'], got {within!r}")
+        if within == 'mask' and self.masks is None:
+            raise ValueError("`renormalize='mask'` needs instance masks, and this result has "
+                             "none (a box-only detector); use renormalize=True (in the boxes)")
         res = dataclasses.replace(self) if copy else self
-        res.cams = renormalize_in_boxes(self.cams, self.bboxes,
-                                        out=None if copy else self.cams)
+        out = None if copy else self.cams
+        res.cams = (renormalize_in_masks(self.cams, self.masks, out=out) if within == 'mask'
+                    else renormalize_in_boxes(self.cams, self.bboxes, out=out))
         res.combined = combined_map(torch.from_numpy(res.cams), self.combined.shape).numpy()
         return res
 
@@ -196,4 +239,35 @@ def renormalize_in_boxes(cams: np.ndarray, bboxes: np.ndarray,
         out[k] = 0.0
         if inside is not None:
             out[k, rows, cols] = inside
+    return out
+
+
+def renormalize_in_masks(cams: np.ndarray, masks: np.ndarray,
+                         out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Min-max each map over the pixels of its own instance mask (grad-cam's scaling, as
+    :func:`renormalize_in_boxes` does in the box) and zero it outside; a map whose mask is
+    empty becomes all zero. ``CAMResult.renormalized(within='mask')`` (and so
+    ``explain(renormalize='mask')``) uses it.
+
+    Args:
+        cams (np.ndarray): (K, H, W) maps.
+        masks (np.ndarray): (K, H, W) bool instance masks on the maps' pixels.
+        out (np.ndarray, optional): Where to write the result; may be ``cams`` itself (in
+            place). Defaults to None (a new array).
+
+    Returns:
+        np.ndarray: (K, H, W) renormalised maps (``out`` if given).
+
+    Raises:
+        ValueError: If ``masks`` does not have the maps' shape.
+    """
+    masks = np.asarray(masks, dtype=bool)
+    if masks.shape != cams.shape:
+        raise ValueError(f'`masks` must have the shape of `cams` {cams.shape}, got {masks.shape}')
+    out = np.empty_like(cams) if out is None else out
+    for k, (cam, mask) in enumerate(zip(cams, masks)):
+        inside = cam[mask].astype(np.float32)
+        out[k] = 0.0
+        if inside.size:
+            out[k][mask] = maths.scale_maps(torch.from_numpy(inside)[None, None])[0, 0].numpy()
     return out

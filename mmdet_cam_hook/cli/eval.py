@@ -6,8 +6,12 @@ baselines ``random`` and ``box``, and each map is scored (:mod:`mmdet_cam_hook.e
 pointing game, energy-based pointing game and off-target share against the dataset's ground
 truth, the share of blank maps, deletion and insertion AUC under the ``prior`` and/or
 ``matched`` protocol, and with ``--randomization`` the model-randomisation check
-(:mod:`..evaluation.sanity`). A markdown table goes to stdout, the numbers (and the settings)
-to ``--out`` as JSON; with ``--report [DIR]`` also ``report.html`` and ``manifest.json``
+(:mod:`..evaluation.sanity`). For a model with masks, beside these box numbers, the mask
+numbers: each map's energy and pointing game in the instance's own predicted mask
+(``energy_in_mask``, ``pointing_game_in_mask``) and, for gradient methods, its mask map's
+(``mask_energy_in_mask``, ``mask_pointing_game_in_mask``). A markdown table goes to stdout,
+the numbers (and the settings) to ``--out`` as JSON; with ``--report [DIR]`` also
+``report.html`` and ``manifest.json``
 (the curves as plots, every method's map of each detection:
 :mod:`mmdet_cam_hook.cli.reporting`).
 
@@ -56,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         description='Faithfulness and localisation of per-detection maps over the images of a '
         "config's dataset: pointing game, energy-based pointing game, off-target share, blank "
         'maps, deletion/insertion AUC (protocols prior and matched) and the model-randomisation '
-        'check, for each method and the baselines random and box.',
+        'check, for each method and the baselines random and box; for a model with masks also '
+        "energy and pointing game in each instance's mask, of its map and its mask map.",
         epilog='Cost per detection and protocol: 2 x (steps + 1) images through the network per '
         'method; drise adds --drise-masks images per image. Scale out with torchrun '
         '--standalone --nproc_per_node N -m mmdet_cam_hook.cli.eval ARGS.')

@@ -51,7 +51,8 @@ from ..checks import check_int
 from ..runtime.detector import BatchedDetector, image_outputs, model_score_thr
 from ..runtime.io import ImageLike, load_image
 from .faithfulness import ScoreFn, box_maps, check_fill, deletion_insertion, random_maps
-from .metrics import MapScores, detection_scores, match_to_ground_truth, rank_correlations
+from .metrics import MASK_KEYS, MASK_NAMES, MapScores, detection_scores, match_to_ground_truth
+from .sanity import rank_correlations
 
 #: The protocols, by name (see the module docstring).
 PROTOCOLS = ('prior', 'matched')
@@ -250,17 +251,24 @@ def evaluate_image(engine: CAMEngine, image: ImageLike, gt_bboxes: np.ndarray,
     records = {}
     if keep is not None:
         keep.update(detections=dets, maps={})
+    # a model with masks: every map is also scored in the instances' own masks (the engine's
+    # masks, the same for every method); the mask maps only exist for gradient methods
+    masks = (np.zeros((0, *img.shape[:2]), bool)
+             if engine.mask_branch is not None and not len(dets) else None)
     for method in settings.all_methods:
         start = time.perf_counter()
+        mask_cams = None
         if method in BASELINES:
             cams = baseline_maps(method, bboxes, img.shape[:2], seed)
         elif len(dets):
-            cams = engine.explain(img, methods=[method], detections=dets)[method].cams
+            res = engine.explain(img, methods=[method], detections=dets)[method]
+            cams, mask_cams = res.cams, res.mask_cams
+            masks = res.masks if res.masks is not None else masks
         else:
             cams = np.zeros((0, *img.shape[:2]), np.float32)
         seconds = time.perf_counter() - start
         record = dict(seconds=seconds, num_detections=len(dets),
-                      **detection_scores(cams, bboxes, match, gt_bboxes),
+                      **detection_scores(cams, bboxes, match, gt_bboxes, masks, mask_cams),
                       deletion_auc={}, insertion_auc={}, deletion_curve={},
                       insertion_curve={},
                       fractions=(np.arange(settings.steps + 1) / settings.steps).tolist())
@@ -308,6 +316,10 @@ def summarize(records: Sequence[dict], settings: EvalSettings) -> Dict[str, dict
       blank maps left out of the first four and counted in ``blank_share`` (their
       deletion/insertion curves count, with the pixels in random order, which is what a blank
       map is worth);
+    - for a model with masks, beside these box numbers: ``energy_in_mask`` and
+      ``pointing_game_in_mask`` (the map in the instance's own predicted mask), and for
+      gradient methods ``mask_energy_in_mask`` and ``mask_pointing_game_in_mask`` (its mask
+      map's; None for the others), as :class:`~.metrics.MapScores` defines them;
     - ``deletion_auc`` / ``insertion_auc``: ``{protocol: mean over detections}``;
     - ``num_detections``, ``num_matched`` (detections matched to ground truth, IoU >= 0.5);
     - ``seconds_per_image``: mean time to compute the method's maps for one image;
@@ -331,6 +343,8 @@ def summarize(records: Sequence[dict], settings: EvalSettings) -> Dict[str, dict
         numbers = {name: summary.get(name) for name in (
             'pointing_game', 'energy_pointing_game', 'off_target_share', 'blank_share',
             'energy_in_box')}
+        if rows and any(key in rows[0] for key in MASK_KEYS):  # a model with masks
+            numbers.update({name: summary.get(name) for name in MASK_NAMES.values()})
         numbers.update(
             deletion_auc={p: summary.get(f'deletion_auc_{p}') for p in settings.protocols},
             insertion_auc={p: summary.get(f'insertion_auc_{p}') for p in settings.protocols},
@@ -347,12 +361,18 @@ def summarize(records: Sequence[dict], settings: EvalSettings) -> Dict[str, dict
 def markdown_table(summary: Dict[str, dict], protocols: Sequence[str]) -> str:
     """The summary as one markdown table, a row per method (``-`` where there is no data).
 
-    Columns: PG, EPG, off-target, blank, deletion/insertion AUC per protocol, detections,
-    seconds per image, and the randomisation similarity per stage when present.
+    Columns: PG, EPG, off-target, blank, for a model with masks the mask numbers (EiM and
+    PGiM: the map's energy in and pointing game in the instance's mask; mask EiM and mask PGiM:
+    the mask map's), deletion/insertion AUC per protocol, detections, seconds per image, and
+    the randomisation similarity per stage when present.
     """
     stages = next((list(v['randomization_similarity']) for v in summary.values()
                    if v.get('randomization_similarity')), [])
-    head = ['method', 'PG ↑', 'EPG ↑', 'off-target ↓', 'blank ↓']
+    with_masks = any(MASK_NAMES['energy_in_mask'] in v for v in summary.values())
+    mask_columns = dict(energy_in_mask='EiM ↑', pointing_game_in_mask='PGiM ↑',
+                        mask_energy_in_mask='mask EiM ↑',
+                        mask_pointing_game_in_mask='mask PGiM ↑') if with_masks else {}
+    head = ['method', 'PG ↑', 'EPG ↑', 'off-target ↓', 'blank ↓', *mask_columns.values()]
     for p in protocols:
         head += [f'del {p} ↓', f'ins {p} ↑']
     head += ['dets', 's/img'] + [f'rand. {s} ↓' for s in stages]
@@ -363,7 +383,8 @@ def markdown_table(summary: Dict[str, dict], protocols: Sequence[str]) -> str:
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for method, v in summary.items():
         row = [method, fmt(v['pointing_game']), fmt(v['energy_pointing_game']),
-               fmt(v['off_target_share']), fmt(v['blank_share'])]
+               fmt(v['off_target_share']), fmt(v['blank_share']),
+               *(fmt(v.get(name)) for name in mask_columns)]
         for p in protocols:
             row += [fmt(v['deletion_auc'].get(p)), fmt(v['insertion_auc'].get(p))]
         row += [str(v['num_detections']), fmt(v['seconds_per_image'], 2)]

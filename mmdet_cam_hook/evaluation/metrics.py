@@ -63,13 +63,22 @@ def energy_in_box(cams, bboxes) -> np.ndarray:
     return shares
 
 
+def _check_masks(cams, masks) -> tuple:
+    cams = _check_cams(cams)
+    masks = np.asarray(masks)
+    if masks.shape != cams.shape:
+        raise ValueError(f'`masks` must have the shape of `cams` {cams.shape}, got {masks.shape}')
+    return cams, masks.astype(bool)
+
+
 def energy_in_mask(cams, masks) -> np.ndarray:
-    """Share of each mask map's energy that lies inside its own instance mask (the mask
+    """Share of each map's energy that lies inside its own instance mask (the mask
     counterpart of :func:`energy_in_box`); a blank map explains nothing and scores NaN (left
     out of means, as :class:`MapScores` leaves blank maps out of its localisation numbers).
 
     Args:
-        cams (array-like): ``(K, H, W)`` non-negative maps (``CAMResult.mask_cams``).
+        cams (array-like): ``(K, H, W)`` non-negative maps (``CAMResult.mask_cams`` or
+            ``cams``).
         masks (array-like): ``(K, H, W)`` bool instance masks (``CAMResult.masks``).
 
     Returns:
@@ -78,13 +87,36 @@ def energy_in_mask(cams, masks) -> np.ndarray:
     Raises:
         ValueError: If the shapes disagree or a map has negative or NaN values.
     """
-    cams = _check_cams(cams)
-    masks = np.asarray(masks, dtype=bool)
-    if masks.shape != cams.shape:
-        raise ValueError(f'`masks` must have the shape of `cams` {cams.shape}, got {masks.shape}')
-    totals = cams.reshape(len(cams), -1).sum(axis=1, dtype=np.float64)
-    inside = (cams * masks).reshape(len(cams), -1).sum(axis=1, dtype=np.float64)
+    cams, masks = _check_masks(cams, masks)
+    totals = cams.sum(axis=(1, 2), dtype=np.float64)
+    inside = (cams * masks).sum(axis=(1, 2), dtype=np.float64)
     return np.divide(inside, totals, out=np.full_like(totals, np.nan), where=totals > 0)
+
+
+def peak_in_mask(cams, masks) -> np.ndarray:
+    """Pointing game in the mask, per instance: 1.0 when the peak of its map (the first
+    maximum in row-major order, as :func:`peak_in_box` takes it) is a pixel of its own
+    predicted mask, else 0.0; NaN for a blank map. The instance's own mask, as
+    :func:`energy_in_mask` and :func:`energy_in_box` take their own region: no ground truth
+    is read, so it needs no match.
+
+    Args:
+        cams (array-like): ``(K, H, W)`` non-negative maps.
+        masks (array-like): ``(K, H, W)`` bool instance masks.
+
+    Returns:
+        np.ndarray: ``(K,)`` float64 in ``{0, 1}`` or NaN.
+
+    Raises:
+        ValueError: If the shapes disagree or a map has negative or NaN values.
+    """
+    cams, masks = _check_masks(cams, masks)
+    if not cams.size:
+        return np.full(len(cams), np.nan)
+    flat = cams.reshape(len(cams), -1)
+    peaks = flat.argmax(axis=1)
+    hits = masks.reshape(len(masks), -1)[np.arange(len(cams)), peaks].astype(np.float64)
+    return np.where(flat.max(axis=1) > 0, hits, np.nan)
 
 
 def pointing_game(cams, bboxes, labels, gt_bboxes, gt_labels,
@@ -235,43 +267,44 @@ def _check_matched(cams, match, gt_bboxes):
     return cams, match, gt_bboxes
 
 
-def rank_correlations(maps: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """Spearman rank correlation of each pair of maps (pixels as samples; average ranks for
-    ties). Where one map of a pair is constant (e.g. blank, as a fully randomised model often
-    gives) and the other is not, nothing of the ranking survived: 0. Where both are constant it
-    is undefined: NaN (left out of means).
-
-    Args:
-        maps (np.ndarray): (K, H, W).
-        others (np.ndarray): (K, H, W).
-
-    Returns:
-        np.ndarray: (K,) float64 in [-1, 1] or NaN.
-    """
-    from scipy.stats import rankdata
-
-    maps, others = np.asarray(maps), np.asarray(others)
-    if maps.shape != others.shape:
-        raise ValueError(f'maps of shape {maps.shape} and {others.shape} cannot be compared')
-    out = np.full(len(maps), np.nan)
-    for k, (a, b) in enumerate(zip(maps, others)):
-        ra = rankdata(a.ravel()) - (a.size + 1) / 2
-        rb = rankdata(b.ravel()) - (b.size + 1) / 2
-        norm = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-        if norm > 0:
-            out[k] = float((ra * rb).sum() / norm)
-        elif (ra * ra).sum() > 0 or (rb * rb).sum() > 0:
-            out[k] = 0.0
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # One accumulator for every report
 #: Per-detection lists of :func:`detection_scores` (the keys of ``mmdet-cam-eval``'s records).
 SCORE_KEYS = ('blank', 'matched', 'energy_in_box', 'pointing', 'epg', 'off_target')
+#: The per-detection lists of a model with masks (:func:`mask_scores`): the class map and the
+#: mask map (``CAMResult.mask_cams``, ``mask_`` keys) each in the instance's own mask.
+MASK_KEYS = ('energy_in_mask', 'pointing_in_mask', 'mask_energy_in_mask', 'mask_pointing_in_mask')
+#: The summary name of each of :data:`MASK_KEYS` (:meth:`MapScores.summary`).
+MASK_NAMES = dict(energy_in_mask='energy_in_mask', pointing_in_mask='pointing_game_in_mask',
+                  mask_energy_in_mask='mask_energy_in_mask',
+                  mask_pointing_in_mask='mask_pointing_game_in_mask')
 
 
-def detection_scores(cams, bboxes, match=None, gt_bboxes=None) -> Dict[str, list]:
+def mask_scores(cams, masks, mask_cams=None) -> Dict[str, list]:
+    """The mask numbers of K instances, per instance: :func:`energy_in_mask` and
+    :func:`peak_in_mask` of the class maps ``cams`` and, when given, of the mask maps
+    ``mask_cams`` (``mask_`` keys), NaN for a blank map.
+
+    Args:
+        cams (array-like): ``(K, H, W)`` the class maps (``CAMResult.cams``).
+        masks (array-like): ``(K, H, W)`` bool instance masks (``CAMResult.masks``).
+        mask_cams (array-like, optional): ``(K, H, W)`` the mask maps
+            (``CAMResult.mask_cams``). Defaults to None (no ``mask_`` keys).
+
+    Returns:
+        dict[str, list]: Lists of K floats under the keys of :data:`MASK_KEYS` (the first two
+        only without ``mask_cams``).
+    """
+    out = dict(energy_in_mask=energy_in_mask(cams, masks).tolist(),
+               pointing_in_mask=peak_in_mask(cams, masks).tolist())
+    if mask_cams is not None:
+        out.update(mask_energy_in_mask=energy_in_mask(mask_cams, masks).tolist(),
+                   mask_pointing_in_mask=peak_in_mask(mask_cams, masks).tolist())
+    return out
+
+
+def detection_scores(cams, bboxes, match=None, gt_bboxes=None, masks=None,
+                     mask_cams=None) -> Dict[str, list]:
     """The localisation numbers of K maps, per detection.
 
     Args:
@@ -281,28 +314,35 @@ def detection_scores(cams, bboxes, match=None, gt_bboxes=None) -> Dict[str, list
             for none (:func:`match_to_ground_truth`). Defaults to None (no ground truth).
         gt_bboxes (array-like, optional): ``(G, 4)`` ground-truth boxes in the maps' pixels.
             Defaults to None (no ground truth).
+        masks (array-like, optional): ``(K, H, W)`` bool instance masks of a model with masks:
+            adds :func:`mask_scores`. Defaults to None.
+        mask_cams (array-like, optional): ``(K, H, W)`` the instances' mask maps (with
+            ``masks``). Defaults to None.
 
     Returns:
         dict[str, list]: For each key of :data:`SCORE_KEYS` a list of K values: ``blank`` and
         ``matched`` (bool), ``energy_in_box`` (NaN for a blank map), ``pointing``
         (:func:`peak_in_box`), ``epg`` (:func:`energy_pointing_game`) and ``off_target``
-        (:func:`off_target_share`), NaN where undefined (no ground truth, no match, blank).
+        (:func:`off_target_share`), NaN where undefined (no ground truth, no match, blank);
+        with ``masks`` also those of :data:`MASK_KEYS` (:func:`mask_scores`).
     """
     cams = _check_cams(cams)
+    extra = {} if masks is None else mask_scores(cams, masks, mask_cams)
     if len(cams) == 0:
-        return {key: [] for key in SCORE_KEYS}
+        return {key: [] for key in (*SCORE_KEYS, *extra)}
     blank = is_blank(cams)
     energy = np.where(blank, np.nan, energy_in_box(cams, bboxes))
     if match is None or gt_bboxes is None:
         none = [math.nan] * len(cams)
         return dict(blank=blank.tolist(), matched=[False] * len(cams),
-                    energy_in_box=energy.tolist(), pointing=none, epg=none, off_target=none)
+                    energy_in_box=energy.tolist(), pointing=none, epg=none, off_target=none,
+                    **extra)
     match = np.asarray(match, np.int64).reshape(-1)
     return dict(blank=blank.tolist(), matched=(match >= 0).tolist(),
                 energy_in_box=energy.tolist(),
                 pointing=peak_in_box(cams, match, gt_bboxes).tolist(),
                 epg=energy_pointing_game(cams, match, gt_bboxes).tolist(),
-                off_target=off_target_share(cams, match, gt_bboxes).tolist())
+                off_target=off_target_share(cams, match, gt_bboxes).tolist(), **extra)
 
 
 def _finite_mean(values: Sequence[float]) -> Optional[float]:
@@ -324,6 +364,10 @@ class MapScores:
     - ``energy_pointing_game``: mean share of the map's energy in that box;
     - ``off_target_share``: mean share of the map's energy on the other ground-truth objects;
     - ``blank_share``: share of all detections whose map is all zero;
+    - for a model with masks (``update(masks=...)``): ``energy_in_mask`` and
+      ``pointing_game_in_mask`` (share of the maps whose peak is in the instance's own
+      predicted mask) of the class maps, and ``mask_energy_in_mask`` and
+      ``mask_pointing_game_in_mask`` of the mask maps (``mask_cams``), blank maps left out;
     - each AUC passed to :meth:`update` (e.g. ``deletion_auc_prior``): its mean.
 
     Example:
@@ -337,7 +381,7 @@ class MapScores:
     """
 
     def __init__(self) -> None:
-        self._values: Dict[str, List[float]] = {key: [] for key in SCORE_KEYS}
+        self._values: Dict[str, List[float]] = {key: [] for key in (*SCORE_KEYS, *MASK_KEYS)}
         self._aucs: Dict[str, List[float]] = {}
 
     @property
@@ -349,7 +393,8 @@ class MapScores:
         return int(sum(self._values['matched']))
 
     def update(self, cams, bboxes, labels=None, gt_bboxes=None, gt_labels=None,
-               aucs: Optional[Mapping[str, Sequence[float]]] = None) -> Dict[str, list]:
+               aucs: Optional[Mapping[str, Sequence[float]]] = None, masks=None,
+               mask_cams=None) -> Dict[str, list]:
         """Score one image's maps and add them.
 
         Args:
@@ -364,6 +409,9 @@ class MapScores:
             gt_labels (array-like, optional): ``(G,)`` their classes. Defaults to None.
             aucs (Mapping[str, Sequence[float]], optional): Per-detection curve numbers by name,
                 K values each. Defaults to None.
+            masks (array-like, optional): ``(K, H, W)`` bool instance masks (a model with
+                masks: the mask numbers). Defaults to None.
+            mask_cams (array-like, optional): ``(K, H, W)`` their mask maps. Defaults to None.
 
         Returns:
             dict[str, list]: The image's :func:`detection_scores`.
@@ -374,7 +422,7 @@ class MapScores:
         match = None
         if gt_bboxes is not None and gt_labels is not None:
             match = match_to_ground_truth(bboxes, labels, gt_bboxes, gt_labels)
-        scores = detection_scores(cams, bboxes, match, gt_bboxes)
+        scores = detection_scores(cams, bboxes, match, gt_bboxes, masks, mask_cams)
         self.add(scores, aucs)
         return scores
 
@@ -385,7 +433,7 @@ class MapScores:
 
         Args:
             scores (Mapping[str, Sequence]): Per-detection lists, the keys of
-                :data:`SCORE_KEYS`, K values each.
+                :data:`SCORE_KEYS` and any of :data:`MASK_KEYS`, K values each.
             aucs (Mapping[str, Sequence[float]], optional): Per-detection curve numbers by
                 name, K values each. Defaults to None.
 
@@ -393,11 +441,11 @@ class MapScores:
             ValueError: If a list does not hold K values.
         """
         count = len(scores['blank'])
-        for name, values in [*((k, scores[k]) for k in SCORE_KEYS),
-                             *(aucs or {}).items()]:
+        keys = [*SCORE_KEYS, *(k for k in MASK_KEYS if scores.get(k) is not None)]
+        for name, values in [*((k, scores[k]) for k in keys), *(aucs or {}).items()]:
             if len(values) != count:
                 raise ValueError(f'`{name}` holds {len(values)} values for {count} detections')
-        for key in SCORE_KEYS:
+        for key in keys:
             self._values[key].extend(scores[key])
         for name, values in (aucs or {}).items():
             self._aucs.setdefault(name, []).extend(float(v) for v in values)
@@ -414,6 +462,7 @@ class MapScores:
                    pointing_game=_finite_mean(values['pointing']),
                    energy_pointing_game=_finite_mean(values['epg']),
                    off_target_share=_finite_mean(values['off_target']),
-                   blank_share=float(np.mean(values['blank'])) if values['blank'] else None)
+                   blank_share=float(np.mean(values['blank'])) if values['blank'] else None,
+                   **{name: _finite_mean(values[key]) for key, name in MASK_NAMES.items()})
         out.update({name: _finite_mean(v) for name, v in self._aucs.items()})
         return {name: value for name, value in out.items() if value is not None}

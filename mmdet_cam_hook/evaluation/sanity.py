@@ -35,10 +35,39 @@ from torch import nn
 from ..adapters import build_adapter
 from ..cam.engine import CAMEngine
 from ..runtime.io import ImageLike, load_image
-from .metrics import rank_correlations
 
 #: ``randomize(module, generator)``: change the module's parameters in place.
 Randomizer = Callable[[nn.Module, torch.Generator], None]
+
+
+def rank_correlations(maps: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation of each pair of maps (pixels as samples; average ranks for
+    ties). Where one map of a pair is constant (e.g. blank, as a fully randomised model often
+    gives) and the other is not, nothing of the ranking survived: 0. Where both are constant it
+    is undefined: NaN (left out of means).
+
+    Args:
+        maps (np.ndarray): (K, H, W).
+        others (np.ndarray): (K, H, W).
+
+    Returns:
+        np.ndarray: (K,) float64 in [-1, 1] or NaN.
+    """
+    from scipy.stats import rankdata
+
+    maps, others = np.asarray(maps), np.asarray(others)
+    if maps.shape != others.shape:
+        raise ValueError(f'maps of shape {maps.shape} and {others.shape} cannot be compared')
+    out = np.full(len(maps), np.nan)
+    for k, (a, b) in enumerate(zip(maps, others)):
+        ra = rankdata(a.ravel()) - (a.size + 1) / 2
+        rb = rankdata(b.ravel()) - (b.size + 1) / 2
+        norm = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+        if norm > 0:
+            out[k] = float((ra * rb).sum() / norm)
+        elif (ra * ra).sum() > 0 or (rb * rb).sum() > 0:
+            out[k] = 0.0
+    return out
 
 
 def permute_parameters(module: nn.Module, generator: torch.Generator) -> None:

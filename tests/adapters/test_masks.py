@@ -1,13 +1,14 @@
-"""Instance masks (Mask R-CNN, Cascade Mask R-CNN) on random-init models from mmdet's own
-configs at 128 px: the mask branch chosen from the model, ``CAMResult.masks`` equal to
-``model.predict``'s masks, the mask target's RoI gradient equal to autograd through the mask
-head, and every method's mask maps equal grad-cam's class run once per instance with the mask
-target (atol 1e-4), on every level the masks come from.
+"""Instance masks (Mask R-CNN, Cascade Mask R-CNN, Mask Scoring R-CNN, PointRend, HTC, SCNet) on
+random-init models from mmdet's own configs at 128 px: the mask branch chosen from the model,
+``CAMResult.masks`` (and the scores) equal to ``model.predict``'s, the mask target's RoI
+gradient equal to autograd through the mask head, and every method's mask maps equal grad-cam's
+class run once per instance with the mask target (atol 1e-4): on every level the masks come
+from (the ``level`` route), or on all the level maps at once (HTC, SCNet: the ``exact`` route).
 
 The models use ResNet-18, 100 proposals, 20 instances, 32-channel mask heads and RoI
-extractors with a small ``finest_scale`` so that 128 px RoIs land on several levels; the mask
-logits are spread so that the random mask heads predict masks of varied sizes. Torch runs at
-one thread.
+extractors with a small ``finest_scale`` so that 128 px RoIs land on several levels (HTC: a
+32-channel neck, as its semantic feature is added to the RoI features); the mask logits are
+spread so that the random mask heads predict masks of varied sizes. Torch runs at one thread.
 """
 import numpy as np
 import pytest
@@ -15,30 +16,74 @@ import torch
 
 from mmdet_cam_hook import CAMEngine
 from mmdet_cam_hook.adapters.masks import CascadeRoIMaskBranch, RoIMaskBranch, mask_target
+from mmdet_cam_hook.adapters.roi_masks import (
+    HTCMaskBranch,
+    MaskScoringMaskBranch,
+    PointRendMaskBranch,
+    SCNetMaskBranch,
+)
 from mmdet_cam_hook.runtime.pipeline import preprocess
 from mmdet_cam_hook.testing import build_detector, synthetic_image
 from mmdet_cam_hook.testing.reference import reference_input_cams
 
 SMALL = {'model.backbone.depth': 18, 'model.neck.in_channels': [64, 128, 256, 512],
          'model.test_cfg.rpn.max_per_img': 100, 'model.test_cfg.rcnn.max_per_img': 20,
-         'model.roi_head.mask_head.conv_out_channels': 32,
          'model.roi_head.bbox_roi_extractor.finest_scale': 8}
+MASK_32 = {'model.roi_head.mask_head.conv_out_channels': 32}
+#: HTC at 32 channels throughout (its semantic feature is added to the box and mask RoI
+#: features, and each mask head's feature to the next one's input: one width for all)
+HTC_32 = {
+    'model.neck.out_channels': 32, 'model.rpn_head.in_channels': 32,
+    'model.rpn_head.feat_channels': 32, 'model.roi_head.bbox_roi_extractor.out_channels': 32,
+    'model.roi_head.mask_roi_extractor.out_channels': 32,
+    'model.roi_head.semantic_roi_extractor.out_channels': 32,
+    'model.roi_head.semantic_head.in_channels': 32,
+    'model.roi_head.semantic_head.conv_out_channels': 32,
+    **{f'model.roi_head.mask_head.{i}.{key}': 32 for i in range(3)
+       for key in ('in_channels', 'conv_out_channels')},
+    **{f'model.roi_head.bbox_head.{i}.{key}': value for i in range(3)
+       for key, value in (('in_channels', 32), ('fc_out_channels', 128))}}
 
 
-def _perturb(logit_bias):
+def _perturb(logit_bias, logits=('conv_logits', )):
     """RPN regression and RoI classifier as in tests/adapters/test_two_stage.py; the mask
     logits' weights spread and their bias at ``logit_bias`` (the random mask heads then predict
-    masks covering 30-85% of their RoIs)."""
-    return dict(weights={'rpn_reg': 0.2, 'fc_cls': 0.05, 'fc_reg': 0.01, 'conv_logits': 0.3},
-                biases={'fc_cls': (0.0, 0.5), 'conv_logits': (logit_bias, 0.3)})
+    masks covering 30-85% of their RoIs). ``logits``: the name of the mask logits' layers."""
+    return dict(weights={'rpn_reg': 0.2, 'fc_cls': 0.05, 'fc_reg': 0.01,
+                         **{name: 0.3 for name in logits}},
+                biases={'fc_cls': (0.0, 0.5), **{name: (logit_bias, 0.3) for name in logits}})
 
 
-#: name: (mmdet config, mask branch, mask extractor's finest_scale, mask logits' bias), the
-#: last two chosen so that the top instances' masks come from two levels
+#: name: (mmdet config, mask branch, mask extractor's finest_scale (None: it has none), mask
+#: logits' bias), the last two chosen so that the top instances' masks come from two levels
 MODELS = {
     'mask-rcnn': ('mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', RoIMaskBranch, 8, 0.0),
     'cascade-mask-rcnn': ('cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py',
                           CascadeRoIMaskBranch, 4, 0.2),
+    'ms-rcnn': ('ms_rcnn/ms-rcnn_r50_fpn_1x_coco.py', MaskScoringMaskBranch, 8, 0.0),
+    # the fine-grained features are sampled from level 0 only (mmdet's config): one level
+    'point-rend': ('point_rend/point-rend_r50-caffe_fpn_ms-1x_coco.py', PointRendMaskBranch,
+                   None, 0.0),
+    'htc': ('htc/htc_r50_fpn_1x_coco.py', HTCMaskBranch, 8, 0.5),
+    'scnet': ('scnet/scnet_r50_fpn_1x_coco.py', SCNetMaskBranch, 8, 0.0),
+}
+#: The rows whose mask target mixes levels (the semantic / global context heads read them all)
+EXACT = ('htc', 'scnet')
+#: More options per row: ``(cfg_options, mask logits' layer names)``.
+ROWS = {
+    'ms-rcnn': ({**MASK_32, **{f'model.roi_head.mask_iou_head.{key}': value for key, value in (
+        ('conv_out_channels', 32), ('fc_out_channels', 128), ('num_classes', 3))}},
+        ('conv_logits', )),
+    # the caffe config feeds unnormalised pixels (std 1), which a random-init ResNet turns
+    # into degenerate proposals: the std of the pytorch configs instead
+    'point-rend': ({'model.roi_head.mask_head.conv_out_channels': 32,
+                    'model.roi_head.mask_head.fc_out_channels': 128,
+                    'model.roi_head.point_head.fc_channels': 32,
+                    'model.roi_head.point_head.num_classes': 3,
+                    'model.data_preprocessor.std': [57.375, 57.12, 58.395]}, ('fc_logits', )),
+    'htc': (HTC_32, ('conv_logits', )),
+    # SCNet's residual mask convs keep their width (a narrower one needs a norm to project)
+    'scnet': ({}, ('conv_logits', )),
 }
 METHODS = ('gradcam', 'hirescam', 'layercam')
 _BUILT = {}
@@ -60,8 +105,11 @@ def name(request):
 def _model(name):
     if name not in _BUILT:
         config, _, finest, bias = MODELS[name]
-        _BUILT[name] = build_detector(config, perturb=_perturb(bias), cfg_options={
-            **SMALL, 'model.roi_head.mask_roi_extractor.finest_scale': finest})
+        options, logits = ROWS.get(name, (MASK_32, ('conv_logits', )))
+        if finest is not None:
+            options = {**options, 'model.roi_head.mask_roi_extractor.finest_scale': finest}
+        _BUILT[name] = build_detector(config, perturb=_perturb(bias, logits),
+                                      cfg_options={**SMALL, **options})
     return _BUILT[name]
 
 
@@ -109,11 +157,14 @@ def test_masks_equal_model_predict(name):
     inputs, meta, dets = _forward(engine, image)
     with torch.no_grad():
         pred = model.predict(inputs, [DetDataSample(metainfo=meta)])[0].pred_instances
+    # Mask Scoring R-CNN: the random mask IoU head predicts some negative IoUs (scores < 0)
+    pred = pred[pred.scores >= engine.score_thr]
     order = pred.scores.argsort(descending=True, stable=True)[:12]
     res = engine.explain(image, methods='hirescam')['hirescam']
     assert len(res) == 12
     np.testing.assert_array_equal(res.bboxes, pred.bboxes[order].numpy())
     np.testing.assert_array_equal(res.labels, pred.labels[order].numpy())
+    np.testing.assert_array_equal(res.scores, pred.scores[order].numpy())
     assert res.masks.dtype == bool and res.masks.shape == (12, *image.shape[:2])
     np.testing.assert_array_equal(res.masks, pred.masks[order].numpy())
     areas = res.masks.sum(axis=(1, 2))
@@ -129,10 +180,12 @@ def test_mask_target_is_the_mean_over_the_binary_mask():
     torch.testing.assert_close(mask_target(probs, 0.5), torch.tensor([0.75, 0.25]))
 
 
-def test_mask_gradient_equals_the_full_backward():
-    """The RoI shortcut's d mask target / d level map equals autograd through the mask RoI
-    extractor and mask head, instance by instance (raw gradients)."""
-    engine = CAMEngine(_model('mask-rcnn'), score_thr=0.0, topk=16)
+@pytest.mark.parametrize('row', ['mask-rcnn', 'ms-rcnn', 'point-rend'])
+def test_mask_gradient_equals_the_full_backward(row):
+    """The level route's d mask target / d level map (the RoI shortcut; PointRend: one
+    backward per instance on level 0) equals autograd through the mask RoI extractor and mask
+    head, instance by instance (raw gradients)."""
+    engine = CAMEngine(_model(row), score_thr=0.0, topk=16)
     inputs, meta, dets = _forward(engine, _image())
     adapter, branch = engine.adapter, engine.mask_branch
     with torch.no_grad():
@@ -140,7 +193,7 @@ def test_mask_gradient_equals_the_full_backward():
     feats = tuple(f.detach().requires_grad_(True) for f in feats)
     outs = adapter.head_outputs(feats)
     levels = branch.levels(dets, meta)
-    assert len(levels.unique()) >= 2
+    assert len(levels.unique()) >= (1 if row == 'point-rend' else 2)
     for level in levels.unique().tolist():
         on = dets.select(levels == level)
         grads = branch.gradient(feats[level], level, on, meta)
@@ -152,22 +205,32 @@ def test_mask_gradient_equals_the_full_backward():
 
 def test_mask_maps_equal_grad_cam(name):
     """Level-aware default: each instance's mask map is on the level its mask RoI was pooled
-    from and equals grad-cam's class run once per instance with the mask target (on the
-    original image: the reference's input maps through the same letterbox inverse); mask
-    maps differ from the class maps."""
+    from (``level`` route; PointRend: level 0, the one it samples) or on every level map
+    (HTC, SCNet: ``exact`` route, the semantic feature reads them all) and equals grad-cam's
+    class run once per instance with the mask target on those layers (on the original image:
+    the reference's input maps through the same letterbox inverse); mask maps differ from the
+    class maps."""
     model = _model(name)
     engine = CAMEngine(model, score_thr=0.0, topk=16)
     image = _image()
     inputs, meta, dets = _forward(engine, image)
-    levels = engine.mask_branch.levels(dets, meta)[:16].numpy()
-    idx = [int(np.flatnonzero(levels == lv)[0]) for lv in sorted(set(levels.tolist()))]
-    assert len(idx) >= 2
+    branch = engine.mask_branch
+    assert branch.route == ('exact' if name in EXACT else 'level')
+    if branch.route == 'exact':
+        idx = [0, 5]
+        layers = [list(engine.layer_names)] * len(idx)
+    else:
+        levels = branch.levels(dets, meta)[:16].numpy()
+        idx = [int(np.flatnonzero(levels == lv)[0]) for lv in sorted(set(levels.tolist()))]
+        assert len(idx) >= (1 if name == 'point-rend' else 2)
+        if name == 'point-rend':  # two instances whose LayerCAM mask maps are not blank
+            idx = [1, 5]
+        layers = [[engine.layer_names[levels[i]]] for i in idx]
     results = engine.explain(image, methods=METHODS)
     for method, res in results.items():
         assert res.mask_cams.shape == res.cams.shape and res.mask_cams.dtype == np.float32
         try:
-            ref = reference_input_cams(model, inputs, method,
-                                       [[engine.layer_names[levels[i]]] for i in idx],
+            ref = reference_input_cams(model, inputs, method, layers,
                                        dets.select(torch.tensor(idx)), metainfo=meta,
                                        mask_branch=engine.mask_branch)
         finally:

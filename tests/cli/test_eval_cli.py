@@ -154,3 +154,105 @@ def test_mmdet_package_config(ws, capsys, monkeypatch, tmp_path):
     assert 'annotations/instances_val2017.json' in err
     assert main(['mmdet::yolox/yolox_q.py', ws[2], '--device', 'cpu']) == 1
     assert "mmdet has no config 'yolox/yolox_q.py'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- masks
+#: A small Mask R-CNN (mmdet's config, ResNet-18, 32-channel mask head) whose random mask
+#: head predicts masks of varied sizes (as tests/adapters/test_masks.py builds it).
+MASK_RCNN = {'model.backbone.depth': 18, 'model.neck.in_channels': [64, 128, 256, 512],
+             'model.test_cfg.rpn.max_per_img': 50, 'model.test_cfg.rcnn.max_per_img': 10,
+             'model.roi_head.mask_head.conv_out_channels': 32,
+             'model.roi_head.bbox_roi_extractor.finest_scale': 8,
+             'model.roi_head.mask_roi_extractor.finest_scale': 8}
+MASK_PERTURB = dict(weights={'rpn_reg': 0.2, 'fc_cls': 0.05, 'fc_reg': 0.01, 'conv_logits': 0.3},
+                    biases={'fc_cls': (0.0, 0.5), 'conv_logits': (0.0, 0.3)})
+MASK_NUMBERS = ('energy_in_mask', 'pointing_game_in_mask', 'mask_energy_in_mask',
+                'mask_pointing_game_in_mask')
+
+
+@pytest.fixture(scope='module')
+def mask_ws(tmp_path_factory):
+    """The shapes' 2-image val split at 64 px, a Mask R-CNN config testing at 128 px on it and
+    the checkpoint of a perturbed random-init Mask R-CNN."""
+    import torch
+
+    from mmdet_cam_hook.demo.shapes import generate_shapes
+    from mmdet_cam_hook.testing import build_detector
+
+    root = tmp_path_factory.mktemp('eval_masks')
+    data = generate_shapes(root / 'shapes', num_train=1, num_val=2, image_size=64, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = build_detector('mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', perturb=MASK_PERTURB,
+                           num_classes=len(data.classes), cfg_options=MASK_RCNN)
+    cfg = model.cfg
+    pipeline = [dict(type='LoadImageFromFile'),
+                dict(type='Resize', scale=(128, 128), keep_ratio=True),
+                dict(type='LoadAnnotations', with_bbox=True), dict(type='PackDetInputs')]
+    dataset = dict(type='CocoDataset', data_root=str(data.root),
+                   ann_file=str(data.ann_file('val')),
+                   data_prefix=dict(img=str(data.img_dir('val')) + os.sep),
+                   metainfo=dict(classes=data.classes), filter_cfg=dict(filter_empty_gt=False),
+                   pipeline=pipeline, test_mode=True)
+    cfg.val_dataloader = cfg.test_dataloader = dict(batch_size=1, num_workers=0,
+                                                    dataset=dataset)
+    cfg.train_dataloader = None
+    cfg.dump(str(root / 'mask_rcnn.py'))
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, root / 'mask_rcnn.pth')
+    yield root, model
+    torch.set_num_threads(threads)
+
+
+def test_mask_numbers_beside_the_box_ones(mask_ws, capsys):
+    """``mmdet-cam-eval`` on a Mask R-CNN: each method's JSON has the mask numbers beside the
+    box ones, equal to the metrics run on the engine's own results (the class map and the
+    mask map in each instance's predicted mask, means over the instances); the baselines have
+    the class-map ones only; the table shows them."""
+    import numpy as np
+    from mmengine.config import Config
+
+    from mmdet_cam_hook import CAMEngine
+    from mmdet_cam_hook.cli.eval import ground_truth_dataset
+    from mmdet_cam_hook.evaluation.faithfulness import box_maps
+    from mmdet_cam_hook.evaluation.metrics import energy_in_mask, peak_in_mask
+    from mmdet_cam_hook.runtime.data import ground_truth
+
+    root, model = mask_ws
+    out = root / 'results.json'
+    code = main([str(root / 'mask_rcnn.py'), str(root / 'mask_rcnn.pth'), '--score-thr', '0',
+                 '--topk', '3', '--steps', '1', '--protocol', 'prior', '--device', 'cpu',
+                 '--methods', 'hirescam', '--out', str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    numbers = json.loads(out.read_text())['methods']
+    dataset = ground_truth_dataset(Config.fromfile(str(root / 'mask_rcnn.py')), 'val')
+    engine = CAMEngine(model, score_thr=0.0, topk=3)
+    per = {name: [] for name in MASK_NUMBERS}
+    box_energy = []
+    for index in range(2):
+        res = engine.explain(ground_truth(dataset, index).path, methods='hirescam')['hirescam']
+        per['energy_in_mask'] += energy_in_mask(res.cams, res.masks).tolist()
+        per['pointing_game_in_mask'] += peak_in_mask(res.cams, res.masks).tolist()
+        per['mask_energy_in_mask'] += energy_in_mask(res.mask_cams, res.masks).tolist()
+        per['mask_pointing_game_in_mask'] += peak_in_mask(res.mask_cams, res.masks).tolist()
+        box_energy += energy_in_mask(box_maps(res.bboxes, res.masks.shape[1:]),
+                                     res.masks).tolist()
+    assert numbers['hirescam']['num_detections'] == 6
+    for name in MASK_NUMBERS:
+        assert numbers['hirescam'][name] == pytest.approx(np.nanmean(per[name]), abs=1e-5), name
+    assert 0 < numbers['hirescam']['mask_energy_in_mask'] < 1
+    assert numbers['box']['energy_in_mask'] == pytest.approx(np.nanmean(box_energy), abs=1e-6)
+    for baseline in ('random', 'box'):
+        assert numbers[baseline]['energy_in_mask'] is not None
+        assert numbers[baseline]['mask_energy_in_mask'] is None
+    assert 'EiM ↑ | PGiM ↑ | mask EiM ↑ | mask PGiM ↑' in captured.out
+    assert KEYS <= set(numbers['hirescam'])
+
+
+def test_box_only_model_reports_no_mask_numbers(ws, capsys):
+    out = ws[0] / 'box_only.json'
+    assert main(_args(ws, '--num-images', '1', '--methods', 'hirescam', '--protocol', 'prior',
+                      '--out', str(out))) == 0
+    numbers = json.loads(out.read_text())['methods']['hirescam']
+    assert not set(MASK_NUMBERS) & set(numbers)
+    assert 'EiM' not in capsys.readouterr().out

@@ -19,8 +19,11 @@ from mmdet_cam_hook.evaluation.evaluate import (
     summarize,
 )
 from mmdet_cam_hook.evaluation.faithfulness import random_maps
-from mmdet_cam_hook.evaluation.metrics import rank_correlations
-from mmdet_cam_hook.evaluation.sanity import randomization_check, randomized_models
+from mmdet_cam_hook.evaluation.sanity import (
+    randomization_check,
+    randomized_models,
+    rank_correlations,
+)
 from mmdet_cam_hook.testing import build_detector, synthetic_image
 
 #: Scores 0.3-0.5 that depend on the pixels, boxes with a size, non-blank maps.
