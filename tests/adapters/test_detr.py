@@ -173,3 +173,35 @@ def test_batched_exact_route_equals_the_loop(family, tmp_path):
         np.testing.assert_array_equal(maps[mode].scores, maps[False].scores)
         np.testing.assert_allclose(maps[mode].input_cams, maps[False].input_cams, atol=1e-4)
         np.testing.assert_allclose(maps[mode].cams, maps[False].cams, atol=1e-4)
+
+
+def test_exact_route_stops_at_the_target_layers():
+    """The exact route's backward passes never reach past the target layers (the neck
+    outputs): the backbone's outputs, upstream of them, receive no gradient while the maps are
+    computed (``autograd.grad`` with the layers as inputs runs only the graph between)."""
+    model = _model('dino')
+    reached = []
+
+    def watch(module, args, outputs):
+        for out in outputs:
+            out.register_hook(lambda grad: reached.append(grad.shape))
+
+    engine = CAMEngine(model, score_thr=0.0, topk=3)
+    handle = model.backbone.register_forward_hook(watch)
+    try:
+        res = engine.explain(_image(), methods='hirescam')['hirescam']
+    finally:
+        handle.remove()
+    assert len(res) == 3 and (res.cams.reshape(3, -1).max(1) > 0).all()
+    assert reached == []
+    # the watch sees a gradient that does go there: the score's w.r.t. the image
+    inputs, meta, dets = _decoded(model, engine, _image())
+    adapter = engine.adapter
+    handle = model.backbone.register_forward_hook(watch)
+    try:
+        inputs.requires_grad_(True)
+        score = adapter.scores(adapter.head_outputs(adapter.features(inputs), [meta]), dets)[0]
+        torch.autograd.grad(score, inputs)
+    finally:
+        handle.remove()
+    assert reached
