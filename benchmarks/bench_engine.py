@@ -31,6 +31,13 @@ compared with the baseline come from one more call that keeps them on the input 
 ``torch.cuda.max_memory_allocated``; on the CPU the process's peak resident size, Linux only),
 maps of the K detections included; ``--chunk-sizes`` repeats the K rows with each
 ``CAMEngine(chunk_size=...)`` (how many detections' gradients are held at once).
+``--exact-vjp loop batched probe`` repeats the rows of models with exact-route layers with the
+route's VJPs one per detection (the default), batched with ``is_grads_batched``, or chosen by
+the engine's timed probe (``GradientRoutes.batched['exact']`` = False / True / None), side by
+side in one run:
+
+    .venv/bin/python benchmarks/bench_engine.py --models dino-4scale-r50 grounding-dino-r50 \
+        --ks 8 32 --repeats 1 --baseline-max 1 --exact-vjp loop batched
 """
 import argparse
 import time
@@ -161,13 +168,19 @@ def timed(fn, repeats, device, budget=20.0):
     return min(times), out
 
 
-def bench(model, input_size, layers, ks, repeats, method, baseline_max=None, chunk_size=16):
+#: ``--exact-vjp`` choices: the value of ``GradientRoutes.batched['exact']`` each one sets.
+EXACT_VJP = {'loop': False, 'batched': True, 'probe': None}
+
+
+def bench(model, input_size, layers, ks, repeats, method, baseline_max=None, chunk_size=16,
+          exact_vjp='loop'):
     image = synthetic_image(int(input_size * 0.75), input_size, seed=0)
     device = next(model.parameters()).device
     # timed as the hook and the CLI run it (no maps kept on the input grid); the maps compared
     # with the baseline come from one more call that keeps them
     engine = CAMEngine(model, target_layers=layers, score_thr=0.0, topk=max(ks),
                        chunk_size=chunk_size, keep_input_cams=False)
+    engine.routes.batched['exact'] = EXACT_VJP[exact_vjp]
     inputs, meta = preprocess(model, engine.pipeline, image)
     adapter = engine.adapter
     with torch.no_grad():
@@ -175,6 +188,10 @@ def bench(model, input_size, layers, ks, repeats, method, baseline_max=None, chu
                               0.0)
     rows = []
     route = '/'.join(sorted({layer.route for layer in engine.layers}))
+    if exact_vjp != 'loop':
+        if 'exact' not in route:
+            return route, []  # no exact-route layer: the loop's rows
+        route = f'{route}, {exact_vjp}'  # the probe's choice is made on the first call
     for k in ks:
         engine.topk = k
         t_fb, _ = timed(lambda: forward_backward(engine, inputs, meta, dets), repeats, device)
@@ -212,6 +229,9 @@ def main(argv=None):
     parser.add_argument('--device', default='cpu', help='torch device, e.g. cuda:0')
     parser.add_argument('--chunk-sizes', nargs='+', type=int, default=[16],
                         help='CAMEngine(chunk_size=...) values to measure (default 16)')
+    parser.add_argument('--exact-vjp', nargs='+', choices=list(EXACT_VJP), default=['loop'],
+                        help="the exact route's VJPs: one per detection (loop, the default), "
+                        'batched, or chosen by the timed probe; several: rows side by side')
     parser.add_argument('--baseline-max', type=int, default=None,
                         help='time the baseline on at most this many detections and scale it '
                         'to K (marked ~); default: all K')
@@ -227,9 +247,9 @@ def main(argv=None):
         build, _, upstream = MODELS[name]
         model = build(input_size).to(device)
         for layers in (None, [upstream]) if upstream else (None, ):
-            for chunk in args.chunk_sizes:
+            for chunk, vjp in [(c, v) for c in args.chunk_sizes for v in args.exact_vjp]:
                 route, rows = bench(model, input_size, layers, ks, args.repeats, args.method,
-                                    args.baseline_max, chunk)
+                                    args.baseline_max, chunk, vjp)
                 label = 'level-aware default' if layers is None else layers[0]
                 label = f'{label} ({route})'
                 for _k, got, t_fb, t_ours, t_base, diff, scaled, peak in rows:

@@ -233,7 +233,7 @@ class CAMEngine(PromptedEngine):
         self.routes.pack_chain = bool(value)
 
     @property
-    def _batched(self) -> Dict[str, bool]:
+    def _batched(self) -> Dict[str, Optional[bool]]:
         return self.routes.batched
 
     @property

@@ -11,12 +11,15 @@ the K per-detection gradients of the detections' scores, from one forward pass.
   ``is_grads_batched`` on request).
 - ``exact``: anything else (layers inside the head, heads without an exact window such as the
   GroupNorm heads): per-detection gradients of the scores through the full graph of the one
-  forward pass, only for the detections a per-level layer can influence.
+  forward pass, only for the detections a per-level layer can influence: one backward per
+  detection (on request one batched VJP per chunk, or whichever of the two a timed probe on
+  the first chunk finds faster: :attr:`GradientRoutes.batched`).
 
 :class:`GradientRoutes` holds what the routes learn while they run: which routes batch their
-vector-Jacobian products (``batched``), whether the chain route packs detections
-(``pack_chain``) and the regions it probed per layer (``reach``).
+vector-Jacobian products (``batched``; a timed probe decides where it is None), whether the
+chain route packs detections (``pack_chain``) and the regions it probed per layer (``reach``).
 """
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union
@@ -32,6 +35,8 @@ from .local import WindowGradients
 
 #: How a target layer gets its per-detection gradients (see the module docstring).
 ROUTES = ('local', 'chain', 'exact')
+#: Rows the first batched-or-loop decision times each way (:meth:`GradientRoutes._probe`).
+_PROBE_ROWS = 2
 
 
 @dataclass(frozen=True)
@@ -71,12 +76,18 @@ class GradientRoutes:
         level_names (list[str]): The modules outputting the level maps ([] if none does).
 
     Attributes:
-        batched (dict[str, bool]): Per route (``chain``, ``exact``), whether its VJPs run
-            batched with ``is_grads_batched``. Batched VJPs (vmap over the backward) are exact
-            but measured slower on CPU than one ``autograd.grad`` per detection (YOLOX-s@320,
-            K=32, 1 thread: chain 0.92 s vs 0.54 s, exact 0.81 s vs 0.71 s), so the loop is the
-            default; set a route to True to batch it (falls back to the loop if vmap cannot
-            handle an op).
+        batched (dict[str, bool | None]): Per route (``chain``, ``exact``), whether its VJPs
+            run batched with ``is_grads_batched`` (vmap over the backward; falls back to the
+            loop if vmap cannot handle an op), or None: decided by timing both ways on the
+            first call with enough detections (:meth:`_probe`), then remembered. The loop is
+            the default of both: under vmap torch 2.9.1 runs the convolution and BatchNorm
+            backward once per row (YOLOX-s@320, K=32, 1 thread: chain 0.92 s vs 0.54 s, exact
+            0.81 s vs 0.71 s), and on DINO R50 at 320 px the grid-sample backward of the
+            deformable attention (a third of each backward) too (K = 8, 1 thread, busy CPU:
+            encoder 6.7 s vs 5.6 s, decoder 8.9 s vs 5.3 s per detection). Batched gradients
+            differ from the loop's by float rounding only, but a map that cancels (a random
+            Grounding DINO's HiResCAM: channel sums of ~1e-8 from terms of ~1e-3) shows it,
+            so the default keeps the maps the loop's, independent of timing.
         pack_chain (bool): Whether the chain route packs detections whose regions of the
             layer do not meet into one VJP (:mod:`mmdet_cam_hook.cam.packing`). Defaults to True.
         reach (dict): Per layer, per level, the probed :class:`~.packing.Reach` (None: not
@@ -89,7 +100,7 @@ class GradientRoutes:
         self.local_grad = local_grad
         self._level_names = list(level_names)
         self._head_modules = {id(m) for m in adapter.head.modules()}
-        self.batched = {'chain': False, 'exact': False}
+        self.batched: Dict[str, Optional[bool]] = {'chain': False, 'exact': False}
         self.pack_chain = True
         self.reach: Dict[str, Dict[int, Optional[packing.Reach]]] = {}
 
@@ -265,28 +276,58 @@ class GradientRoutes:
     def _vjp(self, route: str, outputs: List[torch.Tensor], inputs: List[torch.Tensor],
              cotangents: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
         """Vector-Jacobian products for a batch of cotangents (leading dim K): batched with
-        ``is_grads_batched`` (vmap over the backward) or, if vmap cannot handle an op of this
-        model, one ``autograd.grad`` per row (remembered per route).
+        ``is_grads_batched`` (vmap over the backward) or one ``autograd.grad`` per row, as
+        :attr:`batched` says for ``route``; where it says None (not yet known), the first call
+        with enough rows decides by timing both on its own rows (:meth:`_probe`). If vmap
+        cannot handle an op of this model, the loop (remembered per route).
 
         Returns:
             list[torch.Tensor | None]: Per input, (K, *input.shape), or None if the outputs do
             not depend on it.
         """
-        if self.batched[route]:
-            try:
-                return list(torch.autograd.grad(outputs, inputs, grad_outputs=cotangents,
-                                                retain_graph=True, allow_unused=True,
-                                                is_grads_batched=True))
-            except RuntimeError as exc:
-                if 'vmap' not in str(exc) and 'batch' not in str(exc).lower():
-                    raise
-                self.batched[route] = False
-        per_row = [
-            torch.autograd.grad(outputs, inputs, grad_outputs=[c[k] for c in cotangents],
-                                retain_graph=True, allow_unused=True)
-            for k in range(len(cotangents[0]))
-        ]
-        return [None if per_row[0][i] is None else torch.stack([r[i] for r in per_row])
+        rows = len(cotangents[0])
+        mode = self.batched[route]
+        if mode is None and rows >= 2 * _PROBE_ROWS:
+            return self._probe(route, outputs, inputs, cotangents)
+        if mode:
+            grads = self._batched_vjp(route, outputs, inputs, cotangents)
+            if grads is not None:
+                return grads
+        return _looped_vjp(outputs, inputs, cotangents)
+
+    def _batched_vjp(self, route: str, outputs: List[torch.Tensor], inputs: List[torch.Tensor],
+                     cotangents: List[torch.Tensor]) -> Optional[List[Optional[torch.Tensor]]]:
+        """One batched VJP; None (and the route set to the loop) if vmap cannot handle an op."""
+        try:
+            return list(torch.autograd.grad(outputs, inputs, grad_outputs=cotangents,
+                                            retain_graph=True, allow_unused=True,
+                                            is_grads_batched=True))
+        except RuntimeError as exc:
+            if 'vmap' not in str(exc) and 'batch' not in str(exc).lower():
+                raise
+            self.batched[route] = False
+            return None
+
+    def _probe(self, route: str, outputs: List[torch.Tensor], inputs: List[torch.Tensor],
+               cotangents: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+        """Decide :attr:`batched` for ``route`` on this model: the first :data:`_PROBE_ROWS`
+        rows one ``autograd.grad`` each, the next as many as one batched VJP, both timed; the
+        faster takes the rest of the rows and every later call. No work is wasted: every row
+        is computed once, and both ways give the same gradients (up to float rounding)."""
+        n = _PROBE_ROWS
+        parts = [[c[:n] for c in cotangents], [c[n:2 * n] for c in cotangents]]
+        start = time.perf_counter()
+        looped = _looped_vjp(outputs, inputs, parts[0])
+        middle = time.perf_counter()
+        batched = self._batched_vjp(route, outputs, inputs, parts[1])
+        if batched is None:  # vmap cannot: the loop (set by _batched_vjp)
+            batched = _looped_vjp(outputs, inputs, parts[1])
+        else:
+            self.batched[route] = time.perf_counter() - middle < middle - start
+        done = [looped, batched]
+        if len(cotangents[0]) > 2 * n:
+            done.append(self._vjp(route, outputs, inputs, [c[2 * n:] for c in cotangents]))
+        return [None if done[0][i] is None else torch.cat([d[i] for d in done])
                 for i in range(len(inputs))]
 
     def warn_no_path(self, no_path: Dict[str, List[int]], level_names: List[str]) -> None:
@@ -305,6 +346,18 @@ class GradientRoutes:
                     f'their maps from this layer are blank. {use} to explain each detection '
                     'on its own level.',
                     UserWarning, stacklevel=4)
+
+
+def _looped_vjp(outputs: List[torch.Tensor], inputs: List[torch.Tensor],
+                cotangents: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    """One ``autograd.grad`` per row of the cotangents; per input (K, *input.shape) or None."""
+    per_row = [
+        torch.autograd.grad(outputs, inputs, grad_outputs=[c[k] for c in cotangents],
+                            retain_graph=True, allow_unused=True)
+        for k in range(len(cotangents[0]))
+    ]
+    return [None if per_row[0][i] is None else torch.stack([r[i] for r in per_row])
+            for i in range(len(inputs))]
 
 
 def _first_last(mask: torch.Tensor) -> torch.Tensor:
