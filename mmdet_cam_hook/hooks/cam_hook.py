@@ -36,7 +36,7 @@ from ..cam.methods import METHODS, CAMMethod, methods_from
 from ..cam.targets import check_contrast, num_classes, resolve_contrast
 from ..checks import check_bool, check_int, check_max_size, check_score_thr, check_topk
 from ..evaluation.evaluate import image_seed, probe_faithfulness
-from ..evaluation.metrics import MapScores, energy_in_mask
+from ..evaluation.metrics import MapScores
 from ..evaluation.misses import MissCounts
 from ..runtime.pipeline import test_pipeline_cfg
 from ..runtime.state import preserved_rng
@@ -462,8 +462,11 @@ class DetCAMHook(Hook):
                                    curves=curves) if self.faithfulness else {}
         for method, result in results.items():
             gt_bboxes = None if probe.gt_bboxes is None else probe.gt_bboxes * result.scale
+            # a model with masks: energy and pointing game in each instance's mask, for its
+            # class map and its mask map
             image_scores = MapScores().update(result.cams, result.bboxes, result.labels,
-                                              gt_bboxes, probe.gt_labels)
+                                              gt_bboxes, probe.gt_labels, masks=result.masks,
+                                              mask_cams=result.mask_cams)
             aucs = {f'{c}_auc_prior': [faith[f'{method}_{c}_auc_prior']] * len(result)
                     for c in ('deletion', 'insertion') if f'{method}_{c}_auc_prior' in faith}
             numbers[method] = (image_scores, aucs)
@@ -471,8 +474,6 @@ class DetCAMHook(Hook):
                             result.renormalized() if self.renormalize else result, probe,
                             gt_bboxes, class_names, step, misses_row=with_gt)
             if result.mask_cams is not None:  # a model with masks: its mask maps too
-                aucs['mask_energy_in_mask'] = energy_in_mask(result.mask_cams,
-                                                             result.masks).tolist()
                 self._log_views(log, f'cam_{mode}_{safe_name(method)}_mask_{probe.name}',
                                 mask_view(result), probe, gt_bboxes, class_names, step)
         return numbers

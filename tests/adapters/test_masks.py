@@ -348,6 +348,8 @@ def test_hook_logs_mask_panels_and_mask_energy(tmp_path):
         ours = [tag for tag in images if tag.startswith(f'cam_test_{method}_')]
         masks = [tag for tag in ours if tag.startswith(f'cam_test_{method}_mask_')]
         assert masks and len(masks) < len(ours), images
-    (energy, ) = events.Scalars('cam_test/hirescam_mask_energy_in_mask')
-    assert 0.0 <= energy.value <= 1.0
+    for name in ('mask_energy_in_mask', 'mask_pointing_game_in_mask', 'energy_in_mask',
+                 'pointing_game_in_mask'):  # the class and the mask maps, in each mask
+        (value, ) = events.Scalars(f'cam_test/hirescam_{name}')
+        assert 0.0 <= value.value <= 1.0, name
     assert 'failed after' not in run_log_text(runner)
