@@ -58,9 +58,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import ADAPTERS, Detections, DetectorAdapter, complete_stages, locate_priors
+from .masks import MaskBranch, register_mask_branch
 from .rpn import RPNAdapter
 
-__all__ = ['SOLOAdapter', 'DecoupledSOLOAdapter', 'SOLOV2Adapter', 'maskness']
+__all__ = ['SOLOAdapter', 'DecoupledSOLOAdapter', 'SOLOV2Adapter', 'SOLOMaskBranch', 'maskness']
 
 
 def maskness(probs: torch.Tensor, binary: torch.Tensor) -> torch.Tensor:
@@ -386,3 +387,32 @@ class SOLOV2Adapter(SOLOAdapter):
         feat = self.head.mask_feature_head
         mixed = [layers[j] for j in range(feat.start_level, min(feat.end_level + 1, len(layers)))]
         return [layers[level]] + [n for n in mixed if n != layers[level]]
+
+
+@register_mask_branch
+class SOLOMaskBranch(MaskBranch):
+    """The masks of SOLO, decoupled SOLO and SOLOv2 (:class:`SOLOAdapter` and its subclasses).
+
+    The mask target of an instance is its maskness: the mean of its mask probabilities over its
+    own binary mask (``> test_cfg.mask_thr``, a constant), at the head's mask resolution
+    (stride 4): SOLO's channel of its level's mask map, decoupled SOLO's product of the two
+    branches, SOLOv2's dynamic kernel applied to the unified mask feature. It is the factor
+    the class score is rescored by. SOLOv2's unified feature mixes levels, and SOLO's
+    detections of a pooled top level read it from the level below, so the branch takes the
+    engine's ``exact`` route (one backward per instance through the one forward pass).
+    """
+
+    route = 'exact'
+    doc_target = ('maskness: mean of its mask probabilities over its own binary mask '
+                  '(> mask_thr) at stride 4 (SOLO: its level\'s mask map; decoupled: x × y '
+                  'branches; SOLOv2: its cell\'s dynamic kernel on the unified mask feature)')
+
+    @classmethod
+    def accepts(cls, adapter: DetectorAdapter) -> bool:
+        return isinstance(adapter, SOLOAdapter)
+
+    def scores(self, outs, dets: Detections, metainfo: dict) -> torch.Tensor:
+        return self.adapter.mask_scores(outs, dets)
+
+    def masks(self, outs, dets: Detections, metainfo: dict) -> torch.Tensor:
+        return self.adapter.masks(outs, dets, metainfo)
