@@ -49,11 +49,12 @@ def _registered_heads():
     import mmdet.models  # noqa: F401  (fill mmdet's registry)
     from mmdet.models.dense_heads import DETRHead
     from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
+    from mmdet.models.dense_heads.base_mask_head import BaseMaskHead
     from mmdet.models.roi_heads.base_roi_head import BaseRoIHead
     from mmdet.models.roi_heads.bbox_heads import BBoxHead
     from mmdet.registry import MODELS
 
-    roots = (BaseDenseHead, BBoxHead, BaseRoIHead, DETRHead)
+    roots = (BaseDenseHead, BaseMaskHead, BBoxHead, BaseRoIHead, DETRHead)  # SOLO: a mask head
     return {name: cls for name, cls in sorted(MODELS.module_dict.items())
             if inspect.isclass(cls) and issubclass(cls, roots) and not inspect.isabstract(cls)}
 
