@@ -253,8 +253,9 @@ class SOLOAdapter(DetectorAdapter):
 
     # ------------------------------------------------------------------ (b) score
     def _lookup(self, table: _Table, dets: Detections) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(K,) the row of each detection's (cell, label) pair in ``table.key`` (-1 if it
-        never reached Matrix NMS) and (K,) its row among the kept ones (-1 if not kept)."""
+        """(K,) the row of each detection's (cell, label) pair in ``table.key`` (-1 if the
+        pair is no candidate: under the score or area filter) and (K,) its row among the kept
+        ones (-1 if not kept)."""
         key = dets.index.to(table.key) * self.head.cls_out_channels + dets.labels.to(table.key)
         if len(table.key) == 0:
             return torch.full_like(key, -1), torch.full_like(key, -1)
@@ -320,8 +321,8 @@ class SOLOAdapter(DetectorAdapter):
 
 
 def _ref(outs: tuple) -> torch.Tensor:
-    """A tensor of the head outputs (image 0's level-0 class map in SOLO and SOLOv2, its
-    level-0 ``y``-branch map in decoupled SOLO): the device, and the key of the cache."""
+    """One tensor of the head outputs (the level-0 class map in SOLO and SOLOv2, the level-0
+    ``y``-branch mask map in decoupled SOLO): their device, and the key of the cache."""
     return outs[1][0]
 
 

@@ -300,6 +300,26 @@ def test_mask_maps_equal_grad_cam(name):
         assert not np.allclose(res.mask_cams, res.cams, atol=1e-2), method
 
 
+def test_contrast_maps_equal_grad_cam():
+    """``contrast='runner_up'``: class B is the cell's second class (no Matrix NMS decay: the
+    pair was never kept), the map equals grad-cam's with ``score[A] - score[B]``."""
+    model = _model('solov2')
+    engine = CAMEngine(model, score_thr=0.0)
+    image = _image()
+    inputs, meta, dets = _forward(engine, image)
+    idx = _spread(dets, 2)
+    res = engine.explain(image, methods='hirescam', contrast='runner_up')['hirescam']
+    labels_b = res.contrast_labels[idx]
+    assert (labels_b != res.labels[idx]).all()
+    try:
+        ref = reference_input_cams(model, inputs, 'hirescam', [res.layers[i] for i in idx],
+                                   dets.select(torch.tensor(idx)), metainfo=meta,
+                                   contrast_labels=labels_b.tolist())
+    finally:
+        model.zero_grad(set_to_none=True)
+    np.testing.assert_allclose(res.input_cams[idx], ref, atol=1e-4)
+
+
 def test_level_maps_feed_only_their_levels_in_solo():
     """SOLO's P2 map reads no detection of another level (blank maps, with the warning);
     SOLOv2's P2 feeds every detection's maskness through the unified mask feature."""
