@@ -52,6 +52,8 @@ import torch
 from mmengine.registry import Registry
 from torch import nn
 
+from ..runtime.state import OUTPUT_SEP, split_output_name
+
 #: Adapters by class name; :func:`~.support.build_adapter` looks the head's class (and its
 #: bases) up in each adapter's ``head_types``.
 ADAPTERS = Registry('CAM adapter', scope='mmdet_cam_hook')
@@ -210,6 +212,12 @@ class DetectorAdapter:
                                                     2 * max(self.strides()))
         return list(self._level_layers)
 
+    def _level_layers_or_none(self) -> Optional[List[str]]:
+        try:
+            return self.level_layers()
+        except ValueError:
+            return None
+
     def strides(self) -> List[int]:
         """Stride of each level (``bbox_head.prior_generator.strides``)."""
         return [int(s[0]) if isinstance(s, (tuple, list)) else int(s)
@@ -233,6 +241,15 @@ class DetectorAdapter:
                         for m in modules[root].modules():
                             levels.setdefault(id(m), set()).add(level)
             self._module_levels = levels
+        if split_output_name(name)[1] is not None:  # one tensor of a module's tuple output
+            layers = self._level_layers_or_none()
+            if not layers or name not in layers:
+                return None
+            if getattr(self, '_level_readers', None) is None:
+                self._level_readers = trace_level_readers(self.model, self.features,
+                                                          2 * max(self.strides()))
+            level = layers.index(name)
+            return level if self._level_readers[level] == [level] else None
         module = dict(self.model.named_modules()).get(name)
         own = self._module_levels.get(id(module), set()) if module is not None else set()
         return next(iter(own)) if len(own) == 1 else None
@@ -390,26 +407,72 @@ def locate_priors(prior_idx: torch.Tensor, sizes: Sequence[Tuple[int, int]],
     return levels, cell // widths, cell % widths, anchors
 
 
+def trace_level_readers(model: nn.Module, features, size: int) -> List[List[int]]:
+    """Per level l, the levels whose feature maps ``features`` computes from level l's map
+    (l itself included): one forward with gradients on a (1, 3, size, size) zero input, in
+    eval mode (``training`` flags restored), following each map's autograd graph. What
+    :meth:`DetectorAdapter.level_of_layer` needs for a ``path:i`` level layer, which no
+    module's submodules tell (NAS-FCOS's extra levels are computed from its level 2)."""
+    param = next(model.parameters())
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.inference_mode(False), torch.enable_grad():
+            x = torch.zeros((1, 3, size, size), dtype=param.dtype, device=param.device,
+                            requires_grad=True)
+            feats = features(x)
+            heads = [f.grad_fn for f in feats]
+            reached = []
+            for node in heads:
+                # the nodes are kept, not only their ids: a node's Python object (and so its
+                # id) only lasts while something holds it
+                seen: Dict[int, object] = {}
+                stack = [node]
+                while stack:
+                    node = stack.pop()
+                    if node is not None and id(node) not in seen:
+                        seen[id(node)] = node
+                        stack.extend(n for n, _ in node.next_functions)
+                reached.append(seen)
+            readers = [[j for j, seen in enumerate(reached) if id(head) in seen]
+                       for head in heads]
+    finally:
+        for module, flag in flags:
+            module.training = flag
+    return readers
+
+
 def trace_level_layers(model: nn.Module, features, size: int) -> List[str]:
     """The shortest ``named_modules()`` path whose output is each feature map ``features``
     returns, from one forward without gradients on a (1, 3, size, size) zero input, in eval
-    mode (every module's ``training`` flag restored after).
+    mode (every module's ``training`` flag restored after). Where no module outputs a level's
+    map alone (NAS-FCOS's neck resizes it with ``F.interpolate``; DyHead runs one module once
+    per level), the shortest ``path:i`` whose module outputs it as the i-th item of a tuple
+    or list (``neck:0``: :func:`~mmdet_cam_hook.runtime.state.split_output_name`).
 
     Raises:
         ValueError: If no module outputs some level's map.
     """
     param = next(model.parameters())
     outputs: Dict[int, str] = {}
+    elements: Dict[int, str] = {}  # tensors of tuple / list outputs, as ``path:i``
     keep = []
+
+    def note(names: Dict[int, str], tensor: torch.Tensor, name: str) -> None:
+        keep.append(tensor)
+        best = names.get(id(tensor))
+        if best is None or len(name) < len(best):
+            names[id(tensor)] = name
 
     def make_hook(name):
 
         def hook(module, args, output):
             if isinstance(output, torch.Tensor):
-                keep.append(output)
-                best = outputs.get(id(output))
-                if best is None or len(name) < len(best):
-                    outputs[id(output)] = name
+                note(outputs, output, name)
+            elif isinstance(output, (tuple, list)):
+                for i, item in enumerate(output):
+                    if isinstance(item, torch.Tensor):
+                        note(elements, item, f'{name}{OUTPUT_SEP}{i}')
 
         return hook
 
@@ -425,16 +488,17 @@ def trace_level_layers(model: nn.Module, features, size: int) -> List[str]:
             handle.remove()
         for module, flag in flags:
             module.training = flag
-    names = [outputs.get(id(f)) for f in feats]
+    alone = [outputs.get(id(f)) for f in feats]
+    # One module run once per level (DyHead's blocks) outputs the last call's map only.
+    shared = {n: [lv for lv, m in enumerate(alone) if m == n] for n in alone if n is not None}
+    shared = {n: levels for n, levels in shared.items() if len(levels) > 1}
+    names = [n if n is not None and n not in shared else elements.get(id(f))
+             for n, f in zip(alone, feats)]
     missing = [level for level, n in enumerate(names) if n is None]
     if missing:
+        why = next((f': {n!r} runs once for each of the levels {levels}'
+                    for n, levels in shared.items() if set(levels) & set(missing)), '')
         raise ValueError(f'no module of {type(model).__name__} outputs the feature map of '
-                         f'level(s) {missing}; pass `target_layers` explicitly')
-    shared = {n: [lv for lv, m in enumerate(names) if m == n] for n in names}
-    shared = {n: levels for n, levels in shared.items() if len(levels) > 1}
-    if shared:  # one module run once per level (DyHead's blocks): its output is the last call's
-        name, levels = next(iter(shared.items()))
-        raise ValueError(f'no module of {type(model).__name__} outputs the feature map of one '
-                         f'level only: {name!r} runs once for each of the levels {levels}; '
-                         'pass `target_layers` explicitly')
+                         f'level(s) {missing} alone or in a tuple{why}; pass `target_layers` '
+                         'explicitly')
     return names

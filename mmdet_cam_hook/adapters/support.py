@@ -159,6 +159,8 @@ def build_adapter(model: nn.Module) -> DetectorAdapter:
         parts[m.adapter] = part_refusal(m.adapter, model)
         if parts[m.adapter] is None and m.adapter.accepts(model):
             return m.adapter(model)
+        if parts[m.adapter] is None and hasattr(m.adapter, 'refusal_reason'):
+            parts[m.adapter] = m.adapter.refusal_reason(model)  # why accepts said no
     if matches:
         head = module_at(model, matches[0].adapter.head_path)
         raise ValueError(refusal(type(head), matches, parts))

@@ -35,7 +35,7 @@ from ..checks import check_bool, check_int, check_max_size, check_score_thr, che
 from ..runtime.detector import BatchedDetector, image_outputs
 from ..runtime.io import ImageLike, load_image
 from ..runtime.pipeline import build_pipeline, preprocess, preprocess_batch, test_pipeline_cfg
-from ..runtime.state import capture_outputs, read_only
+from ..runtime.state import capture_outputs, output_at, read_only, split_output_name
 from . import maths, targets
 from .geometry import Letterbox, shrink_image
 from .layers import LayerInfo, check_usable, probe_layers, resolve_layers, usable_hint
@@ -197,9 +197,8 @@ class CAMEngine(PromptedEngine):
         Returns:
             list[LayerInfo]: One row per module.
         """
-        modules = dict(self.model.named_modules())
         return [info if not info.usable else
-                dataclasses.replace(info, route=self.routes.target(name, modules[name]).route)
+                dataclasses.replace(info, route=self.target_layer(name).route)
                 for name, info in self._layer_info.items()]
 
     def _level_layers_if_any(self) -> List[str]:
@@ -538,6 +537,7 @@ class CAMEngine(PromptedEngine):
     def _capture(self, acts: Dict[str, torch.Tensor]) -> Iterator[None]:
 
         def store(name, module, output):
+            output = output_at(output, split_output_name(name)[1])  # ``path:i``: one item
             if not isinstance(output, torch.Tensor):
                 hint = usable_hint(self._layer_info, name, self._level_names)
                 raise ValueError(

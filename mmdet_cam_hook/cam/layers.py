@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..runtime.state import capture_outputs, read_only
+from ..runtime.state import OUTPUT_SEP, capture_outputs, read_only, split_output_name
 
 _INDEX = re.compile(r'\[\s*(-?\d+)\s*\]')
 
@@ -83,14 +83,16 @@ def resolve_layers(model: nn.Module,
     modules: Dict[str, nn.Module] = dict(model.named_modules())
     resolved: Dict[str, nn.Module] = {}
     for name in names:
-        canon = canonical_name(model, name)
+        path, index = split_output_name(name) if isinstance(name, str) else (name, None)
+        canon = canonical_name(model, path)
         if canon not in modules or canon == '':
             close = difflib.get_close_matches(canon, [n for n in modules if n], n=6, cutoff=0.6)
             hint = (f'; close matches: {close}' if close else
                     f'; top-level modules: {[n for n, _ in model.named_children()]}')
             raise ValueError(f'unknown target layer {name!r} in `{arg}`{hint}. '
                              '`mmdet-cam CONFIG CKPT IMG --list-layers` prints every layer name')
-        resolved.setdefault(canon, modules[canon])
+        full = canon if index is None else f'{canon}{OUTPUT_SEP}{index}'
+        resolved.setdefault(full, modules[canon])
     return list(resolved.items())
 
 
@@ -196,13 +198,25 @@ def probe_layers(model: nn.Module, inputs: torch.Tensor,
     rows = {}
     for name, (module, output) in outputs.items():
         reason = _why_not(output, inputs.shape[0], reached)
-        stride = '-'
-        if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[2] > 0:
-            ratio = inputs.shape[2] / output.shape[2]
-            stride = str(int(ratio)) if ratio == int(ratio) else f'{ratio:.2f}'
+        stride = _stride(inputs, output)
         rows[name] = LayerInfo(name, type(module).__name__, _describe(output), stride, '-',
                                not reason, reason)
+        if isinstance(output, (tuple, list)):  # its maps, as ``name:i`` (split_output_name)
+            for i, item in enumerate(output):
+                if isinstance(item, torch.Tensor) and not _why_not(item, inputs.shape[0],
+                                                                   reached):
+                    rows[f'{name}{OUTPUT_SEP}{i}'] = LayerInfo(
+                        f'{name}{OUTPUT_SEP}{i}', type(module).__name__, _describe(item),
+                        _stride(inputs, item), '-', True, '')
     return rows
+
+
+def _stride(inputs: torch.Tensor, output: Any) -> str:
+    """Input height over output height of a 4-D map (``'-'`` for anything else)."""
+    if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[2] > 0:
+        ratio = inputs.shape[2] / output.shape[2]
+        return str(int(ratio)) if ratio == int(ratio) else f'{ratio:.2f}'
+    return '-'
 
 
 def usable_hint(rows: Dict[str, LayerInfo], name: str, preferred: Sequence[str] = ()) -> str:

@@ -29,6 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..runtime.state import output_at
+
 #: Positions of margin around each region (see the module docstring).
 MARGIN = 1
 
@@ -67,7 +69,8 @@ class Reach:
 
 
 def probe_reach(features, module: nn.Module, inputs_shape: Sequence[int],
-                device: torch.device) -> Dict[int, Optional[Reach]]:
+                device: torch.device, index: Optional[int] = None
+                ) -> Dict[int, Optional[Reach]]:
     """:class:`Reach` of ``module``'s output on every level, from NaN probes (module docstring),
     on the smallest of the input size / 4, / 2 and itself (multiples of 32 pixels) where the
     probes stay off every map's border.
@@ -77,6 +80,8 @@ def probe_reach(features, module: nn.Module, inputs_shape: Sequence[int],
         module (nn.Module): The target layer.
         inputs_shape (Sequence[int]): (1, 3, H_in, W_in) of the network input.
         device (torch.device): Where the model is.
+        index (int, optional): The target layer is the ``index``-th map of the tuple the
+            module outputs (a ``path:i`` layer). Defaults to None (its whole output).
 
     Returns:
         dict[int, Reach | None]: Per level, its reach; None where the probes say not to pack
@@ -87,7 +92,7 @@ def probe_reach(features, module: nn.Module, inputs_shape: Sequence[int],
              and w_in % (32 * d) == 0 and min(h_in, w_in) // d >= 128]
     reach: Dict[int, Optional[Reach]] = {}
     for size in [*sizes, (h_in, w_in)]:
-        reach = _probe_at(features, module, size, device)
+        reach = _probe_at(features, module, size, device, index)
         if reach and all(r is not None for r in reach.values()):
             break
     return reach
@@ -105,12 +110,13 @@ def _hooked(features, inputs: torch.Tensor, module: nn.Module, hook) -> tuple:
 
 
 def _probe_at(features, module: nn.Module, size: Tuple[int, int],
-              device: torch.device) -> Dict[int, Optional[Reach]]:
+              device: torch.device, index: Optional[int] = None
+              ) -> Dict[int, Optional[Reach]]:
     """:func:`probe_reach` at one input size."""
     shape_t: List[Tuple[int, int]] = []
 
     def measure(mod, args, output):
-        shape_t.append(tuple(output.shape[-2:]))
+        shape_t.append(tuple(output_at(output, index).shape[-2:]))
 
     inputs = torch.zeros((1, 3, *size), device=device)
     plain = _hooked(features, inputs, module, measure)
@@ -128,10 +134,14 @@ def _probe_at(features, module: nn.Module, size: Tuple[int, int],
         return {level: None for level in range(len(plain))}
 
     def inject(mod, args, output):
-        out = output.clone()
+        out = output_at(output, index).clone()
         for b, (py, px) in enumerate(probes):
             out[b, :, py, px] = float('nan')
-        return out
+        if index is None:
+            return out
+        items = list(output)
+        items[index] = out
+        return type(output)(items)
 
     maps = _hooked(features, inputs.expand(len(probes), *inputs.shape[1:]).contiguous(),
                    module, inject)

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..adapters import Detections, DetectorAdapter
 from ..adapters.base import LevelGradient
+from ..runtime.state import split_output_name
 from . import packing
 from .local import WindowGradients
 
@@ -197,7 +198,7 @@ class GradientRoutes:
             if layer.name not in self.reach:
                 self.reach[layer.name] = packing.probe_reach(
                     self.adapter.features, layer.module, (1, 3, *fwd.input_hw),
-                    fwd.feats[0].device)
+                    fwd.feats[0].device, split_output_name(layer.name)[1])
             reach = self.reach[layer.name].get(level)
             if reach is None:
                 return None

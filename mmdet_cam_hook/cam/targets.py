@@ -265,14 +265,17 @@ def _exact_mask_maps(engine, methods, dets: Detections, fwd, metainfo: dict, let
     target layers. A layer the targets do not depend on gives zero gradients (its map is
     what the method makes of them)."""
     layers = list(engine.layers)
+    need_grad = any(m.uses_gradients for m in methods)  # else the forward kept no graph
     for start in range(0, len(dets), engine.chunk_size):
         idx = torch.arange(start, min(start + engine.chunk_size, len(dets)),
                            device=fwd.feats[0].device)
         sub = dets.select(idx.to(dets.labels.device))
-        target = engine.mask_branch.scores(fwd.outs, sub, metainfo)
-        eye = torch.eye(len(sub), dtype=target.dtype, device=target.device)
         acts = [fwd.acts[layer.name] for layer in layers]
-        vjps = engine.routes._vjp('exact', [target], acts, [eye])
+        vjps: List[Optional[torch.Tensor]] = [None] * len(acts)
+        if need_grad:
+            target = engine.mask_branch.scores(fwd.outs, sub, metainfo)
+            eye = torch.eye(len(sub), dtype=target.dtype, device=target.device)
+            vjps = engine.routes._vjp('exact', [target], acts, [eye])
         grads = {layer.name: (act.new_zeros((len(sub), *act.shape[1:])) if g is None
                               else g[:, 0])
                  for layer, act, g in zip(layers, acts, vjps)}

@@ -40,7 +40,8 @@ def test_pipeline_cfg(cfg: Config) -> list:
                          '`test_dataloader.dataset.pipeline`, `val_dataloader.dataset.pipeline` '
                          'and `test_pipeline`)')
     pipeline = [copy.deepcopy(dict(t)) for t in pipeline]
-    pipeline = [t for t in pipeline if 'LoadAnnotations' not in str(t.get('type'))]
+    # LoadAnnotations, LoadPanopticAnnotations (the panoptic configs)
+    pipeline = [t for t in pipeline if 'Annotations' not in str(t.get('type'))]
     pipeline[0] = dict(type='mmdet.LoadImageFromNDArray')
     return pipeline
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Any, Callable, Iterator, Sequence, Tuple
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ['read_only', 'capture_outputs', 'preserved_rng']
+__all__ = ['read_only', 'capture_outputs', 'preserved_rng', 'OUTPUT_SEP', 'split_output_name',
+           'output_at']
 
 
 @contextlib.contextmanager
@@ -56,6 +57,36 @@ def capture_outputs(modules: Sequence[Tuple[str, nn.Module]],
     finally:
         for handle in handles:
             handle.remove()
+
+
+#: ``path:i`` names the i-th tensor of the tuple or list the module at ``path`` outputs (the
+#: level maps of a neck that computes them without a module of their own: DyHead, NAS-FCOS).
+OUTPUT_SEP = ':'
+
+
+def split_output_name(name: str) -> Tuple[str, Optional[int]]:
+    """``'neck:2'`` -> ``('neck', 2)``; a plain module path -> ``(path, None)``.
+
+    Raises:
+        ValueError: If what follows the last ``:`` is not a non-negative integer.
+    """
+    path, sep, index = name.rpartition(OUTPUT_SEP)
+    if not sep:
+        return name, None
+    if not index.isdigit() or not path:
+        raise ValueError(f'target layer {name!r}: after {OUTPUT_SEP!r} comes the index of a '
+                         f'tensor in the module\'s tuple output, such as "neck{OUTPUT_SEP}0"')
+    return path, int(index)
+
+
+def output_at(output: Any, index: Optional[int]) -> Any:
+    """The part of a module's ``output`` a target-layer name selects: all of it (``index``
+    None), else its ``index``-th element if it is a tuple or list that long, else None."""
+    if index is None:
+        return output
+    if isinstance(output, (tuple, list)) and 0 <= index < len(output):
+        return output[index]
+    return None
 
 
 @contextlib.contextmanager

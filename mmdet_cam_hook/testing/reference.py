@@ -6,8 +6,9 @@ how much faster the engine is. Generic over heads: the model is wrapped so that 
 the head's raw outputs, and the target is the adapter's own score of one detection. Not used by
 the hook or the CLI.
 """
+import contextlib
 import dataclasses
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from ..adapters import Detections, DetectorAdapter, build_adapter
 from ..cam.layers import resolve_layers
 from ..cam.methods import METHODS
+from ..runtime.state import output_at, split_output_name
 
 
 class HeadOutputs(nn.Module):
@@ -100,9 +102,9 @@ def reference_input_cams(model: nn.Module, inputs: torch.Tensor, method: str,
     wrapper = HeadOutputs(adapter, metainfo)
     out = []
     for k, names in enumerate(layers_per_det):
-        modules = [m for _, m in resolve_layers(model, names)]
         det = dets.select(slice(k, k + 1))
-        with METHODS[method].cam_class(model=wrapper, target_layers=modules) as cam:
+        with _tapped(resolve_layers(model, names)) as modules, \
+                METHODS[method].cam_class(model=wrapper, target_layers=modules) as cam:
             if mask_branch is not None:
                 target = MaskScoreTarget(adapter, det, mask_branch, metainfo)
             elif contrast_labels is not None:
@@ -111,3 +113,29 @@ def reference_input_cams(model: nn.Module, inputs: torch.Tensor, method: str,
                 target = DetectionScoreTarget(adapter, det)
             out.append(cam(inputs, [target])[0])
     return np.stack(out) if out else np.zeros((0, *inputs.shape[-2:]), np.float32)
+
+
+@contextlib.contextmanager
+def _tapped(resolved: List[Tuple[str, nn.Module]]) -> Iterator[List[nn.Module]]:
+    """The modules grad-cam hooks for resolved target layers: the module itself, or for a
+    ``path:i`` layer (one tensor of a tuple output) an ``nn.Identity`` tap that a forward
+    hook on the module calls on that tensor (grad-cam then sees the very tensor the rest of
+    the network reads), removed on exit."""
+    modules, handles = [], []
+    try:
+        for name, module in resolved:
+            index = split_output_name(name)[1]
+            if index is None:
+                modules.append(module)
+                continue
+            tap = nn.Identity()
+
+            def hook(_, args, output, tap=tap, index=index):
+                tap(output_at(output, index))
+
+            handles.append(module.register_forward_hook(hook))
+            modules.append(tap)
+        yield modules
+    finally:
+        for handle in handles:
+            handle.remove()

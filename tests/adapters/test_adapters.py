@@ -36,6 +36,7 @@ from mmdet_cam_hook.cam.geometry import Letterbox
 from mmdet_cam_hook.cam.local import LocalGradient, window_radius
 from mmdet_cam_hook.cam.methods import CAM_METHODS
 from mmdet_cam_hook.runtime.pipeline import preprocess
+from mmdet_cam_hook.runtime.state import output_at, split_output_name
 from mmdet_cam_hook.testing import build_detector, mmdet_config, synthetic_image
 from mmdet_cam_hook.testing.reference import reference_input_cams
 
@@ -173,6 +174,24 @@ HEADS += [
          input_size=256, cfg_options=YOLOF_LIGHT, level_layers=['neck.dilated_encoder_blocks'],
          level_of=[0], routes=['local'], radius=5, anchors=5, upstream='backbone.layer4',
          upstream_route='chain'),
+]
+# Necks whose level maps no module outputs alone: DyHead runs one module once per level,
+# NAS-FCOS resizes with F.interpolate. Their level layers are ``neck:i``, the i-th map of the
+# neck's tuple output (NAS-FCOS's level 2 also feeds its extra levels 3 and 4).
+DYHEAD_LIGHT = {'model.backbone.depth': 18, 'model.backbone.base_channels': 16,
+                'model.neck.0.in_channels': [16, 32, 64, 128], 'model.neck.0.out_channels': 32,
+                'model.neck.1.in_channels': 32, 'model.neck.1.out_channels': 32,
+                'model.neck.1.num_blocks': 2, 'model.bbox_head.in_channels': 32,
+                'model.bbox_head.feat_channels': 32}
+NECK_OUTPUTS = [f'neck:{i}' for i in range(5)]
+HEADS += [
+    {**_fpn('atss-dyhead', 'dyhead/atss_r50_fpn_dyhead_1x_coco.py', ATSS, radius=1,
+            routes=['local'] * 5, level_of=[0, 1, 2, 3, 4]),
+     'cfg_options': {**DYHEAD_LIGHT, **EVERY_LEVEL}, 'level_layers': NECK_OUTPUTS},
+    {**_fpn('nas-fcos', 'nas_fcos/nas-fcos_r50-caffe_fpn_nashead-gn-head_4xb4-1x_coco.py', FCOS,
+            routes=['exact'] * 5, level_of=[0, 1, None, None, 4]),
+     'level_layers': NECK_OUTPUTS[:3] + ['neck.extra_downsamples.0',
+                                         'neck.extra_downsamples.1']},
 ]
 ROWS = {row['name']: row for row in HEADS}
 ALL_METHODS = sorted(CAM_METHODS)  # the gradient and activation methods (not D-RISE)
@@ -403,8 +422,10 @@ def test_level_layers_output_the_level_maps(row):
     assert names == row['level_layers']
     modules = dict(model.named_modules())
     seen = {}
-    handles = [modules[n].register_forward_hook(lambda m, a, out, n=n: seen.__setitem__(n, out))
-               for n in names]
+    split = [split_output_name(n) for n in names]  # ``neck:i``: the i-th map of a tuple output
+    handles = [modules[path].register_forward_hook(
+                   lambda m, a, out, n=n, i=i: seen.__setitem__(n, output_at(out, i)))
+               for n, (path, i) in zip(names, split)]
     size = row.get('probe_size', 64)  # FPG's neck needs its top level 2x2 or larger
     inputs = torch.zeros((1, 3, size, size))
     try:
@@ -416,8 +437,10 @@ def test_level_layers_output_the_level_maps(row):
     assert all(seen[name] is feat for name, feat in zip(names, feats))
     with torch.inference_mode():  # as an engine built under inference mode asks
         assert [adapter.level_of_layer(n) for n in names] == row['level_of']
-    inner = [n for n in modules if n.startswith(names[-1] + '.')][0]
-    assert adapter.level_of_layer(inner) == row['level_of'][-1]
+    path, index = split[-1]
+    inner = [n for n in modules if n.startswith(path + '.')][0]
+    # inside the level layer's module; inside a neck that outputs every level: upstream
+    assert adapter.level_of_layer(inner) == (row['level_of'][-1] if index is None else None)
     assert adapter.level_of_layer(row['upstream']) is None
 
 

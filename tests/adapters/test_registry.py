@@ -42,6 +42,7 @@ REFUSED_CANDIDATES = [
      {**LIGHT_BACKBONE, 'model.bbox_head.in_channels': 32, 'model.bbox_head.feat_channels': 32,
       'model.mask_head.mask_feature_head.in_channels': 32,
       'model.mask_head.mask_feature_head.feat_channels': 16}),
+    ('rtmdet/rtmdet-ins_tiny_8xb32-300e_coco.py', {}),
 ]
 
 
@@ -222,8 +223,9 @@ def test_a_part_the_adapter_runs_is_checked_by_the_same_rule(roi_head, rpn_head,
 
 
 def test_a_module_run_once_per_level_is_no_level_layer():
-    """DyHead's blocks run once per level: the module's output is only the last call's, so it
-    is no level layer and the level-aware default is refused at build, naming it."""
+    """A module run once per level (DyHead's blocks) outputs only the last call's map, so it
+    is no level layer: the maps are taken from a tuple that holds them (``path:i``), else the
+    level-aware default is refused at build, naming the module."""
     import torch
 
     from mmdet_cam_hook.adapters import trace_level_layers
@@ -235,9 +237,17 @@ def test_a_module_run_once_per_level_is_no_level_layer():
     def features(x):
         return model.conv(x), model.conv(model.down(x))
 
-    with pytest.raises(ValueError, match=r"'conv' runs once for each of the levels \[0, 1\]; "
-                                         r'pass `target_layers`'):
+    with pytest.raises(ValueError, match=r"level\(s\) \[0, 1\] alone or in a tuple: 'conv' "
+                                         r'runs once for each of the levels \[0, 1\]; pass '
+                                         r'`target_layers`'):
         trace_level_layers(model, features, 8)
+
+    class Pair(nn.Module):  # outputs both maps, as DyHead does
+        def forward(self, x):
+            return model.conv(x), model.conv(model.down(x))
+
+    model.pair = Pair()
+    assert trace_level_layers(model, model.pair, 8) == ['pair:0', 'pair:1']
     model.conv2 = nn.Conv2d(3, 3, 1)
     assert trace_level_layers(model, lambda x: (model.conv(x), model.conv2(model.down(x))),
                               8) == ['conv', 'conv2']

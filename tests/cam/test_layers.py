@@ -2,12 +2,13 @@
 unusable ``target_layers`` is refused at construction naming why and a usable layer of the
 model at hand; ``describe_layers`` gives what ``mmdet-cam --list-layers`` prints. Random-init
 models from mmdet's own configs, shrunk as in tests/adapters."""
+import numpy as np
 import pytest
 import torch
 
 from mmdet_cam_hook import CAMEngine
 from mmdet_cam_hook.cam.routes import ROUTES
-from mmdet_cam_hook.testing import build_detector
+from mmdet_cam_hook.testing import build_detector, synthetic_image
 
 TWO_STAGE = {'model.backbone.depth': 18, 'model.neck.in_channels': [64, 128, 256, 512],
              'model.test_cfg.rpn.max_per_img': 100}
@@ -84,7 +85,13 @@ def test_describe_layers(name):
     assert all(not m._forward_hooks for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
     by_name = {row.name: row for row in rows}
-    assert set(by_name) <= {n for n, _ in model.named_modules() if n}
+    modules = {n for n, _ in model.named_modules() if n}
+    assert {n.rsplit(':', 1)[0] for n in by_name} <= modules
+    for name in by_name:  # ``path:i``: a map of the tuple module ``path`` outputs, listed after it
+        if ':' in name:
+            path, index = name.rsplit(':', 1)
+            assert by_name[path].output.startswith('(') and by_name[name].usable
+            assert by_name[name].output == by_name[path].output[1:-1].split(', ')[int(index)]
     for row in rows:
         assert row.usable == (row.reason == '') == (row.route in ROUTES), row
         if row.usable:
@@ -114,3 +121,22 @@ def test_level_gradients_meet_the_protocol(name, cls):
     assert not isinstance(object(), LevelGradient)
     engine.pack_chain = False  # the engine's switches are the routes' state
     assert engine.routes.pack_chain is False and engine._batched is engine.routes.batched
+
+
+def test_a_map_of_a_tuple_output_is_a_target_layer():
+    """``neck:i`` is the i-th map of the tuple the neck outputs: the same maps as the level
+    layer that computes it (``neck.fpn_convs.i``); a bad index is a clear error."""
+    model = _model('faster-rcnn')
+    image = synthetic_image(96, 128, seed=1)
+    for level in (0, 2):
+        by_tuple = CAMEngine(model, score_thr=0.0, topk=3, target_layers=f'neck:{level}')
+        by_module = CAMEngine(model, score_thr=0.0, topk=3,
+                              target_layers=f'neck.fpn_convs.{level}')
+        assert by_tuple.layer_names == [f'neck:{level}']
+        got = by_tuple.explain(image, methods='hirescam')['hirescam']
+        want = by_module.explain(image, methods='hirescam')['hirescam']
+        np.testing.assert_allclose(got.cams, want.cams, atol=1e-6)
+    with pytest.raises(ValueError, match='index of a tensor'):
+        CAMEngine(model, target_layers='neck:first')
+    with pytest.raises(ValueError, match="target layer 'neck:9'"):
+        CAMEngine(model, target_layers='neck:9')

@@ -111,3 +111,16 @@ def test_register_mask_branch_checks_what_it_registers():
     with pytest.raises(ValueError, match=r"'fast'.*\['level', 'exact'\]"):
         register_mask_branch(Bad)
     assert Bad not in MASK_BRANCHES
+
+
+def test_exact_route_with_gradient_free_methods_only(model):
+    """EigenCAM alone: the forward keeps no graph, the exact route needs none (the mask maps
+    are the activations' own), and they equal the level route's on the same layers."""
+    image = synthetic_image(96, 160, seed=4)
+    layers = ['neck.fpn_convs.0', 'neck.fpn_convs.1']
+    want = CAMEngine(model, score_thr=0.0, topk=4, target_layers=layers).explain(
+        image, methods='eigencam')
+    got = _exact(CAMEngine(model, score_thr=0.0, topk=4, target_layers=layers)).explain(
+        image, methods='eigencam')
+    np.testing.assert_allclose(got['eigencam'].mask_cams, want['eigencam'].mask_cams,
+                               atol=1e-5)
