@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (register the adapters)
     fcos,
     gfl,
     grounding,
+    guided_anchoring,
     mask2former,
     query,
     retina_variants,
@@ -16,6 +17,7 @@ from . import (  # noqa: F401  (register the adapters)
     rpn,
     rtmdet,
     rtmdet_ins,
+    sabl,
     solo,
     ssd,
     two_stage,  # noqa: F401  (register the two-stage adapters)

@@ -193,6 +193,21 @@ HEADS += [
      'level_layers': NECK_OUTPUTS[:3] + ['neck.extra_downsamples.0',
                                          'neck.extra_downsamples.1']},
 ]
+# RTMDet-Ins: RTMDet's boxes and window on the first two of its four outputs (its masks are
+# tests/adapters/test_rtmdet_ins.py's).
+RTMDET_INS = dict(calibrate=True, weights={'rtm_cls': 0.1, 'rtm_reg': 0.02},
+                  biases={'rtm_cls': (0.0, 0.5), 'rtm_reg': (2.0, 0.3)})
+HEADS.append(dict(name='rtmdet-ins-tiny', config='rtmdet/rtmdet-ins_tiny_8xb32-300e_coco.py',
+                  perturb=RTMDET_INS, level_layers=YOLO_LAYERS, level_of=[0, 1, 2],
+                  routes=['local'] * 3, radius=2, anchors=1, upstream='backbone.stage4',
+                  upstream_route='chain'))
+# SABL RetinaNet: square anchors, the bucketing confidence (its own branch) in the score.
+SABL_RETINA = dict(calibrate=True, weights={'conv.weight': 0.08, 'retina_cls': 0.05,
+                                            'retina_bbox_cls': 0.05, 'retina_bbox_reg': 0.003},
+                   biases={'retina_cls': (0., 0.5)})
+HEADS.append(_fpn('sabl-retinanet', 'sabl/sabl-retinanet_r50_fpn_1x_coco.py', SABL_RETINA,
+                  radius=5, routes=['local', 'local', 'local', 'chain', 'local'],
+                  level_of=[0, 1, 2, None, 4]))
 ROWS = {row['name']: row for row in HEADS}
 ALL_METHODS = sorted(CAM_METHODS)  # the gradient and activation methods (not D-RISE)
 _MODELS = {}
