@@ -225,7 +225,7 @@ def perturb(model, seed: int = 0) -> None:
 
     from mmdet_cam_hook.testing import calibrate_bn
 
-    if hasattr(model, 'bbox_head') and hasattr(model, 'extract_feat') \
+    if getattr(model, 'bbox_head', None) is not None and hasattr(model, 'extract_feat') \
             and not hasattr(model, 'forward_transformer') \
             and not hasattr(model, 'language_model'):  # GLIP's head also reads the text
         calibrate_bn(model, seed)

@@ -19,6 +19,7 @@ from . import (  # noqa: F401  (register the adapters)
     rtmdet,
     rtmdet_ins,
     sabl,
+    solo,
     ssd,
     two_stage,  # noqa: F401  (register the two-stage adapters)
     wrappers,

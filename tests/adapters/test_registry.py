@@ -50,11 +50,13 @@ def _registered_heads():
     import mmdet.models  # noqa: F401  (fill mmdet's registry)
     from mmdet.models.dense_heads import DETRHead
     from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
+    from mmdet.models.dense_heads.base_mask_head import BaseMaskHead
     from mmdet.models.roi_heads.base_roi_head import BaseRoIHead
     from mmdet.models.roi_heads.bbox_heads import BBoxHead, SABLHead
     from mmdet.registry import MODELS
 
-    roots = (BaseDenseHead, BBoxHead, BaseRoIHead, DETRHead, SABLHead)  # SABLHead: no BBoxHead
+    # SABLHead is no BBoxHead; SOLO's heads are mask heads
+    roots = (BaseDenseHead, BaseMaskHead, BBoxHead, BaseRoIHead, DETRHead, SABLHead)
     return {name: cls for name, cls in sorted(MODELS.module_dict.items())
             if inspect.isclass(cls) and issubclass(cls, roots) and not inspect.isabstract(cls)}
 
