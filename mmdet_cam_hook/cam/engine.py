@@ -57,7 +57,7 @@ from .misses import (
     results_with_misses,
 )
 from .prompts import PromptedEngine
-from .result import CAMResult
+from .result import CAMResult, Renormalize, check_renormalize
 from .routes import ROUTES, Forward, GradientRoutes, TargetLayer
 from .targets import Contrast
 
@@ -265,7 +265,7 @@ class CAMEngine(PromptedEngine):
     def explain(self,
                 image: ImageLike,
                 methods: Union[MethodSpec, Sequence[MethodSpec]] = ('gradcam', ),
-                renormalize: bool = False,
+                renormalize: Renormalize = False,
                 max_size: Optional[int] = None,
                 detections: Optional[Detections] = None,
                 texts: Union[None, str, Sequence[str]] = None,
@@ -284,8 +284,9 @@ class CAMEngine(PromptedEngine):
                 :data:`~mmdet_cam_hook.cam.methods.METHODS`, method objects
                 (``DRISE(num_masks=50)``) or ``dict(type='drise', num_masks=50)``
                 (:func:`~mmdet_cam_hook.cam.methods.method_from`). Defaults to ('gradcam',).
-            renormalize (bool): Min-max each map inside its own box and zero it outside (the
-                seed tool's ``--renormalize``). Defaults to False.
+            renormalize (bool | str): Min-max each map inside its own box and zero it
+                outside (True or ``'box'``: the seed tool's ``--renormalize``), or inside its
+                instance's own mask (``'mask'``: models with masks). Defaults to False.
             max_size (int, optional): Longer side, in pixels, of the returned image and maps.
                 A larger image is still fed to the network whole (the detections do not
                 change), but its maps are resized straight from the network-input grid to the
@@ -328,6 +329,7 @@ class CAMEngine(PromptedEngine):
         """
         methods = self._methods(methods)
         max_size = check_max_size(max_size)
+        self._check_renormalize(renormalize)
         contrast = self._contrast(contrast, methods)
         img = load_image(image)
         if detections is not None and not isinstance(detections, Detections):
@@ -339,6 +341,14 @@ class CAMEngine(PromptedEngine):
         with torch.inference_mode(False), self._prompt(texts):
             return self._explain([img], methods, renormalize, max_size, detections, gt,
                                  contrast=contrast)[0]
+
+    def _check_renormalize(self, renormalize: Renormalize) -> None:
+        """Refuse a bad ``renormalize`` before any forward (naming the choices), and
+        ``'mask'`` on an engine without masks."""
+        if check_renormalize(renormalize) == 'mask' and self.mask_branch is None:
+            raise ValueError("`renormalize='mask'` needs instance masks, and this engine has "
+                             'none (a box-only detector, or masks=False); use '
+                             'renormalize=True (in the boxes)')
 
     def detect(self, image: ImageLike,
                texts: Union[None, str, Sequence[str]] = None) -> Detections:
@@ -400,7 +410,7 @@ class CAMEngine(PromptedEngine):
     def explain_batch(self,
                       images: Sequence[ImageLike],
                       methods: Union[MethodSpec, Sequence[MethodSpec]] = ('gradcam', ),
-                      renormalize: bool = False,
+                      renormalize: Renormalize = False,
                       max_size: Optional[int] = None,
                       contrast: Contrast = None) -> List[Dict[str, CAMResult]]:
         """:meth:`explain` for several images, through the network as one batch when the
@@ -424,6 +434,7 @@ class CAMEngine(PromptedEngine):
                 resized (its index in ``images`` is in the message).
         """
         methods = self._methods(methods)
+        self._check_renormalize(renormalize)
         max_size = check_max_size(max_size)
         contrast = self._contrast(contrast, methods)
         imgs = []

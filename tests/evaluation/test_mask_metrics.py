@@ -216,6 +216,14 @@ def test_renormalize_in_masks_needs_masks():
                            perturb=dict(biases={'multi_level_conv_cls': (0.0, 0.5),
                                                 'multi_level_conv_obj': (0.0, 0.5)}))
     engine = CAMEngine(model, score_thr=0.0, topk=2)
-    with pytest.raises(ValueError, match="`renormalize='mask'` needs instance masks"):
-        engine.explain(synthetic_image(96, 160, seed=4), methods='hirescam',
-                       renormalize='mask')
+    calls = []
+    handle = model.backbone.register_forward_pre_hook(lambda *args: calls.append(args))
+    try:  # refused before any forward
+        with pytest.raises(ValueError, match="`renormalize='mask'` needs instance masks"):
+            engine.explain(synthetic_image(96, 160, seed=4), methods='hirescam',
+                           renormalize='mask')
+        with pytest.raises(ValueError, match=r"must be one of \[False, True, 'box', 'mask'\]"):
+            engine.explain_batch([synthetic_image(96, 160, seed=4)], renormalize='masks')
+    finally:
+        handle.remove()
+    assert calls == []
