@@ -220,7 +220,9 @@ def build_model(config: str, input_size: int, seed: int = 0):
 def perturb(model, seed: int = 0) -> None:
     """BatchNorms calibrated where the detector has a dense ``bbox_head``
     (:func:`~mmdet_cam_hook.testing.calibrate_bn`), and Gaussian noise (std 0.01 on weights, 0.5
-    on biases) added to every head parameter, so that scores do not tie."""
+    on biases) added to every head parameter, so that scores do not tie; the mask predictors
+    of a box-less mask head (SOLO's ``conv_mask*``, SOLOv2's ``conv_kernel``) get std 0.3, or
+    no mask of the random model passes its threshold and nothing is detected."""
     import torch
 
     from mmdet_cam_hook.testing import calibrate_bn
@@ -234,6 +236,9 @@ def perturb(model, seed: int = 0) -> None:
         for name, param in model.named_parameters():
             if name.split('.')[0].endswith('head'):
                 std = 0.5 if name.endswith('bias') else 0.01
+                if (getattr(model, 'bbox_head', None) is None and name.endswith('weight')
+                        and ('.conv_mask' in name or '.conv_kernel' in name)):
+                    std = 0.3
                 param.add_(torch.randn(param.shape, generator=gen) * std)
     model.eval()
 
