@@ -63,6 +63,12 @@ FOVEA = dict(weights={'conv.weight': 0.03, 'conv_cls': 0.03, 'conv_reg': 0.03},
 YOLOF = dict(calibrate=True, weights={'cls_score': 0.05, 'object_pred': 0.05, 'bbox_pred': 0.003},
              biases={'cls_score': (0., 0.5), 'object_pred': (2., 0.5)})
 SSD = dict(calibrate=True, weights={'cls_convs': 0.05}, biases={'cls_convs': (0., 0.5)})
+SABL_RETINA = dict(calibrate=True, weights={'conv.weight': 0.08, 'retina_cls': 0.05,
+                                            'retina_bbox_cls': 0.05, 'retina_bbox_reg': 0.003},
+                   biases={'retina_cls': (0., 0.5)})
+ATSS = dict(weights={'conv.weight': 0.03, 'atss_cls': 0.03, 'atss_centerness': 0.03,
+                     'atss_reg': 0.003},
+            biases={'atss_cls': (0., 0.5), 'atss_centerness': (0., 0.5)})
 FASTER_RCNN = dict(weights={'rpn_reg': 0.2, 'fc_cls': 0.05, 'fc_reg': 0.01},
                    biases={'fc_cls': (0., 0.5)})
 
@@ -110,6 +116,14 @@ MODELS = {
         'backbone.layer4'),
     'yolof-r50': (lambda size: build_detector(
         'yolof/yolof_r50-c5_8xb8-1x_coco.py', size, num_classes=80, perturb=YOLOF,
+        cfg_options={'model.test_cfg.nms_pre': 1000}), 512, 'backbone.layer4'),
+    # This session's dense heads with an exact window: SABL RetinaNet (bucketed boxes, 11x11
+    # window), ATSS on DyHead (its level maps are the neck's tuple outputs, `neck:i`).
+    'sabl-retinanet-r50': (lambda size: build_detector(
+        'sabl/sabl-retinanet_r50_fpn_1x_coco.py', size, num_classes=80, perturb=SABL_RETINA,
+        cfg_options={'model.test_cfg.nms_pre': 1000}), 512, 'backbone.layer4'),
+    'atss-dyhead-r50': (lambda size: build_detector(
+        'dyhead/atss_r50_fpn_dyhead_1x_coco.py', size, num_classes=80, perturb=ATSS,
         cfg_options={'model.test_cfg.nms_pre': 1000}), 512, 'backbone.layer4'),
     'ssdlite': (lambda size: _ssd(build_detector(
         'ssd/ssdlite_mobilenetv2-scratch_8xb24-600e_coco.py', size, num_classes=80,
