@@ -138,7 +138,8 @@ def _decode(event):
 
 def _border(mask):
     mask = mask.astype(np.uint8)
-    return (mask - cv2.erode(mask, np.ones((3, 3), np.uint8), borderValue=0)) > 0
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    return (mask - cv2.erode(mask, cross, borderValue=0)) > 0
 
 
 def _near(mask, pixels):
