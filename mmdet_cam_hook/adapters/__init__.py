@@ -13,6 +13,7 @@ from . import (  # noqa: F401  (register the adapters)
     roi_variants,
     rpn,
     rtmdet,
+    rtmdet_ins,
     ssd,
     two_stage,  # noqa: F401  (register the two-stage adapters)
     wrappers,

@@ -32,8 +32,11 @@ from torch import nn
 from .base import Detections, DetectorAdapter
 from .two_stage import CascadeRCNNAdapter, TwoStageAdapter, _overrides
 
-__all__ = ['MaskBranch', 'RoIMaskBranch', 'CascadeRoIMaskBranch', 'build_mask_branch',
-           'mask_target']
+__all__ = ['MASK_ROUTES', 'MaskBranch', 'RoIMaskBranch', 'CascadeRoIMaskBranch',
+           'build_mask_branch', 'mask_target', 'register_mask_branch']
+
+#: How the engine gets a mask target's gradient (:attr:`MaskBranch.route`).
+MASK_ROUTES = ('level', 'exact')
 
 
 def mask_target(probs: torch.Tensor, thr: float) -> torch.Tensor:
@@ -58,6 +61,19 @@ class MaskBranch:
 
     #: The README's mask target of the family (tests/adapters/test_masks.py checks it is there).
     doc_target: str = ''
+
+    #: How the engine gets the gradient of the mask target (one of :data:`MASK_ROUTES`):
+    #:
+    #: - ``'level'``: every instance's mask is computed from one level map (an RoI head's
+    #:   pooled RoI), and :meth:`gradient` gives the exact gradient on that map, without a
+    #:   backward through the detector (the branch implements :meth:`levels` and
+    #:   :meth:`gradient`);
+    #: - ``'exact'``: the mask target mixes levels (a mask feature fused from every level, a
+    #:   pixel decoder): the engine backpropagates :meth:`scores`, computed on the live head
+    #:   outputs of the one forward pass, through its full graph to each of its target layers,
+    #:   one vector-Jacobian product per instance (the branch implements :meth:`scores` and
+    #:   :meth:`masks` only).
+    route: str = 'level'
 
     def __init__(self, adapter: DetectorAdapter) -> None:
         self.adapter = adapter
@@ -236,8 +252,24 @@ class CascadeRoIMaskBranch(RoIMaskBranch):
         return torch.stack(probs).mean(dim=0), True
 
 
-#: The mask branches, tried in order.
-MASK_BRANCHES = (RoIMaskBranch, CascadeRoIMaskBranch)
+#: The mask branches, tried in registration order (:func:`register_mask_branch`).
+MASK_BRANCHES: List[type] = []
+
+
+def register_mask_branch(cls: type) -> type:
+    """Class decorator: add a :class:`MaskBranch` subclass to :data:`MASK_BRANCHES` (its
+    ``route`` checked to be one of :data:`MASK_ROUTES`)."""
+    if not (isinstance(cls, type) and issubclass(cls, MaskBranch)):
+        raise TypeError(f'register_mask_branch takes a MaskBranch subclass, not {cls!r}')
+    if cls.route not in MASK_ROUTES:
+        raise ValueError(f'{cls.__name__}.route is {cls.route!r}; valid: {list(MASK_ROUTES)}')
+    if cls not in MASK_BRANCHES:
+        MASK_BRANCHES.append(cls)
+    return cls
+
+
+register_mask_branch(RoIMaskBranch)
+register_mask_branch(CascadeRoIMaskBranch)
 
 
 def build_mask_branch(adapter: DetectorAdapter) -> Optional[MaskBranch]:

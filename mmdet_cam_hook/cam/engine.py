@@ -393,8 +393,10 @@ class CAMEngine(PromptedEngine):
         every target layer takes the ``local`` route. The ``chain`` and ``exact`` routes pull
         each detection's gradient back through the graph of the forward pass, and through a
         batch's graph that costs as many images as the batch holds, so their images go one at
-        a time."""
-        return all(layer.route == 'local' for layer in self.layers)
+        a time; so do the images of a mask branch on the ``exact`` route (its mask targets are
+        pulled back through that graph too)."""
+        exact_masks = self.mask_branch is not None and self.mask_branch.route == 'exact'
+        return not exact_masks and all(layer.route == 'local' for layer in self.layers)
 
     def explain_batch(self,
                       images: Sequence[ImageLike],

@@ -12,7 +12,9 @@
 
 - ``mask``: an instance's mask target (:mod:`..adapters.masks`: the mean of its mask
   probabilities over its own predicted binary mask), for models with a mask branch: the
-  results' ``mask_cams`` (:func:`mask_maps`), beside the class maps.
+  results' ``mask_cams`` (:func:`mask_maps`), beside the class maps: on one level map by the
+  branch's own gradient (``route == 'level'``, RoI heads), or by the engine's exact route
+  through the whole graph (``route == 'exact'``, masks that mix levels).
 
 Gradient-free methods (EigenCAM) and perturbation methods (D-RISE) have no target: their maps
 do not change with ``contrast``, and the engine says so once.
@@ -219,11 +221,14 @@ def mask_maps(engine, methods, dets: Detections, fwd, metainfo: dict, letterbox,
     if tuple(masks.shape[-2:]) != tuple(out_hw) and len(masks):
         masks = torch.nn.functional.interpolate(masks[:, None].float(), size=out_hw,
                                                 mode='nearest')[:, 0] > 0.5
-    level_names = engine._level_names
-    levels = branch.levels(dets, metainfo).tolist()
     device = fwd.feats[0].device
     maps = {m.name: torch.zeros((len(dets), *out_hw), device=device) for m in methods}
     shared: dict = {}
+    if branch.route == 'exact':
+        _exact_mask_maps(engine, methods, dets, fwd, metainfo, letterbox, out_hw, maps, shared)
+        return masks, maps
+    level_names = engine._level_names
+    levels = branch.levels(dets, metainfo).tolist()
     for level in sorted(set(levels)):
         layers = mask_layers(engine.layers, level_names, engine.level_aware, level)
         if layers is None:
@@ -248,3 +253,30 @@ def mask_maps(engine, methods, dets: Detections, fwd, metainfo: dict, letterbox,
                              for layer in layers]
                 maps[m.name][idx] = maths.image_maps(per_layer, letterbox, out_hw)
     return masks, maps
+
+
+def _exact_mask_maps(engine, methods, dets: Detections, fwd, metainfo: dict, letterbox,
+                     out_hw: Tuple[int, int], maps: Dict[str, torch.Tensor],
+                     shared: dict) -> None:
+    """Mask maps of a branch whose target mixes levels (``route == 'exact'``): the mask
+    target, computed on the live head outputs of the one forward pass, backpropagated through
+    its full graph to every one of the engine's target layers (one vector-Jacobian product
+    per instance, by the engine's ``exact`` route), the layers' maps combined as for several
+    target layers. A layer the targets do not depend on gives zero gradients (its map is
+    what the method makes of them)."""
+    layers = list(engine.layers)
+    for start in range(0, len(dets), engine.chunk_size):
+        idx = torch.arange(start, min(start + engine.chunk_size, len(dets)),
+                           device=fwd.feats[0].device)
+        sub = dets.select(idx.to(dets.labels.device))
+        target = engine.mask_branch.scores(fwd.outs, sub, metainfo)
+        eye = torch.eye(len(sub), dtype=target.dtype, device=target.device)
+        acts = [fwd.acts[layer.name] for layer in layers]
+        vjps = engine.routes._vjp('exact', [target], acts, [eye])
+        grads = {layer.name: (act.new_zeros((len(sub), *act.shape[1:])) if g is None
+                              else g[:, 0])
+                 for layer, act, g in zip(layers, acts, vjps)}
+        for m in methods:
+            per_layer = [engine._layer_maps(m, layer, fwd, grads, len(sub), shared)
+                         for layer in layers]
+            maps[m.name][idx] = maths.image_maps(per_layer, letterbox, out_hw)
