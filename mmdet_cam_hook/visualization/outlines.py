@@ -40,6 +40,8 @@ def resize_masks(masks: np.ndarray, size: Sequence[int]) -> np.ndarray:
     width, height = int(size[0]), int(size[1])
     if masks.shape[1:] == (height, width):
         return masks
+    if len(masks) == 0:
+        return np.zeros((0, height, width), bool)
     return np.stack([cv2.resize(m.astype(np.uint8), (width, height),
                                 interpolation=cv2.INTER_NEAREST) > 0 for m in masks]
                     ).reshape(len(masks), height, width)

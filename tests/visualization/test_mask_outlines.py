@@ -6,6 +6,8 @@ The image is flat grey and the maps are 0 or 1, so no pixel of the JET blend is 
 cyan (:data:`MASK_COLOR`): every cyan pixel is an outline. The masks (a disc, a ring with a hole,
 a triangle) lie well inside their boxes, so no box line covers an outline.
 """
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
@@ -142,6 +144,18 @@ def test_card_k_holds_instance_k_outline_only(view):
         assert halo.sum() > 0.5 * _border(masks[k]).sum(), k
 
 
+def test_no_detections_no_outlines():
+    """A model with masks that detected nothing: panels and cards are drawn, outline-free."""
+    full = make_result()
+    result = dataclasses.replace(
+        full, bboxes=full.bboxes[:0], labels=full.labels[:0], scores=full.scores[:0],
+        levels=full.levels[:0], cams=full.cams[:0], input_cams=full.cams[:0], layers=[],
+        masks=full.masks[:0], mask_cams=full.mask_cams[:0], combined=np.zeros((H, W), np.float32))
+    assert resize_masks(result.masks, (10, 20)).shape == (0, 20, 10)
+    assert not _cyan(render_panel(result)).any()
+    assert not any(_cyan(card).any() for card in render_cards(result).values())
+
+
 def test_box_only_results_have_no_outlines():
     result = make_result(masks=False)
     assert not _cyan(render_panel(result, max_detections=3)).any()
@@ -158,8 +172,6 @@ def test_mask_view_leaves_the_image_alone():
 
 def test_masks_of_the_wrong_shape_are_refused():
     result = make_result()
-    import dataclasses
-
     bad = dataclasses.replace(result, masks=result.masks[:2])
     with pytest.raises(ValueError, match=r'`result.masks` must have shape \(3, 96, 128\)'):
         render_panel(bad)
