@@ -71,8 +71,7 @@ def mask_rcnn_cfg(data, work_dir):
     cfg = tiny_cfg(data, work_dir, detector='mask-rcnn',
                    hooks=[cam_hook(methods=METHODS, score_thr=0.0, topk=3)],
                    backends=('LocalVisBackend', 'TensorboardVisBackend'))
-    cfg.merge_from_dict({'model.roi_head.mask_head.conv_out_channels': 32,
-                         'model.train_cfg.rcnn.mask_size': 14})
+    cfg.merge_from_dict({'model.roi_head.mask_head.conv_out_channels': 32})
     _load_masks(cfg.train_dataloader.dataset.pipeline)
     return cfg
 
