@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .base import ADAPTERS, Detections, DetectorAdapter
 from .dense import DenseAdapter
-from .masks import MaskBranch, mask_target
+from .masks import MaskBranch, mask_target, register_mask_branch
 from .rtmdet import RTMDetAdapter
 
 __all__ = ['RTMDetInsAdapter', 'RTMDetInsMaskBranch']
@@ -65,6 +65,7 @@ class RTMDetInsAdapter(RTMDetAdapter):
         return roots
 
 
+@register_mask_branch
 class RTMDetInsMaskBranch(MaskBranch):
     """The masks of :class:`RTMDetInsAdapter`'s instances (see the module docstring).
 

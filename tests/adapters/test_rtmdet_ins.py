@@ -233,9 +233,12 @@ def test_local_window_is_exact_on_every_level():
     assert border > 0
 
 
-def _reference(model, inputs, meta, res, dets, idx, **kwargs):
+def _reference(model, inputs, meta, res, dets, idx, layers=None, **kwargs):
+    """grad-cam's own class once per detection in ``idx`` (on its class map's layers unless
+    ``layers`` are given); the model's ``.grad`` cleared."""
+    layers = [res.layers[i] for i in idx] if layers is None else layers
     try:
-        return reference_input_cams(model, inputs, res.method, [res.layers[i] for i in idx],
+        return reference_input_cams(model, inputs, res.method, layers,
                                     dets.select(torch.tensor(idx)), metainfo=meta, **kwargs)
     finally:
         model.zero_grad(set_to_none=True)
@@ -274,17 +277,19 @@ def test_contrastive_maps_equal_the_full_backward_of_the_difference():
 
 def test_mask_maps_equal_grad_cam():
     """Every method: each instance's mask map equals grad-cam's class run once per instance
-    with the mask target (a full backward through the mask branch, which mixes the levels),
-    on the same layers as its class map; mask maps differ from the class maps."""
+    with the mask target (a full backward through the mask branch, which mixes the levels), on
+    all three level maps (the exact route's level-aware default: the mask target reads every
+    level); mask maps differ from the class maps."""
     model = _model()
-    engine = CAMEngine(model, score_thr=0.0, topk=24)
+    engine = CAMEngine(model, score_thr=0.0, topk=40)
     image = _image(1)
     inputs, meta, _, dets = _decoded(engine, image)
-    idx = _per_level(dets.select(slice(0, 24)), 2)
-    assert len(idx) == 6
+    idx = _per_level(dets.select(slice(0, 40)), 2)
+    assert len(idx) >= 4 and set(dets.levels[idx].tolist()) == {0, 1, 2}
     for method, res in engine.explain(image, methods=METHODS).items():
         assert res.mask_cams.shape == res.cams.shape and res.mask_cams.dtype == np.float32
-        ref = _reference(model, inputs, meta, res, dets, idx, mask_branch=engine.mask_branch)
+        ref = _reference(model, inputs, meta, res, dets, idx, layers=[LAYERS] * len(idx),
+                         mask_branch=engine.mask_branch)
         on_image = res.letterbox.to_original(torch.from_numpy(ref), image.shape[:2])
         np.testing.assert_allclose(res.mask_cams[idx], on_image.clamp(0, 1).numpy(),
                                    atol=1e-4, err_msg=method)
