@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
 from mmdet_cam_hook.adapters import ADAPTERS
@@ -76,9 +77,36 @@ def mask_rcnn_cfg(data, work_dir):
     return cfg
 
 
+class DiamondMasks(Hook):
+    """Before training (after the runner initialised the weights), set RTMDet-Ins's kernel
+    predictor so that each prior's dynamic convs draw a diamond around it:
+    ``4 * (|dx| + |dy|) < 1.5`` in the head's relative coordinates (layer 0: ``±4 dx``,
+    ``±4 dy``, ReLU'd; layer 1: their sum; layer 2: 1.5 minus it), its weights spread so that
+    the diamonds vary. A random-init RTMDet-Ins predicts empty masks, and four training steps
+    do not change that."""
+
+    priority = 'VERY_HIGH'
+
+    def before_train(self, runner):
+        head = runner.model.bbox_head
+        n0, n1 = head.dyconv_channels, head.num_prototypes + 2
+        w0, w1, w2 = torch.zeros(n0, n1), torch.zeros(n0, n0), torch.zeros(1, n0)
+        w0[0, 0], w0[1, 0], w0[2, 1], w0[3, 1] = 4.0, -4.0, 4.0, -4.0
+        w1[0, :4] = 1.0
+        w2[0, 0] = -1.0
+        biases = [torch.zeros(n) for n in head.bias_nums]
+        biases[-1][0] = 1.5
+        params = torch.cat([w0.flatten(), w1.flatten(), w2.flatten(), *biases])
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for conv in head.rtm_kernel:
+                conv.bias.copy_(params)
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * 0.02)
+
+
 def rtmdet_ins_cfg(data, work_dir):
     """tiny_cfg's RTMDet-tiny run (its EMA and pipeline-switch hooks) with RTMDet-Ins-tiny's
-    model from mmdet's config, trained on the shapes' masks."""
+    model from mmdet's config, trained on the shapes' masks from :class:`DiamondMasks`."""
     cfg = tiny_cfg(data, work_dir, detector='rtmdet',
                    hooks=[cam_hook(methods=METHODS, score_thr=0.0, topk=3)],
                    backends=('LocalVisBackend', 'TensorboardVisBackend'))
@@ -96,9 +124,10 @@ def _has_rtmdet_ins_adapter():
                for a in ADAPTERS.module_dict.values())
 
 
+#: name: (config, hooks registered on the runner)
 MODELS = {
-    'mask-rcnn': mask_rcnn_cfg,
-    'rtmdet-ins': pytest.param(rtmdet_ins_cfg, marks=pytest.mark.skipif(
+    'mask-rcnn': (mask_rcnn_cfg, ()),
+    'rtmdet-ins': pytest.param((rtmdet_ins_cfg, (DiamondMasks, )), marks=pytest.mark.skipif(
         not _has_rtmdet_ins_adapter(), reason='no RTMDet-Ins adapter registered')),
 }
 
@@ -118,7 +147,10 @@ def run(request, shapes, tmp_path_factory):
         explained.append(results)
         return results
 
-    runner = Runner.from_cfg(request.param(shapes, tmp_path_factory.mktemp('run')))
+    make_cfg, extra_hooks = request.param
+    runner = Runner.from_cfg(make_cfg(shapes, tmp_path_factory.mktemp('run')))
+    for hook in extra_hooks:
+        runner.register_hook(hook())
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(CAMEngine, 'explain', recording)
         runner.train()
@@ -159,8 +191,11 @@ def test_mask_scalars_in_tensorboard(run):
 
 
 def _box_lines(boxes, shape, width=7):
-    """Pixels within ``width // 2`` of the edges of ``boxes`` (drawn over the outlines)."""
+    """Pixels within ``width // 2`` of the edges of ``boxes`` (drawn over the outlines), the
+    boxes clipped to just outside the image as the cards draw them."""
     lines = np.zeros(shape, np.uint8)
+    h, w = shape
+    boxes = np.clip(boxes, -1.0, [w + 1.0, h + 1.0, w + 1.0, h + 1.0])
     for x1, y1, x2, y2 in np.round(boxes).astype(int):
         cv2.rectangle(lines, (x1, y1), (x2 - 1, y2 - 1), 1, width)
     return lines > 0
