@@ -52,7 +52,7 @@ def _titled_row(tiles: Sequence[np.ndarray], title: str) -> np.ndarray:
         x = i * (tile.shape[1] + _GAP)
         row[:, x:x + tile.shape[1]] = tile
     bar = np.full((26, row.shape[1], 3), 255, np.uint8)
-    cv2.putText(bar, title, (4, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 2, cv2.LINE_AA)
+    cv2.putText(bar, title, (4, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([bar, row], axis=0)
 
 
