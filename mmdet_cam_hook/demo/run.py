@@ -3,12 +3,15 @@
 ``python -m mmdet_cam_hook.demo`` generates the shapes dataset if needed
 (:mod:`mmdet_cam_hook.demo.shapes`), trains one of the shipped demo configs (``--model``:
 ``yolox-nano``, the default, is ``mmdet_cam_hook::demo/yolox_nano_shapes_gradcam.py``;
-``rtmdet-tiny`` is ``mmdet_cam_hook::demo/rtmdet_tiny_shapes_gradcam.py``; ``configs/demo/`` in a
-checkout) on the CPU into ``work_dirs/demo/<timestamp>/`` with
+``rtmdet-tiny`` is ``mmdet_cam_hook::demo/rtmdet_tiny_shapes_gradcam.py``; ``rtmdet-ins-tiny``,
+an instance model trained on the shapes' exact masks, is
+``mmdet_cam_hook::demo/rtmdet_ins_tiny_shapes_gradcam.py``; ``configs/demo/`` in a checkout) on
+the CPU into ``work_dirs/demo/<timestamp>/`` with
 :class:`~mmdet_cam_hook.DetCAMHook` logging per-detection CAMs of fixed validation images at
 every validation, and prints where the panels and TensorBoard event files are, the
 ``tensorboard --logdir ...`` line to view them, and the bbox mAP50 and pointing-game numbers of
-every validation, read back from the run's ``scalars.json``.
+every validation (and segm mAP50 and the mask maps' energy in the mask for an instance
+model), read back from the run's ``scalars.json``.
 
 ``--epochs`` and ``--num-train``/``--num-val`` shrink the run (the tests use them); the
 learning-rate schedule and the family's stage switch (YOLOX's mode switch, RTMDet's pipeline
@@ -38,6 +41,8 @@ __all__ = [
 MODELS = {
     'yolox-nano': 'demo/yolox_nano_shapes_gradcam.py',
     'rtmdet-tiny': 'demo/rtmdet_tiny_shapes_gradcam.py',
+    # instance masks: class and mask maps per detection, its mask outline on its tiles
+    'rtmdet-ins-tiny': 'demo/rtmdet_ins_tiny_shapes_gradcam.py',
 }
 #: The model the demo trains when none is named.
 DEFAULT_MODEL = 'yolox-nano'
@@ -47,6 +52,7 @@ DEFAULT_CONFIG = Path(config_path(MODELS[DEFAULT_MODEL]))
 _CAM_HOOKS = ('DetCAMHook', 'YOLOXGradCAMHook')
 
 _MAP50_KEY = 'coco/bbox_mAP_50'
+_SEGM_MAP50_KEY = 'coco/segm_mAP_50'
 _WRAPPER_DATASETS = ('MultiImageMixDataset', 'ClassBalancedDataset', 'RepeatDataset')
 
 
@@ -62,6 +68,11 @@ class DemoResult:
         map50: bbox mAP50 of each validation, ``{epoch: value}``.
         pointing_game: For each scalar tag with ``pointing`` in its name (one per CAM method),
             ``{epoch: hit rate}``.
+        segm_map50: mask mAP50 of each validation of an instance model, ``{epoch: value}``;
+            empty for a box-only one.
+        mask_energy: For each scalar tag ending in ``mask_energy_in_mask`` (one per CAM method
+            of an instance model), ``{epoch: share}``: how much of the mask maps' energy lies in
+            the instance's own mask.
         seconds: Wall time of the training (data generation excluded).
         data: The dataset that was used.
     """
@@ -75,6 +86,8 @@ class DemoResult:
     seconds: float
     data: ShapesDataset
     scalars: list[dict] = field(default_factory=list, repr=False)
+    segm_map50: dict[int, float] = field(default_factory=dict)
+    mask_energy: dict[str, dict[int, float]] = field(default_factory=dict)
 
 
 def _innermost_dataset(dataset_cfg):
@@ -263,8 +276,8 @@ def run_demo(work_dir: str | os.PathLike = 'work_dirs/demo',
         threads: Torch CPU threads for the training, restored afterwards. On a machine busy
             with other work, 1 can be several times faster than the default (one per core),
             whose threads then wait for each other. Defaults to None (torch's default).
-        model: The demo model, a key of :data:`MODELS` (``'yolox-nano'``, ``'rtmdet-tiny'``).
-            Defaults to :data:`DEFAULT_MODEL`.
+        model: The demo model, a key of :data:`MODELS` (``'yolox-nano'``, ``'rtmdet-tiny'``,
+            ``'rtmdet-ins-tiny'``). Defaults to :data:`DEFAULT_MODEL`.
 
     Returns:
         DemoResult: Where the results are and the numbers of every validation.
@@ -302,6 +315,8 @@ def run_demo(work_dir: str | os.PathLike = 'work_dirs/demo',
     scalars_file = vis_dir / 'scalars.json'
     scalars = read_scalars(scalars_file) if scalars_file.is_file() else []
     tags = sorted({key for row in scalars for key in row if 'pointing' in key})
+    mask_tags = sorted({key for row in scalars for key in row
+                        if key.endswith('mask_energy_in_mask')})
     return DemoResult(
         log_dir=log_dir,
         vis_dir=vis_dir,
@@ -312,6 +327,8 @@ def run_demo(work_dir: str | os.PathLike = 'work_dirs/demo',
         seconds=seconds,
         data=data,
         scalars=scalars,
+        segm_map50=_by_epoch(scalars, _SEGM_MAP50_KEY),
+        mask_energy={tag: _by_epoch(scalars, tag) for tag in mask_tags},
     )
 
 
@@ -347,6 +364,8 @@ def summary(result: DemoResult) -> str:
         f'{result.seconds / 60:.1f} min.',
         f'  bbox mAP50:            {_series(result.map50) or "(not logged)"}',
     ]
+    if result.segm_map50:
+        lines.append(f'  segm mAP50:            {_series(result.segm_map50)}')
     if result.pointing_game:
         lines.append('  pointing game (probe images; share of matched detections whose CAM '
                      'peak is inside the ground-truth box):')
@@ -356,6 +375,12 @@ def summary(result: DemoResult) -> str:
     else:
         lines.append('  pointing game: not logged (no probe detection matched a ground-truth box '
                      'yet, or the hook has no ground truth)')
+    if result.mask_energy:
+        lines.append('  mask maps (share of each mask map\'s energy inside its own predicted '
+                     'mask):')
+        width = max(len(tag) for tag in result.mask_energy)
+        for tag, values in result.mask_energy.items():
+            lines.append(f'    {tag:<{width}}  {_series(values)}')
     vis_image = result.vis_dir / 'vis_image'
     lines += [
         f'  CAM panels (PNG):      {_display(vis_image)}/  ({len(result.images)} files)',
@@ -374,9 +399,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(
         prog='python -m mmdet_cam_hook.demo',
-        description='Train a small detector (YOLOX-nano or RTMDet-tiny) on the built-in shapes '
-        'dataset on the CPU with DetCAMHook, then print where the CAM panels and TensorBoard '
-        'logs are.')
+        description='Train a small detector (YOLOX-nano, RTMDet-tiny, or the instance model '
+        'RTMDet-Ins-tiny) on the built-in shapes dataset on the CPU with DetCAMHook, then print '
+        'where the CAM panels and TensorBoard logs are.')
     parser.add_argument('--model', choices=list(MODELS), default=DEFAULT_MODEL,
                         help='the detector to train, with its shipped demo config '
                         '(default: %(default)s)')

@@ -13,7 +13,6 @@ from ..visualization.cards import render_cards
 from ..visualization.delivery import Delivery
 from ..visualization.plots import plot_curves
 from ..visualization.render import (
-    draw_mask_outlines,
     render_misses_row,
     render_panel,
     stack_rows,
@@ -21,12 +20,11 @@ from ..visualization.render import (
 
 
 def mask_view(result: CAMResult) -> CAMResult:
-    """The result as its mask maps' views show it: the mask maps as ``cams``, every instance's
-    mask outline drawn on the image."""
+    """The result as its mask maps' views show it: the mask maps as ``cams`` (the panels and
+    cards draw each instance's mask outline on its own tile, ``result.masks``)."""
     cams = torch.from_numpy(result.mask_cams)
     return dataclasses.replace(result, cams=result.mask_cams,
-                               combined=combined_map(cams, result.ori_shape).numpy(),
-                               image=draw_mask_outlines(result.image, result.masks))
+                               combined=combined_map(cams, result.ori_shape).numpy())
 
 
 def log_views(log: Delivery, name: str, result: CAMResult, step: int, *,

@@ -7,7 +7,8 @@ its ground-truth box), each :data:`CARD_WIDTH` pixels wide with a caption bar wh
 letters are :data:`CARD_LABEL_PX` pixels tall, so that they stay at least 9 px tall when the
 card is shown 220 px wide or more. Labels are in the caption bar or next to a box, never over
 its inside (a box as tall as the image, which has no room above or below, is the exception).
-Colours and line widths are :data:`.render.PALETTE`'s.
+Colours and line widths are :data:`.render.PALETTE`'s. For a model with masks, the overview
+shows every instance's mask outline and a detection's card its own only.
 
 Each card has a slot name that stays meaningful when the detections change between
 validations (:func:`detection_slots`), so that the step slider of one card walks through
@@ -33,6 +34,8 @@ from .render import (
     _class_name,
     _on_canvas,
     _shorten,
+    _tile_masks,
+    draw_mask_outlines,
     overlay_cam,
 )
 
@@ -99,7 +102,7 @@ def render_cards(result,
 
     Args:
         result (CAMResult): The engine's result (``image``, ``bboxes``, ``labels``, ``scores``,
-            ``cams``, ``combined`` and ``method`` are used).
+            ``cams``, ``combined``, ``method`` and, if there, ``masks`` are used).
         class_names (Sequence[str], optional): Names indexed by label. Defaults to None.
         max_detections (int): Number of detection cards, at least 0. Defaults to 4.
         max_size (int, optional): If given, a card whose longer side is above this many pixels
@@ -141,9 +144,11 @@ def render_cards(result,
     boxes = bboxes * scale
     gt = None if gt is None else gt * scale
     count = min(max_detections, len(bboxes))
-    cards = {OVERVIEW_SLOT: _overview(result, base, boxes, gt, match, count)}
+    masks = _tile_masks(result, len(bboxes), size)
+    cards = {OVERVIEW_SLOT: _overview(result, base, boxes, gt, match, count, masks)}
     for k, slot in enumerate(detection_slots(count, match)):
-        cards[slot] = _detection_card(result, k, base, boxes, gt, match, class_names)
+        cards[slot] = _detection_card(result, k, base, boxes, gt, match, class_names,
+                                      None if masks is None else masks[k:k + 1])
     for miss in (getattr(result, 'misses', None) or [])[:max_detections]:
         cards[f'miss_{miss.gt_index}'] = _miss_card(result, miss, base, scale, class_names)
     return {slot: _fit(card, max_size) for slot, card in cards.items()}
@@ -164,10 +169,20 @@ def _style(match, k: int) -> dict:
     return PALETTE['false_positive' if match is not None and match[k] < 0 else 'detection']
 
 
-def _overview(result, base, boxes, gt, match, count: int) -> np.ndarray:
-    """The combined map, the ground truth (misses dashed), every detection's box and the
-    numbers ``0 .. count-1`` of the detections that have a card, next to their boxes."""
-    image = _overlay(base, result.combined)
+def _outlined(image: np.ndarray, masks: Optional[np.ndarray]) -> np.ndarray:
+    """``image`` with the outlines of ``masks`` (on the card's grid) in the palette's mask
+    style, or ``image`` itself without masks."""
+    if masks is None:
+        return image
+    style = PALETTE['mask']
+    return draw_mask_outlines(image, masks, style['color'], style['thickness'], halo=True)
+
+
+def _overview(result, base, boxes, gt, match, count: int, masks=None) -> np.ndarray:
+    """The combined map, every instance's mask outline (``masks``), the ground truth (misses
+    dashed), every detection's box and the numbers ``0 .. count-1`` of the detections that have
+    a card, next to their boxes."""
+    image = _outlined(_overlay(base, result.combined), masks)
     if gt is not None:
         found = set() if match is None else set(match[match >= 0].tolist())
         for j, box in enumerate(gt):
@@ -186,9 +201,11 @@ def _overview(result, base, boxes, gt, match, count: int) -> np.ndarray:
     return _with_caption(image, caption, None)
 
 
-def _detection_card(result, k: int, base, boxes, gt, match, class_names) -> np.ndarray:
-    """Detection ``k``'s map, its ground-truth box (if it matched one) and its box."""
-    image = _overlay(base, result.cams[k])
+def _detection_card(result, k: int, base, boxes, gt, match, class_names,
+                    masks=None) -> np.ndarray:
+    """Detection ``k``'s map, its mask outline (``masks``: its own mask alone), its
+    ground-truth box (if it matched one) and its box."""
+    image = _outlined(_overlay(base, result.cams[k]), masks)
     if match is not None and match[k] >= 0:
         draw_box(image, gt[match[k]], PALETTE['ground_truth'])
     style = _style(match, k)

@@ -15,6 +15,9 @@ import cv2
 import numpy as np
 
 from ..checks import check_fraction, check_int, check_max_size
+from .outlines import MASK_COLOR as MASK_COLOR  # re-exported: the panels' outline colour
+from .outlines import draw_mask_outlines as draw_mask_outlines
+from .outlines import line_thickness, resize_masks
 
 #: Box colour of detections (BGR green).
 DET_COLOR = (0, 255, 0)
@@ -28,13 +31,14 @@ GT_COLOR = (255, 128, 0)
 #: colour-less line. ``false_positive`` is a detection that matches no ground-truth box of its
 #: class (IoU >= 0.5, the pointing game's match); ``miss`` a ground-truth box no detection
 #: matched; ``candidate`` a miss's best candidate before the threshold and NMS (a detection
-#: the model dropped: the detection's colour, dashed).
+#: the model dropped: the detection's colour, dashed); ``mask`` an instance's mask outline.
 PALETTE = {
     'detection': dict(color=(0, 255, 0), thickness=2, dashed=False),
     'false_positive': dict(color=(255, 0, 255), thickness=2, dashed=False),
     'ground_truth': dict(color=(255, 255, 255), thickness=2, dashed=False),
     'miss': dict(color=(255, 255, 255), thickness=2, dashed=True),
     'candidate': dict(color=(0, 255, 0), thickness=2, dashed=True),
+    'mask': dict(color=MASK_COLOR, thickness=2, dashed=False),
 }
 #: Small images are upscaled on the panel so that their longer side has at least this many
 #: pixels: text drawn on a 128 px tile is not readable.
@@ -101,8 +105,7 @@ def overlay_cam(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.nd
     return cv2.addWeighted(image, 1.0 - float(alpha), heat, float(alpha), 0.0)
 
 
-def _line_thickness(shape: Sequence[int]) -> int:
-    return max(1, int(round(min(shape[:2]) / 320)))
+_line_thickness = line_thickness
 
 
 def _font_scale(shape: Sequence[int]) -> float:
@@ -265,6 +268,19 @@ def _grid(tiles: Sequence[np.ndarray], columns: int) -> np.ndarray:
     return panel
 
 
+def _tile_masks(result, count: int, size: Sequence[int]) -> Optional[np.ndarray]:
+    """``result.masks`` (a model with masks) resized to the tiles' ``size`` (width, height),
+    or None for a box-only result."""
+    masks = getattr(result, 'masks', None)
+    if masks is None:
+        return None
+    masks = np.asarray(masks)
+    if masks.shape != (count, *result.image.shape[:2]):
+        raise ValueError(f'`result.masks` must have shape {(count, *result.image.shape[:2])}, '
+                         f'got {masks.shape}')
+    return resize_masks(masks, size)
+
+
 def render_panel(result,
                  class_names: Optional[Sequence[str]] = None,
                  max_detections: int = 4,
@@ -276,12 +292,14 @@ def render_panel(result,
     it: the original image; the detections (green boxes, ``class: score``, and ``gt_bboxes`` in
     :data:`GT_COLOR` if given); the combined map of all detections with their boxes; then one
     overlay per detection for the ``max_detections`` highest-scoring ones, captioned
-    ``#k class score`` with ``k`` the detection's index in ``result``. Images whose longer side
-    is below :data:`MIN_TILE_SIZE` are upscaled first so that text stays readable.
+    ``#k class score`` with ``k`` the detection's index in ``result``. For a model with masks
+    (``result.masks``), every instance's outline (:data:`MASK_COLOR`) is on the detections and
+    combined tiles and detection ``k``'s alone on its tile. Images whose longer side is below
+    :data:`MIN_TILE_SIZE` are upscaled first so that text stays readable.
 
     Args:
         result (CAMResult): The engine's result (``image``, ``bboxes``, ``labels``, ``scores``,
-            ``cams``, ``combined`` and ``method`` are used).
+            ``cams``, ``combined``, ``method`` and, if there, ``masks`` are used).
         class_names (Sequence[str], optional): Names indexed by label. Defaults to None (label
             numbers).
         max_detections (int): Number of per-detection tiles, at least 0. Defaults to 4.
@@ -328,10 +346,16 @@ def render_panel(result,
         det_caption += f' (GT: {len(gt)})'
     combined = overlay_cam(base, grow(np.asarray(result.combined, dtype=np.float32)))
     _draw_boxes(combined, boxes, DET_COLOR, thickness)
+    masks = _tile_masks(result, len(bboxes), size)
+    if masks is not None:  # every outline where every box is, each one on its own tile
+        dets, combined = (draw_mask_outlines(t, masks, thickness=thickness)
+                          for t in (dets, combined))
     tiles = [base, dets, combined]
     captions = ['original', det_caption, f'{result.method}: combined']
     for k in range(min(int(max_detections), len(bboxes))):
         tile = overlay_cam(base, grow(cams[k].astype(np.float32)))
+        if masks is not None:
+            tile = draw_mask_outlines(tile, masks[k:k + 1], thickness=thickness)
         _draw_boxes(tile, boxes[k:k + 1], DET_COLOR, thickness)
         tiles.append(tile)
         name = _class_name(int(result.labels[k]), class_names)
@@ -438,37 +462,3 @@ def draw_miss(result, miss, class_names: Optional[Sequence[str]] = None) -> np.n
         x1, y1 = _on_canvas(box, tile.shape)[0, :2]
     _put_label(tile, miss.caption(class_names), x1, y1, MISS_COLOR, _font_scale(tile.shape))
     return tile
-
-
-#: Outline colour of instance masks (BGR cyan: distinct from the green boxes, the magenta miss
-#: candidates and JET).
-MASK_COLOR = (255, 255, 0)
-
-
-def draw_mask_outlines(image: np.ndarray, masks: np.ndarray, color=MASK_COLOR) -> np.ndarray:
-    """Draw the outline of each instance mask (its outer and inner borders), as thick as the
-    boxes :func:`draw_detections` draws.
-
-    Args:
-        image (np.ndarray): ``(H, W, 3)`` uint8 BGR image (not modified).
-        masks (np.ndarray): ``(K, H, W)`` bool masks on the image (``CAMResult.masks``).
-        color (tuple[int, int, int]): BGR colour of the outlines. Defaults to cyan.
-
-    Returns:
-        np.ndarray: A new ``(H, W, 3)`` uint8 BGR image.
-
-    Raises:
-        ValueError: If the masks are not ``(K, H, W)`` of the image's size.
-    """
-    _check_image(image)
-    masks = np.asarray(masks)
-    if masks.ndim != 3 or masks.shape[1:] != image.shape[:2]:
-        raise ValueError(f'`masks` must be (K, {image.shape[0]}, {image.shape[1]}) like the '
-                         f'image, got {masks.shape}')
-    out = image.copy()
-    thickness = _line_thickness(image.shape)
-    for mask in masks:
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP,
-                                       cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(out, contours, -1, color, thickness, cv2.LINE_8)
-    return out

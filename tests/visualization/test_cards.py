@@ -132,7 +132,8 @@ def test_palette_tells_true_and_false_positives_ground_truth_and_misses_apart():
         return card[top + y1, x1 + 4:x2 - 4]
 
     colours = {name: np.array(s['color'], np.uint8) for name, s in PALETTE.items()}
-    assert len({tuple(c) for c in colours.values()}) == 3  # miss: the GT colour, dashed
+    # miss: the GT colour, dashed; the mask outline its own (cyan)
+    assert len({tuple(c) for c in colours.values()}) == 4
     assert (edge(cards['gt_0'], BOXES[0]) == colours['detection']).all()
     assert (edge(cards['fp_0'], BOXES[1]) == colours['false_positive']).all()
     assert (edge(cards['gt_0'], GT[0]) == colours['ground_truth']).all(1).any()
