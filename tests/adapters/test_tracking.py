@@ -98,10 +98,10 @@ def tracker(request):
     return request.param, _BUILT[request.param]
 
 
-def track_frame(model, image):
-    """One frame through the tracking model's own video pipeline (its TransformBroadcaster
-    reading an array) and its ``TrackDataPreprocessor``: the detector's input for that frame
-    and the frame's data sample, as the tracker's ``predict`` takes them."""
+def track_video(model, frames):
+    """Frames through the tracking model's own video pipeline (its TransformBroadcaster reading
+    arrays) and its ``TrackDataPreprocessor``: the (1, T, 3, H, W) input and the video's data
+    sample, as the tracker's ``predict`` takes them."""
     import copy
 
     from mmdet_cam_hook.runtime.pipeline import build_pipeline
@@ -109,12 +109,20 @@ def track_frame(model, image):
     steps = copy.deepcopy([dict(t) for t in model.cfg.test_dataloader.dataset.pipeline])
     steps[0]['transforms'] = [dict(type='mmdet.LoadImageFromNDArray')] + [
         dict(t) for t in steps[0]['transforms'][1:] if 'Annotations' not in t['type']]
-    data = build_pipeline(steps)(dict(img=[image], img_id=[0], frame_id=[0], ori_shape=[None],
-                                      video_length=[1], img_path=[None]))
+    n = len(frames)
+    data = build_pipeline(steps)(dict(img=list(frames), img_id=list(range(n)),
+                                      frame_id=list(range(n)), ori_shape=[None] * n,
+                                      video_length=[n] * n, img_path=[None] * n))
     batch = model.data_preprocessor(dict(inputs=[data['inputs']],
                                          data_samples=[data['data_samples']]), False)
     assert batch['inputs'].dim() == 5
-    return batch['inputs'][:, 0], batch['data_samples'][0][0]
+    return batch['inputs'], batch['data_samples']
+
+
+def track_frame(model, image):
+    """The detector's input for one frame and the frame's data sample (:func:`track_video`)."""
+    inputs, samples = track_video(model, [image])
+    return inputs[:, 0], samples[0][0]
 
 
 def test_engine_explains_the_per_frame_detector(tracker):
@@ -196,3 +204,32 @@ def test_mask_maps_equal_grad_cam():
     on_image = res.letterbox.to_original(torch.from_numpy(ref), image.shape[:2])
     np.testing.assert_allclose(res.mask_cams[idx], on_image.clamp(0, 1).numpy(), atol=1e-4)
     assert (res.mask_cams[idx].reshape(len(idx), -1).max(1) > 0).all()
+
+
+def test_tracks_are_engine_detections():
+    """ByteTrack on a two-frame video (the tracker's thresholds lowered so that the random model
+    starts tracks): every tracked box of each frame is exactly one of the engine's detections
+    of that frame (score too), so a track's map sequence is the engine's maps at those
+    detections, one per frame."""
+    model = _BUILT.get('bytetrack') or build_tracker('bytetrack')
+    tracker = model.tracker
+    saved = (tracker.init_track_thr, dict(tracker.obj_score_thrs))
+    frames = [synthetic_image(96, 160, seed=4), synthetic_image(96, 160, seed=4)[:, ::-1].copy()]
+    tracker.init_track_thr, tracker.obj_score_thrs = 0.0, dict(high=0.3, low=0.05)
+    try:
+        inputs, samples = track_video(model, frames)
+        with torch.no_grad():
+            video = model.predict(inputs, samples)[0]
+    finally:
+        tracker.init_track_thr, tracker.obj_score_thrs = saved
+    engine = CAMEngine(model, score_thr=0.0)
+    ids = []
+    for t, frame in enumerate(frames):
+        tracks = video[t].pred_track_instances
+        res = engine.explain(frame, methods='hirescam')['hirescam']
+        assert len(tracks) > 0
+        for box, score in zip(tracks.bboxes.numpy(), tracks.scores.numpy()):
+            hit = np.flatnonzero((res.bboxes == box).all(1) & (res.scores == score))
+            assert len(hit) == 1
+        ids.append(set(tracks.instances_id.tolist()))
+    assert ids[0] & ids[1]  # some tracks go on into the second frame
