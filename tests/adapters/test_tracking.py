@@ -5,7 +5,8 @@ explains the per-frame detector (``TrackingAdapter``): its input equals what the
 model's own video pipeline and ``TrackDataPreprocessor`` give the detector for that frame, its
 detections equal ``model.detector.predict`` on it (what the tracker is fed; masks too), and its
 maps (boxes, and MaskTrack's masks) equal grad-cam's class run once per detection on the
-detector itself (atol 1e-4).
+detector itself (atol 1e-4). On a two-frame video, every box ByteTrack tracks is one of the
+engine's detections of its frame, so a track's maps are the engine's maps of those detections.
 """
 import numpy as np
 import pytest
