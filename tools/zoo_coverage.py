@@ -227,6 +227,17 @@ def perturb(model, seed: int = 0) -> None:
 
     from mmdet_cam_hook.testing import calibrate_bn
 
+    frame = _frame_detector(model)
+    if frame is not model:  # a tracking model: its per-frame detector, calibrated on frames
+        own, frame.cfg = frame.data_preprocessor, model.cfg  # preprocessed as the tracker does
+        frame.data_preprocessor = model.data_preprocessor
+        try:
+            perturb(frame, seed)
+        finally:
+            frame.data_preprocessor = own
+            del frame.cfg
+        model.eval()
+        return
     if getattr(model, 'bbox_head', None) is not None and hasattr(model, 'extract_feat') \
             and not hasattr(model, 'forward_transformer') \
             and not hasattr(model, 'language_model'):  # GLIP's head also reads the text
@@ -241,6 +252,14 @@ def perturb(model, seed: int = 0) -> None:
                     std = 0.3
                 param.add_(torch.randn(param.shape, generator=gen) * std)
     model.eval()
+
+
+def _frame_detector(model):
+    """A tracking model's per-frame ``detector`` (what the engine explains), else the model."""
+    from mmdet.models.mot import BaseMOTModel
+
+    detector = getattr(model, 'detector', None)
+    return detector if isinstance(model, BaseMOTModel) and detector is not None else model
 
 
 def _build_reason(exc: BaseException) -> Optional[str]:
@@ -342,7 +361,8 @@ def check_group(config: str, input_size: int) -> dict:
         method = 'gradcam'
     try:
         with torch.no_grad():
-            pred = model.predict(inputs, [DetDataSample(metainfo=meta)])[0].pred_instances
+            pred = _frame_detector(model).predict(
+                inputs, [DetDataSample(metainfo=meta)])[0].pred_instances
     except Exception as exc:  # noqa: BLE001
         return dict(status='cannot build', reason=f"mmdet's own predict fails: {_message(exc)}")
     out = dict(adapter=type(engine.adapter).__name__)

@@ -274,7 +274,9 @@ register_mask_branch(CascadeRoIMaskBranch)
 
 def build_mask_branch(adapter: DetectorAdapter) -> Optional[MaskBranch]:
     """The mask branch of ``adapter``'s model, or None for a box-only detector (or an
-    instance head no branch supports yet: its boxes are still explained)."""
+    instance head no branch supports yet: its boxes are still explained). A wrapper's
+    (:mod:`~.wrappers`: a tracking model's detector) is its inner detector's."""
+    adapter = getattr(adapter, 'inner', adapter)
     for cls in MASK_BRANCHES:
         if cls.accepts(adapter):
             return cls(adapter)

@@ -3,6 +3,11 @@
 An image goes through the config's test pipeline (``LoadImageFromNDArray`` instead of the file
 loader, no annotations) and the model's data preprocessor, exactly as ``model.predict`` sees
 it. The metainfo it returns is what :class:`~mmdet_cam_hook.cam.geometry.Letterbox` undoes.
+
+A tracking config's video pipeline (``TransformBroadcaster`` around the per-frame transforms,
+then ``PackTrackInputs``) becomes its per-frame image pipeline (the broadcaster's transforms,
+then ``PackDetInputs``), and a ``TrackDataPreprocessor`` gets each image as a one-frame video,
+so that the detector's input is the frame exactly as the tracker feeds it to the detector.
 """
 import copy
 from typing import List, Sequence, Tuple
@@ -40,10 +45,28 @@ def test_pipeline_cfg(cfg: Config) -> list:
                          '`test_dataloader.dataset.pipeline`, `val_dataloader.dataset.pipeline` '
                          'and `test_pipeline`)')
     pipeline = [copy.deepcopy(dict(t)) for t in pipeline]
+    pipeline = per_frame_pipeline(pipeline)
     # LoadAnnotations, LoadPanopticAnnotations (the panoptic configs)
     pipeline = [t for t in pipeline if 'Annotations' not in str(t.get('type'))]
     pipeline[0] = dict(type='mmdet.LoadImageFromNDArray')
     return pipeline
+
+
+def per_frame_pipeline(pipeline: List[dict]) -> List[dict]:
+    """A tracking (video) pipeline as the pipeline of one frame: each ``TransformBroadcaster``
+    replaced by its transforms (the broadcaster runs them on every frame alike) and
+    ``PackTrackInputs`` by ``PackDetInputs`` (one frame's ``DetDataSample``); other pipelines
+    are returned as they are."""
+    frame = []
+    for t in pipeline:
+        kind = str(t.get('type')).split('.')[-1]
+        if kind == 'TransformBroadcaster':
+            frame += [dict(u) for u in t['transforms']]
+        elif kind == 'PackTrackInputs':
+            frame.append(dict(type='mmdet.PackDetInputs'))
+        else:
+            frame.append(t)
+    return frame
 
 
 def build_pipeline(pipeline_cfg: Sequence[dict], scope: str = 'mmdet') -> Compose:
@@ -91,10 +114,24 @@ def preprocess_batch(model: nn.Module, pipeline: Compose,
                 f'{where}the test pipeline could not resize the {w}x{h} (width x height) image '
                 'to the network input: one side would shrink to 0 pixels. Crop or pad the image '
                 'to a less extreme aspect ratio') from exc
-    batch = model.data_preprocessor(
-        dict(inputs=[d['inputs'] for d in data],
-             data_samples=[d['data_samples'] for d in data]), False)
+    inputs, samples = [d['inputs'] for d in data], [d['data_samples'] for d in data]
+    if _is_track_preprocessor(model.data_preprocessor):
+        # (T=1, 3, H, W) frames of one-frame videos, normalised and padded per frame as the
+        # tracker's own batches are; its (N, 1, 3, H, W) input's frame 0 is what the detector sees
+        from mmdet.structures import TrackDataSample
+
+        batch = model.data_preprocessor(
+            dict(inputs=[x[None] for x in inputs],
+                 data_samples=[TrackDataSample(video_data_samples=[s]) for s in samples]), False)
+        return batch['inputs'][:, 0], [video[0].metainfo for video in batch['data_samples']]
+    batch = model.data_preprocessor(dict(inputs=inputs, data_samples=samples), False)
     return batch['inputs'], [sample.metainfo for sample in batch['data_samples']]
+
+
+def _is_track_preprocessor(preprocessor: nn.Module) -> bool:
+    from mmdet.models.data_preprocessors import TrackDataPreprocessor
+
+    return isinstance(preprocessor, TrackDataPreprocessor)
 
 
 def preprocess(model: nn.Module, pipeline: Compose, image: np.ndarray) -> Tuple[torch.Tensor, dict]:

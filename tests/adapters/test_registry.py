@@ -131,9 +131,10 @@ def test_heads_that_crashed_are_listed_or_refused(name):
     assert listed or not _supported(cls)
 
 
-#: Adapters of wrappers (the semi-supervised detectors): their ``head_path`` is a whole inner
-#: detector, whose own adapter the rule then picks, so they list a detector class, not a head.
-WRAPPERS = {'SemiSupervisedAdapter'}
+#: Adapters of wrappers (the semi-supervised detectors, the tracking models): their
+#: ``head_path`` is a whole inner detector, whose own adapter the rule then picks, so they list
+#: a detector class, not a head.
+WRAPPERS = {'SemiSupervisedAdapter', 'TrackingAdapter'}
 
 
 def test_listed_heads_are_registered_mmdet_classes():
