@@ -236,29 +236,13 @@ class TwoStageAdapter(DetectorAdapter):
         """The modules outputting the maps the RoI extractor reads (``neck.fpn_convs.l``).
 
         A neck made of several necks whose last adds to each level what no module outputs
-        (Libra R-CNN's ``BFP``: the balanced feature, resized, plus the level's FPN map) has no
-        such module: then the first neck's outputs (``neck.0.fpn_convs.l``) are the level
-        layers, each feeding every level (:meth:`level_of_layer` is None)."""
+        (Libra R-CNN's ``BFP``: the balanced feature, resized, plus the level's FPN map) has
+        them as the maps of its tuple output, ``neck:l`` (:func:`.base.trace_level_layers`)."""
         if getattr(self, '_level_layers', None) is None:
             num, size = len(self.strides()), 2 * max(self.strides())
-            self._mixed_levels = False
-            try:
-                self._level_layers = trace_level_layers(
-                    self.model, lambda x: self.features(x)[:num], size)
-            except ValueError:
-                neck = getattr(self.model, 'neck', None)
-                if not isinstance(neck, nn.Sequential) or len(neck) < 2:
-                    raise
-                self._level_layers = trace_level_layers(
-                    self.model, lambda x: tuple(neck[0](self.model.backbone(x)))[:num], size)
-                self._mixed_levels = True
+            self._level_layers = trace_level_layers(
+                self.model, lambda x: self.features(x)[:num], size)
         return list(self._level_layers)
-
-    def level_of_layer(self, name: str) -> Optional[int]:
-        """As :meth:`DetectorAdapter.level_of_layer`; None for every layer when the level
-        layers are a first neck's outputs (see :meth:`level_layers`)."""
-        self.level_layers()
-        return None if self._mixed_levels else super().level_of_layer(name)
 
     # ------------------------------------------------------------------ (d) RoI route
     def level_gradient(self) -> Optional['RoIGradient']:
