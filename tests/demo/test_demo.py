@@ -318,14 +318,6 @@ def test_rtmdet_demo_one_epoch(tmp_path, capsys):
 
 
 
-def _rtmdet_ins_masks_registered():
-    from mmdet_cam_hook.adapters import masks, rtmdet_ins
-
-    return rtmdet_ins.RTMDetInsMaskBranch in masks.MASK_BRANCHES
-
-
-@pytest.mark.skipif(not _rtmdet_ins_masks_registered(),
-                    reason="RTMDet-Ins's mask branch is not registered (helper h1's adapter)")
 def test_rtmdet_ins_demo_one_epoch(tmp_path, capsys):
     """``--model rtmdet-ins-tiny`` trains RTMDet-Ins on the shapes' masks and the hook logs,
     per probe and method, the class maps' panel and the mask maps' panel; 1 epoch on 8 images,

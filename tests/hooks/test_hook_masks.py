@@ -20,7 +20,6 @@ from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
-from mmdet_cam_hook.adapters import ADAPTERS
 from mmdet_cam_hook.cam.engine import CAMEngine
 from mmdet_cam_hook.demo.shapes import generate_shapes
 from mmdet_cam_hook.evaluation.metrics import match_to_ground_truth
@@ -119,16 +118,10 @@ def rtmdet_ins_cfg(data, work_dir):
     return cfg
 
 
-def _has_rtmdet_ins_adapter():
-    return any('RTMDetInsHead' in a.head_types or 'RTMDetInsSepBNHead' in a.head_types
-               for a in ADAPTERS.module_dict.values())
-
-
 #: name: (config, hooks registered on the runner)
 MODELS = {
     'mask-rcnn': (mask_rcnn_cfg, ()),
-    'rtmdet-ins': pytest.param((rtmdet_ins_cfg, (DiamondMasks, )), marks=pytest.mark.skipif(
-        not _has_rtmdet_ins_adapter(), reason='no RTMDet-Ins adapter registered')),
+    'rtmdet-ins': (rtmdet_ins_cfg, (DiamondMasks, )),
 }
 
 
