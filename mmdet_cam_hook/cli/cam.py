@@ -54,8 +54,16 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 from ..adapters import supported_detectors
-from ..checks import UserError, fraction_arg, positive_int_arg
-from .common import build_engine, load_model, resolve_config, resolve_device, run_main
+from ..checks import UserError, positive_int_arg
+from .common import (
+    add_engine_args,
+    add_model_args,
+    build_engine,
+    load_model,
+    resolve_config,
+    resolve_device,
+    run_main,
+)
 from .distributed import distributed_env, gather, join
 from .explaining import Tally, explain_batch, result_of
 from .folder import Overlap, collect_images, rank_share
@@ -123,19 +131,9 @@ def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
                         'files of the same name are overwritten). Defaults to %(default)s')
     parser.add_argument('--method', default='gradcam', choices=list(methods),
                         help='CAM method. Defaults to %(default)s')
-    parser.add_argument('--target-layers', nargs='+', default=None, metavar='LAYER',
-                        help='Target layer names (space-separated), as named_modules() paths '
-                        'such as neck.out_convs.2 or neck.out_convs[-1]; maps of several layers '
-                        'are averaged. Defaults to each detection\'s own neck output (YOLOX: '
-                        'neck.out_convs.0/1/2 for stride 8/16/32; FPN models: neck.fpn_convs.l). '
-                        'See --list-layers')
-    parser.add_argument('--score-thr', type=fraction_arg, default=0.3,
-                        help='Detection score threshold. Defaults to %(default)s')
-    parser.add_argument('--topk', type=positive_int_arg, default=None,
-                        help='Only show CAM for top-k detections. Defaults to all')
-    parser.add_argument('--device', default=None,
-                        help='Device for inference (cuda:0, cpu). Defaults to cuda:0 when CUDA '
-                        'is available, else cpu')
+    add_engine_args(parser)
+    add_model_args(parser, device_help='Device for inference (cuda:0, cpu). Defaults to cuda:0 '
+                   'when CUDA is available, else cpu')
     parser.add_argument('--contrast', type=contrast_arg, default=None, metavar='B',
                         help='Explain "class A rather than class B": each map is that of the '
                         "detection's score for its class A minus its own prior's (RoI's, "
@@ -184,10 +182,6 @@ def build_parser(methods: Sequence[str]) -> argparse.ArgumentParser:
                         help='The prompt of a text-prompted detector (Grounding DINO), phrases '
                         'separated by " . ", e.g. "red car . person"; each detection is labelled '
                         'with its phrase. Defaults to the classes in the checkpoint\'s meta')
-    parser.add_argument('--trust-checkpoint', action='store_true',
-                        help='Load a checkpoint that needs more than tensors and the allow-listed '
-                        'MMEngine objects (weights_only=False). Unpickling it can run arbitrary '
-                        'code: only for files from a source you trust')
     return parser
 
 

@@ -15,11 +15,11 @@ import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Sequence, Union
 
-from ..checks import UserError
+from ..checks import UserError, fraction_arg, positive_int_arg
 from .distributed import leave
 
-__all__ = ['UserError', 'console', 'run_main', 'resolve_config',
-           'resolve_device', 'load_config', 'load_model', 'build_engine']
+__all__ = ['UserError', 'console', 'run_main', 'resolve_config', 'resolve_device',
+           'load_config', 'add_model_args', 'load_model', 'add_engine_args', 'build_engine']
 
 # Named, not __name__: under `python -m mmdet_cam_hook.cli[.eval]` (and torchrun's `-m`) the
 # tool's module is __main__, outside the package's logger that console() shows.
@@ -215,6 +215,16 @@ def load_config(config: str):
         raise UserError(str(exc)) from exc
 
 
+def add_model_args(parser: argparse.ArgumentParser, device_help: str) -> None:
+    """The arguments :func:`load_model` reads beside the checkpoint: ``--device`` (its help,
+    ``device_help``, says the tool's default) and ``--trust-checkpoint``."""
+    parser.add_argument('--device', default=None, help=device_help)
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='Load a checkpoint that needs more than tensors and the allow-listed '
+                        'MMEngine objects (weights_only=False). Unpickling it can run arbitrary '
+                        'code: only for files from a source you trust')
+
+
 def load_model(args: argparse.Namespace, config):
     """The detector of ``config`` (a file or a loaded ``mmengine.Config``) with the weights of
     ``args.checkpoint``, on ``args.device`` (``args.trust_checkpoint`` as given).
@@ -230,6 +240,21 @@ def load_model(args: argparse.Namespace, config):
                           trusted=args.trust_checkpoint)
     except (CheckpointError, OSError, ValueError) as exc:  # OSError: missing file, a folder
         raise UserError(str(exc)) from exc
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The arguments :func:`build_engine` reads: ``--target-layers``, ``--score-thr`` and
+    ``--topk``."""
+    parser.add_argument('--target-layers', nargs='+', default=None, metavar='LAYER',
+                        help='Target layer names (space-separated), as named_modules() paths '
+                        'such as neck.out_convs.2 or neck.out_convs[-1]; maps of several layers '
+                        'are averaged. Defaults to each detection\'s own neck output (YOLOX: '
+                        'neck.out_convs.0/1/2 for stride 8/16/32; FPN models: neck.fpn_convs.l). '
+                        'mmdet-cam --list-layers lists them')
+    parser.add_argument('--score-thr', type=fraction_arg, default=0.3,
+                        help='Detection score threshold. Defaults to %(default)s')
+    parser.add_argument('--topk', type=positive_int_arg, default=None,
+                        help='Explain at most this many detections per image. Defaults to all')
 
 
 def build_engine(model, args: argparse.Namespace, **options):

@@ -36,10 +36,19 @@ import sys
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
-from ..checks import UserError, fraction_arg, nonnegative_int_arg, positive_int_arg
+from ..checks import UserError, nonnegative_int_arg, positive_int_arg
 from ..runtime.data import ground_truth
 from ..runtime.io import write_atomically
-from .common import build_engine, load_config, load_model, resolve_config, resolve_device, run_main
+from .common import (
+    add_engine_args,
+    add_model_args,
+    build_engine,
+    load_config,
+    load_model,
+    resolve_config,
+    resolve_device,
+    run_main,
+)
 from .distributed import distributed_env, gather, join
 from .reporting import EvalReport, check_report_dir
 
@@ -96,13 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'stages from the head back, as its adapter names them: head, neck, '
                         'backbone for dense heads; roi_head, rpn_head, ... for two-stage ones) '
                         'and report the rank correlation of the maps')
-    parser.add_argument('--score-thr', type=fraction_arg, default=0.3,
-                        help='Detection score threshold. Defaults to %(default)s')
-    parser.add_argument('--topk', type=positive_int_arg, default=None,
-                        help='Explain at most this many detections per image. Defaults to all')
-    parser.add_argument('--target-layers', nargs='+', default=None, metavar='LAYER',
-                        help="Target layers of the CAM methods. Defaults to each detection's "
-                        'own level')
+    add_engine_args(parser)
     parser.add_argument('--drise-masks', type=positive_int_arg, default=1000,
                         help='Random masks per image for drise. Defaults to %(default)s')
     parser.add_argument('--explain-misses', action='store_true',
@@ -120,13 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'the summary, every detection\'s map for each method, a sortable '
                         'table) and manifest.json into DIR, with their images in '
                         'DIR/report_files. Defaults to the folder of --out')
-    parser.add_argument('--device', default=None,
-                        help='cuda:0, cpu, ... Defaults to cuda:LOCAL_RANK when CUDA is '
-                        'available, else cpu')
-    parser.add_argument('--trust-checkpoint', action='store_true',
-                        help='Load a checkpoint that needs more than tensors and the '
-                        'allow-listed MMEngine objects (runs code from the file: only for '
-                        'files you trust)')
+    add_model_args(parser, device_help='cuda:0, cpu, ... Defaults to cuda:LOCAL_RANK when '
+                   'CUDA is available, else cpu')
     return parser
 
 
