@@ -17,10 +17,14 @@ class PointDecodeAdapter(DenseAdapter):
     ``_bbox_decode(points, bbox_pred, per-level size, img_shape)`` run per level after the
     pre-NMS top-k (FoveaBox, RepPoints); no score factor."""
 
+    #: The head's attribute listing that per-level size (``base_edge_list``, ``point_strides``).
+    level_sizes: str = ''
+
     def _decode_level(self, level: int, priors: torch.Tensor, bbox_pred: torch.Tensor,
                       img_shape) -> torch.Tensor:
         """The head's boxes of one level's kept candidates."""
-        raise NotImplementedError
+        return self.head._bbox_decode(priors, bbox_pred,
+                                      getattr(self.head, self.level_sizes)[level], img_shape)
 
     def _level_results(self, cls_score_list, bbox_pred_list, score_factor_list, mlvl_priors,
                        img_meta: dict, cfg) -> InstanceData:
@@ -64,15 +68,12 @@ class FoveaAdapter(PointDecodeAdapter):
     """
 
     head_types = ('FoveaHead', )
+    level_sizes = 'base_edge_list'
     family = 'FoveaBox'
     detectors = 'FoveaBox'
     doc_score = 'σ(cls[c])'
     doc_layers = '`neck.fpn_convs.{0..4}`'
     doc_route = 'local, 11x11 window (radius 5); `align` configs: exact'
-
-    def _decode_level(self, level, priors, bbox_pred, img_shape):
-        return self.head._bbox_decode(priors, bbox_pred, self.head.base_edge_list[level],
-                                      img_shape)
 
     def _score_branches(self, level: int) -> Optional[List[List[nn.Module]]]:
         if self.head.with_deform:
@@ -94,15 +95,12 @@ class RepPointsAdapter(PointDecodeAdapter):
     """
 
     head_types = ('RepPointsHead', )
+    level_sizes = 'point_strides'
     family = 'RepPoints'
     detectors = 'RepPoints'
     doc_score = 'σ(cls[c]) at the point, box from the refined point set'
     doc_layers = '`neck.fpn_convs.{0..4}`'
     doc_route = 'exact (deformable conv, GroupNorm)'
-
-    def _decode_level(self, level, priors, bbox_pred, img_shape):
-        return self.head._bbox_decode(priors, bbox_pred, self.head.point_strides[level],
-                                      img_shape)
 
 
 @ADAPTERS.register_module()

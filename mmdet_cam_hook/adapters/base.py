@@ -44,9 +44,13 @@ Interface changes since the first commit (all backward compatible):
 - ``head_outputs(feats, metainfo=None)``: the images' metainfo (one dict each) for heads whose
   forward needs it (DETR's padding masks); ``levels_shared``: every level map feeds every
   detection (DETR), so the level-aware default uses all level layers together.
+- :meth:`DetectorAdapter.refusal_reason`: why ``accepts`` refuses a model, for the build-time
+  error (default None); :func:`eval_mode` and :func:`trace_strides` for the traces on a dummy
+  input.
 """
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
 from mmengine.registry import Registry
@@ -159,12 +163,27 @@ class DetectorAdapter:
         self.model = model
         self.head = module_at(model, self.head_path)
 
+    # ------------------------------------------------------------------ saying no
+    # The one place where an adapter refuses a model its head matched: :meth:`accepts` says
+    # whether, :meth:`refusal_reason` why (both read by :func:`~.support.build_adapter`).
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
         """Conditions on the rest of ``model`` once its head matched ``head_types`` (e.g. a
         two-stage adapter checks that the RoI head predicts the standard way). Defaults to
         True."""
         return True
+
+    @classmethod
+    def refusal_reason(cls, model: nn.Module) -> Optional[str]:
+        """Why :meth:`accepts` refuses ``model``, for the build-time error; asked only when it
+        does. Override it where the user can do something about it (MaskFormer's
+        panoptic-only config).
+
+        Returns:
+            str | None: The reason, or None (default): the error then points at
+            :meth:`accepts`.
+        """
+        return None
 
     # ------------------------------------------------------------------ forward
     def features(self, inputs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -407,6 +426,40 @@ def locate_priors(prior_idx: torch.Tensor, sizes: Sequence[Tuple[int, int]],
     return levels, cell // widths, cell % widths, anchors
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the ``with`` block, every module's ``training`` flag
+    restored after (also when the block raises): how the traces on a dummy input leave the
+    model as they found it."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def trace_strides(model: nn.Module, features, size: int) -> List[int]:
+    """The stride of each feature map ``features`` returns (``size`` over its width), from one
+    forward without gradients on a (1, 3, size, size) zero input, in eval mode
+    (:func:`eval_mode`): for adapters whose head has no prior generator to read them from.
+
+    Args:
+        model (nn.Module): The detector.
+        features (Callable): ``inputs -> tuple of level maps`` (the adapter's ``features``).
+        size (int): Side of the dummy input (a multiple of the largest stride).
+
+    Returns:
+        list[int]: The strides, in the order of the maps.
+    """
+    param = next(model.parameters())
+    with eval_mode(model), torch.no_grad():
+        feats = features(torch.zeros((1, 3, size, size), dtype=param.dtype,
+                                     device=param.device))
+    return [size // int(f.shape[-1]) for f in feats]
+
+
 def trace_level_readers(model: nn.Module, features, size: int) -> List[List[int]]:
     """Per level l, the levels whose feature maps ``features`` computes from level l's map
     (l itself included): one forward with gradients on a (1, 3, size, size) zero input, in
@@ -414,31 +467,25 @@ def trace_level_readers(model: nn.Module, features, size: int) -> List[List[int]
     :meth:`DetectorAdapter.level_of_layer` needs for a ``path:i`` level layer, which no
     module's submodules tell (NAS-FCOS's extra levels are computed from its level 2)."""
     param = next(model.parameters())
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.inference_mode(False), torch.enable_grad():
-            x = torch.zeros((1, 3, size, size), dtype=param.dtype, device=param.device,
-                            requires_grad=True)
-            feats = features(x)
-            heads = [f.grad_fn for f in feats]
-            reached = []
-            for node in heads:
-                # the nodes are kept, not only their ids: a node's Python object (and so its
-                # id) only lasts while something holds it
-                seen: Dict[int, object] = {}
-                stack = [node]
-                while stack:
-                    node = stack.pop()
-                    if node is not None and id(node) not in seen:
-                        seen[id(node)] = node
-                        stack.extend(n for n, _ in node.next_functions)
-                reached.append(seen)
-            readers = [[j for j, seen in enumerate(reached) if id(head) in seen]
-                       for head in heads]
-    finally:
-        for module, flag in flags:
-            module.training = flag
+    with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+        x = torch.zeros((1, 3, size, size), dtype=param.dtype, device=param.device,
+                        requires_grad=True)
+        feats = features(x)
+        heads = [f.grad_fn for f in feats]
+        reached = []
+        for node in heads:
+            # the nodes are kept, not only their ids: a node's Python object (and so its id)
+            # only lasts while something holds it
+            seen: Dict[int, object] = {}
+            stack = [node]
+            while stack:
+                node = stack.pop()
+                if node is not None and id(node) not in seen:
+                    seen[id(node)] = node
+                    stack.extend(n for n, _ in node.next_functions)
+            reached.append(seen)
+        readers = [[j for j, seen in enumerate(reached) if id(head) in seen]
+                   for head in heads]
     return readers
 
 
@@ -476,18 +523,14 @@ def trace_level_layers(model: nn.Module, features, size: int) -> List[str]:
 
         return hook
 
-    flags = [(m, m.training) for m in model.modules()]
     handles = [m.register_forward_hook(make_hook(n)) for n, m in model.named_modules() if n]
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             feats = features(torch.zeros((1, 3, size, size), dtype=param.dtype,
                                          device=param.device))
     finally:
         for handle in handles:
             handle.remove()
-        for module, flag in flags:
-            module.training = flag
     alone = [outputs.get(id(f)) for f in feats]
     # One module run once per level (DyHead's blocks) outputs the last call's map only.
     shared = {n: [lv for lv, m in enumerate(alone) if m == n] for n in alone if n is not None}

@@ -142,17 +142,9 @@ class CondInstMaskBranch(MaskBranch):
     doc_target = ('mean of σ(dynamic conv of its prior\'s controller parameters on the mask '
                   'features + relative coordinates) over its own binary mask, at stride 4')
 
-    def __init__(self, adapter: CondInstAdapter) -> None:
-        super().__init__(adapter)
-        self.mask_head = adapter.model.mask_head
-
-    @classmethod
-    def accepts(cls, adapter) -> bool:
-        return isinstance(adapter, CondInstAdapter)
-
-    @property
-    def _thr(self) -> float:
-        return float(self.mask_head.test_cfg.mask_thr)
+    adapter_type = CondInstAdapter
+    mask_head_path = 'model.mask_head'
+    thr_key = 'mask_thr'
 
     def _logits(self, outs: tuple, dets: Detections) -> torch.Tensor:
         """(K, h, w) mask logits at stride ``mask_out_stride``: ``CondInstMaskHead``'s

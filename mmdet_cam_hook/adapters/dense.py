@@ -24,7 +24,7 @@ import torch
 from mmengine.structures import InstanceData
 from torch import nn
 
-from .base import Detections, DetectorAdapter, locate_priors
+from .base import Detections, DetectorAdapter, eval_mode, locate_priors
 from .candidates import Candidates, dense_candidates, record_post_process, rescaled
 
 #: Norms whose statistics are taken over positions: a score then reads the whole map.
@@ -50,23 +50,17 @@ def level_feeds(model: nn.Module, features, size: int) -> List[List[int]]:
         list[list[int]]: ``feeds[j]``: the levels that read level j's map (j included).
     """
     param = next(model.parameters())
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.inference_mode(False), torch.enable_grad():
-            inputs = torch.zeros((1, 3, size, size), dtype=param.dtype, device=param.device,
-                                 requires_grad=True)
-            feats = list(features(inputs))
-            feeds: List[List[int]] = [[] for _ in feats]
-            for level, feat in enumerate(feats):
-                grads = torch.autograd.grad(feat.sum(), feats, retain_graph=True,
-                                            allow_unused=True)
-                for source, grad in enumerate(grads):
-                    if grad is not None:
-                        feeds[source].append(level)
-    finally:
-        for module, flag in flags:
-            module.training = flag
+    with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+        inputs = torch.zeros((1, 3, size, size), dtype=param.dtype, device=param.device,
+                             requires_grad=True)
+        feats = list(features(inputs))
+        feeds: List[List[int]] = [[] for _ in feats]
+        for level, feat in enumerate(feats):
+            grads = torch.autograd.grad(feat.sum(), feats, retain_graph=True,
+                                        allow_unused=True)
+            for source, grad in enumerate(grads):
+                if grad is not None:
+                    feeds[source].append(level)
     return feeds
 
 

@@ -20,7 +20,14 @@ import torch
 from mmengine.structures import InstanceData
 from torch import nn
 
-from .base import ADAPTERS, Detections, DetectorAdapter, complete_stages, trace_level_layers
+from .base import (
+    ADAPTERS,
+    Detections,
+    DetectorAdapter,
+    complete_stages,
+    trace_level_layers,
+    trace_strides,
+)
 from .candidates import Candidates, pair_table
 
 #: Side of the zero input used to find the level maps' strides and modules.
@@ -141,17 +148,7 @@ class DETRAdapter(DetectorAdapter):
     def strides(self) -> List[int]:
         """Stride of each neck output (from one forward of :meth:`features` on a zero input)."""
         if getattr(self, '_strides', None) is None:
-            param = next(self.model.parameters())
-            flags = [(m, m.training) for m in self.model.modules()]
-            try:
-                self.model.eval()
-                with torch.no_grad():
-                    feats = self.features(torch.zeros((1, 3, _TRACE_SIZE, _TRACE_SIZE),
-                                                      dtype=param.dtype, device=param.device))
-            finally:
-                for module, flag in flags:
-                    module.training = flag
-            self._strides = [_TRACE_SIZE // int(f.shape[-1]) for f in feats]
+            self._strides = trace_strides(self.model, self.features, _TRACE_SIZE)
         return list(self._strides)
 
     def level_layers(self) -> List[str]:

@@ -42,7 +42,14 @@ import torch.nn.functional as F
 from mmengine.structures import InstanceData
 from torch import nn
 
-from .base import ADAPTERS, Detections, DetectorAdapter, complete_stages, trace_level_layers
+from .base import (
+    ADAPTERS,
+    Detections,
+    DetectorAdapter,
+    complete_stages,
+    trace_level_layers,
+    trace_strides,
+)
 from .candidates import Candidates, pair_table
 from .masks import MaskBranch, register_mask_branch
 
@@ -140,8 +147,8 @@ class MaskFormerAdapter(DetectorAdapter):
 
     @classmethod
     def refusal_reason(cls, model: nn.Module) -> Optional[str]:
-        """Why :meth:`accepts` refuses ``model``, for the build-time error (None: it does
-        not)."""
+        """Why :meth:`accepts` refuses ``model``: the panoptic-only config (what to set), or
+        ``semantic_on``, or a detector that is not MaskFormer's (None: it does not)."""
         if cls.accepts(model):
             return None
         test_cfg = getattr(getattr(model, 'panoptic_fusion_head', None), 'test_cfg', None) or {}
@@ -234,17 +241,7 @@ class MaskFormerAdapter(DetectorAdapter):
         """Stride of each backbone output (from one forward of :meth:`features` on a zero
         input)."""
         if getattr(self, '_strides', None) is None:
-            param = next(self.model.parameters())
-            flags = [(m, m.training) for m in self.model.modules()]
-            try:
-                self.model.eval()
-                with torch.no_grad():
-                    feats = self.features(torch.zeros((1, 3, _TRACE_SIZE, _TRACE_SIZE),
-                                                      dtype=param.dtype, device=param.device))
-            finally:
-                for module, flag in flags:
-                    module.training = flag
-            self._strides = [_TRACE_SIZE // int(f.shape[-1]) for f in feats]
+            self._strides = trace_strides(self.model, self.features, _TRACE_SIZE)
         return list(self._strides)
 
     def level_layers(self) -> List[str]:
@@ -319,9 +316,7 @@ class MaskFormerMaskBranch(MaskBranch):
                   "mask features' grid (stride 4, before mmdet's upsampling), inside the "
                   'unpadded image')
 
-    @classmethod
-    def accepts(cls, adapter: DetectorAdapter) -> bool:
-        return isinstance(adapter, MaskFormerAdapter)
+    adapter_type = MaskFormerAdapter
 
     def scores(self, outs: MaskFormerOutputs, dets: Detections, metainfo: dict) -> torch.Tensor:
         """(K,) the mean of each query's mask probabilities over its binary mask (probability

@@ -23,6 +23,7 @@ Families:
   each stage's sigmoid (``CascadeRoIHead.predict_mask`` merges them so), every stage on the same
   mask RoI.
 """
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -75,13 +76,38 @@ class MaskBranch:
     #:   :meth:`masks` only).
     route: str = 'level'
 
+    #: The adapter class whose models' masks the branch explains: the default
+    #: :meth:`accepts` is an ``isinstance`` on it (the RoI branches ask for this very class,
+    #: see :meth:`RoIMaskBranch._takes`).
+    adapter_type: Optional[type] = None
+    #: Dotted attribute path, from the adapter, of the mask head the branch keeps as
+    #: ``self.mask_head`` (``'model.mask_head'``; ``'head'``: the adapter's head); '': none.
+    mask_head_path: str = ''
+    #: The key of the mask head's ``test_cfg`` (:meth:`_test_cfg`) holding the threshold of
+    #: the binary mask (:attr:`_thr`): ``'mask_thr'``, ``'mask_thr_binary'``.
+    thr_key: str = ''
+
     def __init__(self, adapter: DetectorAdapter) -> None:
         self.adapter = adapter
+        if self.mask_head_path:
+            self.mask_head = functools.reduce(getattr, self.mask_head_path.split('.'), adapter)
 
     @classmethod
     def accepts(cls, adapter: DetectorAdapter) -> bool:
-        """Whether this branch explains ``adapter``'s model's masks."""
-        raise NotImplementedError
+        """Whether this branch explains ``adapter``'s model's masks (default: ``adapter`` is
+        an :attr:`adapter_type`)."""
+        if cls.adapter_type is None:
+            raise NotImplementedError(f'{cls.__name__} sets no adapter_type and no accepts')
+        return isinstance(adapter, cls.adapter_type)
+
+    def _test_cfg(self):
+        """The ``test_cfg`` holding :attr:`thr_key`: the mask head's."""
+        return self.mask_head.test_cfg
+
+    @property
+    def _thr(self) -> float:
+        """The binary mask's threshold (``test_cfg[thr_key]``)."""
+        return float(getattr(self._test_cfg(), self.thr_key))
 
     def levels(self, dets: Detections, metainfo: dict) -> torch.Tensor:
         """(K,) the level map each instance's mask is computed from."""
@@ -108,6 +134,9 @@ class RoIMaskBranch(MaskBranch):
     doc_target = ('mean of σ(mask logits of its label) over its own 28x28 binary mask, in the '
                   'RoI of its final box')
 
+    adapter_type = TwoStageAdapter
+    thr_key = 'mask_thr_binary'
+
     def __init__(self, adapter: TwoStageAdapter) -> None:
         super().__init__(adapter)
         self.roi_head = adapter.roi_head
@@ -116,12 +145,27 @@ class RoIMaskBranch(MaskBranch):
     def accepts(cls, adapter: DetectorAdapter) -> bool:
         from mmdet.models.roi_heads import StandardRoIHead
 
+        return (cls._takes(adapter, StandardRoIHead, subclasses=True)
+                and not _overrides(type(adapter.roi_head), StandardRoIHead,
+                                   ('predict_mask', '_mask_forward')))
+
+    @classmethod
+    def _takes(cls, adapter: DetectorAdapter, roi_head_type: type,
+               subclasses: bool = False) -> bool:
+        """The RoI branches' common condition: ``adapter`` is exactly :attr:`adapter_type`
+        (a subclass has its own branch), its ``roi_head`` is a ``roi_head_type`` (exactly; or
+        a subclass with ``subclasses``) with a mask, and its mask heads and extractors are
+        plain (:meth:`_plain_heads`)."""
         roi_head = getattr(adapter, 'roi_head', None)
-        return (type(adapter) is TwoStageAdapter and isinstance(roi_head, StandardRoIHead)
+        typed = (isinstance(roi_head, roi_head_type) if subclasses
+                 else type(roi_head) is roi_head_type)
+        return (type(adapter) is cls.adapter_type and typed
                 and bool(getattr(roi_head, 'with_mask', False))
-                and not _overrides(type(roi_head), StandardRoIHead,
-                                   ('predict_mask', '_mask_forward'))
                 and cls._plain_heads(roi_head.mask_roi_extractor, roi_head.mask_head))
+
+    def _test_cfg(self):
+        """The RoI head's ``test_cfg`` (its ``rcnn`` test config)."""
+        return self.roi_head.test_cfg
 
     @staticmethod
     def _plain_heads(extractors, heads) -> bool:
@@ -146,10 +190,6 @@ class RoIMaskBranch(MaskBranch):
         if stage == 0 and getattr(self.roi_head, 'with_shared_head', False):
             pooled = self.roi_head.shared_head(pooled)
         return self._stages()[stage][1](pooled)
-
-    @property
-    def _thr(self) -> float:
-        return float(self.roi_head.test_cfg.mask_thr_binary)
 
     def rois(self, dets: Detections, metainfo: dict) -> torch.Tensor:
         """(K, 5) mask RoIs: the final boxes on the network input (``bboxes * scale_factor``,
@@ -191,7 +231,7 @@ class RoIMaskBranch(MaskBranch):
             return torch.zeros((0, h, w), dtype=torch.bool, device=dets.bboxes.device)
         feats = tuple(f.detach() for f in outs.feats)
         rois = self.rois(dets, metainfo).to(feats[0])
-        preds, activate = self._mask_preds(feats, rois)
+        preds, activate = self._mask_preds(feats, rois, dets, metainfo)
         results = InstanceData(bboxes=rois[:, 1:].clone(), labels=dets.labels,
                                scores=dets.scores.detach())
         last_head = self._stages()[-1][1]
@@ -200,8 +240,10 @@ class RoIMaskBranch(MaskBranch):
             rcnn_test_cfg=self.roi_head.test_cfg, rescale=True, activate_map=activate)
         return results.masks.bool()
 
-    def _mask_preds(self, feats, rois) -> Tuple[torch.Tensor, bool]:
-        """What mmdet's ``predict_mask`` hands ``predict_by_feat``: the logits (False: not
+    def _mask_preds(self, feats, rois: torch.Tensor, dets: Detections,
+                    metainfo: dict) -> Tuple[torch.Tensor, bool]:
+        """What mmdet's ``predict_mask`` hands the last mask head's ``predict_by_feat`` for
+        the mask RoIs ``rois`` of ``dets`` (on the detached ``feats``): the logits (False: not
         activated yet)."""
         return self.roi_head._mask_forward(feats, rois)['mask_preds'], False
 
@@ -229,14 +271,13 @@ class CascadeRoIMaskBranch(RoIMaskBranch):
     doc_target = ('mean over the 3 stages of σ(mask logits), averaged over its own 28x28 '
                   'binary mask (as `CascadeRoIHead.predict_mask` merges them)')
 
+    adapter_type = CascadeRCNNAdapter
+
     @classmethod
     def accepts(cls, adapter: DetectorAdapter) -> bool:
         from mmdet.models.roi_heads import CascadeRoIHead
 
-        roi_head = getattr(adapter, 'roi_head', None)
-        return (type(adapter) is CascadeRCNNAdapter and type(roi_head) is CascadeRoIHead
-                and bool(getattr(roi_head, 'with_mask', False))
-                and cls._plain_heads(roi_head.mask_roi_extractor, roi_head.mask_head))
+        return cls._takes(adapter, CascadeRoIHead)
 
     def _stages(self):
         return list(zip(self.roi_head.mask_roi_extractor, self.roi_head.mask_head))
@@ -244,7 +285,7 @@ class CascadeRoIMaskBranch(RoIMaskBranch):
     def _head(self, stage: int, pooled: torch.Tensor) -> torch.Tensor:
         return self._stages()[stage][1](pooled)
 
-    def _mask_preds(self, feats, rois):
+    def _mask_preds(self, feats, rois, dets, metainfo):
         """The mean over stages of the sigmoids (already activated), as
         ``CascadeRoIHead.predict_mask`` merges them."""
         probs = [self.roi_head._mask_forward(s, feats, rois)['mask_preds'].sigmoid()

@@ -42,15 +42,13 @@ class MaskScoringMaskBranch(RoIMaskBranch):
     doc_target = ("mean of σ(mask logits of its label) over its own 28x28 binary mask, in the "
                   'RoI of its final box (the mask IoU rescales the class score only)')
 
+    adapter_type = MaskScoringRCNNAdapter
+
     @classmethod
     def accepts(cls, adapter: DetectorAdapter) -> bool:
         from mmdet.models.roi_heads import MaskScoringRoIHead
 
-        roi_head = getattr(adapter, 'roi_head', None)
-        return (type(adapter) is MaskScoringRCNNAdapter
-                and isinstance(roi_head, MaskScoringRoIHead)
-                and bool(getattr(roi_head, 'with_mask', False))
-                and cls._plain_heads(roi_head.mask_roi_extractor, roi_head.mask_head))
+        return cls._takes(adapter, MaskScoringRoIHead, subclasses=True)
 
     def rois(self, dets: Detections, metainfo: dict) -> torch.Tensor:
         """(K, 5) the kept boxes on the network input, as the adapter carries them (not
@@ -59,24 +57,38 @@ class MaskScoringMaskBranch(RoIMaskBranch):
         return torch.cat([boxes.new_zeros((len(boxes), 1)), boxes], 1)
 
 
+class _NoLevelMap:
+    """RoI branches whose mask target reads several level maps (route ``'exact'``): no one
+    level map, so no :meth:`~.masks.MaskBranch.levels` or level ``gradient``."""
+
+    #: The family, for the error.
+    family: str = ''
+
+    def levels(self, dets, metainfo):
+        raise NotImplementedError(f'{self.family} masks take the exact route (no one level map)')
+
+    def gradient(self, feat, level, dets, metainfo):
+        raise NotImplementedError(f'{self.family} masks take the exact route (no one level map)')
+
+
 @register_mask_branch
-class HTCMaskBranch(CascadeRoIMaskBranch):
+class HTCMaskBranch(_NoLevelMap, CascadeRoIMaskBranch):
     """HTC: every stage's mask head on the final box with the semantic feature fused and the
     mask information flow, sigmoids averaged (see the module docstring)."""
 
     route = 'exact'
+    family = 'HTC'
     doc_target = ('mean over the 3 stages of σ(mask logits) (semantic feature fused, mask '
                   'information flow), averaged over its own 28x28 binary mask (as '
                   '`HybridTaskCascadeRoIHead.predict_mask` merges them)')
+
+    adapter_type = HTCAdapter
 
     @classmethod
     def accepts(cls, adapter: DetectorAdapter) -> bool:
         from mmdet.models.roi_heads import HybridTaskCascadeRoIHead
 
-        roi_head = getattr(adapter, 'roi_head', None)
-        return (type(adapter) is HTCAdapter and type(roi_head) is HybridTaskCascadeRoIHead
-                and bool(getattr(roi_head, 'with_mask', False))
-                and cls._plain_heads(roi_head.mask_roi_extractor, roi_head.mask_head))
+        return cls._takes(adapter, HybridTaskCascadeRoIHead)
 
     def _stage_logits(self, feats: Sequence[torch.Tensor], rois: torch.Tensor) -> list:
         """Every stage's mask logits (K, C, 28, 28) on ``rois``, by the RoI head's own test-time
@@ -97,53 +109,35 @@ class HTCMaskBranch(CascadeRoIMaskBranch):
             probs.append(logits[k, channel.long()].sigmoid())
         return mask_target(sum(probs) / float(len(probs)), self._thr)
 
-    @torch.no_grad()
-    def masks(self, outs, dets: Detections, metainfo: dict) -> torch.Tensor:
-        """The stages' sigmoids merged by mmdet's ``merge_aug_masks``, then the last mask
-        head's ``predict_by_feat``, as ``HybridTaskCascadeRoIHead.predict_mask`` does."""
+    def _mask_preds(self, feats, rois, dets, metainfo):
+        """The stages' sigmoids merged by mmdet's ``merge_aug_masks`` (already activated), for
+        the last mask head's ``predict_by_feat``, as ``HybridTaskCascadeRoIHead.predict_mask``
+        does."""
         from mmdet.models.test_time_augs import merge_aug_masks
-        from mmengine.structures import InstanceData
 
-        h, w = metainfo['ori_shape'][:2]
-        if len(dets) == 0:
-            return torch.zeros((0, h, w), dtype=torch.bool, device=dets.bboxes.device)
-        feats = tuple(f.detach() for f in outs.feats)
-        rois = self.rois(dets, metainfo).to(feats[0])
-        merged = merge_aug_masks([p.sigmoid() for p in self._stage_logits(feats, rois)],
-                                 metainfo)
-        results = InstanceData(bboxes=rois[:, 1:].clone(), labels=dets.labels,
-                               scores=dets.scores.detach())
-        (results, ) = self.roi_head.mask_head[-1].predict_by_feat(
-            mask_preds=(merged, ), results_list=[results], batch_img_metas=[metainfo],
-            rcnn_test_cfg=self.roi_head.test_cfg, rescale=True, activate_map=True)
-        return results.masks.bool()
-
-    def levels(self, dets, metainfo):
-        raise NotImplementedError('HTC masks take the exact route (no one level map)')
-
-    def gradient(self, feat, level, dets, metainfo):
-        raise NotImplementedError('HTC masks take the exact route (no one level map)')
+        return merge_aug_masks([p.sigmoid() for p in self._stage_logits(feats, rois)],
+                               metainfo), True
 
 
 @register_mask_branch
-class SCNetMaskBranch(RoIMaskBranch):
+class SCNetMaskBranch(_NoLevelMap, RoIMaskBranch):
     """SCNet: the mask head on the final box with the semantic, global context and relayed
     features fused (see the module docstring)."""
 
     route = 'exact'
+    family = 'SCNet'
     doc_target = ('mean of σ(mask logits of its label) over its own 28x28 binary mask, in the '
                   'RoI of its final box (semantic, global context and relayed box features '
                   'fused, as `SCNetRoIHead.predict_mask` does)')
+
+    adapter_type = HTCAdapter
 
     @classmethod
     def accepts(cls, adapter: DetectorAdapter) -> bool:
         from mmdet.models.roi_heads import SCNetRoIHead
 
-        roi_head = getattr(adapter, 'roi_head', None)
         # predict_mask runs feat_relay_head unconditionally: a model without one fails there
-        return (type(adapter) is HTCAdapter and type(roi_head) is SCNetRoIHead
-                and bool(getattr(roi_head, 'with_mask', False)) and roi_head.with_feat_relay
-                and cls._plain_heads(roi_head.mask_roi_extractor, roi_head.mask_head))
+        return cls._takes(adapter, SCNetRoIHead) and adapter.roi_head.with_feat_relay
 
     def _logits(self, feats: Sequence[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
         """(K, C, 28, 28) the mask logits on ``rois``, by the RoI head's own forwards."""
@@ -162,14 +156,9 @@ class SCNetMaskBranch(RoIMaskBranch):
         k = torch.arange(len(dets), device=logits.device)
         return mask_target(logits[k, channel.long()].sigmoid(), self._thr)
 
-    def _mask_preds(self, feats, rois):
+    def _mask_preds(self, feats, rois, dets, metainfo):
         return self._logits(feats, rois), False
 
-    def levels(self, dets, metainfo):
-        raise NotImplementedError('SCNet masks take the exact route (no one level map)')
-
-    def gradient(self, feat, level, dets, metainfo):
-        raise NotImplementedError('SCNet masks take the exact route (no one level map)')
 
 
 @register_mask_branch
@@ -194,7 +183,7 @@ class PointRendMaskBranch(RoIMaskBranch):
         from mmdet.models.roi_heads.roi_extractors import GenericRoIExtractor
 
         roi_head = getattr(adapter, 'roi_head', None)
-        return (type(adapter) is TwoStageAdapter and isinstance(roi_head, PointRendRoIHead)
+        return (type(adapter) is cls.adapter_type and isinstance(roi_head, PointRendRoIHead)
                 and not _overrides(type(roi_head), PointRendRoIHead,
                                    ('predict_mask', '_mask_forward', '_mask_point_forward_test',
                                     '_get_fine_grained_point_feats'))
@@ -229,24 +218,9 @@ class PointRendMaskBranch(RoIMaskBranch):
             return outs.feats[0].new_zeros((0, ))
         return self._target(outs.feats, dets, metainfo)
 
-    def _mask_preds(self, feats, rois):
-        raise NotImplementedError  # masks() below hands mmdet the refined logits itself
-
-    @torch.no_grad()
-    def masks(self, outs, dets: Detections, metainfo: dict) -> torch.Tensor:
-        from mmengine.structures import InstanceData
-
-        h, w = metainfo['ori_shape'][:2]
-        if len(dets) == 0:
-            return torch.zeros((0, h, w), dtype=torch.bool, device=dets.bboxes.device)
-        feats = tuple(f.detach() for f in outs.feats)
-        rois = self.rois(dets, metainfo).to(feats[0])
-        results = InstanceData(bboxes=rois[:, 1:].clone(), labels=dets.labels,
-                               scores=dets.scores.detach())
-        (results, ) = self.roi_head.mask_head.predict_by_feat(
-            mask_preds=(self._refined(feats, dets, metainfo), ), results_list=[results],
-            batch_img_metas=[metainfo], rcnn_test_cfg=self.roi_head.test_cfg, rescale=True)
-        return results.masks.bool()
+    def _mask_preds(self, feats, rois, dets, metainfo):
+        """The refined logits (not activated: ``predict`` hands them so)."""
+        return self._refined(feats, dets, metainfo), False
 
     def gradient(self, feat: torch.Tensor, level: int, dets: Detections,
                  metainfo: dict) -> torch.Tensor:

@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from .base import ADAPTERS
-from .two_stage import CascadeRCNNAdapter, TwoStageAdapter, _overrides, cascade_stages_standard
+from .two_stage import (
+    _ROI_BOX_RELIES_ON,
+    CascadeRCNNAdapter,
+    TwoStageAdapter,
+    _overrides,
+    cascade_stages_standard,
+    roi_head_standard,
+)
 
 
 @ADAPTERS.register_module()
@@ -35,13 +42,10 @@ class DoubleHeadAdapter(TwoStageAdapter):
 
     head_types = ('DoubleConvFCBBoxHead', )
     relies_on_parts = {'rpn_head': TwoStageAdapter.relies_on_parts['rpn_head'],
-                       'roi_head': (('DoubleHeadRoIHead', ),
-                                    ('predict', 'predict_bbox', '_bbox_forward'))}
+                       'roi_head': (('DoubleHeadRoIHead', ), _ROI_BOX_RELIES_ON)}
     excluded_types = ()
-    family = 'two-stage'
     detectors = 'Double-Head R-CNN'
     doc_score = 'softmax(cls[i])[c] of the fc (classification) branch on the kept RoI i'
-    doc_layers = 'the FPN output the RoI was pooled from, `neck.fpn_convs.{0..3}` (strides 4-32)'
     doc_route = ("one backward through the classification branch for all detections, then "
                  "RoIAlign's own backward per detection (exact)")
 
@@ -67,11 +71,9 @@ class HTCAdapter(CascadeRCNNAdapter):
 
     head_types = ('HybridTaskCascadeRoIHead', 'SCNetRoIHead')
     excluded_types = ()
-    family = 'two-stage'
     detectors = 'HTC, SCNet (their box branch)'
     doc_score = ('softmax(mean over stages of cls_s[i])[c], each stage on its own refined RoI '
                  '(semantic and global context features fused)')
-    doc_layers = "the FPN output the last stage's RoI was pooled from, `neck.fpn_convs.{0..3}`"
     doc_route = 'exact (stages and the semantic/context heads read several levels)'
 
     @classmethod
@@ -114,29 +116,19 @@ class GridRCNNAdapter(TwoStageAdapter):
     """
 
     head_types = ('GridRoIHead', )
-    relies_on = ('predict', 'predict_bbox', '_bbox_forward')
+    relies_on = _ROI_BOX_RELIES_ON
     relies_on_parts = {'rpn_head': TwoStageAdapter.relies_on_parts['rpn_head']}
     excluded_types = ()
     head_path = 'roi_head'
-    family = 'two-stage'
     detectors = 'Grid R-CNN'
     doc_score = ("softmax(cls[i])[c] of the kept RoI i (the grid head moves the box, not the "
                  'score)')
-    doc_layers = 'the FPN output the RoI was pooled from, `neck.fpn_convs.{0..3}` (strides 4-32)'
-    doc_route = ("one backward through the RoI head for all detections, then RoIAlign's own "
-                 'backward per detection (exact)')
 
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
         from mmdet.models.roi_heads import GridRoIHead
-        from mmdet.models.roi_heads.bbox_heads import BBoxHead
 
-        roi_head = getattr(model, 'roi_head', None)
-        return (getattr(model, 'rpn_head', None) is not None
-                and isinstance(roi_head, GridRoIHead)
-                and not _overrides(type(roi_head), GridRoIHead, ('predict', 'predict_bbox'))
-                and not _overrides(type(roi_head.bbox_head), BBoxHead,
-                                   ('_predict_by_feat_single', )))
+        return roi_head_standard(model, GridRoIHead, ('predict', 'predict_bbox'))
 
     def decode(self, outs, metainfo: dict, score_thr: float):
         """Faster R-CNN's decoding on the network input's scale, then the grid head on the
@@ -188,24 +180,16 @@ class MaskScoringRCNNAdapter(TwoStageAdapter):
     relies_on_parts = {'rpn_head': TwoStageAdapter.relies_on_parts['rpn_head']}
     excluded_types = ()
     head_path = 'roi_head'
-    family = 'two-stage'
     detectors = 'Mask Scoring R-CNN (its box score, with the mask IoU)'
     doc_score = 'softmax(cls[i])[c] · mask IoU of the kept box (as `model.predict` reports it)'
-    doc_layers = 'the FPN output the RoI was pooled from, `neck.fpn_convs.{0..3}` (strides 4-32)'
     doc_route = 'exact (the mask IoU pools the box, maybe from another level)'
 
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
         from mmdet.models.roi_heads import MaskScoringRoIHead
-        from mmdet.models.roi_heads.bbox_heads import BBoxHead
 
-        roi_head = getattr(model, 'roi_head', None)
-        return (getattr(model, 'rpn_head', None) is not None
-                and isinstance(roi_head, MaskScoringRoIHead)
-                and not _overrides(type(roi_head), MaskScoringRoIHead,
-                                   ('predict', 'predict_bbox', 'predict_mask', '_mask_forward'))
-                and not _overrides(type(roi_head.bbox_head), BBoxHead,
-                                   ('_predict_by_feat_single', )))
+        return roi_head_standard(model, MaskScoringRoIHead, (
+            'predict', 'predict_bbox', 'predict_mask', '_mask_forward'))
 
     def decode(self, outs, metainfo: dict, score_thr: float):
         """Faster R-CNN's decoding on the network input's scale, the mask IoU of each kept box
@@ -261,29 +245,21 @@ class TridentAdapter(TwoStageAdapter):
     """
 
     head_types = ('TridentRoIHead', )
-    relies_on = ('predict', 'predict_bbox', '_bbox_forward')
+    relies_on = _ROI_BOX_RELIES_ON
     relies_on_parts = {'rpn_head': TwoStageAdapter.relies_on_parts['rpn_head']}
     excluded_types = ()
     head_path = 'roi_head'
-    family = 'two-stage'
     detectors = 'TridentNet (one test branch)'
     doc_score = "softmax(cls[i])[c] of the kept RoI i (the test branch's)"
     doc_layers = 'the backbone output the RoI is pooled from (`backbone.layer3`, stride 16)'
-    doc_route = ("one backward through the RoI head for all detections, then RoIAlign's own "
-                 'backward per detection (exact)')
 
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
         from mmdet.models.roi_heads import TridentRoIHead
-        from mmdet.models.roi_heads.bbox_heads import BBoxHead
 
-        roi_head = getattr(model, 'roi_head', None)
-        return (getattr(model, 'rpn_head', None) is not None
-                and isinstance(roi_head, TridentRoIHead) and roi_head.test_branch_idx != -1
-                and not _overrides(type(roi_head), TridentRoIHead,
-                                   ('predict', 'predict_bbox', 'merge_trident_bboxes'))
-                and not _overrides(type(roi_head.bbox_head), BBoxHead,
-                                   ('_predict_by_feat_single', )))
+        return (roi_head_standard(model, TridentRoIHead,
+                                  ('predict', 'predict_bbox', 'merge_trident_bboxes'))
+                and model.roi_head.test_branch_idx != -1)
 
     def decode(self, outs, metainfo: dict, score_thr: float):
         """Faster R-CNN's decoding, then ``merge_trident_bboxes``' NMS and ``max_per_img``."""

@@ -27,8 +27,40 @@ from .base import ADAPTERS, Detections
 from .dense import DenseAdapter
 
 
+class PooledTopLevel:
+    """For adapters (put before their base adapter class) whose neck may be an FPN with a
+    max-pooled top level (mmdet's RPN and SOLO configs, see the module docstring): the level
+    maps are then the convolved ones, and the head's outputs pool the top level from the
+    level below as the FPN does."""
+
+    model: nn.Module
+    head: nn.Module
+
+    @property
+    def pooled_top(self) -> bool:
+        """Whether the neck's top output is its level below max-pooled (an ``FPN`` with
+        ``add_extra_convs=False`` and one level more than it convolves)."""
+        neck = getattr(self.model, 'neck', None)
+        return (type(neck).__name__ == 'FPN' and not neck.add_extra_convs
+                and neck.num_outs == neck.backbone_end_level - neck.start_level + 1)
+
+    # ------------------------------------------------------------------ forward
+    def features(self, inputs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The neck's maps; without a pooled top level's (see :attr:`pooled_top`)."""
+        feats = tuple(self.model.extract_feat(inputs))
+        return feats[:-1] if self.pooled_top else feats
+
+    def head_outputs(self, feats: Sequence[torch.Tensor],
+                     metainfo: Optional[Sequence[dict]] = None) -> tuple:
+        """The head's forward on every level, a pooled top one made as the FPN does."""
+        feats = tuple(feats)
+        if self.pooled_top:
+            feats = feats + (F.max_pool2d(feats[-1], 1, stride=2), )
+        return self.head(feats)
+
+
 @ADAPTERS.register_module()
-class RPNAdapter(DenseAdapter):
+class RPNAdapter(PooledTopLevel, DenseAdapter):
     """``RPNHead`` as the detector's own head (the ``RPN`` detector).
 
     Score of the proposal at anchor ``(l, y, x, a)``::
@@ -47,28 +79,6 @@ class RPNAdapter(DenseAdapter):
     doc_layers = ('`neck.fpn_convs.{0..3}` (strides 4-32); P6 = max-pool of P5 is read on '
                   '`fpn_convs.3`')
     doc_route = 'local, 3x3 window (radius 1); `fpn_convs.3` (also feeds P6): exact'
-
-    @property
-    def pooled_top(self) -> bool:
-        """Whether the neck's top output is its level below max-pooled (an ``FPN`` with
-        ``add_extra_convs=False`` and one level more than it convolves)."""
-        neck = getattr(self.model, 'neck', None)
-        return (type(neck).__name__ == 'FPN' and not neck.add_extra_convs
-                and neck.num_outs == neck.backbone_end_level - neck.start_level + 1)
-
-    # ------------------------------------------------------------------ forward
-    def features(self, inputs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """The neck's maps; without a pooled top level's (see :attr:`pooled_top`)."""
-        feats = tuple(self.model.extract_feat(inputs))
-        return feats[:-1] if self.pooled_top else feats
-
-    def head_outputs(self, feats: Sequence[torch.Tensor],
-                     metainfo: Optional[Sequence[dict]] = None) -> tuple:
-        """``rpn_head.forward`` on every level, the pooled top one made as the FPN does."""
-        feats = tuple(feats)
-        if self.pooled_top:
-            feats = feats + (F.max_pool2d(feats[-1], 1, stride=2), )
-        return self.head(feats)
 
     def strides(self) -> List[int]:
         """Strides of the maps :meth:`features` returns."""

@@ -29,7 +29,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from .base import ADAPTERS, Detections, DetectorAdapter
+from .base import ADAPTERS, Detections
 from .dense import DenseAdapter
 from .masks import MaskBranch, mask_target, register_mask_branch
 from .rtmdet import RTMDetAdapter
@@ -80,19 +80,16 @@ class RTMDetInsMaskBranch(MaskBranch):
                   "`mask_feat`'s stride-8 grid (before mmdet's upsampling), the logits from "
                   "its own prior's dynamic kernel")
 
-    @classmethod
-    def accepts(cls, adapter: DetectorAdapter) -> bool:
-        return isinstance(adapter, RTMDetInsAdapter)
-
-    @property
-    def _head(self):
-        return self.adapter.head
+    adapter_type = RTMDetInsAdapter
+    #: The head predicts the masks too (``bbox_head``, an ``RTMDetInsHead``).
+    mask_head_path = 'head'
+    thr_key = 'mask_thr_binary'
 
     def _kernels_and_priors(self, outs, dets: Detections):
         """(K, num_gen_params) the kernel at each instance's prior (differentiable) and
         (K, 4) its prior ``(x, y, stride_w, stride_h)``, as ``_predict_by_feat_single`` hands
         them to ``_mask_predict_by_feat_single``."""
-        head = self._head
+        head = self.mask_head
         kernel_preds = outs[2]
         sizes = [tuple(k.shape[-2:]) for k in kernel_preds]
         priors = head.prior_generator.grid_priors(sizes, dtype=kernel_preds[0].dtype,
@@ -110,11 +107,7 @@ class RTMDetInsMaskBranch(MaskBranch):
         if len(dets) == 0:
             return mask_feat.new_zeros((0, *mask_feat.shape[-2:]))
         kernels, priors = self._kernels_and_priors(outs, dets)
-        return self._head._mask_predict_by_feat_single(mask_feat, kernels, priors)
-
-    @property
-    def _thr(self) -> float:
-        return float(self._head.test_cfg.mask_thr_binary)
+        return self.mask_head._mask_predict_by_feat_single(mask_feat, kernels, priors)
 
     def scores(self, outs, dets: Detections, metainfo: dict) -> torch.Tensor:
         return mask_target(self.logits(outs, dets).sigmoid(), self._thr)
@@ -127,7 +120,7 @@ class RTMDetInsMaskBranch(MaskBranch):
         if len(dets) == 0:
             return torch.zeros((0, ori_h, ori_w), dtype=torch.bool, device=dets.bboxes.device)
         outs = (outs[0], outs[1], [k.detach() for k in outs[2]], outs[3].detach())
-        stride = self._head.prior_generator.strides[0][0]
+        stride = self.mask_head.prior_generator.strides[0][0]
         logits = F.interpolate(self.logits(outs, dets).unsqueeze(0), scale_factor=stride,
                                mode='bilinear')
         # mmdet's own (inverse) scale factor, the width's applied to the height as it does

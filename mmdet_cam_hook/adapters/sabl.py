@@ -24,6 +24,7 @@ from .base import ADAPTERS, Detections
 from .candidates import Candidates, dense_candidates, record_post_process, rescaled
 from .dense import DenseAdapter
 from .two_stage import (
+    _ROI_BOX_RELIES_ON,
     _RPN_RELIES_ON,
     CascadeRCNNAdapter,
     RoIGradient,
@@ -261,15 +262,10 @@ class SABLFasterRCNNAdapter(_SABLRoIScores, TwoStageAdapter):
     relies_on = ('forward', 'cls_forward', 'reg_forward', 'predict_by_feat',
                  '_predict_by_feat_single', 'regress_by_class')
     relies_on_parts = {'rpn_head': (('RPNHead', ), _RPN_RELIES_ON),
-                       'roi_head': (('StandardRoIHead', ),
-                                    ('predict', 'predict_bbox', '_bbox_forward'))}
+                       'roi_head': (('StandardRoIHead', ), _ROI_BOX_RELIES_ON)}
     excluded_types = ()
-    family = 'two-stage'
     detectors = 'SABL Faster R-CNN'
     doc_score = 'softmax(cls[i])[c] · bucketing confidence of RoI i (as `model.predict` reports)'
-    doc_layers = 'the FPN output the RoI was pooled from, `neck.fpn_convs.{0..3}` (strides 4-32)'
-    doc_route = ("one backward through the RoI head for all detections, then RoIAlign's own "
-                 'backward per detection (exact)')
 
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
@@ -336,12 +332,9 @@ class SABLCascadeRCNNAdapter(_SABLRoIScores, CascadeRCNNAdapter):
 
     head_types = ('CascadeRoIHead', )
     excluded_types = ('HybridTaskCascadeRoIHead', 'SCNetRoIHead')
-    family = 'two-stage'
     detectors = 'SABL Cascade R-CNN'
     doc_score = ('softmax(mean over stages of cls_s[i])[c] · the last stage\'s bucketing '
                  'confidence')
-    doc_layers = "the FPN output the last stage's RoI was pooled from, `neck.fpn_convs.{0..3}`"
-    doc_route = 'exact (stages may pool one detection from several levels)'
 
     #: What the adapter runs of every stage's ``SABLHead``.
     stage_relies_on = SABLFasterRCNNAdapter.relies_on

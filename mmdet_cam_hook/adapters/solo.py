@@ -51,15 +51,22 @@ every detection's maskness (:meth:`SOLOV2Adapter.level_roots`): the level-aware 
 exact gradient on the detection's own level map, the map its class and kernel are read from.
 """
 import weakref
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ADAPTERS, Detections, DetectorAdapter, complete_stages, locate_priors
+from .base import (
+    ADAPTERS,
+    Detections,
+    DetectorAdapter,
+    complete_stages,
+    locate_priors,
+    trace_strides,
+)
 from .masks import MaskBranch, register_mask_branch
-from .rpn import RPNAdapter
+from .rpn import PooledTopLevel
 
 __all__ = ['SOLOAdapter', 'DecoupledSOLOAdapter', 'SOLOV2Adapter', 'SOLOMaskBranch', 'maskness']
 
@@ -85,7 +92,7 @@ class _Table(NamedTuple):
 
 
 @ADAPTERS.register_module()
-class SOLOAdapter(DetectorAdapter):
+class SOLOAdapter(PooledTopLevel, DetectorAdapter):
     """``SOLOHead``: SOLO (see the module docstring)."""
 
     head_types = ('SOLOHead', )
@@ -100,42 +107,18 @@ class SOLOAdapter(DetectorAdapter):
                   'is read on `fpn_convs.3`')
     doc_route = 'exact (GroupNorm head, level map resized to the grid)'
 
-    pooled_top = RPNAdapter.pooled_top
-
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
         """SOLO's detectors predict with the mask head alone (no ``bbox_head``)."""
         return getattr(model, 'bbox_head', None) is None
 
     # ------------------------------------------------------------------ forward
-    def features(self, inputs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """The neck's maps; without a pooled top level's (see the module docstring)."""
-        feats = tuple(self.model.extract_feat(inputs))
-        return feats[:-1] if self.pooled_top else feats
-
-    def head_outputs(self, feats: Sequence[torch.Tensor],
-                     metainfo: Optional[Sequence[dict]] = None) -> tuple:
-        """``mask_head.forward`` on every level, a pooled top level made as the FPN does."""
-        feats = tuple(feats)
-        if self.pooled_top:
-            feats = feats + (F.max_pool2d(feats[-1], 1, stride=2), )
-        return self.head(feats)
-
+    # features and head_outputs: PooledTopLevel's (see the module docstring)
     def strides(self) -> List[int]:
         """Strides of the maps :meth:`features` returns (the head's ``strides`` are the area
         filter's, not its maps'), found once from a 256 px zero input."""
         if getattr(self, '_strides', None) is None:
-            param = next(self.model.parameters())
-            flags = [(m, m.training) for m in self.model.modules()]
-            try:
-                self.model.eval()
-                with torch.no_grad():
-                    feats = self.features(torch.zeros((1, 3, 256, 256), dtype=param.dtype,
-                                                      device=param.device))
-            finally:
-                for module, flag in flags:
-                    module.training = flag
-            self._strides = [256 // int(f.shape[-1]) for f in feats]
+            self._strides = trace_strides(self.model, self.features, 256)
         return list(self._strides)
 
     def stages(self) -> Dict[str, List[str]]:
@@ -408,9 +391,7 @@ class SOLOMaskBranch(MaskBranch):
                   '(> mask_thr) at stride 4 (SOLO: its level\'s mask map; decoupled: x × y '
                   'branches; SOLOv2: its cell\'s dynamic kernel on the unified mask feature)')
 
-    @classmethod
-    def accepts(cls, adapter: DetectorAdapter) -> bool:
-        return isinstance(adapter, SOLOAdapter)
+    adapter_type = SOLOAdapter
 
     def scores(self, outs, dets: Detections, metainfo: dict) -> torch.Tensor:
         return self.adapter.mask_scores(outs, dets)

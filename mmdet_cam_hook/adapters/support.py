@@ -5,8 +5,10 @@ listed class without overriding any method the adapter relies on (its ``relies_o
 in ``cls.__dict__`` along the MRO up to the listed class), and the adapter
 :meth:`~.base.DetectorAdapter.accepts` the rest of the model. Anything else is refused by
 :func:`build_adapter` with one ``ValueError`` naming the head, the supported class it
-subclasses and the methods it overrides, before any forward. :func:`head_matches` is the static
-half of the rule (classes only, nothing built): the registry test and the README's table use it.
+subclasses and the methods it overrides (or why the adapter refuses the model:
+:meth:`~.base.DetectorAdapter.refusal_reason`), before any forward. :func:`head_matches` is
+the static half of the rule (classes only, nothing built): the registry test and the README's
+table use it.
 """
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -159,7 +161,7 @@ def build_adapter(model: nn.Module) -> DetectorAdapter:
         parts[m.adapter] = part_refusal(m.adapter, model)
         if parts[m.adapter] is None and m.adapter.accepts(model):
             return m.adapter(model)
-        if parts[m.adapter] is None and hasattr(m.adapter, 'refusal_reason'):
+        if parts[m.adapter] is None:
             parts[m.adapter] = m.adapter.refusal_reason(model)  # why accepts said no
     if matches:
         head = module_at(model, matches[0].adapter.head_path)

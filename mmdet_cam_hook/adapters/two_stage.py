@@ -45,10 +45,27 @@ class RoIOutputs(NamedTuple):
 #: What the two-stage adapters run of the RPN themselves (its forward, its own decoding).
 _RPN_RELIES_ON = ('forward', 'forward_single', 'predict_by_feat', '_predict_by_feat_single',
                   '_bbox_post_process')
+#: What the adapters of a single-stage RoI head run of it themselves (its box prediction).
+_ROI_BOX_RELIES_ON = ('predict', 'predict_bbox', '_bbox_forward')
 
 
 def _overrides(cls: type, base: type, names: Sequence[str]) -> bool:
     return any(getattr(cls, n, None) is not getattr(base, n) for n in names)
+
+
+def roi_head_standard(model: nn.Module, roi_head_type: type, methods: Sequence[str]) -> bool:
+    """Whether ``model`` has an RPN and its ``roi_head`` is a ``roi_head_type`` (or a subclass)
+    overriding none of ``methods``, with a ``bbox_head`` decoding with
+    ``BBoxHead._predict_by_feat_single``: the single-stage RoI heads' :meth:`accepts` (the
+    standard one, Grid R-CNN's, Mask Scoring R-CNN's, TridentNet's)."""
+    from mmdet.models.roi_heads.bbox_heads import BBoxHead
+
+    roi_head = getattr(model, 'roi_head', None)
+    return (getattr(model, 'rpn_head', None) is not None
+            and isinstance(roi_head, roi_head_type)
+            and not _overrides(type(roi_head), roi_head_type, methods)
+            and not _overrides(type(roi_head.bbox_head), BBoxHead,
+                               ('_predict_by_feat_single', )))
 
 
 @ADAPTERS.register_module()
@@ -65,7 +82,7 @@ class TwoStageAdapter(DetectorAdapter):
     relies_on = ('forward', 'predict_by_feat', '_predict_by_feat_single', 'regress_by_class')
     relies_on_parts = {'rpn_head': (('RPNHead', ), _RPN_RELIES_ON),
                        'roi_head': (('StandardRoIHead', 'PointRendRoIHead'),
-                                    ('predict', 'predict_bbox', '_bbox_forward', 'predict_mask'))}
+                                    _ROI_BOX_RELIES_ON + ('predict_mask', ))}
     excluded_types = ('SABLHead', 'MultiInstanceBBoxHead')
     head_path = 'roi_head.bbox_head'
     family = 'two-stage'
@@ -85,14 +102,8 @@ class TwoStageAdapter(DetectorAdapter):
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
         from mmdet.models.roi_heads import StandardRoIHead
-        from mmdet.models.roi_heads.bbox_heads import BBoxHead
 
-        roi_head = getattr(model, 'roi_head', None)
-        return (getattr(model, 'rpn_head', None) is not None
-                and isinstance(roi_head, StandardRoIHead)
-                and not _overrides(type(roi_head), StandardRoIHead, ('predict', 'predict_bbox'))
-                and not _overrides(type(roi_head.bbox_head), BBoxHead,
-                                   ('_predict_by_feat_single', )))
+        return roi_head_standard(model, StandardRoIHead, ('predict', 'predict_bbox'))
 
     # ------------------------------------------------------------------ forward
     def head_outputs(self, feats: Sequence[torch.Tensor],
@@ -377,7 +388,6 @@ class CascadeRCNNAdapter(TwoStageAdapter):
     relies_on_parts = {'rpn_head': (('RPNHead', ), _RPN_RELIES_ON)}
     excluded_types = ('HybridTaskCascadeRoIHead', 'SCNetRoIHead')
     head_path = 'roi_head'
-    family = 'two-stage'
     detectors = 'Cascade R-CNN, Cascade Mask R-CNN (its box branch)'
     doc_score = 'softmax(mean over stages of cls_s[i])[c], each stage on its own refined RoI'
     doc_layers = "the FPN output the last stage's RoI was pooled from, `neck.fpn_convs.{0..3}`"

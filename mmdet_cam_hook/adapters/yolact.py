@@ -135,17 +135,9 @@ class YOLACTMaskBranch(MaskBranch):
     doc_target = ('mean of σ(prototypes · its prior\'s coefficients), cropped to its box as '
                   'mmdet crops, over its own binary mask, at the prototypes\' stride 4')
 
-    def __init__(self, adapter: YOLACTAdapter) -> None:
-        super().__init__(adapter)
-        self.mask_head = adapter.model.mask_head
-
-    @classmethod
-    def accepts(cls, adapter) -> bool:
-        return isinstance(adapter, YOLACTAdapter)
-
-    @property
-    def _thr(self) -> float:
-        return float(self.mask_head.test_cfg.mask_thr)
+    adapter_type = YOLACTAdapter
+    mask_head_path = 'model.mask_head'
+    thr_key = 'mask_thr'
 
     def _probs(self, outs: tuple, dets: Detections) -> torch.Tensor:
         """(h, w, K) uncropped mask probabilities: ``sigmoid(prototypes @ coeffs.T)`` with the
