@@ -12,19 +12,21 @@ Each target layer is resolved once, at construction, into a
 (how its K per-detection gradients are computed: :mod:`mmdet_cam_hook.cam.routes`). One dummy
 forward at construction decides which modules can be target layers at all
 (:meth:`CAMEngine.describe_layers`), so that an unusable ``target_layers`` is refused then,
-naming why and a usable layer of the model.
+naming why and a usable layer of the model (:mod:`.engine_layers`).
 
 Methods are the objects of :data:`~mmdet_cam_hook.cam.methods.METHODS`: the engine gives each
 gradient method a layer's activations and gradients, and calls each perturbation method's
-``explain`` with the detector, without knowing their names.
-"""
-import contextlib
-import dataclasses
-import warnings
-from dataclasses import fields
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+``explain`` with the detector, without knowing their names (:mod:`.engine_maps`).
 
-import numpy as np
+This module holds the construction, the arguments' checks and the public calls (``explain``,
+``explain_batch``, ``detect``, ``misses``); the engine's bases hold its target layers
+(:class:`~.engine_layers.EngineLayers`), the maps of one forward pass
+(:class:`~.engine_maps.EngineMaps`) and the prompt of text-prompted detectors
+(:class:`~.prompts.PromptedEngine`).
+"""
+import warnings
+from typing import Dict, List, Optional, Sequence, Union
+
 import torch
 from torch import nn
 
@@ -32,33 +34,17 @@ from ..adapters import Detections, DetectorAdapter, build_adapter
 from ..adapters.candidates import check_candidates
 from ..adapters.masks import MaskBranch, build_mask_branch
 from ..checks import check_bool, check_int, check_max_size, check_score_thr, check_topk
-from ..runtime.detector import BatchedDetector, image_outputs
+from ..runtime.detector import BatchedDetector
 from ..runtime.io import ImageLike, load_image
-from ..runtime.pipeline import build_pipeline, preprocess, preprocess_batch, test_pipeline_cfg
-from ..runtime.state import capture_outputs, output_at, read_only, split_output_name
-from . import maths, targets
-from .geometry import Letterbox, shrink_image
-from .layers import LayerInfo, check_usable, probe_layers, resolve_layers, usable_hint
-from .local import LocalGradient
-from .methods import (
-    DRISE,
-    METHODS,
-    CAMMethod,
-    GradientMethod,
-    MethodSpec,
-    method_from,
-    methods_from,
-)
-from .misses import (
-    MissReport,
-    cat_detections,
-    explain_misses,
-    ground_truth_args,
-    results_with_misses,
-)
+from ..runtime.pipeline import build_pipeline, test_pipeline_cfg
+from . import targets
+from .engine_layers import EngineLayers
+from .engine_maps import EngineMaps
+from .methods import DRISE, METHODS, CAMMethod, MethodSpec, method_from, methods_from
+from .misses import MissReport, explain_misses, ground_truth_args
 from .prompts import PromptedEngine
 from .result import CAMResult, Renormalize, check_renormalize
-from .routes import ROUTES, Forward, GradientRoutes, TargetLayer
+from .routes import ROUTES, TargetLayer
 from .targets import Contrast
 
 __all__ = ['CAMEngine', 'compute_cams', 'ROUTES', 'TargetLayer']
@@ -67,7 +53,7 @@ __all__ = ['CAMEngine', 'compute_cams', 'ROUTES', 'TargetLayer']
 _CHUNK = 16
 
 
-class CAMEngine(PromptedEngine):
+class CAMEngine(PromptedEngine, EngineLayers, EngineMaps):
     """Computes per-detection CAMs of any detector an adapter supports
     (:func:`~mmdet_cam_hook.adapters.supported_heads`: one-stage, two-stage and DETR-like heads).
 
@@ -149,20 +135,7 @@ class CAMEngine(PromptedEngine):
         if texts is not None:
             self.set_texts(texts)
         self.pipeline = build_pipeline(self._test_pipeline(test_pipeline))
-        self.local_grad = self.adapter.level_gradient() or LocalGradient(self.adapter)
-        self.level_aware = target_layers is None
-        if self.level_aware:
-            self._level_names = self.adapter.level_layers()
-        else:
-            self._level_names = self._level_layers_if_any()
-        self.routes = GradientRoutes(self.adapter, self.local_grad, self._level_names)
-        self._layer_info = self._probe_layers()
-        resolved = resolve_layers(model, self._level_names if self.level_aware else target_layers)
-        if not self.level_aware:
-            check_usable(self._layer_info, [name for name, _ in resolved], self._level_names)
-        self.layers = [self.routes.target(name, module) for name, module in resolved]
-        # every level map feeds every detection (DETR): the default is all of them, averaged
-        self.level_aware = self.level_aware and not self.adapter.levels_shared
+        self._build_layers(target_layers)  # one dummy forward: which modules can be layers
         self.detector = BatchedDetector(model, self.adapter, self.pipeline)
 
     def _test_pipeline(self, test_pipeline: Optional[Sequence[dict]]) -> Sequence[dict]:
@@ -172,73 +145,6 @@ class CAMEngine(PromptedEngine):
             raise ValueError('`model` has no `.cfg` to take the test pipeline from; build it '
                              'with mmdet.apis.init_detector or pass `test_pipeline`')
         return test_pipeline_cfg(self.model.cfg)
-
-    def _probe_layers(self) -> Dict[str, LayerInfo]:
-        """Every module's facts as a target layer, from one dummy forward at the test
-        pipeline's size (:func:`~mmdet_cam_hook.cam.layers.probe_layers`)."""
-        # A square image comes out of the test pipeline at the config's (square or short-side)
-        # size, as a real image would.
-        with read_only(self.model), torch.no_grad():
-            inputs, meta = preprocess(self.model, self.pipeline,
-                                      np.full((32, 32, 3), 114, np.uint8))
-        self.probe_shape = tuple(inputs.shape)
-        return probe_layers(
-            self.model, inputs,
-            lambda x: self.adapter.head_outputs(self.adapter.features(x), [meta]))
-
-    def describe_layers(self) -> List[LayerInfo]:
-        """Per module that runs in the engine's forward pass (backbone, neck, head; in the
-        order their outputs are computed, at the test pipeline's input size), what
-        ``mmdet-cam --list-layers`` prints: type, output shape, stride, the gradient route
-        it would take as a target layer, and whether it can be one (and why not), as decided
-        once when the engine was built. The dummy input's shape is :attr:`probe_shape`
-        (``(1, 3, H_in, W_in)``).
-
-        Returns:
-            list[LayerInfo]: One row per module.
-        """
-        return [info if not info.usable else
-                dataclasses.replace(info, route=self.target_layer(name).route)
-                for name, info in self._layer_info.items()]
-
-    def _level_layers_if_any(self) -> List[str]:
-        """The level maps' layers, or [] when no module outputs them (no ``local`` route)."""
-        try:
-            return self.adapter.level_layers()
-        except ValueError:
-            return []
-
-    def target_layer(self, name: str) -> TargetLayer:
-        """Resolve one layer name (as ``target_layers`` takes it) into the
-        :class:`TargetLayer` this engine would use for it: its module, route and level (e.g.
-        for ``mmdet-cam --list-layers``).
-
-        Raises:
-            ValueError: If the layer does not exist (with close matches).
-        """
-        ((canon, module), ) = resolve_layers(self.model, [name])
-        return self.routes.target(canon, module)
-
-    @property
-    def layer_names(self) -> List[str]:
-        return [layer.name for layer in self.layers]
-
-    @property
-    def pack_chain(self) -> bool:
-        """Whether the chain route packs detections (:attr:`GradientRoutes.pack_chain`)."""
-        return self.routes.pack_chain
-
-    @pack_chain.setter
-    def pack_chain(self, value: bool) -> None:
-        self.routes.pack_chain = bool(value)
-
-    @property
-    def _batched(self) -> Dict[str, Optional[bool]]:
-        return self.routes.batched
-
-    @property
-    def _reach(self) -> dict:
-        return self.routes.reach
 
     def _contrast(self, contrast: Contrast, methods: List[CAMMethod]) -> Contrast:
         """``contrast`` checked against the model's classes (:func:`.targets.resolve_contrast`);
@@ -448,189 +354,6 @@ class CAMEngine(PromptedEngine):
             return [res for group in groups if group
                     for res in self._explain(group, methods, renormalize, max_size,
                                              contrast=contrast)]
-
-    def _explain(self, imgs: List[np.ndarray], methods: List[CAMMethod], renormalize: bool,
-                 max_size: Optional[int],
-                 given: Optional[Detections] = None,
-                 gt: Optional[tuple] = None,
-                 contrast: Contrast = None) -> List[Dict[str, CAMResult]]:
-        """One forward pass for ``imgs`` (one image unless every layer is ``local``), then
-        each image's detections and maps."""
-        model, adapter = self.model, self.adapter
-        with read_only(model):
-            inputs, metas = preprocess_batch(model, self.pipeline, imgs)
-            need_grad = any(m.uses_gradients for m in methods)
-            graph = need_grad and not self.batchable
-            assert not graph or len(imgs) == 1, 'a graph is pulled back one image at a time'
-            acts: Dict[str, torch.Tensor] = {}
-            with self._capture(acts), torch.set_grad_enabled(graph):
-                if graph:
-                    inputs = inputs.detach().requires_grad_(True)
-                feats = adapter.features(inputs)
-                outs = adapter.head_outputs(feats, metas)
-            missing = [layer.name for layer in self.layers if layer.name not in acts]
-            if missing:
-                raise ValueError(f'target layer(s) {missing} did not run in the forward pass of '
-                                 'the backbone, neck and head; choose layers that do '
-                                 '(`mmdet-cam CONFIG CKPT IMG --list-layers` lists them)')
-            input_hw = tuple(inputs.shape[-2:])
-            if len(imgs) == 1:  # as they are: the chain and exact routes pull back through them
-                forwards = [Forward(tuple(feats), outs, acts, input_hw)]
-            else:
-                forwards = [Forward(tuple(f[i:i + 1] for f in feats), image_outputs(outs, i),
-                                     {name: a[i:i + 1] for name, a in acts.items()}, input_hw)
-                            for i in range(len(imgs))]
-            del feats, outs, acts
-            return [self._explain_one(img, meta, forwards.pop(0), methods, renormalize,
-                                      max_size, given, gt, contrast)
-                    for img, meta in zip(imgs, metas)]
-
-    def _explain_one(self, img: np.ndarray, metainfo: dict, fwd: Forward,
-                     methods: List[CAMMethod], renormalize: bool, max_size: Optional[int],
-                     given: Optional[Detections],
-                     gt: Optional[tuple] = None,
-                     contrast: Contrast = None) -> Dict[str, CAMResult]:
-        """One image's detections and maps, from its part of the forward pass; with ``gt``
-        (boxes, labels, miss IoU), the misses' candidates are mapped as more rows (with the
-        same target: contrast included; masks are the detections' only)."""
-        letterbox = Letterbox.from_metainfo(metainfo)
-        gradient = [m for m in methods if isinstance(m, GradientMethod)]
-        need_grad = any(m.uses_gradients for m in gradient)
-        device = fwd.feats[0].device
-        if given is not None:
-            dets = Detections(*(None if getattr(given, f.name) is None else
-                                getattr(given, f.name).to(device)
-                                for f in fields(Detections)))
-        else:
-            dets = self._decode(fwd.outs, metainfo)
-        report, num = None, len(dets)
-        if gt is not None:
-            with torch.no_grad():
-                cands = self.adapter.candidates(fwd.outs, metainfo, self.score_thr, dets)
-            report = explain_misses(cands, gt[0], gt[1], self.score_thr, gt[2])
-            dets = cat_detections(dets, report.rows)
-        labels_b = None if contrast is None else targets.contrast_labels(
-            self.adapter, fwd.outs, dets, contrast, targets.num_classes(self.adapter))
-        scale, shown = shrink_image(img, max_size)
-        out_hw = shown.shape[:2]
-        with torch.enable_grad():
-            maps, used = self._maps(gradient, dets, fwd, need_grad, letterbox, out_hw,
-                                    labels_b)
-            masks, mask_maps = (None, None) if self.mask_branch is None else \
-                targets.mask_maps(self, gradient, dets.select(slice(0, num)), fwd, metainfo,
-                                  letterbox, out_hw)
-        del fwd
-        bboxes, labels = dets.bboxes.detach().cpu().numpy(), dets.labels.cpu().numpy()
-        for m in methods:  # perturbation methods: the detector on perturbed images
-            if m not in gradient:
-                on_input = torch.from_numpy(
-                    m.explain(self.detector, img, bboxes, labels, letterbox)).to(device)
-                maps[m.name] = (letterbox.to_original(on_input, out_hw).clamp_(0.0, 1.0),
-                                on_input if self.keep_input_cams else None)
-        def extra(name: str) -> dict:  # the detections' rows of the contrast and the masks
-            return dict(contrast_labels=None if labels_b is None else labels_b[:num],
-                        masks=masks,
-                        mask_cams=None if mask_maps is None else mask_maps.get(name))
-
-        if report is None:
-            return {
-                m.name: CAMResult.from_tensors(m.name, shown, scale, dets, *maps[m.name],
-                                     used if m in gradient else [[] for _ in used], letterbox,
-                                     renormalize, **extra(m.name))
-                for m in methods
-            }
-        return results_with_misses([(m.name, m in gradient) for m in methods], shown, scale,
-                                   dets, maps, used, letterbox, renormalize, report, num,
-                                   extra=extra)
-
-    # ----------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _capture(self, acts: Dict[str, torch.Tensor]) -> Iterator[None]:
-
-        def store(name, module, output):
-            output = output_at(output, split_output_name(name)[1])  # ``path:i``: one item
-            if not isinstance(output, torch.Tensor):
-                hint = usable_hint(self._layer_info, name, self._level_names)
-                raise ValueError(
-                    f'target layer {name!r} outputs a {type(output).__name__}, not a tensor; '
-                    f'choose one of its submodules (e.g. {hint!r} instead of {name!r})')
-            acts[name] = output
-
-        with capture_outputs([(layer.name, layer.module) for layer in self.layers], store):
-            yield
-
-    def _layers_for(self, level: Optional[int]) -> List[TargetLayer]:
-        if self.level_aware and level is not None:
-            return [self.layers[level]]
-        return self.layers
-
-    def _maps(self, methods, dets: Detections, fwd: Forward, need_grad: bool,
-              letterbox: Letterbox, out_hw: Tuple[int, int],
-              labels_b: Optional[torch.Tensor] = None
-              ) -> Tuple[Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]], List[List[str]]]:
-        """Per method, the (K, H, W) maps on the returned image (``out_hw``) and, with
-        ``keep_input_cams``, the (K, H_in, W_in) maps on the input grid, both on the model's
-        device; and each detection's layers.
-
-        Detections are taken level by level in chunks of ``chunk_size``: the gradients held at
-        once are at most ``chunk_size`` x C x h x w per layer, and each chunk's maps go from the
-        input grid to the returned image before the next chunk. A gradient-free method's map is
-        computed once per layer and shared by every detection. With ``labels_b`` (the
-        contrast's class B of each detection) the gradients are those of ``score[label] -
-        score[B]`` (:func:`.targets.subtract`)."""
-        num = len(dets)
-        device = fwd.feats[0].device
-
-        def new(hw):  # every row is written below
-            return torch.empty((num, *hw), dtype=torch.float32, device=device)
-
-        maps = {m.name: (new(out_hw), new(fwd.input_hw) if self.keep_input_cams else None)
-                for m in methods}
-        levels = dets.levels.tolist()  # the one host read of the detections' levels
-        used = [[layer.name for layer in self._layers_for(lv)] for lv in levels]
-        if num == 0:
-            return maps, used
-        groups = sorted(set(levels)) if self.level_aware else [None]
-        no_path: Dict[str, List[int]] = {}
-        shared: Dict[Tuple[str, str], torch.Tensor] = {}  # (method, layer): gradient-free maps
-        for level in groups:
-            idx_all = [k for k, lv in enumerate(levels) if level is None or lv == level]
-            layers = self._layers_for(level)
-            for start in range(0, len(idx_all), self.chunk_size):
-                idx = torch.tensor(idx_all[start:start + self.chunk_size],
-                                   device=dets.levels.device)
-                sub = dets.select(idx)
-                grads = self.routes.grads(layers, sub, fwd, no_path, level) if need_grad else {}
-                if need_grad and labels_b is not None:
-                    sub_b = targets.relabel(sub, labels_b[idx])
-                    grads = targets.subtract(grads, self.routes.grads(layers, sub_b, fwd, {},
-                                                                      level))
-                idx = idx.to(device)
-                for m in methods:
-                    per_layer = [self._layer_maps(m, layer, fwd, grads, len(sub), shared)
-                                 for layer in layers]
-                    shown, kept = maps[m.name]
-                    if kept is None:
-                        shown[idx] = maths.image_maps(per_layer, letterbox, out_hw)
-                        continue
-                    on_input = maths.input_maps(per_layer, fwd.input_hw)
-                    shown[idx] = letterbox.to_original(on_input, out_hw).clamp_(0.0, 1.0)
-                    kept[idx] = on_input
-        if no_path and need_grad:
-            self.routes.warn_no_path(no_path, self._level_layers_if_any())
-        return maps, used
-
-    @staticmethod
-    def _layer_maps(method: GradientMethod, layer: TargetLayer, fwd: Forward,
-                    grads: Dict[str, torch.Tensor], num: int,
-                    shared: Dict[Tuple[str, str], torch.Tensor]) -> torch.Tensor:
-        """The chunk's maps on ``layer``'s own grid (:meth:`GradientMethod.layer_maps`)."""
-        act = fwd.acts[layer.name]
-        if method.uses_gradients:
-            return method.layer_maps(act, grads[layer.name], num)
-        if (method.name, layer.name) not in shared:
-            shared[method.name, layer.name] = method.layer_maps(act, None, 1)
-        return shared[method.name, layer.name].expand(num, *act.shape[-2:])
 
 
 def compute_cams(model: nn.Module,

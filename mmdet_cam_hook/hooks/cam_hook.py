@@ -14,10 +14,8 @@ The class is registered under two names: ``DetCAMHook`` and ``YOLOXGradCAMHook``
 while it explained YOLOX only, so that existing configs keep working (same class, same
 behaviour; :data:`YOLOXGradCAMHook` is the same object in python).
 """
-import math
 import time
 import traceback
-from collections.abc import Mapping
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -32,18 +30,24 @@ from ..adapters.candidates import check_candidates
 from ..adapters.grounding import phrases_of
 from ..cam.engine import CAMEngine
 from ..cam.layers import resolve_layers
-from ..cam.methods import METHODS, CAMMethod, methods_from
-from ..cam.targets import check_contrast, num_classes, resolve_contrast
+from ..cam.methods import methods_from
+from ..cam.targets import check_contrast
 from ..checks import check_bool, check_int, check_max_size, check_score_thr, check_topk
 from ..evaluation.evaluate import image_seed, probe_faithfulness
 from ..evaluation.metrics import MapScores
-from ..evaluation.misses import MissCounts
-from ..runtime.pipeline import test_pipeline_cfg
 from ..runtime.state import preserved_rng
 from ..visualization.delivery import Delivery
 from . import schedule
+from .arguments import (
+    check_contrast_classes,
+    check_method_specs,
+    check_target_layers,
+    runner_test_pipeline,
+    warn_missing_hooks,
+)
 from .probes import Probe, ProbeSet, ProbeSpec, safe_name
-from .views import curves_plot, log_views, mask_view
+from .run_log import MISSES, RunLog, RunNumbers
+from .views import log_views, mask_view
 
 
 @HOOKS.register_module(name=['DetCAMHook', 'YOLOXGradCAMHook'])
@@ -208,9 +212,9 @@ class DetCAMHook(Hook):
         self.interval = check_int(interval, 'interval')
         # the configured methods (names, objects or dict(type='drise', num_masks=50)) and,
         # for the scalars and panel names, their names
-        self._methods = methods_from(_check_method_specs(methods), arg='methods')
+        self._methods = methods_from(check_method_specs(methods), arg='methods')
         self.methods = [method.name for method in self._methods]
-        self.target_layers = self._check_target_layers(target_layers)
+        self.target_layers = check_target_layers(target_layers)
         self.score_thr = check_score_thr(score_thr)
         self.topk = check_topk(topk)
         self.renormalize = check_bool(renormalize, 'renormalize')
@@ -225,36 +229,7 @@ class DetCAMHook(Hook):
         self._engine: Optional[CAMEngine] = None
         self._pipeline: Optional[list] = None
         self._val_rounds = 0  # validations seen, for loops whose schedule is not replayable
-        self._lost_warned: set = set()  # backends whose lost panels were reported
-        self._failed: set = set()  # probes whose failure traceback was logged
-
-    @staticmethod
-    def _check_target_layers(target_layers) -> Optional[List[str]]:
-        if target_layers is None:
-            return None
-        names = [target_layers] if isinstance(target_layers, str) else target_layers
-        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-            raise TypeError('`target_layers` must be None, a layer name or a list of them '
-                            f'(e.g. ["neck.out_convs.0"]), got {target_layers!r}')
-        if not names:
-            raise ValueError('`target_layers` must name at least one layer, or be None for the '
-                             'level-aware default, got []')
-        return list(names)
-
-    def _check_contrast(self, runner, model: nn.Module, adapter) -> None:
-        """``contrast`` against the head's classes (and, for a class name, the model's or the
-        visualizer's class names when either has them; else at the first explanation)."""
-        if self.contrast is None:
-            return
-        classes = None
-        for meta in (getattr(model, 'dataset_meta', None),
-                     getattr(runner.visualizer, 'dataset_meta', None)):
-            if meta and meta.get('classes'):
-                classes = list(meta['classes'])
-                break
-        if isinstance(self.contrast, str) and classes is None:
-            return
-        resolve_contrast(self.contrast, classes, num_classes(adapter))
+        self._run_log = RunLog()  # what was told already: failed probes, lost items
 
     # ------------------------------------------------------------------------ stages
     def before_run(self, runner) -> None:
@@ -280,13 +255,13 @@ class DetCAMHook(Hook):
         if self.texts is not None and not hasattr(adapter, 'set_prompt'):
             raise ValueError(f'`texts` is for text-prompted detectors (Grounding DINO); '
                              f'{type(adapter.head).__name__} takes no prompt')
-        self._warn_missing_hooks(runner, model, adapter.required_hooks)
+        warn_missing_hooks(runner, model, adapter.required_hooks)
         if self.target_layers is None:
             adapter.level_layers()
         else:
             resolve_layers(model, self.target_layers, arg='target_layers')
-        self._check_contrast(runner, model, adapter)
-        self._pipeline = self._test_pipeline(runner, model)
+        check_contrast_classes(self.contrast, runner, model, adapter)
+        self._pipeline = runner_test_pipeline(runner, model)
         self._probes.prepare(runner, keep=is_main_process())
 
     def after_val_epoch(self, runner, metrics: Optional[Dict[str, float]] = None) -> None:
@@ -308,34 +283,6 @@ class DetCAMHook(Hook):
     @staticmethod
     def _unwrap(model: nn.Module) -> nn.Module:
         return model.module if is_model_wrapper(model) else model
-
-    @staticmethod
-    def _test_pipeline(runner, model: nn.Module) -> Optional[list]:
-        """The runner config's test pipeline (test, else val dataloader); None lets the engine
-        take it from ``model.cfg``."""
-        try:
-            return test_pipeline_cfg(runner.cfg)
-        except ValueError as exc:
-            if getattr(model, 'cfg', None) is not None:
-                return None
-            raise ValueError('DetCAMHook needs the test pipeline: build the runner from a '
-                             'config with `test_dataloader` or `val_dataloader` '
-                             '(Runner.from_cfg), or set `model.cfg`') from exc
-
-    @staticmethod
-    def _warn_missing_hooks(runner, model: nn.Module, required: Sequence[str]) -> None:
-        """Warn when the runner lacks hooks that mmdet's configs of this detector family
-        register: the usual cause is a config that replaced ``custom_hooks``."""
-        registered = {c.__name__ for h in runner.hooks for c in type(h).__mro__}
-        missing = [h for h in required if h not in registered]
-        if missing:
-            family = type(model).__name__
-            runner.logger.warning(
-                f'DetCAMHook: this {family} model runs without {", ".join(missing)}, '
-                f"which mmdet's {family} configs register in `custom_hooks`; a config that sets "
-                "`custom_hooks = [dict(type='DetCAMHook', ...)]` replaces the inherited "
-                'list. Keep them: `custom_hooks = [*_base_.custom_hooks, '
-                "dict(type='DetCAMHook', ...)]`.")
 
     def _run_safely(self, runner, mode: str) -> None:
         """Main process only; a failure is a warning (with traceback) unless ``strict``."""
@@ -390,46 +337,28 @@ class DetCAMHook(Hook):
         engine = self._get_engine(runner)
         probes = self._probes.for_loop(runner, mode)
         class_names = engine.phrases or self._class_names(runner, mode)
-        scores = {method: MapScores() for method in self.methods}
-        misses = MissCounts()
+        numbers = RunNumbers(self.methods)
         log = Delivery(runner.visualizer, strict=self.strict)
-        failed, curves = [], {}  # curves: {method: [Curves of each probe]}, prior protocol
+        failed = 0
         with torch.enable_grad(), preserved_rng(next(engine.model.parameters()).device):
             for probe in probes:
-                probe_curves = {}
+                probe_curves = {}  # {method: {protocol: Curves}}, with ``faithfulness``
                 try:
-                    numbers = self._explain_probe(engine, probe, mode, step, class_names, log,
-                                                  probe_curves)
+                    probe_numbers = self._explain_probe(engine, probe, mode, step, class_names,
+                                                        log, probe_curves)
                 except Exception as exc:  # noqa: BLE001 - one probe must not cost the others
                     if self.strict:
                         raise
-                    failed.append(probe.name)
-                    # The traceback once per probe; the step keeps each message unique (MMLogger
-                    # drops repeated warnings).
-                    detail = f'{type(exc).__name__}: {exc}' if probe.name in self._failed \
-                        else '\n' + traceback.format_exc()
-                    self._failed.add(probe.name)
-                    runner.logger.warning(
-                        f'DetCAMHook: probe {probe.name!r} ({probe.path}) failed after '
-                        f'{mode} at step {step}; the other probes are still logged (strict=True '
-                        f'raises instead): {detail}')
+                    failed += 1
+                    self._run_log.probe_failed(runner, probe, mode, step, exc)
                     continue
-                if _MISSES in numbers:
-                    misses.update(*numbers.pop(_MISSES))
-                for method, (image_scores, aucs) in numbers.items():
-                    scores[method].add(image_scores, aucs)
-                for method, by_protocol in probe_curves.items():
-                    curves.setdefault(method, []).append(by_protocol['prior'])
-        scalars = {f'cam_{mode}/{safe_name(method)}_{name}': value
-                   for method in self.methods for name, value in scores[method].summary().items()}
-        if misses.images:
-            scalars.update({f'cam_{mode}/{name}': value for name, value in
-                            misses.summary().items() if math.isfinite(value)})
+                numbers.add(probe_numbers, probe_curves)
+        scalars = numbers.scalars(mode)
         if scalars:
             log.add_scalars(scalars, step)
-        self._log_curves(runner, log, mode, step, curves)
-        self._report(runner, mode, step, len(probes) - len(failed), len(probes), log,
-                     time.perf_counter() - start, scalars)
+        self._run_log.log_curves(runner, log, mode, step, numbers.curves)
+        self._run_log.report(runner, mode, step, len(probes) - failed, len(probes),
+                             len(self.methods), log, time.perf_counter() - start, scalars)
 
     def _explain_probe(self, engine: CAMEngine, probe: Probe, mode: str, step: int,
                        class_names: Optional[Sequence[str]], log: Delivery,
@@ -455,7 +384,7 @@ class DetCAMHook(Hook):
                                     if with_gt else {}))
         if with_gt:  # the same records in every method's result: counted once
             first = next(iter(results.values()))
-            numbers[_MISSES] = (first.misses, first.false_positive)
+            numbers[MISSES] = (first.misses, first.false_positive)
         # probe_faithfulness gives the mean over the probe's K detections: K copies of it weigh
         # the probe by its detections, so the run's number is the mean over detections.
         faith = probe_faithfulness(engine, image, results, seed=image_seed(0, probe.index),
@@ -486,54 +415,7 @@ class DetCAMHook(Hook):
                   gt_labels=probe.gt_labels, max_detections=self.max_detection_tiles,
                   max_size=self.max_image_size, misses_row=misses_row)
 
-    def _log_curves(self, runner, log: Delivery, mode: str, step: int, curves: dict) -> None:
-        """The probes' deletion/insertion curves (``faithfulness``) as one plot image,
-        ``cam_{mode}_faithfulness_curves``, beside the AUC scalars; without matplotlib, one
-        warning for the run and no plot."""
-        if not curves:
-            return
-        try:
-            plot = curves_plot(curves, title=f'{mode}, step {step}')
-        except ImportError as exc:
-            if not getattr(self, '_plot_warned', False):
-                self._plot_warned = True
-                runner.logger.warning(f'DetCAMHook: the faithfulness curves are not plotted '
-                                      f'(the AUC scalars are logged): {exc}')
-            return
-        log.add_image(f'cam_{mode}_faithfulness_curves', plot, step)
-
-    def _report(self, runner, mode: str, step: int, explained: int, probes: int,
-                log: Delivery, seconds: float, scalars: Dict[str, float]) -> None:
-        """One info line; a warning the first time a backend loses panels or scalars."""
-        log.warn_losses(runner.logger, step, self._lost_warned)
-        summary = ''.join(f'; {k.split("/")[1]}={v:.3f}' for k, v in scalars.items())
-        runner.logger.info(
-            f'DetCAMHook: explained {explained}/{probes} probe image(s) x '
-            f'{len(self.methods)} method(s) after {mode} at step {step} in {seconds:.1f} s; '
-            f'items delivered per backend: {log.delivered() or "none"}{summary}')
-
-
-#: The key of a probe's misses and false-positive flags among its per-method numbers (never a
-#: method's name).
-_MISSES = '(misses)'
 
 #: The name this hook had while it explained YOLOX only; configs with
 #: ``type='YOLOXGradCAMHook'`` build the same class.
 YOLOXGradCAMHook = DetCAMHook
-
-
-def _check_method_specs(methods):
-    """The hook's ``methods`` as a config gives them: a name, a dict or a list of those (a
-    method object from python too).
-
-    Raises:
-        TypeError: On an element that is none of these, naming it.
-    """
-    specs = [methods] if isinstance(methods, (str, Mapping, CAMMethod)) else methods
-    if isinstance(specs, (list, tuple)):
-        for spec in specs:
-            if not isinstance(spec, (str, Mapping, CAMMethod)):
-                raise TypeError(f'`methods` must be a str (one of {sorted(METHODS)}), a '
-                                f"dict(type='drise', num_masks=...) or a method object, or a "
-                                f'list of them; got {spec!r} ({type(spec).__name__})')
-    return methods
