@@ -13,7 +13,7 @@ Not imported by the package itself.
   the text-prompted detectors), :mod:`.browser` (Chromium): imported by name.
 """
 from .files import YOLOX_NANO_128, confident_yolox_128
-from .forward import Decoded, decoded, kept_pairs, own_test_cfg, predicted
+from .forward import Decoded, decoded, kept_pairs, live_outputs, own_test_cfg, predicted
 from .images import squares_image, synthetic_image
 from .memory import peak_memory
 from .models import (
@@ -50,10 +50,10 @@ from .torchrun import torchrun_beside
 
 __all__ = [
     'SIZES', 'TINY_CONFIGS', 'TINY_FASTER_RCNN', 'TINY_METHODS', 'TINY_SIZE', 'YOLOX_NANO_128',
-    'Decoded', 'build_detector', 'build_model', 'build_yolox', 'calibrate_bn', 'cam_hook',
-    'coco_dataset', 'confident_yolox_128', 'decoded', 'detector_config', 'hooks_of', 'kept_pairs',
-    'mmdet_config', 'offline_config', 'own_test_cfg', 'peak_memory', 'perturb_head', 'predicted',
-    'raise_yolox_scores', 'run_log_dir', 'run_log_text', 'squares_image', 'synthetic_image',
-    'tiny_cfg', 'tiny_shapes', 'torchrun_beside', 'unwrap_model', 'yolox_config',
-    '_drop_pretrained', '_quiet_init_weights', '_set_num_classes',
+    'build_detector', 'build_model', 'build_yolox', 'calibrate_bn', 'cam_hook', 'coco_dataset',
+    'confident_yolox_128', 'decoded', 'Decoded', 'detector_config', 'hooks_of', 'kept_pairs',
+    'live_outputs', 'mmdet_config', 'offline_config', 'own_test_cfg', 'peak_memory',
+    'perturb_head', 'predicted', 'raise_yolox_scores', 'run_log_dir', 'run_log_text',
+    'squares_image', 'synthetic_image', 'tiny_cfg', 'tiny_shapes', 'torchrun_beside',
+    'unwrap_model', 'yolox_config', '_drop_pretrained', '_quiet_init_weights', '_set_num_classes',
 ]

@@ -33,6 +33,16 @@ def decoded(engine, image, score_thr: Optional[float] = None) -> Decoded:
     return Decoded(inputs, meta, outs, dets)
 
 
+def live_outputs(adapter, inputs: torch.Tensor, meta: dict) -> tuple:
+    """``(feats, outs)``: ``adapter``'s level maps of ``inputs`` (computed without gradients)
+    as leaves that require grad, and the head outputs on them with their graph, for autograd
+    with respect to a level map."""
+    with torch.no_grad():
+        feats = adapter.features(inputs)
+    feats = tuple(f.detach().requires_grad_(True) for f in feats)
+    return feats, adapter.head_outputs(feats, [meta])
+
+
 def predicted(model: torch.nn.Module, inputs: torch.Tensor, meta: dict):
     """``model.predict``'s instances (``pred_instances``) of the one image, highest score
     first (a stable sort: ties keep mmdet's order), without gradients."""

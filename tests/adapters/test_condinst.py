@@ -21,6 +21,7 @@ from mmdet_cam_hook.adapters.condinst import CondInstAdapter, CondInstMaskBranch
 from mmdet_cam_hook.testing import (
     build_detector,
     decoded,
+    kept_pairs,
     own_test_cfg,
     predicted,
     synthetic_image,
@@ -280,9 +281,7 @@ def test_candidates_equal_predict_by_feat_single():
     cfg.score_thr = 0.05
     rows, labels = cands.entered.nonzero(as_tuple=True)
     assert 0 < len(rows) == len(predict(cfg)) < num * num_classes
-    kept_rows, kept_labels = (cands.kept >= 0).nonzero(as_tuple=True)
-    order_k = cands.kept[kept_rows, kept_labels].argsort()
-    same = cands.rows(kept_rows[order_k].tolist(), kept_labels[order_k].tolist())
+    _, _, same = kept_pairs(cands)
     assert torch.equal(same.bboxes, cands.detections.bboxes)
     torch.testing.assert_close(same.scores, cands.detections.scores, rtol=1e-6, atol=1e-7)
     res = engine.explain(image, methods='hirescam', gt_bboxes=[[100, 10, 150, 60]],

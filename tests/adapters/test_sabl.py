@@ -26,7 +26,14 @@ from mmdet_cam_hook.adapters.sabl import (
     SABLRetinaAdapter,
     SABLRoIGradient,
 )
-from mmdet_cam_hook.testing import build_detector, decoded, predicted, synthetic_image
+from mmdet_cam_hook.testing import (
+    build_detector,
+    decoded,
+    kept_pairs,
+    live_outputs,
+    predicted,
+    synthetic_image,
+)
 from mmdet_cam_hook.testing.reference import reference_cams
 
 METHODS = ['gradcam', 'hirescam', 'layercam']
@@ -160,10 +167,8 @@ def test_candidates_hold_the_kept_detections(name):
     check_candidates(engine.adapter)
     _, meta, outs, dets = decoded(engine, synthetic_image(96, 160, seed=1))
     cands = engine.adapter.candidates(outs, meta, 0.0)
-    rows, labels = (cands.kept >= 0).nonzero(as_tuple=True)
+    rows, labels, same = kept_pairs(cands)
     assert len(rows) == len(dets) > 0
-    order = cands.kept[rows, labels].argsort()
-    same = cands.rows(rows[order].tolist(), labels[order].tolist())
     torch.testing.assert_close(same.scores, dets.scores, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(same.bboxes, dets.bboxes, rtol=1e-6, atol=1e-4)
     for field in ('labels', 'levels', 'ys', 'xs', 'anchors'):
@@ -178,12 +183,9 @@ def test_roi_gradient_equals_the_full_backward():
     model = _model('faster')
     engine = CAMEngine(model, score_thr=0.0, topk=12)
     assert isinstance(engine.local_grad, SABLRoIGradient)
-    inputs, _, _, dets = decoded(engine, synthetic_image(96, 160, seed=1))
+    inputs, meta, _, dets = decoded(engine, synthetic_image(96, 160, seed=1))
     adapter = engine.adapter
-    with torch.no_grad():
-        feats = adapter.features(inputs)
-    feats = tuple(f.detach().requires_grad_(True) for f in feats)
-    outs = adapter.head_outputs(feats)
+    feats, outs = live_outputs(adapter, inputs, meta)
     for level in range(4):
         on = dets.select(dets.levels == level)
         grads = engine.local_grad(feats[level], level, on)
