@@ -19,6 +19,8 @@ from mmdet_cam_hook import CAMEngine
 from mmdet_cam_hook.runtime.pipeline import preprocess
 from mmdet_cam_hook.testing import build_detector, decoded, kept_pairs, synthetic_image
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 LIGHT_FPN = {'model.backbone.depth': 18, 'model.backbone.base_channels': 16,
              'model.neck.in_channels': [16, 32, 64, 128], 'model.neck.out_channels': 32,
              'model.bbox_head.in_channels': 32, 'model.bbox_head.feat_channels': 32}
@@ -34,9 +36,6 @@ SMALL_DETR = {'model.backbone.depth': 18, 'model.backbone.base_channels': 16,
               'model.encoder.num_layers': 1, 'model.decoder.num_layers': 1,
               'model.neck.in_channels': [32, 64, 128]}
 _BUILT = {}
-
-
-pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _model(name):

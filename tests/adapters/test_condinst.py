@@ -28,6 +28,8 @@ from mmdet_cam_hook.testing import (
 )
 from mmdet_cam_hook.testing.reference import on_original, reference_cams
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 LIGHT = {'model.backbone.depth': 18, 'model.backbone.base_channels': 16,
          'model.neck.in_channels': [16, 32, 64, 128], 'model.neck.out_channels': 32,
          'model.bbox_head.in_channels': 32, 'model.bbox_head.feat_channels': 32,
@@ -48,9 +50,6 @@ MODELS = {
 FPN_LAYERS = [f'neck.fpn_convs.{i}' for i in range(5)]
 METHODS = ('gradcam', 'hirescam', 'layercam')
 _BUILT = {}
-
-
-pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(params=list(MODELS))

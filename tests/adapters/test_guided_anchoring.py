@@ -44,6 +44,8 @@ from mmdet_cam_hook.testing import (
 )
 from mmdet_cam_hook.testing.reference import reference_cams
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 METHODS = ['gradcam', 'hirescam', 'layercam']
 LIGHT_FPN = {'model.backbone.depth': 18, 'model.backbone.base_channels': 16,
              'model.neck.in_channels': [16, 32, 64, 128], 'model.neck.out_channels': 32}
@@ -75,9 +77,6 @@ CONFIGS = {'retina': ('guided_anchoring/ga-retinanet_r50-caffe_fpn_1x_coco.py', 
            'rpn': ('guided_anchoring/ga-rpn_r50-caffe_fpn_1x_coco.py', 256,
                    {**RPN, 'model.test_cfg.rpn.max_per_img': 60}, GA_RPN)}
 _BUILT = {}
-
-
-pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _torch_masked_conv2d(features, mask, weight, bias, padding=0, stride=1):

@@ -34,6 +34,8 @@ from mmdet_cam_hook.testing import (
 )
 from mmdet_cam_hook.testing.reference import on_original, reference_cams
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 NUM_CLASSES = 3
 INSTANCE = {'model.test_cfg.panoptic_on': False, 'model.test_cfg.semantic_on': False,
             'model.test_cfg.instance_on': True}
@@ -60,9 +62,6 @@ MODELS = {
 METHODS = ('gradcam', 'hirescam', 'layercam')
 LEVELS = ['backbone.layer1', 'backbone.layer2', 'backbone.layer3', 'backbone.layer4']
 _BUILT = {}
-
-
-pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(params=list(MODELS))

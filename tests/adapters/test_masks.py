@@ -25,6 +25,8 @@ from mmdet_cam_hook.adapters.roi_masks import (
 from mmdet_cam_hook.testing import build_detector, decoded, predicted, synthetic_image
 from mmdet_cam_hook.testing.reference import on_original, reference_cams
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 SMALL = {'model.backbone.depth': 18, 'model.neck.in_channels': [64, 128, 256, 512],
          'model.test_cfg.rpn.max_per_img': 100, 'model.test_cfg.rcnn.max_per_img': 20,
          'model.roi_head.bbox_roi_extractor.finest_scale': 8}
@@ -86,9 +88,6 @@ ROWS = {
 }
 METHODS = ('gradcam', 'hirescam', 'layercam')
 _BUILT = {}
-
-
-pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(params=list(MODELS))

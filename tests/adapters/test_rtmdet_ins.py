@@ -26,6 +26,7 @@ from mmdet_cam_hook.testing import (
     build_detector,
     decoded,
     kept_pairs,
+    live_outputs,
     mmdet_config,
     own_test_cfg,
     predicted,
@@ -33,15 +34,14 @@ from mmdet_cam_hook.testing import (
 )
 from mmdet_cam_hook.testing.reference import on_original, reference_cams
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 CONFIG = 'rtmdet/rtmdet-ins_tiny_8xb32-300e_coco.py'
 PERTURB = dict(calibrate=True, weights={'rtm_cls': 0.1, 'rtm_reg': 0.02, 'rtm_kernel': 0.02},
                biases={'rtm_cls': (0.0, 0.5), 'rtm_reg': (2.0, 0.3)})
 LAYERS = [f'neck.out_convs.{i}' for i in range(3)]
 METHODS = ('gradcam', 'hirescam', 'layercam')
 _BUILT = {}
-
-
-pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def kernel_bias(head, slope: float = 4.0, size: float = 1.5) -> torch.Tensor:
@@ -207,10 +207,7 @@ def test_local_window_is_exact_on_every_level():
     assert set(local.radii.values()) == {2}
     engine = CAMEngine(model, score_thr=0.0)
     inputs, meta = preprocess(model, engine.pipeline, _image(1))
-    with torch.no_grad():
-        feats = adapter.features(inputs)
-    feats = [f.detach().requires_grad_(True) for f in feats]
-    outs = adapter.head_outputs(feats)
+    feats, outs = live_outputs(adapter, inputs, meta)
     dets = adapter.decode(outs, meta, 0.0)
     border = 0
     for level in range(3):

@@ -36,6 +36,8 @@ from mmdet_cam_hook.testing import (
 )
 from mmdet_cam_hook.testing.reference import reference_cams
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 METHODS = ['gradcam', 'hirescam', 'layercam']
 LIGHT_FPN = {'model.backbone.depth': 18, 'model.backbone.base_channels': 16,
              'model.neck.in_channels': [16, 32, 64, 128], 'model.neck.out_channels': 32}
@@ -58,9 +60,6 @@ CONFIGS = {'retina-gn': 'sabl/sabl-retinanet_r50-gn_fpn_1x_coco.py',
            'faster': 'sabl/sabl-faster-rcnn_r50_fpn_1x_coco.py',
            'cascade': 'sabl/sabl-cascade-rcnn_r50_fpn_1x_coco.py'}
 _BUILT = {}
-
-
-pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _options(name):

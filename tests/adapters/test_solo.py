@@ -26,6 +26,8 @@ from mmdet_cam_hook.adapters.solo import (
 from mmdet_cam_hook.testing import build_model, decoded, offline_config, synthetic_image
 from mmdet_cam_hook.testing.reference import on_original, reference_cams
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 GN = dict(type='GN', num_groups=8, requires_grad=True)
 SMALL = {'model.backbone.depth': 18, 'model.neck.in_channels': [64, 128, 256, 512],
          'model.neck.out_channels': 32, 'model.mask_head.in_channels': 32,
@@ -47,9 +49,6 @@ MODELS = {
 LEVEL_LAYERS = [f'neck.fpn_convs.{i}' for i in range(4)]
 METHODS = ('gradcam', 'hirescam', 'layercam')
 _BUILT = {}
-
-
-pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(params=list(MODELS))

@@ -27,6 +27,8 @@ from mmdet_cam_hook.testing import (
 )
 from mmdet_cam_hook.testing.reference import on_original, reference_cams
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 CONFIG = 'yolact/yolact_r50_1xb8-55e_coco.py'
 LIGHT = {'model.backbone.depth': 18, 'model.backbone.base_channels': 16,
          'model.neck.in_channels': [16, 32, 64, 128], 'model.neck.out_channels': 32,
@@ -41,9 +43,6 @@ PERTURB = dict(calibrate=True,
 FPN_LAYERS = [f'neck.fpn_convs.{i}' for i in range(5)]
 METHODS = ('gradcam', 'hirescam', 'layercam')
 _BUILT = {}
-
-
-pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _model():

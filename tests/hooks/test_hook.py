@@ -41,15 +41,11 @@ from mmdet_cam_hook.testing import (
 )
 from mmdet_cam_hook.visualization.cards import CARD_WIDTH
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 SIZE = TINY_SIZE  # network input and longest image side
 METHODS = list(TINY_METHODS)
 DDP_TIMEOUT = 300
-
-
-# --------------------------------------------------------------------------- set-up helpers
-
-
-pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 # --------------------------------------------------------------------------- one training, twice

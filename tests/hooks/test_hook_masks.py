@@ -37,11 +37,10 @@ from mmdet_cam_hook.visualization.cards import CARD_WIDTH, OVERVIEW_SLOT, detect
 from mmdet_cam_hook.visualization.outlines import resize_masks
 from mmdet_cam_hook.visualization.render import MASK_COLOR
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 METHODS = ['gradcam', 'hirescam']
 RTMDET_INS = 'rtmdet/rtmdet-ins_tiny_8xb32-300e_coco.py'
-
-
-pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _load_masks(pipeline):

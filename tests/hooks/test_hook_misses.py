@@ -29,10 +29,9 @@ from mmdet_cam_hook.testing import (
 from mmdet_cam_hook.testing.reference import reference_input_cams
 from mmdet_cam_hook.visualization.cards import CARD_WIDTH
 
-METHODS = ['gradcam', 'hirescam']
-
-
 pytestmark = pytest.mark.usefixtures('one_thread')
+
+METHODS = ['gradcam', 'hirescam']
 
 
 @pytest.fixture(scope='module')
