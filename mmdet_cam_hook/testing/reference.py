@@ -139,3 +139,20 @@ def _tapped(resolved: List[Tuple[str, nn.Module]]) -> Iterator[List[nn.Module]]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def reference_cams(model: nn.Module, *args, **kwargs) -> np.ndarray:
+    """:func:`reference_input_cams` (same arguments), then the ``.grad`` grad-cam left on the
+    model's parameters cleared, also when it raised."""
+    try:
+        return reference_input_cams(model, *args, **kwargs)
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
+def on_original(result, maps: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """Maps on the network-input grid (K, H_in, W_in, e.g. :func:`reference_cams`') taken to
+    ``image``'s grid by ``result``'s letterbox and clipped to [0, 1], as a ``CAMResult``'s maps
+    are."""
+    on_image = result.letterbox.to_original(torch.from_numpy(maps), image.shape[:2])
+    return on_image.clamp(0, 1).numpy()

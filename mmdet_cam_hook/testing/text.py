@@ -11,6 +11,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from .models import build_detector
+from .runs import tiny_cfg
+
 #: Words of the tiny vocabulary (after BERT's special tokens): the shapes demo's classes, the
 #: tests' prompts, and mmdet's separators.
 WORDS = ('.', ',', '?', 'a', 'the', 'red', 'blue', 'green', 'car', 'person', 'dog', 'cat',
@@ -80,8 +83,6 @@ def build_grounding_dino(bert: str, input_size: int = 128, seed: int = 0,
     Returns:
         nn.Module: The detector.
     """
-    from . import build_detector
-
     small_opts = dict(SMALL_GROUNDING) if small else {'model.encoder.num_cp': 0}
     if small and 'swin' in config:
         for key in ('model.backbone.depth', 'model.backbone.base_channels'):
@@ -110,8 +111,6 @@ def tiny_grounding_cfg(data, work_dir, bert: str, **kwargs):
     Returns:
         Config: The run's config.
     """
-    from . import tiny_cfg
-
     cfg = tiny_cfg(data, work_dir, detector='grounding-dino', **kwargs)
     cfg.merge_from_dict({**SMALL_GROUNDING, 'model.language_model.name': bert})
     cfg.optim_wrapper.optimizer.lr = 1e-4
@@ -138,8 +137,6 @@ def build_glip(bert: str, input_size: int = 128, seed: int = 0,
     """A random-init GLIP from mmdet's own config with the tiny BERT at ``bert`` as its language
     model and its head's fusion layers' config, shrunk (:data:`SMALL_GLIP`), like
     :func:`build_grounding_dino`."""
-    from . import build_detector
-
     options = {**SMALL_GLIP, 'model.language_model.name': bert,
                'model.bbox_head.lang_model_name': bert}
     model = build_detector(GLIP, input_size=input_size, seed=seed, cfg_options=options,

@@ -40,6 +40,8 @@ from mmdet_cam_hook.runtime.state import output_at, split_output_name
 from mmdet_cam_hook.testing import build_detector, mmdet_config, synthetic_image
 from mmdet_cam_hook.testing.reference import reference_input_cams
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 YOLOX = dict(calibrate=True, weights={'multi_level_conv_': 0.02},
              biases={'multi_level_conv_cls': (0.0, 0.5), 'multi_level_conv_obj': (0.0, 0.5)})
 RTMDET = dict(calibrate=True, weights={'rtm_cls': 0.02, 'rtm_reg': 0.02},
@@ -211,14 +213,6 @@ HEADS.append(_fpn('sabl-retinanet', 'sabl/sabl-retinanet_r50_fpn_1x_coco.py', SA
 ROWS = {row['name']: row for row in HEADS}
 ALL_METHODS = sorted(CAM_METHODS)  # the gradient and activation methods (not D-RISE)
 _MODELS = {}
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=HEADS, ids=[row['name'] for row in HEADS])
@@ -611,7 +605,6 @@ def test_locate_priors_follows_mmdet_order():
     back = torch.where(levels == 0, (ys * 6 + xs) * 3 + a, 72 + (ys * 3 + xs) * 3 + a)
     assert torch.equal(back, flat)
     assert levels.tolist().count(1) == 18 and int(ys.max()) == 3 and int(a.max()) == 2
-
 
 
 # SSD (issue 19): softmax over C + 1, 4 or 6 anchors depending on the level, levels down to 1x1

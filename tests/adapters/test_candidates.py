@@ -17,7 +17,9 @@ import torch
 
 from mmdet_cam_hook import CAMEngine
 from mmdet_cam_hook.runtime.pipeline import preprocess
-from mmdet_cam_hook.testing import build_detector, synthetic_image
+from mmdet_cam_hook.testing import build_detector, decoded, kept_pairs, synthetic_image
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 LIGHT_FPN = {'model.backbone.depth': 18, 'model.backbone.base_channels': 16,
              'model.neck.in_channels': [16, 32, 64, 128], 'model.neck.out_channels': 32,
@@ -36,14 +38,6 @@ SMALL_DETR = {'model.backbone.depth': 18, 'model.backbone.base_channels': 16,
 _BUILT = {}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(name):
     if name not in _BUILT:
         if name == 'fcos':
@@ -60,10 +54,9 @@ def _model(name):
 
 def _outputs(model, score_thr, image):
     engine = CAMEngine(model, score_thr=score_thr)
-    inputs, meta = preprocess(model, engine.pipeline, image)
+    _, meta, outs, _ = decoded(engine, image)
     adapter = engine.adapter
     with torch.no_grad():
-        outs = adapter.head_outputs(adapter.features(inputs), [meta])
         cands = adapter.candidates(outs, meta, score_thr)
     return adapter, outs, meta, cands
 
@@ -71,10 +64,8 @@ def _outputs(model, score_thr, image):
 def _check_kept(cands):
     """Every kept detection is one candidate pair, with its box, score and prior."""
     dets = cands.detections
-    rows, labels = (cands.kept >= 0).nonzero(as_tuple=True)
+    rows, labels, same = kept_pairs(cands)
     assert len(rows) == len(dets) > 0
-    order = cands.kept[rows, labels].argsort()
-    same = cands.rows(rows[order].tolist(), labels[order].tolist())
     torch.testing.assert_close(same.scores, dets.scores, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(same.bboxes, dets.bboxes, rtol=1e-6, atol=1e-4)
     for name in ('labels', 'levels', 'ys', 'xs', 'anchors'):

@@ -18,9 +18,17 @@ import torch
 from mmdet_cam_hook import CAMEngine
 from mmdet_cam_hook.adapters import build_adapter
 from mmdet_cam_hook.adapters.condinst import CondInstAdapter, CondInstMaskBranch
-from mmdet_cam_hook.runtime.pipeline import preprocess
-from mmdet_cam_hook.testing import build_detector, synthetic_image
-from mmdet_cam_hook.testing.reference import reference_input_cams
+from mmdet_cam_hook.testing import (
+    build_detector,
+    decoded,
+    kept_pairs,
+    own_test_cfg,
+    predicted,
+    synthetic_image,
+)
+from mmdet_cam_hook.testing.reference import on_original, reference_cams
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 LIGHT = {'model.backbone.depth': 18, 'model.backbone.base_channels': 16,
          'model.neck.in_channels': [16, 32, 64, 128], 'model.neck.out_channels': 32,
@@ -42,14 +50,6 @@ MODELS = {
 FPN_LAYERS = [f'neck.fpn_convs.{i}' for i in range(5)]
 METHODS = ('gradcam', 'hirescam', 'layercam')
 _BUILT = {}
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=list(MODELS))
@@ -78,23 +78,6 @@ def _image():
     return synthetic_image(96, 160, seed=4)  # resized to 77 x 128 and padded: both matter
 
 
-def _forward(engine, image):
-    inputs, meta = preprocess(engine.model, engine.pipeline, image)
-    adapter = engine.adapter
-    with torch.no_grad():
-        outs = adapter.head_outputs(adapter.features(inputs))
-        dets = adapter.decode(outs, meta, engine.score_thr)
-    return inputs, meta, outs, dets
-
-
-def _predict(model, inputs, meta):
-    from mmdet.structures import DetDataSample
-
-    with torch.no_grad():
-        pred = model.predict(inputs, [DetDataSample(metainfo=meta)])[0].pred_instances
-    return pred[pred.scores.argsort(descending=True, stable=True)]
-
-
 def _per_level(dets, levels=None):
     """The first (highest-scoring) detection of each level present."""
     levels = dets.levels.numpy() if levels is None else levels
@@ -119,8 +102,8 @@ def test_decode_and_masks_equal_model_predict(name):
     model = _model(name)
     engine = CAMEngine(model, score_thr=0.0)
     image = _image()
-    inputs, meta, outs, dets = _forward(engine, image)
-    pred = _predict(model, inputs, meta)
+    inputs, meta, outs, dets = decoded(engine, image)
+    pred = predicted(model, inputs, meta)
     assert len(dets) == len(pred) > 20
     assert torch.equal(dets.bboxes, pred.bboxes) and torch.equal(dets.labels, pred.labels)
     assert torch.equal(dets.scores, pred.scores)
@@ -139,30 +122,19 @@ def test_decode_and_masks_equal_model_predict(name):
 def test_decode_equals_model_predict_at_the_configs_own_test_cfg(name):
     """With the config's own ``test_cfg`` (1000 candidates a level, NMS at IoU 0.6), at its
     threshold 0.05 and above: the kept boxes, labels and scores are ``model.predict``'s."""
-    from mmengine.config import Config, ConfigDict
-
-    from mmdet_cam_hook.testing import mmdet_config
-
     model = _model(name)
     engine = CAMEngine(model, score_thr=0.0)
-    inputs, meta = preprocess(model, engine.pipeline, _image())
-    own = Config.fromfile(mmdet_config(MODELS[name])).model.test_cfg
-    head = model.bbox_head
-    saved = head.test_cfg
-    head.test_cfg = ConfigDict(own)
-    try:
-        pred = _predict(model, inputs, meta)
-        with torch.no_grad():
-            outs = engine.adapter.head_outputs(engine.adapter.features(inputs))
-            for thr in (float(own.score_thr), 0.3):
+    inputs, meta, outs, _ = decoded(engine, _image())
+    with own_test_cfg(model, MODELS[name]) as own:
+        pred = predicted(model, inputs, meta)
+        for thr in (float(own.score_thr), 0.3):
+            with torch.no_grad():
                 dets = engine.adapter.decode(outs, meta, thr)
-                keep = pred.scores >= thr
-                assert 0 < len(dets) == int(keep.sum()), thr
-                assert torch.equal(dets.bboxes, pred.bboxes[keep])
-                assert torch.equal(dets.scores, pred.scores[keep])
-                assert torch.equal(dets.labels, pred.labels[keep])
-    finally:
-        head.test_cfg = saved
+            keep = pred.scores >= thr
+            assert 0 < len(dets) == int(keep.sum()), thr
+            assert torch.equal(dets.bboxes, pred.bboxes[keep])
+            assert torch.equal(dets.scores, pred.scores[keep])
+            assert torch.equal(dets.labels, pred.labels[keep])
 
 
 def test_class_maps_equal_grad_cam(name):
@@ -171,15 +143,12 @@ def test_class_maps_equal_grad_cam(name):
     model = _model(name)
     engine = CAMEngine(model, score_thr=0.0, topk=40)
     image = _image()
-    inputs, _, _, dets = _forward(engine, image)
+    inputs, _, _, dets = decoded(engine, image)
     idx = _per_level(dets.select(slice(0, 40)))
     assert len(idx) == 5
     for method, res in engine.explain(image, methods=METHODS).items():
-        try:
-            ref = reference_input_cams(model, inputs, method, [res.layers[i] for i in idx],
-                                       dets.select(torch.tensor(idx)))
-        finally:
-            model.zero_grad(set_to_none=True)
+        ref = reference_cams(model, inputs, method, [res.layers[i] for i in idx],
+                             dets.select(torch.tensor(idx)))
         np.testing.assert_allclose(res.input_cams[idx], ref, atol=1e-4, err_msg=method)
         assert (res.input_cams[idx].reshape(len(idx), -1).max(1) > 0).any(), method
 
@@ -194,7 +163,7 @@ def test_mask_target_mixes_levels(name):
     branch = engine.mask_branch
     assert type(branch) is CondInstMaskBranch and branch.route == 'exact'
     assert not engine.batchable  # the mask targets are pulled back through the graph
-    inputs, meta, _, dets = _forward(engine, _image())
+    inputs, meta, _, dets = decoded(engine, _image())
     sub = dets.select(torch.tensor(_per_level(dets.select(slice(0, 40)))))
     adapter = engine.adapter
     feats = tuple(f.detach().requires_grad_(True) for f in adapter.features(inputs))
@@ -215,21 +184,17 @@ def test_engine_masks_and_mask_maps_equal_model_predict_and_grad_cam(name, layer
     model = _model(name)
     engine = CAMEngine(model, score_thr=0.0, topk=12, target_layers=layers)
     image = _image()
-    inputs, meta, _, dets = _forward(engine, image)
+    inputs, meta, _, dets = decoded(engine, image)
     dets = dets.select(slice(0, 12))
-    pred = _predict(model, inputs, meta)
+    pred = predicted(model, inputs, meta)
     results = engine.explain(image, methods=METHODS)
     names = engine.layer_names
     assert names == (FPN_LAYERS if layers is None else [layers])
     for method, res in results.items():
         assert torch.equal(torch.from_numpy(res.masks), pred.masks[:12])
-        try:
-            ref = reference_input_cams(model, inputs, method, [names] * len(dets), dets,
-                                       metainfo=meta, mask_branch=engine.mask_branch)
-        finally:
-            model.zero_grad(set_to_none=True)
-        on_image = res.letterbox.to_original(torch.from_numpy(ref), image.shape[:2])
-        np.testing.assert_allclose(res.mask_cams, on_image.clamp(0, 1).numpy(), atol=1e-4,
+        ref = reference_cams(model, inputs, method, [names] * len(dets), dets, metainfo=meta,
+                             mask_branch=engine.mask_branch)
+        np.testing.assert_allclose(res.mask_cams, on_original(res, ref, image), atol=1e-4,
                                    err_msg=method)
         assert (res.mask_cams.reshape(len(dets), -1).max(1) > 0).sum() > len(dets) // 2
         assert not np.allclose(res.mask_cams, res.cams, atol=1e-2), method
@@ -280,10 +245,9 @@ def test_candidates_equal_predict_by_feat_single():
     model = _model('condinst')
     engine = CAMEngine(model, score_thr=0.05)
     image = _image()
-    inputs, meta = preprocess(model, engine.pipeline, image)
+    _, meta, outs, _ = decoded(engine, image)
     adapter, head = engine.adapter, model.bbox_head
     with torch.no_grad():
-        outs = adapter.head_outputs(adapter.features(inputs))
         cands = adapter.candidates(outs, meta, 0.05)
     cls, reg, ctr, params = ([t[0] for t in o] for o in outs[:4])
     sizes = [c.shape[-2:] for c in cls]
@@ -316,9 +280,7 @@ def test_candidates_equal_predict_by_feat_single():
     cfg.score_thr = 0.05
     rows, labels = cands.entered.nonzero(as_tuple=True)
     assert 0 < len(rows) == len(predict(cfg)) < num * num_classes
-    kept_rows, kept_labels = (cands.kept >= 0).nonzero(as_tuple=True)
-    order_k = cands.kept[kept_rows, kept_labels].argsort()
-    same = cands.rows(kept_rows[order_k].tolist(), kept_labels[order_k].tolist())
+    _, _, same = kept_pairs(cands)
     assert torch.equal(same.bboxes, cands.detections.bboxes)
     torch.testing.assert_close(same.scores, cands.detections.scores, rtol=1e-6, atol=1e-7)
     res = engine.explain(image, methods='hirescam', gt_bboxes=[[100, 10, 150, 60]],

@@ -32,8 +32,19 @@ from mmdet_cam_hook.adapters.guided_anchoring import (
     GARPNAdapter,
 )
 from mmdet_cam_hook.runtime.pipeline import preprocess
-from mmdet_cam_hook.testing import build_detector, synthetic_image
-from mmdet_cam_hook.testing.reference import reference_input_cams
+from mmdet_cam_hook.testing import (
+    build_detector,
+    build_model,
+    calibrate_bn,
+    decoded,
+    offline_config,
+    perturb_head,
+    predicted,
+    synthetic_image,
+)
+from mmdet_cam_hook.testing.reference import reference_cams
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 METHODS = ['gradcam', 'hirescam', 'layercam']
 LIGHT_FPN = {'model.backbone.depth': 18, 'model.backbone.base_channels': 16,
@@ -68,14 +79,6 @@ CONFIGS = {'retina': ('guided_anchoring/ga-retinanet_r50-caffe_fpn_1x_coco.py', 
 _BUILT = {}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _torch_masked_conv2d(features, mask, weight, bias, padding=0, stride=1):
     """mmcv's masked convolution in torch: the convolution (weights and bias) at the
     locations of ``mask`` (1, H, W), zeros elsewhere."""
@@ -106,56 +109,16 @@ def _model(name):
 def _build_rpn(config, size, options, perturb):
     """The RPN detector (mmdet's builder has no ``bbox_head.num_classes`` to set: one class),
     as ``build_detector`` builds the others."""
-    from mmdet.registry import MODELS
-    from mmengine.config import Config
-    from mmengine.registry import DefaultScope
-
-    from mmdet_cam_hook.testing import (
-        _drop_pretrained,
-        _quiet_init_weights,
-        calibrate_bn,
-        mmdet_config,
-        perturb_head,
-    )
-
-    cfg = Config.fromfile(mmdet_config(config))
-    cfg.merge_from_dict(options)
-    _drop_pretrained(cfg.model)
-    for t in cfg.test_dataloader.dataset.pipeline:
-        if t.type == 'Resize':
-            t.scale = (size, size)
-    torch.manual_seed(0)
-    with DefaultScope.overwrite_default_scope('mmdet'):
-        model = MODELS.build(cfg.model)
-    _quiet_init_weights(model)
-    model.cfg = cfg
+    model = build_model(offline_config(config, size, options), classes=('object', ))
     perturb = dict(perturb)
     if perturb.pop('calibrate', False):
         calibrate_bn(model)
     perturb_head(model, **perturb)
-    model.dataset_meta = dict(classes=('object', ))
-    return model.eval()
+    return model
 
 
 def _ga_head(model):
     return model.rpn_head if hasattr(model, 'roi_head') else model.bbox_head
-
-
-def _decoded(model, engine, image):
-    inputs, meta = preprocess(model, engine.pipeline, image)
-    adapter = engine.adapter
-    with torch.no_grad():
-        outs = adapter.head_outputs(adapter.features(inputs))
-        dets = adapter.decode(outs, meta, engine.score_thr)
-    return inputs, meta, outs, dets
-
-
-def _predict(model, inputs, meta):
-    from mmdet.structures import DetDataSample
-
-    with torch.no_grad():
-        pred = model.predict(inputs, [DetDataSample(metainfo=meta)])[0].pred_instances
-    return pred[pred.scores.argsort(descending=True, stable=True)]
 
 
 def test_mmcv_masked_conv_has_no_cpu_kernel():
@@ -165,7 +128,7 @@ def test_mmcv_masked_conv_has_no_cpu_kernel():
     engine = CAMEngine(model, score_thr=0.0)
     inputs, meta = preprocess(model, engine.pipeline, synthetic_image(96, 160, seed=1))
     with pytest.raises(Exception, match='masked_im2col'):
-        _predict(model, inputs, meta)
+        predicted(model, inputs, meta)
 
 
 @pytest.mark.parametrize('name', ['retina', 'faster', 'rpn'])
@@ -204,8 +167,8 @@ def test_decoding_scores_and_maps(name, adapter, routes, masked_kernel):
     engine = CAMEngine(model, score_thr=0.0)
     assert type(engine.adapter) is adapter
     assert [layer.route for layer in engine.layers] == routes
-    inputs, meta, outs, dets = _decoded(model, engine, image)
-    pred = _predict(model, inputs, meta)
+    inputs, meta, outs, dets = decoded(engine, image)
+    pred = predicted(model, inputs, meta)
     assert len(dets) == len(pred) > 0
     assert torch.equal(dets.bboxes, pred.bboxes)
     assert torch.equal(dets.scores, pred.scores)
@@ -230,11 +193,8 @@ def test_decoding_scores_and_maps(name, adapter, routes, masked_kernel):
         np.testing.assert_array_equal(res.scores, dets.scores.numpy())
         levels = sorted(set(res.levels.tolist()))
         idx = [int(np.flatnonzero(res.levels == lv)[0]) for lv in levels]
-        try:
-            ref = reference_input_cams(model, inputs, method, [res.layers[i] for i in idx],
-                                       dets.select(torch.tensor(idx)))
-        finally:
-            model.zero_grad(set_to_none=True)
+        ref = reference_cams(model, inputs, method, [res.layers[i] for i in idx],
+                             dets.select(torch.tensor(idx)))
         np.testing.assert_allclose(res.input_cams[idx], ref, atol=1e-4, err_msg=method)
         if method == 'hirescam':
             for level in levels:

@@ -25,14 +25,16 @@ from mmdet_cam_hook.adapters.mask2former import (
     MaskFormerOutputs,
     image_shapes,
 )
-from mmdet_cam_hook.runtime.pipeline import preprocess
 from mmdet_cam_hook.testing import (
-    _drop_pretrained,
-    _quiet_init_weights,
-    mmdet_config,
+    build_model,
+    decoded,
+    offline_config,
+    predicted,
     synthetic_image,
 )
-from mmdet_cam_hook.testing.reference import reference_input_cams
+from mmdet_cam_hook.testing.reference import on_original, reference_cams
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 NUM_CLASSES = 3
 INSTANCE = {'model.test_cfg.panoptic_on': False, 'model.test_cfg.semantic_on': False,
@@ -62,14 +64,6 @@ LEVELS = ['backbone.layer1', 'backbone.layer2', 'backbone.layer3', 'backbone.lay
 _BUILT = {}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(params=list(MODELS))
 def name(request):
     return request.param
@@ -79,21 +73,10 @@ def build(config, options, seed=0):
     """A random-init MaskFormer-family model from mmdet's ``config`` with ``options``, the test
     pipeline at 128 px, no ``Pretrained`` init; the class and mask embeddings' last layers
     spread so that scores do not tie and masks vary in size."""
-    from mmdet.registry import MODELS as REGISTRY
-    from mmengine.config import Config
-    from mmengine.registry import DefaultScope
-
-    cfg = Config.fromfile(mmdet_config(config))
-    cfg.merge_from_dict(options)
-    _drop_pretrained(cfg.model)
-    for key in ('test_dataloader', 'val_dataloader'):
-        for t in cfg[key].dataset.pipeline:
-            if t.type == 'Resize':
-                t.scale = (128, 128)
-    torch.manual_seed(seed)
-    with DefaultScope.overwrite_default_scope('mmdet'):
-        model = REGISTRY.build(cfg.model)
-    _quiet_init_weights(model)
+    cfg = offline_config(config, 128, options)
+    things = cfg.model.panoptic_head.num_things_classes
+    stuff = cfg.model.panoptic_head.num_stuff_classes
+    model = build_model(cfg, seed, things + stuff)
     gen = torch.Generator().manual_seed(seed)
     head = model.panoptic_head
     with torch.no_grad():
@@ -101,11 +84,7 @@ def build(config, options, seed=0):
         last = head.mask_embed[-1]
         last.weight.copy_(torch.randn(last.weight.shape, generator=gen) * 0.1)
         last.bias.copy_(torch.randn(last.bias.shape, generator=gen) * 0.3)
-    model.cfg = cfg
-    things = cfg.model.panoptic_head.num_things_classes
-    stuff = cfg.model.panoptic_head.num_stuff_classes
-    model.dataset_meta = dict(classes=tuple(f'class{i}' for i in range(things + stuff)))
-    return model.eval()
+    return model
 
 
 def _model(name):
@@ -116,23 +95,6 @@ def _model(name):
 
 def _image():
     return synthetic_image(96, 160, seed=4)  # resized to 77 x 128, padded: scale_factor != 1
-
-
-def _forward(engine, image):
-    inputs, meta = preprocess(engine.model, engine.pipeline, image)
-    adapter = engine.adapter
-    with torch.no_grad():
-        outs = adapter.head_outputs(adapter.features(inputs), [meta])
-        dets = adapter.decode(outs, meta, engine.score_thr)
-    return inputs, meta, dets
-
-
-def _predict(model, inputs, meta):
-    from mmdet.structures import DetDataSample
-
-    with torch.no_grad():
-        pred = model.predict(inputs, [DetDataSample(metainfo=meta)])[0].pred_instances
-    return pred[pred.scores.argsort(descending=True, stable=True)]
 
 
 def test_adapter_and_mask_branch_are_chosen_from_the_model(name):
@@ -165,9 +127,9 @@ def test_decoding_equals_model_predict(name):
     model = _model(name)
     engine = CAMEngine(model, score_thr=0.0)
     image = _image()
-    inputs, meta, dets = _forward(engine, image)
+    inputs, meta, _, dets = decoded(engine, image)
     assert meta['img_shape'] != meta['ori_shape']
-    pred = _predict(model, inputs, meta)
+    pred = predicted(model, inputs, meta)
     assert len(dets) == len(pred) == 20
     torch.testing.assert_close(dets.scores, pred.scores, rtol=0, atol=0)
     torch.testing.assert_close(dets.labels, pred.labels, rtol=0, atol=0)
@@ -191,7 +153,7 @@ def test_candidates_are_every_query_and_the_pairs_of_the_top_k(name):
     (here those above a threshold that drops some)."""
     model = _model(name)
     engine = CAMEngine(model, score_thr=0.0)
-    inputs, meta, all_dets = _forward(engine, _image())
+    inputs, meta, _, all_dets = decoded(engine, _image())
     thr = float(all_dets.scores[5])
     adapter = engine.adapter
     with torch.no_grad():
@@ -213,7 +175,7 @@ def test_every_default_layer_feeds_every_detection_and_mask(name):
     queries mix every level."""
     model = _model(name)
     engine = CAMEngine(model, score_thr=0.0, topk=4)
-    inputs, meta, dets = _forward(engine, _image())
+    inputs, meta, _, dets = decoded(engine, _image())
     dets = dets.select(slice(0, 4))
     adapter = engine.adapter
     feats = tuple(f.detach().requires_grad_(True) for f in adapter.features(inputs))
@@ -256,17 +218,13 @@ def test_class_maps_equal_grad_cam(name):
     model = _model(name)
     engine = CAMEngine(model, score_thr=0.0, topk=2, masks=False)
     image = _image()
-    inputs, meta, dets = _forward(engine, image)
+    inputs, meta, _, dets = decoded(engine, image)
     results = engine.explain(image, methods=METHODS)
     for method, res in results.items():
-        try:
-            ref = reference_input_cams(model, inputs, method, [LEVELS] * 2,
-                                       dets.select(slice(0, 2)), metainfo=meta)
-        finally:
-            model.zero_grad(set_to_none=True)
+        ref = reference_cams(model, inputs, method, [LEVELS] * 2, dets.select(slice(0, 2)),
+                             metainfo=meta)
         np.testing.assert_allclose(res.input_cams, ref, atol=1e-4, err_msg=method)
-        on_image = res.letterbox.to_original(torch.from_numpy(ref), image.shape[:2])
-        np.testing.assert_allclose(res.cams, on_image.clamp(0, 1).numpy(), atol=1e-4,
+        np.testing.assert_allclose(res.cams, on_original(res, ref, image), atol=1e-4,
                                    err_msg=method)
         assert (res.cams.reshape(2, -1).max(1) > 0).all(), method
 
@@ -277,7 +235,7 @@ def test_mask_gradient_equals_a_full_backward_per_instance(name):
     plain forward and full backward per instance, each on a fresh graph."""
     model = _model(name)
     engine = CAMEngine(model, score_thr=0.0, topk=3)
-    inputs, meta, dets = _forward(engine, _image())
+    inputs, meta, _, dets = decoded(engine, _image())
     adapter, branch = engine.adapter, MaskFormerMaskBranch(engine.adapter)
     feats = tuple(f.detach().requires_grad_(True) for f in adapter.features(inputs))
     target = branch.scores(adapter.head_outputs(feats, [meta]), dets.select(slice(0, 3)), meta)
@@ -298,20 +256,15 @@ def test_mask_maps_equal_grad_cam(name):
     model = _model(name)
     engine = CAMEngine(model, score_thr=0.0, topk=2)
     image = _image()
-    inputs, meta, dets = _forward(engine, image)
+    inputs, meta, _, dets = decoded(engine, image)
     results = engine.explain(image, methods=METHODS)
-    pred = _predict(model, inputs, meta)
+    pred = predicted(model, inputs, meta)
     for method, res in results.items():
         assert res.mask_cams.shape == res.cams.shape == (2, *image.shape[:2])
         np.testing.assert_array_equal(res.masks, pred.masks[:2].numpy())
-        try:
-            ref = reference_input_cams(model, inputs, method, [LEVELS] * 2,
-                                       dets.select(slice(0, 2)), metainfo=meta,
-                                       mask_branch=engine.mask_branch)
-        finally:
-            model.zero_grad(set_to_none=True)
-        on_image = res.letterbox.to_original(torch.from_numpy(ref), image.shape[:2])
-        np.testing.assert_allclose(res.mask_cams, on_image.clamp(0, 1).numpy(), atol=1e-4,
+        ref = reference_cams(model, inputs, method, [LEVELS] * 2, dets.select(slice(0, 2)),
+                             metainfo=meta, mask_branch=engine.mask_branch)
+        np.testing.assert_allclose(res.mask_cams, on_original(res, ref, image), atol=1e-4,
                                    err_msg=method)
         assert (res.mask_cams.reshape(2, -1).max(1) > 0).all(), method
         assert not np.allclose(res.mask_cams, res.cams, atol=1e-2), method
@@ -332,20 +285,15 @@ def test_a_swin_backbone_defaults_to_the_maps_of_its_tuple_output():
     engine = CAMEngine(model, score_thr=0.0, topk=2)
     assert engine.layer_names == READERS and engine.adapter.strides() == [4, 8, 16, 32]
     image = _image()
-    inputs, meta, dets = _forward(engine, image)
-    pred = _predict(model, inputs, meta)
+    inputs, meta, _, dets = decoded(engine, image)
+    pred = predicted(model, inputs, meta)
     torch.testing.assert_close(dets.scores, pred.scores, rtol=0, atol=0)
     torch.testing.assert_close(dets.bboxes, pred.bboxes, rtol=0, atol=0)
     res = engine.explain(image, methods='hirescam')['hirescam']
     for branch, maps in ((None, res.cams), (engine.mask_branch, res.mask_cams)):
-        try:
-            ref = reference_input_cams(model, inputs, 'hirescam', [READERS] * 2,
-                                       dets.select(slice(0, 2)), metainfo=meta,
-                                       mask_branch=branch)
-        finally:
-            model.zero_grad(set_to_none=True)
-        on_image = res.letterbox.to_original(torch.from_numpy(ref), image.shape[:2])
-        np.testing.assert_allclose(maps, on_image.clamp(0, 1).numpy(), atol=1e-4)
+        ref = reference_cams(model, inputs, 'hirescam', [READERS] * 2, dets.select(slice(0, 2)),
+                             metainfo=meta, mask_branch=branch)
+        np.testing.assert_allclose(maps, on_original(res, ref, image), atol=1e-4)
         assert (maps.reshape(2, -1).max(1) > 0).all()
 
 
@@ -356,8 +304,8 @@ def test_panoptic_model_reports_its_thing_instances():
     model = build('mask2former/mask2former_r50_8xb2-lsj-50e_coco-panoptic.py', options)
     engine = CAMEngine(model, score_thr=0.0)
     assert type(engine.adapter) is MaskFormerAdapter
-    inputs, meta, dets = _forward(engine, _image())
-    pred = _predict(model, inputs, meta)
+    inputs, meta, _, dets = decoded(engine, _image())
+    pred = predicted(model, inputs, meta)
     assert 0 < len(dets) < 30 and (dets.labels < 2).all()
     torch.testing.assert_close(dets.scores, pred.scores, rtol=0, atol=0)
     torch.testing.assert_close(dets.labels, pred.labels, rtol=0, atol=0)

@@ -22,9 +22,10 @@ from mmdet_cam_hook.adapters.roi_masks import (
     PointRendMaskBranch,
     SCNetMaskBranch,
 )
-from mmdet_cam_hook.runtime.pipeline import preprocess
-from mmdet_cam_hook.testing import build_detector, synthetic_image
-from mmdet_cam_hook.testing.reference import reference_input_cams
+from mmdet_cam_hook.testing import build_detector, decoded, predicted, synthetic_image
+from mmdet_cam_hook.testing.reference import on_original, reference_cams
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 SMALL = {'model.backbone.depth': 18, 'model.neck.in_channels': [64, 128, 256, 512],
          'model.test_cfg.rpn.max_per_img': 100, 'model.test_cfg.rcnn.max_per_img': 20,
@@ -89,14 +90,6 @@ METHODS = ('gradcam', 'hirescam', 'layercam')
 _BUILT = {}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(params=list(MODELS))
 def name(request):
     return request.param
@@ -115,15 +108,6 @@ def _model(name):
 
 def _image():
     return synthetic_image(96, 160, seed=4)  # resized to 77 x 128: scale_factor != 1
-
-
-def _forward(engine, image):
-    inputs, meta = preprocess(engine.model, engine.pipeline, image)
-    adapter = engine.adapter
-    with torch.no_grad():
-        outs = adapter.head_outputs(adapter.features(inputs))
-        dets = adapter.decode(outs, meta, engine.score_thr)
-    return inputs, meta, dets
 
 
 def test_mask_branch_is_chosen_from_the_model(name):
@@ -149,24 +133,20 @@ def test_masks_equal_model_predict(name):
     """Boxes, labels, scores and masks (original size, bool) equal ``model.predict``'s, in
     score order; the masks vary in size; each mask target re-read on the live maps is in
     (0, 1], differentiable, and is the mean over its binary mask."""
-    from mmdet.structures import DetDataSample
-
     model = _model(name)
     engine = CAMEngine(model, score_thr=0.0, topk=12)
     image = _image()
-    inputs, meta, dets = _forward(engine, image)
-    with torch.no_grad():
-        pred = model.predict(inputs, [DetDataSample(metainfo=meta)])[0].pred_instances
+    inputs, meta, _, dets = decoded(engine, image)
+    pred = predicted(model, inputs, meta)
     # Mask Scoring R-CNN: the random mask IoU head predicts some negative IoUs (scores < 0)
-    pred = pred[pred.scores >= engine.score_thr]
-    order = pred.scores.argsort(descending=True, stable=True)[:12]
+    pred = pred[pred.scores >= engine.score_thr][:12]
     res = engine.explain(image, methods='hirescam')['hirescam']
     assert len(res) == 12
-    np.testing.assert_array_equal(res.bboxes, pred.bboxes[order].numpy())
-    np.testing.assert_array_equal(res.labels, pred.labels[order].numpy())
-    np.testing.assert_array_equal(res.scores, pred.scores[order].numpy())
+    np.testing.assert_array_equal(res.bboxes, pred.bboxes.numpy())
+    np.testing.assert_array_equal(res.labels, pred.labels.numpy())
+    np.testing.assert_array_equal(res.scores, pred.scores.numpy())
     assert res.masks.dtype == bool and res.masks.shape == (12, *image.shape[:2])
-    np.testing.assert_array_equal(res.masks, pred.masks[order].numpy())
+    np.testing.assert_array_equal(res.masks, pred.masks.numpy())
     areas = res.masks.sum(axis=(1, 2))
     assert len(set(areas.tolist())) > 6 and (areas > 0).all(), areas
     branch = engine.mask_branch
@@ -186,7 +166,7 @@ def test_mask_gradient_equals_the_full_backward(row):
     backward per instance on level 0) equals autograd through the mask RoI extractor and mask
     head, instance by instance (raw gradients)."""
     engine = CAMEngine(_model(row), score_thr=0.0, topk=16)
-    inputs, meta, dets = _forward(engine, _image())
+    inputs, meta, _, dets = decoded(engine, _image())
     adapter, branch = engine.adapter, engine.mask_branch
     with torch.no_grad():
         feats = adapter.features(inputs)
@@ -213,7 +193,7 @@ def test_mask_maps_equal_grad_cam(name):
     model = _model(name)
     engine = CAMEngine(model, score_thr=0.0, topk=16)
     image = _image()
-    inputs, meta, dets = _forward(engine, image)
+    inputs, meta, _, dets = decoded(engine, image)
     branch = engine.mask_branch
     assert branch.route == ('exact' if name in EXACT else 'level')
     if branch.route == 'exact':
@@ -229,14 +209,9 @@ def test_mask_maps_equal_grad_cam(name):
     results = engine.explain(image, methods=METHODS)
     for method, res in results.items():
         assert res.mask_cams.shape == res.cams.shape and res.mask_cams.dtype == np.float32
-        try:
-            ref = reference_input_cams(model, inputs, method, layers,
-                                       dets.select(torch.tensor(idx)), metainfo=meta,
-                                       mask_branch=engine.mask_branch)
-        finally:
-            model.zero_grad(set_to_none=True)
-        on_image = res.letterbox.to_original(torch.from_numpy(ref), image.shape[:2])
-        np.testing.assert_allclose(res.mask_cams[idx], on_image.clamp(0, 1).numpy(),
+        ref = reference_cams(model, inputs, method, layers, dets.select(torch.tensor(idx)),
+                             metainfo=meta, mask_branch=engine.mask_branch)
+        np.testing.assert_allclose(res.mask_cams[idx], on_original(res, ref, image),
                                    atol=1e-4, err_msg=method)
         assert (res.mask_cams[idx].reshape(len(idx), -1).max(1) > 0).all(), method
         assert not np.allclose(res.mask_cams, res.cams, atol=1e-2), method

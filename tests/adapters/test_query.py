@@ -17,6 +17,8 @@ from mmdet_cam_hook.runtime.pipeline import preprocess
 from mmdet_cam_hook.testing import build_detector, synthetic_image
 from mmdet_cam_hook.testing.reference import reference_input_cams
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 LIGHT = {'model.backbone.depth': 18, 'model.backbone.base_channels': 16,
          'model.neck.in_channels': [16, 32, 64, 128], 'model.rpn_head.num_proposals': 30,
          'model.test_cfg.rcnn.max_per_img': 30}
@@ -24,14 +26,6 @@ MODELS = {'sparse-rcnn': 'sparse_rcnn/sparse-rcnn_r50_fpn_1x_coco.py',
           'queryinst': 'queryinst/queryinst_r50_fpn_1x_coco.py'}
 LAYERS = [f'neck.fpn_convs.{i}' for i in range(4)]
 _BUILT = {}
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(name):

@@ -14,7 +14,7 @@ random dynamic convs predict masks of varied sizes. Torch runs at one thread.
 import numpy as np
 import pytest
 import torch
-from mmengine.config import Config, ConfigDict
+from mmengine.config import Config
 from torch import nn
 
 from mmdet_cam_hook import CAMEngine
@@ -22,8 +22,19 @@ from mmdet_cam_hook.adapters import build_adapter
 from mmdet_cam_hook.adapters.rtmdet_ins import RTMDetInsAdapter, RTMDetInsMaskBranch
 from mmdet_cam_hook.cam.local import LocalGradient
 from mmdet_cam_hook.runtime.pipeline import preprocess
-from mmdet_cam_hook.testing import build_detector, mmdet_config, synthetic_image
-from mmdet_cam_hook.testing.reference import reference_input_cams
+from mmdet_cam_hook.testing import (
+    build_detector,
+    decoded,
+    kept_pairs,
+    live_outputs,
+    mmdet_config,
+    own_test_cfg,
+    predicted,
+    synthetic_image,
+)
+from mmdet_cam_hook.testing.reference import on_original, reference_cams
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 CONFIG = 'rtmdet/rtmdet-ins_tiny_8xb32-300e_coco.py'
 PERTURB = dict(calibrate=True, weights={'rtm_cls': 0.1, 'rtm_reg': 0.02, 'rtm_kernel': 0.02},
@@ -31,14 +42,6 @@ PERTURB = dict(calibrate=True, weights={'rtm_cls': 0.1, 'rtm_reg': 0.02, 'rtm_ke
 LAYERS = [f'neck.out_convs.{i}' for i in range(3)]
 METHODS = ('gradcam', 'hirescam', 'layercam')
 _BUILT = {}
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def kernel_bias(head, slope: float = 4.0, size: float = 1.5) -> torch.Tensor:
@@ -83,23 +86,6 @@ def _image(seed=1):
     return synthetic_image(96, 160, seed=seed)  # resized to 77 x 128: scale_factor != 1
 
 
-def _decoded(engine, image, score_thr=0.0):
-    inputs, meta = preprocess(engine.model, engine.pipeline, image)
-    adapter = engine.adapter
-    with torch.no_grad():
-        outs = adapter.head_outputs(adapter.features(inputs))
-        dets = adapter.decode(outs, meta, score_thr)
-    return inputs, meta, outs, dets
-
-
-def _predict(model, inputs, meta):
-    from mmdet.structures import DetDataSample
-
-    with torch.no_grad():
-        pred = model.predict(inputs, [DetDataSample(metainfo=meta)])[0].pred_instances
-    return pred[pred.scores.argsort(descending=True, stable=True)]
-
-
 def _per_level(dets, n=1):
     """The indices of the ``n`` best detections of each level."""
     levels = dets.levels.numpy()
@@ -126,8 +112,8 @@ def test_decode_equals_model_predict():
     model = _model()
     engine = CAMEngine(model, score_thr=0.0)
     image = _image(3)
-    inputs, meta, outs, dets = _decoded(engine, image)
-    pred = _predict(model, inputs, meta)
+    inputs, meta, outs, dets = decoded(engine, image)
+    pred = predicted(model, inputs, meta)
     assert len(dets) == len(pred) > 20
     assert torch.equal(dets.bboxes, pred.bboxes) and torch.equal(dets.labels, pred.labels)
     assert torch.equal(dets.scores, pred.scores)
@@ -142,12 +128,9 @@ def test_decode_equals_model_predict():
     assert (areas < masks[0].numel() // 2).float().mean() > 0.5, areas
     torch.testing.assert_close(engine.adapter.scores(outs, dets), dets.scores, rtol=0, atol=1e-6)
 
-    head = model.bbox_head
-    saved = head.test_cfg
-    head.test_cfg = ConfigDict(Config.fromfile(mmdet_config(CONFIG)).model.test_cfg)
-    try:
-        pred = _predict(model, inputs, meta)
-        for thr in sorted({float(head.test_cfg.score_thr), 0.7}):
+    with own_test_cfg(model, CONFIG) as test_cfg:
+        pred = predicted(model, inputs, meta)
+        for thr in sorted({float(test_cfg.score_thr), 0.7}):
             with torch.no_grad():
                 own = engine.adapter.decode(outs, meta, thr)
             keep = pred.scores >= thr
@@ -157,8 +140,6 @@ def test_decode_equals_model_predict():
             assert torch.equal(own.labels, pred.labels[keep])
             assert torch.equal(branch.masks(outs, own, meta), pred.masks[keep])
         assert len(own) < len(pred)
-    finally:
-        head.test_cfg = saved
 
     res = CAMEngine(model, score_thr=0.0, topk=12).explain(image, methods='hirescam')['hirescam']
     np.testing.assert_array_equal(res.bboxes, dets.bboxes[:12].numpy())
@@ -198,7 +179,7 @@ def test_mask_target_is_the_mean_over_the_own_binary_mask():
     predict's (checked above). Differentiable on the live outputs."""
     model = _model()
     engine = CAMEngine(model, score_thr=0.0)
-    inputs, meta, _, dets = _decoded(engine, _image(3))
+    inputs, meta, _, dets = decoded(engine, _image(3))
     adapter, branch = engine.adapter, RTMDetInsMaskBranch(engine.adapter)
     outs = adapter.head_outputs(adapter.features(inputs))
     sub = dets.select(torch.tensor(_per_level(dets, 4)))
@@ -226,10 +207,7 @@ def test_local_window_is_exact_on_every_level():
     assert set(local.radii.values()) == {2}
     engine = CAMEngine(model, score_thr=0.0)
     inputs, meta = preprocess(model, engine.pipeline, _image(1))
-    with torch.no_grad():
-        feats = adapter.features(inputs)
-    feats = [f.detach().requires_grad_(True) for f in feats]
-    outs = adapter.head_outputs(feats)
+    feats, outs = live_outputs(adapter, inputs, meta)
     dets = adapter.decode(outs, meta, 0.0)
     border = 0
     for level in range(3):
@@ -249,11 +227,8 @@ def _reference(model, inputs, meta, res, dets, idx, layers=None, **kwargs):
     """grad-cam's own class once per detection in ``idx`` (on its class map's layers unless
     ``layers`` are given); the model's ``.grad`` cleared."""
     layers = [res.layers[i] for i in idx] if layers is None else layers
-    try:
-        return reference_input_cams(model, inputs, res.method, layers,
-                                    dets.select(torch.tensor(idx)), metainfo=meta, **kwargs)
-    finally:
-        model.zero_grad(set_to_none=True)
+    return reference_cams(model, inputs, res.method, layers, dets.select(torch.tensor(idx)),
+                          metainfo=meta, **kwargs)
 
 
 def test_class_maps_equal_grad_cam():
@@ -263,7 +238,7 @@ def test_class_maps_equal_grad_cam():
     model = _model()
     engine = CAMEngine(model, score_thr=0.0, topk=40)
     image = _image(1)
-    inputs, meta, _, dets = _decoded(engine, image)
+    inputs, meta, _, dets = decoded(engine, image)
     idx = _per_level(dets.select(slice(0, 40)))
     assert len(idx) == 3
     for method, res in engine.explain(image, methods=METHODS).items():
@@ -277,7 +252,7 @@ def test_contrastive_maps_equal_the_full_backward_of_the_difference():
     model = _model()
     engine = CAMEngine(model, score_thr=0.0, topk=40)
     image = _image(1)
-    inputs, meta, _, dets = _decoded(engine, image)
+    inputs, meta, _, dets = decoded(engine, image)
     idx = _per_level(dets.select(slice(0, 40)))
     for method, res in engine.explain(image, methods=METHODS[:2],
                                       contrast='runner_up').items():
@@ -295,15 +270,14 @@ def test_mask_maps_equal_grad_cam():
     model = _model()
     engine = CAMEngine(model, score_thr=0.0, topk=40)
     image = _image(1)
-    inputs, meta, _, dets = _decoded(engine, image)
+    inputs, meta, _, dets = decoded(engine, image)
     idx = _per_level(dets.select(slice(0, 40)), 2)
     assert len(idx) >= 4 and set(dets.levels[idx].tolist()) == {0, 1, 2}
     for method, res in engine.explain(image, methods=METHODS).items():
         assert res.mask_cams.shape == res.cams.shape and res.mask_cams.dtype == np.float32
         ref = _reference(model, inputs, meta, res, dets, idx, layers=[LAYERS] * len(idx),
                          mask_branch=engine.mask_branch)
-        on_image = res.letterbox.to_original(torch.from_numpy(ref), image.shape[:2])
-        np.testing.assert_allclose(res.mask_cams[idx], on_image.clamp(0, 1).numpy(),
+        np.testing.assert_allclose(res.mask_cams[idx], on_original(res, ref, image),
                                    atol=1e-4, err_msg=method)
         assert (res.mask_cams[idx].reshape(len(idx), -1).max(1) > 0).any(), method
         assert not np.allclose(res.mask_cams, res.cams, atol=1e-2), method
@@ -347,8 +321,8 @@ def test_plain_head_shares_convs_and_norms_by_levels():
     assert {'bbox_head.cls_convs.0.bn', 'bbox_head.scales.1'} <= set(dict(model.named_modules()))
     assert engine.adapter.level_of_layer('bbox_head.cls_convs.0.bn') is None
     image = _image(1)
-    inputs, meta, outs, dets = _decoded(engine, image)
-    pred = _predict(model, inputs, meta)
+    inputs, meta, outs, dets = decoded(engine, image)
+    pred = predicted(model, inputs, meta)
     assert torch.equal(dets.bboxes, pred.bboxes) and torch.equal(dets.scores, pred.scores)
     assert torch.equal(dets.labels, pred.labels)
     masks = engine.mask_branch.masks(outs, dets, meta)
@@ -360,8 +334,7 @@ def test_plain_head_shares_convs_and_norms_by_levels():
                                _reference(model, inputs, meta, res, dets, idx), atol=1e-4)
     ref = _reference(model, inputs, meta, res, dets, idx, layers=[LAYERS] * len(idx),
                      mask_branch=engine.mask_branch)
-    on_image = res.letterbox.to_original(torch.from_numpy(ref), image.shape[:2])
-    np.testing.assert_allclose(res.mask_cams[idx], on_image.clamp(0, 1).numpy(), atol=1e-4)
+    np.testing.assert_allclose(res.mask_cams[idx], on_original(res, ref, image), atol=1e-4)
 
 
 def test_candidates_hold_every_prior_and_each_kept_detection():
@@ -369,17 +342,14 @@ def test_candidates_hold_every_prior_and_each_kept_detection():
     kept detection is one candidate pair, with its box, score and prior."""
     model = _model()
     engine = CAMEngine(model, score_thr=0.0)
-    inputs, meta = preprocess(model, engine.pipeline, _image(3))
+    _, meta, outs, _ = decoded(engine, _image(3))
     adapter = engine.adapter
     with torch.no_grad():
-        outs = adapter.head_outputs(adapter.features(inputs))
         cands = adapter.candidates(outs, meta, 0.3)
     assert cands.scores.shape == (16 * 16 + 8 * 8 + 4 * 4, 3)
     dets = cands.detections
-    rows, labels = (cands.kept >= 0).nonzero(as_tuple=True)
+    rows, labels, same = kept_pairs(cands)
     assert len(rows) == len(dets) > 0 and cands.entered[rows, labels].all()
-    order = cands.kept[rows, labels].argsort()
-    same = cands.rows(rows[order].tolist(), labels[order].tolist())
     torch.testing.assert_close(same.scores, dets.scores, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(same.bboxes, dets.bboxes, rtol=1e-6, atol=1e-4)
     for name in ('labels', 'levels', 'ys', 'xs'):

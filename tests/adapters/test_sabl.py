@@ -26,9 +26,17 @@ from mmdet_cam_hook.adapters.sabl import (
     SABLRetinaAdapter,
     SABLRoIGradient,
 )
-from mmdet_cam_hook.runtime.pipeline import preprocess
-from mmdet_cam_hook.testing import build_detector, synthetic_image
-from mmdet_cam_hook.testing.reference import reference_input_cams
+from mmdet_cam_hook.testing import (
+    build_detector,
+    decoded,
+    kept_pairs,
+    live_outputs,
+    predicted,
+    synthetic_image,
+)
+from mmdet_cam_hook.testing.reference import reference_cams
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 METHODS = ['gradcam', 'hirescam', 'layercam']
 LIGHT_FPN = {'model.backbone.depth': 18, 'model.backbone.base_channels': 16,
@@ -52,14 +60,6 @@ CONFIGS = {'retina-gn': 'sabl/sabl-retinanet_r50-gn_fpn_1x_coco.py',
            'faster': 'sabl/sabl-faster-rcnn_r50_fpn_1x_coco.py',
            'cascade': 'sabl/sabl-cascade-rcnn_r50_fpn_1x_coco.py'}
 _BUILT = {}
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _options(name):
@@ -92,23 +92,6 @@ def _model(name):
     return _BUILT[name]
 
 
-def _decoded(model, engine, image):
-    inputs, meta = preprocess(model, engine.pipeline, image)
-    adapter = engine.adapter
-    with torch.no_grad():
-        outs = adapter.head_outputs(adapter.features(inputs))
-        dets = adapter.decode(outs, meta, engine.score_thr)
-    return inputs, meta, outs, dets
-
-
-def _predict(model, inputs, meta):
-    from mmdet.structures import DetDataSample
-
-    with torch.no_grad():
-        pred = model.predict(inputs, [DetDataSample(metainfo=meta)])[0].pred_instances
-    return pred[pred.scores.argsort(descending=True, stable=True)]
-
-
 def _per_level(levels, per_level=1):
     return [int(i) for lv in sorted(set(levels.tolist()))
             for i in np.flatnonzero(levels == lv)[:per_level]]
@@ -128,8 +111,8 @@ def test_decoding_scores_and_maps(name, adapter, routes):
     engine = CAMEngine(model, score_thr=0.0)
     assert type(engine.adapter) is adapter
     assert [layer.route for layer in engine.layers] == routes
-    inputs, meta, outs, dets = _decoded(model, engine, image)
-    pred = _predict(model, inputs, meta)
+    inputs, meta, outs, dets = decoded(engine, image)
+    pred = predicted(model, inputs, meta)
     assert len(dets) == len(pred) > 0
     assert torch.equal(dets.bboxes, pred.bboxes)
     assert torch.equal(dets.scores, pred.scores)
@@ -145,11 +128,8 @@ def test_decoding_scores_and_maps(name, adapter, routes):
     for method, res in results.items():
         np.testing.assert_array_equal(res.scores, dets.scores.numpy())
         idx = _per_level(res.levels)
-        try:
-            ref = reference_input_cams(model, inputs, method, [res.layers[i] for i in idx],
-                                       dets.select(torch.tensor(idx)))
-        finally:
-            model.zero_grad(set_to_none=True)
+        ref = reference_cams(model, inputs, method, [res.layers[i] for i in idx],
+                             dets.select(torch.tensor(idx)))
         np.testing.assert_allclose(res.input_cams[idx], ref, atol=1e-4, err_msg=method)
         for level, layer in enumerate(engine.layer_names):
             on = res.levels == level
@@ -163,7 +143,7 @@ def test_retina_score_is_class_times_bucketing_confidence():
     (top bucket plus its neighbour, averaged over the 4 sides), not the class score alone."""
     model = _model('retina-gn')
     engine = CAMEngine(model, score_thr=0.0, topk=6)
-    _, _, outs, dets = _decoded(model, engine, synthetic_image(96, 160, seed=1))
+    _, _, outs, dets = decoded(engine, synthetic_image(96, 160, seed=1))
     cls_scores, bucket_cls, _ = outs
     side = model.bbox_head.side_num
     for k in range(len(dets)):
@@ -184,12 +164,10 @@ def test_candidates_hold_the_kept_detections(name):
     model = _model(name)
     engine = CAMEngine(model, score_thr=0.0)
     check_candidates(engine.adapter)
-    _, meta, outs, dets = _decoded(model, engine, synthetic_image(96, 160, seed=1))
+    _, meta, outs, dets = decoded(engine, synthetic_image(96, 160, seed=1))
     cands = engine.adapter.candidates(outs, meta, 0.0)
-    rows, labels = (cands.kept >= 0).nonzero(as_tuple=True)
+    rows, labels, same = kept_pairs(cands)
     assert len(rows) == len(dets) > 0
-    order = cands.kept[rows, labels].argsort()
-    same = cands.rows(rows[order].tolist(), labels[order].tolist())
     torch.testing.assert_close(same.scores, dets.scores, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(same.bboxes, dets.bboxes, rtol=1e-6, atol=1e-4)
     for field in ('labels', 'levels', 'ys', 'xs', 'anchors'):
@@ -204,12 +182,9 @@ def test_roi_gradient_equals_the_full_backward():
     model = _model('faster')
     engine = CAMEngine(model, score_thr=0.0, topk=12)
     assert isinstance(engine.local_grad, SABLRoIGradient)
-    inputs, _, _, dets = _decoded(model, engine, synthetic_image(96, 160, seed=1))
+    inputs, meta, _, dets = decoded(engine, synthetic_image(96, 160, seed=1))
     adapter = engine.adapter
-    with torch.no_grad():
-        feats = adapter.features(inputs)
-    feats = tuple(f.detach().requires_grad_(True) for f in feats)
-    outs = adapter.head_outputs(feats)
+    feats, outs = live_outputs(adapter, inputs, meta)
     for level in range(4):
         on = dets.select(dets.levels == level)
         grads = engine.local_grad(feats[level], level, on)

@@ -23,9 +23,10 @@ from mmdet_cam_hook.adapters.solo import (
     SOLOMaskBranch,
     SOLOV2Adapter,
 )
-from mmdet_cam_hook.runtime.pipeline import preprocess
-from mmdet_cam_hook.testing import synthetic_image
-from mmdet_cam_hook.testing.reference import reference_input_cams
+from mmdet_cam_hook.testing import build_model, decoded, offline_config, synthetic_image
+from mmdet_cam_hook.testing.reference import on_original, reference_cams
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 GN = dict(type='GN', num_groups=8, requires_grad=True)
 SMALL = {'model.backbone.depth': 18, 'model.neck.in_channels': [64, 128, 256, 512],
@@ -50,14 +51,6 @@ METHODS = ('gradcam', 'hirescam', 'layercam')
 _BUILT = {}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(params=list(MODELS))
 def name(request):
     return request.param
@@ -67,24 +60,9 @@ def _build(name: str, seed: int = 0) -> torch.nn.Module:
     """mmdet's config shrunk (``SMALL``), built offline (no ``Pretrained`` init), the test
     pipeline at 128 px, the head's convolutions spread. ``testing.build_detector`` knows
     ``bbox_head`` and RoI heads only; SOLO has a ``mask_head`` alone."""
-    from mmdet.registry import MODELS as REGISTRY
-    from mmengine.config import Config
-    from mmengine.registry import DefaultScope
-
-    from mmdet_cam_hook.testing import _drop_pretrained, _quiet_init_weights, mmdet_config
-
     config, _, mask_feat = MODELS[name]
-    cfg = Config.fromfile(mmdet_config(config))
-    cfg.merge_from_dict({**SMALL, **(MASK_FEAT if mask_feat else {})})
-    _drop_pretrained(cfg.model)
-    for key in ('test_dataloader', 'val_dataloader'):
-        for t in cfg[key].dataset.pipeline:
-            if t.type == 'Resize':
-                t.scale = (128, 128)
-    torch.manual_seed(seed)
-    with DefaultScope.overwrite_default_scope('mmdet'):
-        model = REGISTRY.build(cfg.model)
-    _quiet_init_weights(model)
+    cfg = offline_config(config, 128, {**SMALL, **(MASK_FEAT if mask_feat else {})})
+    model = build_model(cfg, seed, ('a', 'b', 'c'))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for key, param in model.mask_head.named_parameters():
@@ -93,9 +71,7 @@ def _build(name: str, seed: int = 0) -> torch.nn.Module:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
             elif key.endswith('bias') and 'conv_cls' in key:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-    model.cfg = cfg
-    model.dataset_meta = dict(classes=('a', 'b', 'c'))
-    return model.eval()
+    return model
 
 
 def _model(name):
@@ -106,14 +82,6 @@ def _model(name):
 
 def _image():
     return synthetic_image(96, 160, seed=4)  # resized to 77 x 128: scale_factor != 1
-
-
-def _forward(engine, image):
-    inputs, meta = preprocess(engine.model, engine.pipeline, image)
-    with torch.no_grad():
-        outs = engine.adapter.head_outputs(engine.adapter.features(inputs))
-        dets = engine.adapter.decode(outs, meta, engine.score_thr)
-    return inputs, meta, dets
 
 
 def _spread(dets, most: int = 3):
@@ -167,7 +135,7 @@ def test_decoding_equals_model_predict(name):
     model = _model(name)
     engine = CAMEngine(model, score_thr=0.0)
     image = _image()
-    inputs, meta, dets = _forward(engine, image)
+    inputs, meta, _, dets = decoded(engine, image)
     with torch.no_grad():
         pred = model.predict(inputs, [DetDataSample(metainfo=meta)])[0].pred_instances
     res = engine.explain(image, methods='hirescam')['hirescam']
@@ -191,10 +159,10 @@ def test_decoding_equals_model_predict(name):
 def test_decoding_keeps_the_config_pre_filter():
     """A score_thr above the config's filters model.predict's detections only."""
     engine = CAMEngine(_model('solo'), score_thr=0.0)
-    _, meta, dets = _forward(engine, _image())
+    _, meta, _, dets = decoded(engine, _image())
     thr = float(dets.scores[3])
     engine = CAMEngine(_model('solo'), score_thr=thr)
-    _, _, high = _forward(engine, _image())
+    _, _, _, high = decoded(engine, _image())
     torch.testing.assert_close(high.scores, dets.scores[dets.scores >= thr], rtol=0, atol=0)
 
 
@@ -227,7 +195,7 @@ def test_targets_equal_a_plain_backward(name):
     """d score / d level map and d mask target / d level map of each instance equal plain
     autograd through the hand-read targets (every level map: SOLOv2's maskness reads all)."""
     engine = CAMEngine(_model(name), score_thr=0.0)
-    inputs, meta, dets = _forward(engine, _image())
+    inputs, meta, _, dets = decoded(engine, _image())
     adapter, branch = engine.adapter, engine.mask_branch
     with torch.no_grad():
         feats = adapter.features(inputs)
@@ -256,17 +224,14 @@ def test_class_maps_equal_grad_cam(name):
     model = _model(name)
     engine = CAMEngine(model, score_thr=0.0)
     image = _image()
-    inputs, meta, dets = _forward(engine, image)
+    inputs, meta, _, dets = decoded(engine, image)
     idx = _spread(dets)
     results = engine.explain(image, methods=METHODS)
     for method, res in results.items():
         assert [res.layers[i] for i in idx] == [[LEVEL_LAYERS[int(dets.levels[i])]]
                                                 for i in idx]
-        try:
-            ref = reference_input_cams(model, inputs, method, [res.layers[i] for i in idx],
-                                       dets.select(torch.tensor(idx)), metainfo=meta)
-        finally:
-            model.zero_grad(set_to_none=True)
+        ref = reference_cams(model, inputs, method, [res.layers[i] for i in idx],
+                             dets.select(torch.tensor(idx)), metainfo=meta)
         np.testing.assert_allclose(res.input_cams[idx], ref, atol=1e-4, err_msg=method)
         assert (ref.reshape(len(idx), -1).max(1) > 0).all(), method
 
@@ -280,21 +245,16 @@ def test_mask_maps_equal_grad_cam(name):
     model = _model(name)
     engine = CAMEngine(model, score_thr=0.0)
     image = _image()
-    inputs, meta, dets = _forward(engine, image)
+    inputs, meta, _, dets = decoded(engine, image)
     idx = _spread(dets)
     results = engine.explain(image, methods=METHODS)
     for method, res in results.items():
         assert res.mask_cams.shape == res.cams.shape and res.mask_cams.dtype == np.float32
-        try:
-            layers = [engine.layer_names if MODELS[name][2] else
-                      [LEVEL_LAYERS[int(dets.levels[i])]] for i in idx]
-            ref = reference_input_cams(model, inputs, method, layers,
-                                       dets.select(torch.tensor(idx)), metainfo=meta,
-                                       mask_branch=engine.mask_branch)
-        finally:
-            model.zero_grad(set_to_none=True)
-        on_image = res.letterbox.to_original(torch.from_numpy(ref), image.shape[:2])
-        np.testing.assert_allclose(res.mask_cams[idx], on_image.clamp(0, 1).numpy(),
+        layers = [engine.layer_names if MODELS[name][2] else
+                  [LEVEL_LAYERS[int(dets.levels[i])]] for i in idx]
+        ref = reference_cams(model, inputs, method, layers, dets.select(torch.tensor(idx)),
+                             metainfo=meta, mask_branch=engine.mask_branch)
+        np.testing.assert_allclose(res.mask_cams[idx], on_original(res, ref, image),
                                    atol=1e-4, err_msg=method)
         assert res.mask_cams[idx].max() > 0, method  # Grad-CAM may blank one (ReLU)
         assert not np.allclose(res.mask_cams, res.cams, atol=1e-2), method
@@ -306,17 +266,14 @@ def test_contrast_maps_equal_grad_cam():
     model = _model('solov2')
     engine = CAMEngine(model, score_thr=0.0)
     image = _image()
-    inputs, meta, dets = _forward(engine, image)
+    inputs, meta, _, dets = decoded(engine, image)
     idx = _spread(dets, 2)
     res = engine.explain(image, methods='hirescam', contrast='runner_up')['hirescam']
     labels_b = res.contrast_labels[idx]
     assert (labels_b != res.labels[idx]).all()
-    try:
-        ref = reference_input_cams(model, inputs, 'hirescam', [res.layers[i] for i in idx],
-                                   dets.select(torch.tensor(idx)), metainfo=meta,
-                                   contrast_labels=labels_b.tolist())
-    finally:
-        model.zero_grad(set_to_none=True)
+    ref = reference_cams(model, inputs, 'hirescam', [res.layers[i] for i in idx],
+                         dets.select(torch.tensor(idx)), metainfo=meta,
+                         contrast_labels=labels_b.tolist())
     np.testing.assert_allclose(res.input_cams[idx], ref, atol=1e-4)
 
 
@@ -326,7 +283,7 @@ def test_level_maps_feed_only_their_levels_in_solo():
     image = _image()
     for name, blank in (('solo', True), ('solov2', False)):
         engine = CAMEngine(_model(name), score_thr=0.0, target_layers=['neck.fpn_convs.0'])
-        _, _, dets = _forward(engine, image)
+        _, _, _, dets = decoded(engine, image)
         other = dets.select(dets.levels != 0)
         assert len(other)
         with warnings.catch_warnings(record=True) as caught:

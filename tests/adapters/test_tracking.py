@@ -11,21 +11,19 @@ engine's detections of its frame, so a track's maps are the engine's maps of tho
 import numpy as np
 import pytest
 import torch
-from mmengine.config import Config
 
 from mmdet_cam_hook import CAMEngine
 from mmdet_cam_hook.adapters.masks import RoIMaskBranch
 from mmdet_cam_hook.adapters.wrappers import TrackingAdapter
 from mmdet_cam_hook.testing import (
-    _drop_pretrained,
-    _quiet_init_weights,
     _set_num_classes,
+    build_model,
     calibrate_bn,
-    mmdet_config,
+    offline_config,
     perturb_head,
     synthetic_image,
 )
-from mmdet_cam_hook.testing.reference import reference_input_cams
+from mmdet_cam_hook.testing.reference import on_original, reference_cams
 
 R18 = {'backbone.depth': 18, 'neck.in_channels': [64, 128, 256, 512],
        'test_cfg.rpn.max_per_img': 100, 'test_cfg.rcnn.max_per_img': 20,
@@ -55,27 +53,14 @@ _BUILT = {}
 def build_tracker(name: str, size: int = 128, num_classes: int = 3):
     """A random-init tracking model from mmdet's config: its detector narrowed, ``num_classes``
     classes, no score filter, frames resized to ``size``, the detector's head perturbed."""
-    from mmdet.registry import MODELS as MMDET_MODELS
-    from mmengine.registry import DefaultScope
-
     config, options, perturb, _ = MODELS[name]
-    cfg = Config.fromfile(mmdet_config(config))
+    cfg = offline_config(config, size)
     cfg.merge_from_dict({f'model.detector.{k}': v for k, v in options.items()
                          if k.split('.')[0] in cfg.model.detector})
     det_cfg = cfg.model.detector
     _set_num_classes(det_cfg, num_classes)
     (det_cfg.test_cfg.rcnn if 'rcnn' in det_cfg.test_cfg else det_cfg.test_cfg).score_thr = 0.0
-    _drop_pretrained(cfg.model)
-    for key in ('test_dataloader', 'val_dataloader'):
-        for t in cfg[key].dataset.pipeline:
-            for u in t.get('transforms', [t]):
-                if u.type == 'Resize':
-                    u.scale = (size, size)
-    torch.manual_seed(0)
-    with DefaultScope.overwrite_default_scope('mmdet'):
-        model = MMDET_MODELS.build(cfg.model)
-    _quiet_init_weights(model)
-    model.cfg = cfg
+    model = build_model(cfg, 0, num_classes)
     perturb = dict(perturb)
     if perturb.pop('calibrate', False):
         # calibrate_bn reads the (per-frame) test pipeline and preprocesses as the tracker does
@@ -87,8 +72,7 @@ def build_tracker(name: str, size: int = 128, num_classes: int = 3):
             model.detector.data_preprocessor = own
             del model.detector.cfg
     perturb_head(model.detector, 0, **perturb)
-    model.dataset_meta = dict(classes=tuple(f'class{i}' for i in range(num_classes)))
-    return model.eval()
+    return model
 
 
 @pytest.fixture(scope='module', params=list(MODELS))
@@ -172,11 +156,8 @@ def test_maps_equal_grad_cam(tracker):
     idx = [int(np.flatnonzero(res.levels == lv)[0]) for lv in sorted(set(res.levels.tolist()))]
     assert len(idx) >= 2
     layers = [[n[len('detector.'):] for n in res.layers[i]] for i in idx]
-    try:
-        ref = reference_input_cams(model.detector, inputs, 'hirescam', layers,
-                                   dets.select(torch.tensor(idx)))
-    finally:
-        model.zero_grad(set_to_none=True)
+    ref = reference_cams(model.detector, inputs, 'hirescam', layers,
+                         dets.select(torch.tensor(idx)))
     np.testing.assert_allclose(res.input_cams[idx], ref, atol=1e-4)
 
 
@@ -196,14 +177,9 @@ def test_mask_maps_equal_grad_cam():
     assert len(idx) >= 2
     layers = [[MODELS['masktrack'][3][levels[i]]] for i in idx]
     res = engine.explain(image, methods='hirescam')['hirescam']
-    try:
-        ref = reference_input_cams(model.detector, inputs, 'hirescam', layers,
-                                   dets.select(torch.tensor(idx)), metainfo=meta,
-                                   mask_branch=branch)
-    finally:
-        model.zero_grad(set_to_none=True)
-    on_image = res.letterbox.to_original(torch.from_numpy(ref), image.shape[:2])
-    np.testing.assert_allclose(res.mask_cams[idx], on_image.clamp(0, 1).numpy(), atol=1e-4)
+    ref = reference_cams(model.detector, inputs, 'hirescam', layers,
+                         dets.select(torch.tensor(idx)), metainfo=meta, mask_branch=branch)
+    np.testing.assert_allclose(res.mask_cams[idx], on_original(res, ref, image), atol=1e-4)
     assert (res.mask_cams[idx].reshape(len(idx), -1).max(1) > 0).all()
 
 

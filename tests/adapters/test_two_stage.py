@@ -13,7 +13,6 @@ levels (the extractor's own ``map_roi_levels`` still decides).
 import numpy as np
 import pytest
 import torch
-from mmengine.config import Config
 from torch import nn
 
 from mmdet_cam_hook import METHODS, CAMEngine
@@ -24,14 +23,16 @@ from mmdet_cam_hook.adapters.roi_variants import (
     HTCAdapter,
 )
 from mmdet_cam_hook.adapters.two_stage import CascadeRCNNAdapter, RoIGradient, TwoStageAdapter
-from mmdet_cam_hook.runtime.pipeline import preprocess
 from mmdet_cam_hook.testing import (
-    _drop_pretrained,
-    _quiet_init_weights,
-    mmdet_config,
+    _set_num_classes,
+    build_model,
+    decoded,
+    live_outputs,
+    offline_config,
+    predicted,
     synthetic_image,
 )
-from mmdet_cam_hook.testing.reference import reference_input_cams
+from mmdet_cam_hook.testing.reference import reference_cams
 
 SMALL = {
     'model.backbone.depth': 18,
@@ -78,25 +79,9 @@ def build_two_stage(config: str, input_size: int = 128, num_classes: int = 3, se
     """A random-init two-stage detector from mmdet's ``config`` (no download), its RoI
     classifiers and the RPN's regression set to Gaussian weights so that scores vary from RoI to
     RoI and proposals have varied sizes."""
-    from mmdet.registry import MODELS as MMDET_MODELS
-    from mmengine.registry import DefaultScope
-
-    cfg = Config.fromfile(mmdet_config(config))
-    cfg.merge_from_dict(cfg_options or {})
-    roi = cfg.model.roi_head
-    for key in ('bbox_head', 'mask_head'):
-        heads = roi.get(key)
-        for head in (heads if isinstance(heads, list) else [heads] if heads else []):
-            head.num_classes = num_classes
-    _drop_pretrained(cfg.model)
-    for key in ('test_dataloader', 'val_dataloader'):
-        for t in cfg[key].dataset.pipeline:
-            if t.type == 'Resize':
-                t.scale = (input_size, input_size)
-    torch.manual_seed(seed)
-    with DefaultScope.overwrite_default_scope('mmdet'):
-        model = MMDET_MODELS.build(cfg.model)
-    _quiet_init_weights(model)
+    cfg = offline_config(config, input_size, cfg_options)
+    _set_num_classes(cfg.model, num_classes)
+    model = build_model(cfg, seed, num_classes)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         # proposals of varied sizes (RoIs on every level), then varied class scores
@@ -110,9 +95,7 @@ def build_two_stage(config: str, input_size: int = 128, num_classes: int = 3, se
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
             elif 'fc_reg.weight' in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
-    model.cfg = cfg
-    model.dataset_meta = dict(classes=tuple(f'class{i}' for i in range(num_classes)))
-    return model.eval()
+    return model
 
 
 def _model(name):
@@ -131,23 +114,11 @@ def name(request):
     return request.param
 
 
-def _decoded(model, engine, image):
-    inputs, meta = preprocess(model, engine.pipeline, image)
-    adapter = engine.adapter
-    with torch.no_grad():
-        dets = adapter.decode(adapter.head_outputs(adapter.features(inputs)), meta,
-                              engine.score_thr)
-    return inputs, meta, dets
-
-
 def _reference(model, engine, image, res, idx):
-    inputs, _, dets = _decoded(model, engine, image)
+    inputs, _, _, dets = decoded(engine, image)
     np.testing.assert_array_equal(dets.scores[:len(res)].numpy(), res.scores)
-    try:
-        return reference_input_cams(model, inputs, res.method, [res.layers[i] for i in idx],
-                                    dets.select(torch.tensor(idx, dtype=torch.long)))
-    finally:
-        model.zero_grad(set_to_none=True)
+    return reference_cams(model, inputs, res.method, [res.layers[i] for i in idx],
+                          dets.select(torch.tensor(idx, dtype=torch.long)))
 
 
 def _per_level(levels, per_level=1):
@@ -195,19 +166,15 @@ def test_detections_equal_model_predict(name):
     """Boxes, scores, labels and order equal ``model.predict`` (Mask R-CNN: boxes rescaled
     after NMS, as its mask branch does); each score re-read on the live maps for its RoI alone
     equals the decoded one; detections come from RoIs on every level."""
-    from mmdet.structures import DetDataSample
-
     model = _model(name)
     engine = CAMEngine(model, score_thr=0.0)
     image = synthetic_image(96, 160, seed=4)
-    inputs, meta, dets = _decoded(model, engine, image)
-    with torch.no_grad():
-        pred = model.predict(inputs, [DetDataSample(metainfo=meta)])[0].pred_instances
-    order = pred.scores.argsort(descending=True, stable=True)
+    inputs, meta, _, dets = decoded(engine, image)
+    pred = predicted(model, inputs, meta)
     assert len(dets) == len(pred) > 0
-    assert torch.equal(dets.bboxes, pred.bboxes[order])
-    assert torch.equal(dets.scores, pred.scores[order])
-    assert torch.equal(dets.labels, pred.labels[order])
+    assert torch.equal(dets.bboxes, pred.bboxes)
+    assert torch.equal(dets.scores, pred.scores)
+    assert torch.equal(dets.labels, pred.labels)
     assert len(dets.scores.unique()) == len(dets), 'scores tie: perturb the RoI classifier'
     adapter = engine.adapter
     outs = adapter.head_outputs(adapter.features(inputs))
@@ -260,13 +227,10 @@ def test_roi_gradient_equals_the_full_backward():
     head, detection by detection (raw gradients, not maps)."""
     model = _model('faster-rcnn')
     engine = CAMEngine(model, score_thr=0.0, topk=16)
-    inputs, _, dets = _decoded(model, engine, synthetic_image(96, 160, seed=4))
+    inputs, meta, _, dets = decoded(engine, synthetic_image(96, 160, seed=4))
     adapter = engine.adapter
     assert isinstance(engine.local_grad, RoIGradient)
-    with torch.no_grad():
-        feats = adapter.features(inputs)
-    feats = tuple(f.detach().requires_grad_(True) for f in feats)
-    outs = adapter.head_outputs(feats)
+    feats, outs = live_outputs(adapter, inputs, meta)
     for level in range(4):
         on = dets.select(dets.levels == level)
         grads = engine.local_grad(feats[level], level, on)
@@ -295,8 +259,6 @@ def test_mask_scoring_rcnn_explains_the_score_with_the_mask_iou():
     times the predicted mask IoU of the kept box; decoding equals them (the detections scoring
     >= 0: a random-init IoU head predicts some negative IoUs), the live score equals the
     decoded one, the box is the second pooled stage, maps (exact route) equal grad-cam's."""
-    from mmdet.structures import DetDataSample
-
     from mmdet_cam_hook.adapters.roi_variants import MaskScoringRCNNAdapter
 
     torch.set_num_threads(1)
@@ -313,15 +275,13 @@ def test_mask_scoring_rcnn_explains_the_score_with_the_mask_iou():
     engine = CAMEngine(model, score_thr=0.0, topk=8)
     assert type(engine.adapter) is MaskScoringRCNNAdapter
     assert [layer.route for layer in engine.layers] == ['exact'] * 4
-    inputs, meta, dets = _decoded(model, engine, image)
-    with torch.no_grad():
-        pred = model.predict(inputs, [DetDataSample(metainfo=meta)])[0].pred_instances
+    inputs, meta, _, dets = decoded(engine, image)
+    pred = predicted(model, inputs, meta)
     pred = pred[pred.scores >= 0]
-    order = pred.scores.argsort(descending=True, stable=True)
     assert len(dets) == len(pred) > 0
-    assert torch.equal(dets.bboxes, pred.bboxes[order])
-    assert torch.equal(dets.scores, pred.scores[order])
-    assert torch.equal(dets.labels, pred.labels[order])
+    assert torch.equal(dets.bboxes, pred.bboxes)
+    assert torch.equal(dets.scores, pred.scores)
+    assert torch.equal(dets.labels, pred.labels)
     assert dets.rois.shape == (len(dets), 2, 4)
     adapter = engine.adapter
     scores = adapter.scores(adapter.head_outputs(adapter.features(inputs)), dets)
@@ -337,8 +297,6 @@ def test_tridentnet_one_test_branch():
     config): decoding (Faster R-CNN's, then ``merge_trident_bboxes``' NMS) equals
     ``model.predict``; the level layer is the backbone's output on the RoI route, and maps
     equal grad-cam's."""
-    from mmdet.structures import DetDataSample
-
     from mmdet_cam_hook.adapters.base import module_at
     from mmdet_cam_hook.adapters.roi_variants import TridentAdapter
 
@@ -360,14 +318,12 @@ def test_tridentnet_one_test_branch():
     assert type(engine.adapter) is TridentAdapter
     assert engine.layer_names == ['backbone.layer3']
     assert [layer.route for layer in engine.layers] == ['local']
-    inputs, meta, dets = _decoded(model, engine, image)
-    with torch.no_grad():
-        pred = model.predict(inputs, [DetDataSample(metainfo=meta)])[0].pred_instances
-    order = pred.scores.argsort(descending=True, stable=True)
+    inputs, meta, _, dets = decoded(engine, image)
+    pred = predicted(model, inputs, meta)
     assert len(dets) == len(pred) > 4
-    assert torch.equal(dets.bboxes, pred.bboxes[order])
-    assert torch.equal(dets.scores, pred.scores[order])
-    assert torch.equal(dets.labels, pred.labels[order])
+    assert torch.equal(dets.bboxes, pred.bboxes)
+    assert torch.equal(dets.scores, pred.scores)
+    assert torch.equal(dets.labels, pred.labels)
     res = engine.explain(image, methods='hirescam')['hirescam']
     idx = [0, 3]
     np.testing.assert_allclose(res.input_cams[idx], _reference(model, engine, image, res, idx),

@@ -18,9 +18,16 @@ import torch
 from mmdet_cam_hook import CAMEngine
 from mmdet_cam_hook.adapters import build_adapter
 from mmdet_cam_hook.adapters.yolact import YOLACTAdapter, YOLACTMaskBranch
-from mmdet_cam_hook.runtime.pipeline import preprocess
-from mmdet_cam_hook.testing import build_detector, synthetic_image
-from mmdet_cam_hook.testing.reference import reference_input_cams
+from mmdet_cam_hook.testing import (
+    build_detector,
+    decoded,
+    own_test_cfg,
+    predicted,
+    synthetic_image,
+)
+from mmdet_cam_hook.testing.reference import on_original, reference_cams
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 CONFIG = 'yolact/yolact_r50_1xb8-55e_coco.py'
 LIGHT = {'model.backbone.depth': 18, 'model.backbone.base_channels': 16,
@@ -38,14 +45,6 @@ METHODS = ('gradcam', 'hirescam', 'layercam')
 _BUILT = {}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model():
     if 'yolact' not in _BUILT:
         _BUILT['yolact'] = build_detector(CONFIG, perturb=PERTURB, cfg_options=LIGHT)
@@ -54,23 +53,6 @@ def _model():
 
 def _image():
     return synthetic_image(96, 160, seed=4)  # resized to 128 x 128 (no keep-ratio)
-
-
-def _forward(engine, image):
-    inputs, meta = preprocess(engine.model, engine.pipeline, image)
-    adapter = engine.adapter
-    with torch.no_grad():
-        outs = adapter.head_outputs(adapter.features(inputs))
-        dets = adapter.decode(outs, meta, engine.score_thr)
-    return inputs, meta, outs, dets
-
-
-def _predict(model, inputs, meta):
-    from mmdet.structures import DetDataSample
-
-    with torch.no_grad():
-        pred = model.predict(inputs, [DetDataSample(metainfo=meta)])[0].pred_instances
-    return pred[pred.scores.argsort(descending=True, stable=True)]
 
 
 def _pick(dets, num=40):
@@ -108,8 +90,8 @@ def test_decode_and_masks_equal_model_predict():
     model = _model()
     engine = CAMEngine(model, score_thr=0.0)
     image = _image()
-    inputs, meta, outs, dets = _forward(engine, image)
-    pred = _predict(model, inputs, meta)
+    inputs, meta, outs, dets = decoded(engine, image)
+    pred = predicted(model, inputs, meta)
     assert len(dets) == len(pred) > 20
     assert torch.equal(dets.bboxes, pred.bboxes) and torch.equal(dets.labels, pred.labels)
     assert torch.equal(dets.scores, pred.scores)
@@ -130,30 +112,19 @@ def test_decode_equals_model_predict_at_the_configs_own_test_cfg():
     """With the config's own ``test_cfg`` (1000 candidates a level, Fast NMS at IoU 0.5, top
     200 a class), at its threshold 0.05 and above: the kept boxes, labels and scores are
     ``model.predict``'s."""
-    from mmengine.config import Config, ConfigDict
-
-    from mmdet_cam_hook.testing import mmdet_config
-
     model = _model()
     engine = CAMEngine(model, score_thr=0.0)
-    inputs, meta = preprocess(model, engine.pipeline, _image())
-    own = Config.fromfile(mmdet_config(CONFIG)).model.test_cfg
-    head = model.bbox_head
-    saved = head.test_cfg
-    head.test_cfg = ConfigDict(own)
-    try:
-        pred = _predict(model, inputs, meta)
-        with torch.no_grad():
-            outs = engine.adapter.head_outputs(engine.adapter.features(inputs))
-            for thr in (float(own.score_thr), 0.3):
+    inputs, meta, outs, _ = decoded(engine, _image())
+    with own_test_cfg(model, CONFIG) as own:
+        pred = predicted(model, inputs, meta)
+        for thr in (float(own.score_thr), 0.3):
+            with torch.no_grad():
                 dets = engine.adapter.decode(outs, meta, thr)
-                keep = pred.scores >= thr
-                assert 0 < len(dets) == int(keep.sum()), thr
-                assert torch.equal(dets.bboxes, pred.bboxes[keep])
-                assert torch.equal(dets.scores, pred.scores[keep])
-                assert torch.equal(dets.labels, pred.labels[keep])
-    finally:
-        head.test_cfg = saved
+            keep = pred.scores >= thr
+            assert 0 < len(dets) == int(keep.sum()), thr
+            assert torch.equal(dets.bboxes, pred.bboxes[keep])
+            assert torch.equal(dets.scores, pred.scores[keep])
+            assert torch.equal(dets.labels, pred.labels[keep])
 
 
 def test_class_maps_equal_grad_cam():
@@ -162,15 +133,12 @@ def test_class_maps_equal_grad_cam():
     model = _model()
     engine = CAMEngine(model, score_thr=0.0, topk=40)
     image = _image()
-    inputs, _, _, dets = _forward(engine, image)
+    inputs, _, _, dets = decoded(engine, image)
     idx = _pick(dets)
     assert len(set(dets.levels[idx].tolist())) >= 4
     for method, res in engine.explain(image, methods=METHODS).items():
-        try:
-            ref = reference_input_cams(model, inputs, method, [res.layers[i] for i in idx],
-                                       dets.select(torch.tensor(idx)))
-        finally:
-            model.zero_grad(set_to_none=True)
+        ref = reference_cams(model, inputs, method, [res.layers[i] for i in idx],
+                             dets.select(torch.tensor(idx)))
         np.testing.assert_allclose(res.input_cams[idx], ref, atol=1e-4, err_msg=method)
 
 
@@ -182,7 +150,7 @@ def test_mask_target_mixes_levels():
     branch = engine.mask_branch
     assert type(branch) is YOLACTMaskBranch and branch.route == 'exact'
     assert not engine.batchable  # local class maps, but the mask targets need the graph
-    inputs, meta, _, dets = _forward(engine, _image())
+    inputs, meta, _, dets = decoded(engine, _image())
     sub = dets.select(torch.tensor(_pick(dets)))
     adapter = engine.adapter
     feats = tuple(f.detach().requires_grad_(True) for f in adapter.features(inputs))
@@ -203,21 +171,17 @@ def test_engine_masks_and_mask_maps_equal_model_predict_and_grad_cam(layers):
     model = _model()
     engine = CAMEngine(model, score_thr=0.0, topk=12, target_layers=layers)
     image = _image()
-    inputs, meta, _, dets = _forward(engine, image)
+    inputs, meta, _, dets = decoded(engine, image)
     dets = dets.select(slice(0, 12))
-    pred = _predict(model, inputs, meta)
+    pred = predicted(model, inputs, meta)
     results = engine.explain(image, methods=METHODS)
     names = engine.layer_names
     assert names == (FPN_LAYERS if layers is None else [layers])
     for method, res in results.items():
         assert torch.equal(torch.from_numpy(res.masks), pred.masks[:12])
-        try:
-            ref = reference_input_cams(model, inputs, method, [names] * len(dets), dets,
-                                       metainfo=meta, mask_branch=engine.mask_branch)
-        finally:
-            model.zero_grad(set_to_none=True)
-        on_image = res.letterbox.to_original(torch.from_numpy(ref), image.shape[:2])
-        np.testing.assert_allclose(res.mask_cams, on_image.clamp(0, 1).numpy(), atol=1e-4,
+        ref = reference_cams(model, inputs, method, [names] * len(dets), dets, metainfo=meta,
+                             mask_branch=engine.mask_branch)
+        np.testing.assert_allclose(res.mask_cams, on_original(res, ref, image), atol=1e-4,
                                    err_msg=method)
         assert (res.mask_cams.reshape(len(dets), -1).max(1) > 0).sum() > len(dets) // 2
         assert not np.allclose(res.mask_cams, res.cams, atol=1e-2), method

@@ -19,6 +19,8 @@ from mmdet_cam_hook.runtime.pipeline import preprocess
 from mmdet_cam_hook.testing import build_detector, synthetic_image
 from mmdet_cam_hook.testing.reference import reference_input_cams
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 YOLOX = dict(calibrate=True, weights={'multi_level_conv_': 0.02},
              biases={'multi_level_conv_cls': (0.0, 0.5), 'multi_level_conv_obj': (0.0, 0.5)})
 #: Mask R-CNN with ResNet-18, 100 proposals, RoIs on several levels; RoI classifier and RPN
@@ -43,14 +45,6 @@ ROWS = {
 }
 METHODS = ('gradcam', 'hirescam')
 _BUILT = {}
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(config, options):

@@ -23,15 +23,9 @@ from mmdet_cam_hook.runtime.pipeline import preprocess
 from mmdet_cam_hook.testing import build_yolox, synthetic_image
 from mmdet_cam_hook.testing.reference import reference_input_cams
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 S0, S1, S2 = (1 / (1 + math.exp(-v)) / (1 + math.exp(-10.0)) for v in (-1.0, 0.0, 2.0))
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')

@@ -53,12 +53,10 @@ def tiny_coco_model(root, num_val: int, perturb=TINY_PERTURB):
     Returns:
         tuple: ``(data, cfg, config path, checkpoint path, model)``.
     """
-    import os
-
     from mmengine.config import Config
 
     from mmdet_cam_hook.demo.shapes import generate_shapes
-    from mmdet_cam_hook.testing import build_detector, mmdet_config
+    from mmdet_cam_hook.testing import build_detector, coco_dataset, mmdet_config
 
     data = generate_shapes(root / 'shapes', num_train=1, num_val=num_val, image_size=64, seed=0)
     cfg = Config.fromfile(mmdet_config('yolox/yolox_nano_8xb8-300e_coco.py'))
@@ -68,13 +66,8 @@ def tiny_coco_model(root, num_val: int, perturb=TINY_PERTURB):
                 dict(type='Resize', scale=(96, 96), keep_ratio=True),
                 dict(type='Pad', pad_to_square=True, pad_val=dict(img=(114.0, 114.0, 114.0))),
                 dict(type='LoadAnnotations', with_bbox=True), dict(type='PackDetInputs')]
-    dataset = dict(type='CocoDataset', data_root=str(data.root),
-                   ann_file=str(data.ann_file('val')),
-                   data_prefix=dict(img=str(data.img_dir('val')) + os.sep),
-                   metainfo=dict(classes=data.classes), filter_cfg=dict(filter_empty_gt=False),
-                   pipeline=pipeline, test_mode=True)
-    cfg.val_dataloader = cfg.test_dataloader = dict(batch_size=1, num_workers=0,
-                                                    dataset=dataset)
+    cfg.val_dataloader = cfg.test_dataloader = dict(
+        batch_size=1, num_workers=0, dataset=coco_dataset(data, 'val', pipeline))
     cfg.train_dataloader = None
     cfg.custom_hooks = []
     config = root / 'tiny.py'

@@ -17,37 +17,17 @@ import torch
 
 from mmdet_cam_hook import METHODS
 from mmdet_cam_hook.cli.cam import build_parser, main
-from mmdet_cam_hook.testing import torchrun_beside
+from mmdet_cam_hook.testing import (
+    YOLOX_NANO_128,
+    confident_yolox_128,
+    squares_image,
+    torchrun_beside,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 MMDET_CAM = Path(sys.executable).parent / 'mmdet-cam'
 TOOL = REPO / 'tools' / 'analysis_tools' / 'demo_yolox_gradcam.py'
 CLASSES = ('circle', 'square', 'triangle')
-
-CONFIG = """
-_base_ = 'mmdet::yolox/yolox_nano_8xb8-300e_coco.py'
-img_scale = (128, 128)
-model = dict(bbox_head=dict(num_classes=3), test_cfg=dict(score_thr=0.0))
-test_pipeline = [
-    dict(type='LoadImageFromFile', backend_args=None),
-    dict(type='Resize', scale=img_scale, keep_ratio=True),
-    dict(type='Pad', pad_to_square=True, pad_val=dict(img=(114.0, 114.0, 114.0))),
-    dict(type='LoadAnnotations', with_bbox=True),
-    dict(type='PackDetInputs',
-         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
-]
-val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
-test_dataloader = val_dataloader
-"""
-
-
-def shapes_image(h, w, seed):
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
-    for _ in range(3):
-        x0, y0 = int(rng.integers(0, w - 30)), int(rng.integers(0, h - 30))
-        img[y0:y0 + 30, x0:x0 + 30] = rng.integers(100, 255, 3, dtype=np.uint8)
-    return img
 
 
 def training_checkpoint(model, path, extra_meta=None):
@@ -59,7 +39,7 @@ def training_checkpoint(model, path, extra_meta=None):
     hub.update_scalar('train/loss', np.float64(1.25))
     hub.update_scalar('coco/bbox_mAP', np.float64(0.125))
     hub.update_info('epoch', 3)
-    meta = dict(epoch=3, iter=30, cfg=CONFIG, seed=0, mmengine_version='0.10.7',
+    meta = dict(epoch=3, iter=30, cfg=YOLOX_NANO_128, seed=0, mmengine_version='0.10.7',
                 dataset_meta=dict(classes=CLASSES, palette=[(1, 2, 3)] * 3))
     meta.update(extra_meta or {})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -72,36 +52,28 @@ def training_checkpoint(model, path, extra_meta=None):
 def ws(tmp_path_factory):
     """Config, checkpoints and images. The random model's cls/obj biases are raised so that it
     scores priors at ~0.3-0.9 and detects things."""
-    from mmdet_cam_hook.runtime.model import init_model
-
     root = tmp_path_factory.mktemp('cli')
-    (root / 'yolox_nano_128.py').write_text(CONFIG)
-    model = init_model(str(root / 'yolox_nano_128.py'))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for conv in (*model.bbox_head.multi_level_conv_cls,
-                     *model.bbox_head.multi_level_conv_obj):
-            conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.5 + 1.0)
+    model = confident_yolox_128(root / 'yolox_nano_128.py')
     training_checkpoint(model, root / 'yolox.pth')
     training_checkpoint(model, root / 'unsafe.pth', dict(day=datetime.date(2024, 5, 1)))
     model.bbox_head.multi_level_conv_cls = model.bbox_head.multi_level_conv_cls[:2]
     torch.save(dict(state_dict=model.state_dict()), root / 'partial.pth')
 
-    cv2.imwrite(str(root / 'street.jpg'), shapes_image(96, 160, 0))
+    cv2.imwrite(str(root / 'street.jpg'), squares_image(96, 160, 0))
     many = root / 'many'
     many.mkdir()
-    cv2.imwrite(str(many / 'a.jpg'), shapes_image(96, 160, 1))
-    cv2.imwrite(str(many / 'b.png'), cv2.cvtColor(shapes_image(128, 100, 2), cv2.COLOR_BGR2GRAY))
-    cv2.imwrite(str(many / 'c.bmp'), shapes_image(80, 120, 3))
+    cv2.imwrite(str(many / 'a.jpg'), squares_image(96, 160, 1))
+    cv2.imwrite(str(many / 'b.png'), cv2.cvtColor(squares_image(128, 100, 2), cv2.COLOR_BGR2GRAY))
+    cv2.imwrite(str(many / 'c.bmp'), squares_image(80, 120, 3))
     (many / 'broken.jpg').write_bytes(b'not an image')
     (many / 'notes.txt').write_text('not an image either')
     # Unreadable and unusable images between good ones (sorted: a, b, c, d, e).
     mixed = root / 'mixed'
     mixed.mkdir()
-    cv2.imwrite(str(mixed / 'a.jpg'), shapes_image(96, 160, 1))
+    cv2.imwrite(str(mixed / 'a.jpg'), squares_image(96, 160, 1))
     (mixed / 'b_empty.jpg').write_bytes(b'')
     cv2.imwrite(str(mixed / 'c_strip.png'), np.full((1, 2000, 3), 200, np.uint8))
-    cv2.imwrite(str(mixed / 'd.png'), shapes_image(128, 100, 2))
+    cv2.imwrite(str(mixed / 'd.png'), squares_image(128, 100, 2))
     cv2.imwrite(str(mixed / 'e_strip.png'), np.full((2, 4000, 3), 200, np.uint8))
     cv2.imwrite(str(root / 'strip.png'), np.full((1, 2000, 3), 200, np.uint8))
     # Six images of different shapes for --batch-size; five in two subfolders for torchrun.
@@ -109,12 +81,12 @@ def ws(tmp_path_factory):
     batch.mkdir()
     for i, (h, w) in enumerate([(96, 160), (128, 100), (80, 120), (128, 128), (60, 90),
                                 (100, 140)]):
-        cv2.imwrite(str(batch / f'img{i}.jpg'), shapes_image(h, w, 10 + i))
+        cv2.imwrite(str(batch / f'img{i}.jpg'), squares_image(h, w, 10 + i))
     for sub, stems in (('x', 'ace'), ('y', 'bd')):
         (root / 'tree' / sub).mkdir(parents=True)
         for stem in stems:
             cv2.imwrite(str(root / 'tree' / sub / f'{stem}.jpg'),
-                        shapes_image(96, 120, ord(stem)))
+                        squares_image(96, 120, ord(stem)))
     (root / 'broken_config.py').write_text('model = dict(\n')
     from mmengine.registry import DefaultScope
     DefaultScope._instance_dict.clear()
@@ -304,7 +276,7 @@ def test_other_heads(head, tmp_path, capsys, monkeypatch):
     model.cfg.dump(str(tmp_path / 'model.py'))
     torch.save(dict(state_dict=model.state_dict(),
                     meta=dict(dataset_meta=dict(classes=CLASSES))), tmp_path / 'model.pth')
-    cv2.imwrite(str(tmp_path / 'street.jpg'), shapes_image(96, 160, 0))
+    cv2.imwrite(str(tmp_path / 'street.jpg'), squares_image(96, 160, 0))
     monkeypatch.chdir(tmp_path)
 
     assert main(['model.py', '--list-layers']) == 0
@@ -790,13 +762,13 @@ def test_bad_inputs(ws, capsys, monkeypatch, config, checkpoint, img, needles):
 
 def test_duplicate_stems(tmp_path, capsys):
     for name in ('x.jpg', 'x.png'):
-        cv2.imwrite(str(tmp_path / name), shapes_image(40, 40, 0))
+        cv2.imwrite(str(tmp_path / name), squares_image(40, 40, 0))
     assert main(['cfg.py', 'ckpt.pth', str(tmp_path)]) == 1
     assert "share the name 'x'" in error_line(capsys.readouterr().err)
     # In two folders of a recursive glob, too (under torchrun, too: every rank says it).
     (tmp_path / 'sub').mkdir()
-    cv2.imwrite(str(tmp_path / 'sub' / 'y.jpg'), shapes_image(40, 40, 0))
-    cv2.imwrite(str(tmp_path / 'y.bmp'), shapes_image(40, 40, 0))
+    cv2.imwrite(str(tmp_path / 'sub' / 'y.jpg'), squares_image(40, 40, 0))
+    cv2.imwrite(str(tmp_path / 'y.bmp'), squares_image(40, 40, 0))
     assert main(['cfg.py', 'ckpt.pth', str(tmp_path / '**' / 'y.*')]) == 1
     assert "share the name 'y'" in error_line(capsys.readouterr().err)
 
@@ -806,7 +778,7 @@ def test_output_name_clash(tmp_path, capsys):
     map with --method gradcam: refused before anything is loaded; other methods (and names
     the tool never writes, like ``a_det01``) are fine."""
     for name in ('a.jpg', 'a_det10.png', 'a_det01.jpg'):
-        cv2.imwrite(str(tmp_path / name), shapes_image(40, 40, 0))
+        cv2.imwrite(str(tmp_path / name), squares_image(40, 40, 0))
     assert main(['cfg.py', 'ckpt.pth', str(tmp_path)]) == 1
     line = error_line(capsys.readouterr().err)
     assert 'a.jpg and ' in line and 'a_det10.png would both write a_det10_gradcam.jpg' in line
@@ -824,7 +796,7 @@ def test_out_dir_never_overwrites_inputs(tmp_path, capsys):
     images = tmp_path / 'images'
     images.mkdir()
     for name in ('a.jpg', 'b.png'):
-        cv2.imwrite(str(images / name), shapes_image(40, 40, 0))
+        cv2.imwrite(str(images / name), squares_image(40, 40, 0))
     before = {p.name: p.read_bytes() for p in images.iterdir()}
     for out_dir in (images, images / '.', tmp_path / '..' / tmp_path.name / 'images'):
         assert main(['cfg.py', 'ckpt.pth', str(images), '--out-dir', str(out_dir)]) == 1
@@ -834,8 +806,8 @@ def test_out_dir_never_overwrites_inputs(tmp_path, capsys):
     assert main(['cfg.py', 'ckpt.pth', str(images / '*'), '--out-dir', str(images)]) == 1
     assert "config 'cfg.py' does not exist" in error_line(capsys.readouterr().err)
     # a_gradcam.jpg (a's combined map) and, with --save-all, b_panel.jpg are inputs too.
-    cv2.imwrite(str(images / 'a_gradcam.jpg'), shapes_image(40, 40, 1))
-    cv2.imwrite(str(images / 'b_panel.jpg'), shapes_image(40, 40, 2))
+    cv2.imwrite(str(images / 'a_gradcam.jpg'), squares_image(40, 40, 1))
+    cv2.imwrite(str(images / 'b_panel.jpg'), squares_image(40, 40, 2))
     before = {p.name: p.read_bytes() for p in images.iterdir()}
     assert main(['cfg.py', 'ckpt.pth', str(images / '*'), '--out-dir', str(images)]) == 1
     line = error_line(capsys.readouterr().err)

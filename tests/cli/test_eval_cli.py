@@ -11,9 +11,6 @@ import pytest
 from mmdet_cam_hook.cli.eval import main
 from mmdet_cam_hook.testing import torchrun_beside
 
-#: Scores 0.3-0.5 that depend on the pixels (see tests/test_evaluation.py).
-PERTURB = dict(calibrate=True, weights={'multi_level_conv_': 0.002},
-               biases={'multi_level_conv_cls': (0.0, 0.5), 'multi_level_conv_obj': (0.0, 0.5)})
 KEYS = {'pointing_game', 'energy_pointing_game', 'off_target_share', 'blank_share',
         'deletion_auc', 'insertion_auc', 'num_detections', 'num_matched', 'seconds_per_image'}
 
@@ -23,7 +20,7 @@ def ws(tmp_path_factory, make_tiny_coco):
     """A 4-image val split of the shapes at 64 px, a YOLOX-nano config testing at 96 px, and a
     checkpoint of a perturbed random-init YOLOX-nano."""
     root = tmp_path_factory.mktemp('eval')
-    _, _, config, checkpoint, _ = make_tiny_coco(root, num_val=4, perturb=PERTURB)
+    _, _, config, checkpoint, _ = make_tiny_coco(root, num_val=4)
     return root, str(config), str(checkpoint)
 
 
@@ -177,7 +174,7 @@ def mask_ws(tmp_path_factory):
     import torch
 
     from mmdet_cam_hook.demo.shapes import generate_shapes
-    from mmdet_cam_hook.testing import build_detector
+    from mmdet_cam_hook.testing import build_detector, coco_dataset
 
     root = tmp_path_factory.mktemp('eval_masks')
     data = generate_shapes(root / 'shapes', num_train=1, num_val=2, image_size=64, seed=0)
@@ -189,13 +186,8 @@ def mask_ws(tmp_path_factory):
     pipeline = [dict(type='LoadImageFromFile'),
                 dict(type='Resize', scale=(128, 128), keep_ratio=True),
                 dict(type='LoadAnnotations', with_bbox=True), dict(type='PackDetInputs')]
-    dataset = dict(type='CocoDataset', data_root=str(data.root),
-                   ann_file=str(data.ann_file('val')),
-                   data_prefix=dict(img=str(data.img_dir('val')) + os.sep),
-                   metainfo=dict(classes=data.classes), filter_cfg=dict(filter_empty_gt=False),
-                   pipeline=pipeline, test_mode=True)
-    cfg.val_dataloader = cfg.test_dataloader = dict(batch_size=1, num_workers=0,
-                                                    dataset=dataset)
+    cfg.val_dataloader = cfg.test_dataloader = dict(
+        batch_size=1, num_workers=0, dataset=coco_dataset(data, 'val', pipeline))
     cfg.train_dataloader = None
     cfg.dump(str(root / 'mask_rcnn.py'))
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, root / 'mask_rcnn.pth')

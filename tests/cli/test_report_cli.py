@@ -15,59 +15,23 @@ import torch
 from mmdet_cam_hook.cli.cam import main as cam_main
 from mmdet_cam_hook.cli.eval import main as eval_main
 from mmdet_cam_hook.evaluation.metrics import energy_in_box
-from mmdet_cam_hook.testing import torchrun_beside
+from mmdet_cam_hook.testing import confident_yolox_128, squares_image, torchrun_beside
 from mmdet_cam_hook.testing.browser import browser_unavailable, launch_chromium, open_page
 from mmdet_cam_hook.visualization.manifest import MANIFEST_SCHEMA, validate
-
-CONFIG = """
-_base_ = 'mmdet::yolox/yolox_nano_8xb8-300e_coco.py'
-img_scale = (128, 128)
-model = dict(bbox_head=dict(num_classes=3), test_cfg=dict(score_thr=0.0))
-test_pipeline = [
-    dict(type='LoadImageFromFile', backend_args=None),
-    dict(type='Resize', scale=img_scale, keep_ratio=True),
-    dict(type='Pad', pad_to_square=True, pad_val=dict(img=(114.0, 114.0, 114.0))),
-    dict(type='LoadAnnotations', with_bbox=True),
-    dict(type='PackDetInputs',
-         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
-]
-val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
-test_dataloader = val_dataloader
-"""
-#: Scores 0.3-0.5 that depend on the pixels (as tests/cli/test_eval_cli.py).
-PERTURB = dict(calibrate=True, weights={'multi_level_conv_': 0.002},
-               biases={'multi_level_conv_cls': (0.0, 0.5), 'multi_level_conv_obj': (0.0, 0.5)})
-
-
-def _image(h, w, seed):
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
-    for _ in range(3):
-        x0, y0 = int(rng.integers(0, w - 30)), int(rng.integers(0, h - 30))
-        img[y0:y0 + 30, x0:x0 + 30] = rng.integers(100, 255, 3, dtype=np.uint8)
-    return img
 
 
 @pytest.fixture(scope='module')
 def ws(tmp_path_factory):
     """A YOLOX-nano config at 128 px, a checkpoint whose random model detects things, a folder
     of 4 images and one unreadable file."""
-    from mmdet_cam_hook.runtime.model import init_model
-
     root = tmp_path_factory.mktemp('report_cli')
-    (root / 'yolox.py').write_text(CONFIG)
-    model = init_model(str(root / 'yolox.py'))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for conv in (*model.bbox_head.multi_level_conv_cls,
-                     *model.bbox_head.multi_level_conv_obj):
-            conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.5 + 1.0)
+    model = confident_yolox_128(root / 'yolox.py')
     torch.save(dict(state_dict=model.state_dict(),
                     meta=dict(dataset_meta=dict(classes=('circle', 'square', 'triangle')))),
                root / 'yolox.pth')
     (root / 'imgs').mkdir()
     for i, (h, w) in enumerate([(96, 160), (128, 100), (80, 120), (100, 140)]):
-        cv2.imwrite(str(root / 'imgs' / f'im{i}.jpg'), _image(h, w, i))
+        cv2.imwrite(str(root / 'imgs' / f'im{i}.jpg'), squares_image(h, w, i))
     (root / 'imgs' / 'broken.jpg').write_bytes(b'not an image')
     from mmengine.registry import DefaultScope
     DefaultScope._instance_dict.clear()
@@ -225,7 +189,7 @@ def _assert_close(a, b, where='manifest'):
 def eval_run(tmp_path_factory, make_tiny_coco):
     """``mmdet-cam-eval --report`` on a 2-image val split (64 px shapes, YOLOX-nano at 96)."""
     root = tmp_path_factory.mktemp('report_eval')
-    make_tiny_coco(root, num_val=2, perturb=PERTURB)
+    make_tiny_coco(root, num_val=2)
     code = eval_main([str(root / 'tiny.py'), str(root / 'tiny.pth'), '--score-thr', '0',
                       '--topk', '1', '--steps', '2', '--device', 'cpu', '--methods',
                       'hirescam', '--protocol', 'prior', '--out', str(root / 'results.json'),

@@ -5,7 +5,6 @@ the package (:mod:`mmdet_cam_hook.configs`); ``configs/`` in the repository is a
 from pathlib import Path
 
 import pytest
-import torch
 from mmengine.config import Config
 from mmengine.runner import Runner
 
@@ -14,6 +13,8 @@ from mmdet_cam_hook.configs import CONFIG_DIR, config_path, list_configs, resolv
 from mmdet_cam_hook.configs.__main__ import main as configs_main
 from mmdet_cam_hook.hooks.cam_hook import DetCAMHook
 from mmdet_cam_hook.testing import mmdet_config
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 REPO = Path(__file__).resolve().parents[2]
 SIZES = ('nano', 'tiny', 's', 'm', 'l', 'x')
@@ -40,14 +41,6 @@ CONFIGS = {
                                         'CascadeRCNNAdapter'),
     'dino-4scale_r50_gradcam.py': ('dino/dino-4scale_r50_8xb2-12e_coco.py', 'DETRAdapter'),
 }
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _unscoped(hook: dict) -> dict:

@@ -3,7 +3,6 @@ here with ``transformers``) on the shapes data set: the prompt is the dataset's 
 mmdet's own validation prompts; every probe is explained at each validation; TensorBoard's
 events are read back with its own reader."""
 import pytest
-import torch
 from mmengine.runner import Runner
 
 from mmdet_cam_hook.demo.shapes import generate_shapes
@@ -14,13 +13,7 @@ pytest.importorskip('transformers', reason='the multimodal extra (transformers) 
 
 from mmdet_cam_hook.testing.text import tiny_bert, tiny_grounding_cfg  # noqa: E402
 
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_grounding_dino_run_in_tensorboard(tmp_path):

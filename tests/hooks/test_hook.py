@@ -25,7 +25,6 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
 
-from mmdet_cam_hook.demo.shapes import generate_shapes
 from mmdet_cam_hook.hooks import schedule
 from mmdet_cam_hook.hooks.cam_hook import DetCAMHook, YOLOXGradCAMHook
 from mmdet_cam_hook.testing import (
@@ -37,33 +36,16 @@ from mmdet_cam_hook.testing import (
     run_log_dir,
     run_log_text,
     tiny_cfg,
+    tiny_shapes,
     unwrap_model,
 )
 from mmdet_cam_hook.visualization.cards import CARD_WIDTH
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 SIZE = TINY_SIZE  # network input and longest image side
 METHODS = list(TINY_METHODS)
 DDP_TIMEOUT = 300
-
-
-# --------------------------------------------------------------------------- set-up helpers
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread: these models are tiny, and on a busy 2-core machine OpenMP's
-    spinning threads made a training step 100x slower (13 s instead of 0.04 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope='module')
-def shapes(tmp_path_factory):
-    """4 training and 2 validation images (some non-square) in COCO format."""
-    return generate_shapes(tmp_path_factory.mktemp('data') / 'shapes', num_train=4, num_val=2,
-                           image_size=SIZE, seed=0)
 
 
 # --------------------------------------------------------------------------- one training, twice
@@ -641,7 +623,7 @@ def test_probe_removed_after_build_fails_before_training(shapes, tmp_path):
 
 def test_unreadable_dataset_probe_fails_before_training(shapes, tmp_path):
     """Dataset probes are decoded in before_run too: the error names the dataset's file."""
-    data = generate_shapes(tmp_path / 'shapes', num_train=4, num_val=2, image_size=SIZE, seed=0)
+    data = tiny_shapes(tmp_path)
     coco = json.loads(data.ann_file('val').read_text())
     broken = data.img_dir('val') / coco['images'][1]['file_name']
     broken.write_bytes(b'')

@@ -21,11 +21,9 @@ from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
 from mmdet_cam_hook.cam.engine import CAMEngine
-from mmdet_cam_hook.demo.shapes import generate_shapes
 from mmdet_cam_hook.evaluation.metrics import match_to_ground_truth
 from mmdet_cam_hook.hooks.cam_hook import DetCAMHook
 from mmdet_cam_hook.testing import (
-    TINY_SIZE,
     _drop_pretrained,
     _set_num_classes,
     cam_hook,
@@ -39,24 +37,10 @@ from mmdet_cam_hook.visualization.cards import CARD_WIDTH, OVERVIEW_SLOT, detect
 from mmdet_cam_hook.visualization.outlines import resize_masks
 from mmdet_cam_hook.visualization.render import MASK_COLOR
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 METHODS = ['gradcam', 'hirescam']
 RTMDET_INS = 'rtmdet/rtmdet-ins_tiny_8xb32-300e_coco.py'
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread (see tests/hooks/test_hook.py: a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope='module')
-def shapes(tmp_path_factory):
-    """4 training and 2 validation images with exact instance masks."""
-    return generate_shapes(tmp_path_factory.mktemp('data') / 'shapes', num_train=4, num_val=2,
-                           image_size=TINY_SIZE, seed=0)
 
 
 def _load_masks(pipeline):

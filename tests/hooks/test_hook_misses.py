@@ -15,13 +15,11 @@ from mmdet_cam_hook import CAMEngine
 from mmdet_cam_hook.adapters import Detections
 from mmdet_cam_hook.cam.geometry import Letterbox, box_iou
 from mmdet_cam_hook.cam.misses import REASONS
-from mmdet_cam_hook.demo.shapes import generate_shapes
 from mmdet_cam_hook.hooks.cam_hook import DetCAMHook
 from mmdet_cam_hook.runtime import pipeline as pipelines
 from mmdet_cam_hook.runtime.data import ground_truth
 from mmdet_cam_hook.runtime.io import load_image
 from mmdet_cam_hook.testing import (
-    TINY_SIZE,
     cam_hook,
     hooks_of,
     run_log_dir,
@@ -31,22 +29,14 @@ from mmdet_cam_hook.testing import (
 from mmdet_cam_hook.testing.reference import reference_input_cams
 from mmdet_cam_hook.visualization.cards import CARD_WIDTH
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 METHODS = ['gradcam', 'hirescam']
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
-    data = generate_shapes(tmp_path_factory.mktemp('data') / 'shapes', num_train=4, num_val=2,
-                           image_size=TINY_SIZE, seed=0)
-    cfg = tiny_cfg(data, tmp_path_factory.mktemp('run'),
+def run(shapes, tmp_path_factory):
+    cfg = tiny_cfg(shapes, tmp_path_factory.mktemp('run'),
                    hooks=[cam_hook(methods=METHODS, explain_misses=True)],
                    backends=('LocalVisBackend', 'TensorboardVisBackend'))
     runner = Runner.from_cfg(cfg)

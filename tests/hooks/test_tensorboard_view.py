@@ -60,7 +60,7 @@ def run_dir(tmp_path_factory):
     data = generate_shapes(root / 'shapes', num_train=4, num_val=2, image_size=TINY_SIZE,
                            seed=0)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model on a busy 2-core machine: see test_hook.one_thread
+    torch.set_num_threads(1)  # a tiny model on a busy 2-core machine: see conftest.one_thread
     try:
         cfg = tiny_cfg(data, root / 'work', hooks=[cam_hook(methods='gradcam')],
                        backends=('LocalVisBackend', 'TensorboardVisBackend'))

@@ -40,7 +40,7 @@ def tracked(tmp_path_factory):
     mp.setenv('WANDB_DIR', str(root))
     mp.chdir(root)  # MMEngine's WandbVisBackend uploads the code under the working directory
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model on a busy 2-core machine: see test_hook.one_thread
+    torch.set_num_threads(1)  # tiny model on a busy 2-core machine: see conftest.one_thread
     try:
         cfg = tiny_cfg(data, root / 'work', hooks=[cam_hook(methods=METHODS)])
         cfg.visualizer.vis_backends = [
