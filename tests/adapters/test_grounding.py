@@ -138,9 +138,9 @@ def test_detections_equal_model_predict(model, family, texts):
 
 @pytest.mark.parametrize('family,texts', [
     ('grounding-dino', PROMPTS[0]), ('grounding-dino', PROMPTS[1]), ('glip', PROMPTS[0]),
-    ('glip', PROMPTS[1]), ('mm-grounding-dino', PROMPTS[0])],
+    ('glip', PROMPTS[1]), ('mm-grounding-dino', PROMPTS[0]), ('mm-grounding-dino', PROMPTS[1])],
     ids=['grounding-dino-caption', 'grounding-dino-phrases', 'glip-caption', 'glip-phrases',
-         'mm-grounding-dino-caption'])
+         'mm-grounding-dino-caption', 'mm-grounding-dino-phrases'])
 def test_maps_equal_grad_cam(model, family, texts):
     """Default layers (all neck outputs, averaged), exact route: each map equals grad-cam's
     class run on that detection's (query, phrase) score, for the two top detections, every
